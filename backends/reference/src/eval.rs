@@ -1,0 +1,210 @@
+//! Program evaluation: every node becomes a dense array over the extents its shape has.
+
+use crate::{Error, Result};
+use normforge_dsl::ir::*;
+
+/// How a run-time tensor shape maps onto the declared axes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AxisBinding {
+    /// The run-time dims each declared axis took (variadic axes take zero or more).
+    pub dims: Vec<Vec<usize>>,
+    /// Per axis, the product of its dims (1 for a variadic axis that took none).
+    pub extents: Vec<usize>,
+}
+
+pub fn bind_axes(axes: &[Axis], shape: &[usize], what: &str) -> Result<AxisBinding> {
+    let fixed = axes.iter().filter(|a| !a.variadic).count();
+    let has_variadic = axes.iter().any(|a| a.variadic);
+    let names: Vec<String> = axes.iter().map(Axis::display_name).collect();
+    if shape.len() < fixed || (!has_variadic && shape.len() != fixed) {
+        return Err(Error(format!(
+            "{what} has shape {shape:?}, which does not match the declared axes [{}]",
+            names.join(", ")
+        )));
+    }
+    let var_len = shape.len() - fixed;
+    let mut dims = Vec::new();
+    let mut k = 0;
+    for a in axes {
+        let n = if a.variadic { var_len } else { 1 };
+        dims.push(shape[k..k + n].to_vec());
+        k += n;
+    }
+    let extents = dims.iter().map(|d| d.iter().product()).collect();
+    Ok(AxisBinding { dims, extents })
+}
+
+/// Everything a program may read.
+pub struct Inputs<'a> {
+    pub binding: &'a AxisBinding,
+    pub hparams: &'a [f64],
+    pub step: f64,
+    pub input: Option<&'a [f64]>,
+    pub grad: Option<&'a [f64]>,
+    pub grad_output: Option<&'a [f64]>,
+    pub params: &'a [&'a [f64]],
+    pub buffers: &'a [&'a [f64]],
+    pub states: &'a [&'a [f64]],
+}
+
+/// Number of values per axis for a shape, after checking that groups divide their axes.
+pub fn extents(shape: &Shape, b: &AxisBinding, hparams: &[f64]) -> Result<Vec<usize>> {
+    shape
+        .0
+        .iter()
+        .zip(&b.extents)
+        .map(|(e, &n)| match e {
+            Extent::One => Ok(1),
+            Extent::Full => Ok(n),
+            Extent::Grouped(g) => {
+                let groups = group_count(*g, hparams);
+                if groups == 0 || n % groups != 0 {
+                    Err(Error(format!("an axis of length {n} cannot be split into {groups} equal groups")))
+                } else {
+                    Ok(groups)
+                }
+            }
+        })
+        .collect()
+}
+
+fn group_count(g: Groups, hparams: &[f64]) -> usize {
+    match g {
+        Groups::Count(n) => n as usize,
+        Groups::HParam(i) => hparams[i as usize].max(0.0) as usize,
+    }
+}
+
+/// For each element of `fine` (row-major), the offset of the element of `coarse` it maps to.
+/// Per axis: the same extent maps index to index, a grouped extent maps an index to its
+/// group, a single element maps everything to 0.
+fn coarse_offsets(fine: &[usize], coarse: &[usize]) -> Vec<usize> {
+    let n: usize = fine.iter().product();
+    let rank = fine.len();
+    let mut strides = vec![0usize; rank];
+    let mut s = 1;
+    for a in (0..rank).rev() {
+        strides[a] = s;
+        s *= coarse[a];
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; rank];
+    for _ in 0..n {
+        let mut off = 0;
+        for a in 0..rank {
+            let c = if coarse[a] == 1 { 0 } else { idx[a] / (fine[a] / coarse[a]) };
+            off += c * strides[a];
+        }
+        out.push(off);
+        for a in (0..rank).rev() {
+            idx[a] += 1;
+            if idx[a] < fine[a] {
+                break;
+            }
+            idx[a] = 0;
+        }
+    }
+    out
+}
+
+fn leaf<'a>(v: Option<&'a [f64]>, what: &str) -> Result<&'a [f64]> {
+    v.ok_or_else(|| Error(format!("this program reads {what}, which was not supplied")))
+}
+
+fn indexed<'a>(v: &'a [&'a [f64]], i: u32, what: &str) -> Result<&'a [f64]> {
+    v.get(i as usize).copied().ok_or_else(|| Error(format!("{what} #{i} was not supplied")))
+}
+
+/// Evaluate every node; returns the node values.
+pub fn run(p: &Program, inp: &Inputs) -> Result<Vec<Vec<f64>>> {
+    let mut vals: Vec<Vec<f64>> = Vec::with_capacity(p.nodes.len());
+    let mut exts: Vec<Vec<usize>> = Vec::with_capacity(p.nodes.len());
+    for n in &p.nodes {
+        let ext = extents(&n.shape, inp.binding, inp.hparams)?;
+        let len: usize = ext.iter().product();
+        let v: Vec<f64> = match &n.op {
+            Op::Const(c) => vec![*c],
+            Op::HParam(i) => vec![inp.hparams[*i as usize]],
+            Op::Size(s) => {
+                let mut count = 1usize;
+                for (e, &full) in s.0.iter().zip(&inp.binding.extents) {
+                    count *= match e {
+                        Extent::One => 1,
+                        Extent::Full => full,
+                        Extent::Grouped(g) => full / group_count(*g, inp.hparams).max(1),
+                    };
+                }
+                vec![count as f64]
+            }
+            Op::Rank(axes) => vec![axes.iter().map(|&a| inp.binding.dims[a as usize].len()).sum::<usize>() as f64],
+            Op::Step => vec![inp.step],
+            Op::Input => leaf(inp.input, "the input")?.to_vec(),
+            Op::Grad => leaf(inp.grad, "the gradient")?.to_vec(),
+            Op::GradOutput => leaf(inp.grad_output, "the output gradient")?.to_vec(),
+            Op::Param(i) => indexed(inp.params, *i, "parameter")?.to_vec(),
+            Op::Buffer(i) => indexed(inp.buffers, *i, "buffer")?.to_vec(),
+            Op::State(i) => indexed(inp.states, *i, "state")?.to_vec(),
+            Op::Unary(u, a) => vals[*a as usize].iter().map(|&x| u.apply(x)).collect(),
+            Op::Binary(b, x, y) => {
+                let (ox, oy) = (coarse_offsets(&ext, &exts[*x as usize]), coarse_offsets(&ext, &exts[*y as usize]));
+                let (vx, vy) = (&vals[*x as usize], &vals[*y as usize]);
+                (0..len).map(|i| b.apply(vx[ox[i]], vy[oy[i]])).collect()
+            }
+            Op::Select(c, x, y) => {
+                let oc = coarse_offsets(&ext, &exts[*c as usize]);
+                let (ox, oy) = (coarse_offsets(&ext, &exts[*x as usize]), coarse_offsets(&ext, &exts[*y as usize]));
+                let (vc, vx, vy) = (&vals[*c as usize], &vals[*x as usize], &vals[*y as usize]);
+                (0..len).map(|i| if vc[oc[i]] != 0.0 { vx[ox[i]] } else { vy[oy[i]] }).collect()
+            }
+            Op::Reduce(r, a) => {
+                let init = match r {
+                    ReduceOp::Sum => 0.0,
+                    ReduceOp::Max => f64::NEG_INFINITY,
+                    ReduceOp::Min => f64::INFINITY,
+                };
+                let mut out = vec![init; len];
+                let offs = coarse_offsets(&exts[*a as usize], &ext);
+                for (&x, &o) in vals[*a as usize].iter().zip(&offs) {
+                    out[o] = match r {
+                        ReduceOp::Sum => out[o] + x,
+                        ReduceOp::Max if x.is_nan() || out[o].is_nan() => f64::NAN,
+                        ReduceOp::Min if x.is_nan() || out[o].is_nan() => f64::NAN,
+                        ReduceOp::Max => out[o].max(x),
+                        ReduceOp::Min => out[o].min(x),
+                    };
+                }
+                out
+            }
+            Op::Expand(a) => {
+                let offs = coarse_offsets(&ext, &exts[*a as usize]);
+                let va = &vals[*a as usize];
+                offs.iter().map(|&o| va[o]).collect()
+            }
+        };
+        if v.len() != len {
+            return Err(Error(format!("a value read by the program holds {} numbers where {len} were expected", v.len())));
+        }
+        vals.push(v);
+        exts.push(ext);
+    }
+    Ok(vals)
+}
+
+/// The value of output `target`, if the program has it.
+pub fn output(p: &Program, vals: &[Vec<f64>], target: Target) -> Option<Vec<f64>> {
+    p.output(target).map(|n| vals[n as usize].clone())
+}
+
+/// Run-time dims of a tensor declared with `shape` (its axes' dims, in order).
+pub fn dims_of(shape: &Shape, b: &AxisBinding, hparams: &[f64]) -> Result<Vec<usize>> {
+    extents(shape, b, hparams)?;
+    let mut d = Vec::new();
+    for (e, dims) in shape.0.iter().zip(&b.dims) {
+        match e {
+            Extent::One => {}
+            Extent::Full => d.extend(dims),
+            Extent::Grouped(g) => d.push(group_count(*g, hparams)),
+        }
+    }
+    Ok(d)
+}

@@ -1,0 +1,15 @@
+@paper "Liu, Brock, Simonyan, Le. Evolving Normalization-Activation Layers. NeurIPS 2020. arXiv:2004.02967"
+@reference "timm.layers.EvoNorm2dS0"
+@version "1.0.0"
+@doc "EvoNorm-S0: a swish gated by v, divided by the group std; no batch statistics."
+layer evonorm_s0(
+    x[n, c, s...];
+    groups: int = 32 in [1, 1048576] "channels are split into this many groups",
+    eps: float = 1e-5 in (0, 1) "added to the group variance",
+) {
+    param weight[c] = 1
+    param bias[c] = 0
+    param v[c] = 1
+    let group_std = sqrt(var(x, over c / groups, s) + eps)
+    return x * sigmoid(v * x) / group_std * weight + bias
+}

@@ -1,0 +1,24 @@
+//! normforge: normalization layers and optimizer update rules written in a small DSL,
+//! checked, differentiated and run by pluggable backends.
+//!
+//! This facade re-exports the crates a user needs and wires the standard library in.
+//! See ARCHITECTURE.md for where things live.
+
+pub use normforge_dsl as dsl;
+pub use normforge_reference as reference;
+pub use normforge_registry as registry;
+
+pub use normforge_dsl::{Diagnostic, Diagnostics, Entry};
+pub use normforge_registry::Registry;
+
+/// A registry with the standard library (and any other linked static plugins) loaded.
+pub fn builtin_registry() -> Result<Registry, registry::Error> {
+    normforge_std::link();
+    Registry::with_builtins()
+}
+
+/// The standard library's spec files (name, text), for tools and tests.
+pub fn std_sources() -> Vec<(&'static str, &'static str)> {
+    normforge_std::link();
+    registry::static_sources().into_iter().filter(|s| s.origin.starts_with("std/")).map(|s| (s.origin, s.text)).collect()
+}
