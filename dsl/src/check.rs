@@ -117,6 +117,10 @@ struct Checker<'a> {
     train: Option<bool>,
     /// Lowering initial values, which see only literals and hyper-parameters.
     in_init: bool,
+    /// Names whose definition failed: later uses are not reported again.
+    failed: std::collections::HashSet<String>,
+    /// Declarations that made it into the entry, by statement start.
+    declared_ok: std::collections::HashSet<usize>,
 }
 
 /// The result of lowering a block: whether (and what) it returned.
@@ -187,6 +191,8 @@ impl<'a> Checker<'a> {
             b: Builder::new(rank),
             train: None,
             in_init: false,
+            failed: Default::default(),
+            declared_ok: Default::default(),
         })
     }
 
@@ -258,6 +264,8 @@ impl<'a> Checker<'a> {
         let mut declared: HashMap<String, ast::Span> = HashMap::new();
         for stmt in &self.item.body.stmts {
             let StmtKind::Decl { kind, name, shape, init } = &stmt.kind else { continue };
+            // Until it is known good, uses of the name should not cascade into more errors.
+            self.failed.insert(name.name.clone());
             let allowed = match kind {
                 DeclKind::State => self.is_optimizer(),
                 _ => !self.is_optimizer(),
@@ -328,6 +336,8 @@ impl<'a> Checker<'a> {
                 }
             };
             outputs.push(Output { target, node: value });
+            self.failed.remove(&name.name);
+            self.declared_ok.insert(stmt.span.start);
         }
         self.in_init = false;
         self.init = b.finish(outputs);
@@ -385,7 +395,7 @@ impl<'a> Checker<'a> {
         let mut outputs = Vec::new();
         if self.is_optimizer() {
             let p = env.names[&self.input_name].2.unwrap();
-            if p == input {
+            if p == input && self.errors.is_empty() {
                 self.report(err(self.item.name.span, format!("optimizer `{}` never assigns `p`", self.item.name.name), "no update")
                     .note("an update rule ends by assigning the new parameter, e.g. `p = p - lr * g`"));
             }
@@ -397,6 +407,7 @@ impl<'a> Checker<'a> {
         } else {
             match flow.returned {
                 Some(y) => outputs.push(Output { target: Target::Y, node: self.b.expand(y, &full) }),
+                None if !self.errors.is_empty() => {} // the cause was reported already
                 None => {
                     let d = err(self.item.body.span, format!("{} `{}` never returns a value", self.item.kind.keyword(), self.item.name.name), "no `return` in this block")
                         .note("end the body with `return <expression>`");
@@ -430,6 +441,9 @@ impl<'a> Checker<'a> {
                         self.report(err(stmt.span, format!("`{}` declarations belong at the top level of the body, not inside `if`", kind.keyword()), "move this out of the `if`"));
                         continue;
                     }
+                    if !self.declared_ok.contains(&stmt.span.start) {
+                        continue; // its error was reported by lower_init_decls
+                    }
                     let (binding, leaf) = if let Some(i) = self.params.iter().position(|p| p.name == name.name) {
                         (Binding::Param(i as u32), Op::Param(i as u32))
                     } else if let Some(i) = self.buffers.iter().position(|p| p.name == name.name) {
@@ -457,6 +471,7 @@ impl<'a> Checker<'a> {
                 StmtKind::Let { name, value } => {
                     if let Some(d) = self.reserved(name) {
                         self.report(d);
+                        self.failed.insert(name.name.clone());
                         continue;
                     }
                     if let Some((_, first, _)) = env.names.get(&name.name) {
@@ -464,8 +479,13 @@ impl<'a> Checker<'a> {
                         self.report(err(name.span, format!("`{}` is already defined", name.name), "defined again").related(first, "first defined here").note("`let` names are immutable; choose a new name"));
                         continue;
                     }
-                    if let Some(v) = self.expr(value, env) {
-                        env.names.insert(name.name.clone(), (Binding::Let, name.span, Some(v)));
+                    match self.expr(value, env) {
+                        Some(v) => {
+                            env.names.insert(name.name.clone(), (Binding::Let, name.span, Some(v)));
+                        }
+                        None => {
+                            self.failed.insert(name.name.clone());
+                        }
                     }
                 }
                 StmtKind::Assign { name, value } => self.assign(name, value, env),
@@ -652,8 +672,10 @@ impl<'a> Checker<'a> {
             ExprKind::Bool(v) => Some(self.b.boolean(*v)),
             ExprKind::Name(n) => {
                 let Some(&(binding, _, value)) = env.names.get(n) else {
-                    let d = self.unknown_name(n, e.span, env);
-                    self.report(d);
+                    if !self.failed.contains(n) {
+                        let d = self.unknown_name(n, e.span, env);
+                        self.report(d);
+                    }
                     return None;
                 };
                 match binding {

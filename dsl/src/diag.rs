@@ -1,5 +1,5 @@
 //! Diagnostics: every error a user can cause points at a span of their text.
-//! Rendering goes through ariadne in plain ASCII, so the output is stable enough to snapshot.
+//! Rendering is plain text with no colour, so it is stable enough to snapshot.
 
 use crate::ast::Span;
 use std::fmt;
@@ -67,48 +67,72 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// Widen empty spans to one character (or the end of file) so the caret is visible, and keep
-/// spans on char boundaries.
-fn visible(src: &str, span: Span) -> std::ops::Range<usize> {
-    let start = floor_char_boundary(src, span.start.min(src.len()));
-    let mut end = floor_char_boundary(src, span.end.min(src.len())).max(start);
-    if end == start {
-        end = src[start..].chars().next().map_or(start, |c| start + c.len_utf8());
-    }
-    start..end
-}
-
-/// Render diagnostics as text: `file:line:col`, the source line, carets under the span.
+/// Render diagnostics as text, rustc-style: the message, `--> file:line:col`, the source
+/// line and carets under the span, then related spans and notes. (ariadne and miette draw a
+/// bar rather than a caret under one-character spans, and a caret is what we promise.)
 pub fn render(diags: &Diagnostics, file: &str, src: &str) -> String {
-    use ariadne::{CharSet, Config, IndexType, Label, Report, ReportKind, Source};
-    let mut out = Vec::new();
+    let mut out = String::new();
     for d in &diags.0 {
         let (line, col) = line_col(src, d.span.start);
-        let primary = visible(src, d.span);
-        let mut report = Report::build(ReportKind::Error, (file, primary.clone()))
-            .with_config(
-                Config::default()
-                    .with_color(false)
-                    .with_char_set(CharSet::Ascii)
-                    .with_index_type(IndexType::Byte)
-                    .with_compact(false),
-            )
-            .with_message(format!("{file}:{line}:{col}: {}", d.message))
-            .with_label(Label::new((file, primary)).with_message(&d.label).with_order(0));
-        for (i, (span, label)) in d.related.iter().enumerate() {
-            report = report.with_label(
-                Label::new((file, visible(src, *span))).with_message(label).with_order(i as i32 + 1),
-            );
+        let width = gutter_width(src, d);
+        let pad = " ".repeat(width);
+        out.push_str(&format!("error: {}\n{pad}--> {file}:{line}:{col}\n", d.message));
+        snippet(&mut out, src, d.span, '^', &d.label, width);
+        for (span, label) in &d.related {
+            let (l, c) = line_col(src, span.start);
+            out.push_str(&format!("{pad}::: {file}:{l}:{c}\n"));
+            snippet(&mut out, src, *span, '-', label, width);
         }
         for n in &d.notes {
-            report = report.with_note(n);
+            out.push_str(&format!("{pad} = note: {n}\n"));
         }
-        let mut buf = Vec::new();
-        // Writing into a Vec cannot fail; fall back to the plain form if ariadne ever does.
-        if report.finish().write((file, Source::from(src)), &mut buf).is_err() {
-            buf = format!("error: {file}:{line}:{col}: {}\n", d.message).into_bytes();
-        }
-        out.extend(buf);
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
+}
+
+fn gutter_width(src: &str, d: &Diagnostic) -> usize {
+    let max_line = std::iter::once(d.span).chain(d.related.iter().map(|r| r.0)).map(|s| line_col(src, s.start).0).max().unwrap_or(1);
+    max_line.to_string().len() + 1
+}
+
+/// Longest stretch of a source line shown; longer lines are cut around the span.
+const WINDOW: usize = 100;
+
+fn snippet(out: &mut String, src: &str, span: Span, mark: char, label: &str, width: usize) {
+    let start = floor_char_boundary(src, span.start.min(src.len()));
+    let line_start = src[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = src[start..].find('\n').map_or(src.len(), |i| start + i);
+    let text: Vec<char> = src[line_start..line_end].chars().map(visible_char).collect();
+    let col = src[line_start..start].chars().count();
+    let span_end = floor_char_boundary(src, span.end.clamp(start, line_end));
+    let len = src[start..span_end].chars().count().max(1);
+    // Cut long lines to a window that holds the start of the span.
+    let from = if text.len() > WINDOW { col.saturating_sub(WINDOW / 3) } else { 0 };
+    let to = (from + WINDOW).min(text.len());
+    let mut shown: String = text[from..to].iter().collect();
+    let mut caret_col = col - from;
+    if from > 0 {
+        shown.insert_str(0, "...");
+        caret_col += 3;
+    }
+    if to < text.len() {
+        shown.push_str("...");
+    }
+    let len = len.min(to.saturating_sub(col).max(1));
+    let pad = " ".repeat(width);
+    let (line, _) = line_col(src, start);
+    out.push_str(&format!("{pad} |\n{line:>width$} | {}\n", shown.trim_end()));
+    out.push_str(&format!("{pad} | {}{} {label}\n", " ".repeat(caret_col), mark.to_string().repeat(len)));
+}
+
+/// Tabs as one space, control characters as their Unicode "control picture", so that columns
+/// line up and snapshots stay printable.
+fn visible_char(c: char) -> char {
+    match c {
+        '\t' => ' ',
+        '\r' => ' ',
+        c if (c as u32) < 0x20 => char::from_u32(0x2400 + c as u32).unwrap_or('?'),
+        '\u{7f}' => '\u{2421}',
+        c => c,
+    }
 }

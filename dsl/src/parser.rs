@@ -17,6 +17,8 @@ pub const MAX_BRACKET_DEPTH: usize = 64;
 pub const MAX_EXPR_DEPTH: usize = 200;
 
 pub fn parse(src: &str) -> Result<File, Diagnostics> {
+    // Ask pest to record the tokens it expected, for "expected `)`" in messages.
+    pest::set_error_detail(true);
     check_nesting(src)?;
     let mut pairs = NfParser::parse(Rule::file, src).map_err(|e| Diagnostics::from(syntax_error(src, e)))?;
     let file = pairs.next().expect("the file rule always yields one pair");
@@ -133,7 +135,7 @@ fn rule_name(r: Rule) -> &'static str {
         Rule::else_if | Rule::else_block => "`else`",
         Rule::shape => "a shape",
         Rule::expr | Rule::operand | Rule::primary | Rule::call | Rule::prefix => "an expression",
-        Rule::pow => "`^`",
+        Rule::pow => "an operator",
         Rule::infix => "an operator",
         Rule::arg | Rule::named => "an argument",
         Rule::over => "`over`",
@@ -142,7 +144,8 @@ fn rule_name(r: Rule) -> &'static str {
         Rule::boolean => "`true` or `false`",
         Rule::number | Rule::int => "a number",
         Rule::keyword => "a keyword",
-        Rule::file | Rule::WHITESPACE | Rule::COMMENT => "input",
+        Rule::file => "`layer`, `reparam` or `optimizer`",
+        Rule::WHITESPACE | Rule::COMMENT => "input",
     }
 }
 
@@ -176,29 +179,57 @@ pub fn is_keyword(s: &str) -> bool {
     )
 }
 
+/// Punctuation worth naming in "expected ..." (operators are summed up as "an operator").
+const STRUCTURAL: &[&str] = &[")", "]", "}", "[", "{", ";", ",", "=", ":"];
+
 fn syntax_error(src: &str, e: pest::error::Error<Rule>) -> Diagnostic {
-    let pos = match e.location {
+    let mut pos = match e.location {
         pest::error::InputLocation::Pos(p) => p,
         pest::error::InputLocation::Span((s, _)) => s,
     };
-    let (found, span) = found_at(src, pos);
-    let expected = match &e.variant {
-        pest::error::ErrorVariant::ParsingError { positives, .. } => {
-            let mut names: Vec<&str> = positives.iter().map(|r| rule_name(*r)).collect();
-            names.sort();
-            names.dedup();
-            names
-        }
+    let mut expected: Vec<String> = match &e.variant {
+        pest::error::ErrorVariant::ParsingError { positives, .. } => positives.iter().map(|r| rule_name(*r).to_string()).collect(),
         pest::error::ErrorVariant::CustomError { .. } => vec![],
     };
+    // pest's rule-level report can stop short of the furthest point reached; where the
+    // furthest point expected closing punctuation, report that instead.
+    if let Some(att) = e.parse_attempts() {
+        let tokens: Vec<String> = att
+            .expected_tokens()
+            .iter()
+            .map(|t| t.to_string())
+            .filter(|t| STRUCTURAL.contains(&t.as_str()))
+            .map(|t| format!("`{t}`"))
+            .collect();
+        if att.max_position >= pos && !tokens.is_empty() {
+            if att.max_position > pos {
+                expected.clear();
+            }
+            pos = att.max_position;
+            expected.extend(tokens);
+        }
+    }
+    expected.retain(|n| n != "input");
+    expected.sort();
+    expected.dedup();
+    let (found, span) = found_at(src, pos);
     let expected = match expected.len() {
         0 => "something else".to_string(),
-        1 => expected[0].to_string(),
+        1 => expected[0].clone(),
         n => format!("{} or {}", expected[..n - 1].join(", "), expected[n - 1]),
     };
     let mut d = Diagnostic::new(span, format!("syntax error: expected {expected}, found {found}"), format!("expected {expected}"));
-    if src.trim().is_empty() {
+    if src.chars().all(|c| matches!(c, ' ' | '\t' | '\r' | '\n')) {
         d = d.note("the file is empty: it should define at least one `layer`, `reparam` or `optimizer`");
+    }
+    if src[span.start.min(src.len())..].starts_with('"') {
+        d = d.note("a string must end on the line where it starts");
+    }
+    for (open, close) in [('{', '}'), ('(', ')'), ('[', ']')] {
+        let before = &src[..pos.min(src.len())];
+        if span.start >= src.len() && before.matches(open).count() > before.matches(close).count() {
+            d = d.note(format!("a `{open}` is never closed"));
+        }
     }
     d
 }
@@ -393,7 +424,9 @@ struct Built {
 }
 
 fn too_deep(span: Span) -> Diagnostics {
-    Diagnostic::new(span, format!("expression nested more than {MAX_EXPR_DEPTH} levels deep"), "too deep")
+    // Point at where the limit was crossed, not at the whole (possibly huge) subtree.
+    let at = Span::new(span.start, span.start + 1);
+    Diagnostic::new(at, format!("expression nested more than {MAX_EXPR_DEPTH} levels deep"), "too deep")
         .note("split it into steps with `let`")
         .into()
 }
@@ -435,6 +468,9 @@ fn expr_built(p: Pair<Rule>) -> Result<Built, Diagnostics> {
         let l = operands.pop().unwrap();
         let span = l.expr.span.join(r.expr.span);
         let depth = l.depth.max(r.depth) + 1;
+        if depth > MAX_EXPR_DEPTH {
+            return Err(too_deep(r.expr.span));
+        }
         operands.push(node(ExprKind::Binary(op, Box::new(l.expr), Box::new(r.expr)), span, depth)?);
         Ok(())
     }

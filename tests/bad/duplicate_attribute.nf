@@ -1,0 +1,5 @@
+@paper "one"
+@paper "two"
+layer a(x[d]) {
+    return x
+}

@@ -1,0 +1,7 @@
+layer a(x[d]) {
+    return x
+}
+
+layer a(x[d]) {
+    return -x
+}

@@ -1,0 +1,3 @@
+layer a(x[n, c]; g: float = 2) {
+    return x - mean(x, over c / g)
+}

@@ -1,0 +1,3 @@
+layer a(x[n, c]) {
+    return x - mean(x, over c / 0)
+}

@@ -1,0 +1,3 @@
+layer a(x[n, c]; groups: int = 2.5) {
+    return x
+}

@@ -1,0 +1,3 @@
+optimizer o(lr: float = true) {
+    p = p - lr * g
+}

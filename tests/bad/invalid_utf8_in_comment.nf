@@ -1,0 +1,4 @@
+# café
+layer a(x[d]) {
+    return x
+}

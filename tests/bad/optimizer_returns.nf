@@ -1,0 +1,3 @@
+optimizer o(lr: float = 0.1) {
+    return p - lr * g
+}

@@ -1,0 +1,3 @@
+layer a(x[n, d]; eps: float = 1e-5) {
+    return x $ 2
+}

@@ -1,0 +1,3 @@
+layer a(x[d]; eps: float) {
+    return x
+}

@@ -1,0 +1,3 @@
+layer let(x[d]) {
+    return x
+}

@@ -1,0 +1,2 @@
+layer a(x[d]) {
+    return x

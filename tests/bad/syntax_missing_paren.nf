@@ -1,0 +1,3 @@
+layer a(x[d] {
+    return x
+}

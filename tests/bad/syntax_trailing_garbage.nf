@@ -1,0 +1,4 @@
+layer a(x[d]) {
+    return x
+}
+}}

@@ -1,0 +1,4 @@
+@paper "Ba et al.
+layer a(x[d]) {
+    return x
+}

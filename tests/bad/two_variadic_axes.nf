@@ -1,0 +1,3 @@
+layer a(x[a..., b...]) {
+    return x
+}

@@ -1,0 +1,4 @@
+@papr "Ba et al. 2016"
+layer a(x[d]) {
+    return x
+}
