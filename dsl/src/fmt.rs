@@ -91,10 +91,13 @@ impl Formatter<'_> {
         self.out = s;
     }
 
-    /// The comment trailing position `end` on the same line, if any.
+    /// The comment trailing position `end` on the same line with nothing but separators
+    /// between (a comment after several things on one line belongs to the last of them).
     fn trailing(&mut self, end: usize) -> Option<String> {
         let i = (0..self.comments.len()).find(|&i| {
-            !self.used[i] && self.comments[i].0 >= end && !self.src[end..self.comments[i].0].contains('\n')
+            !self.used[i]
+                && self.comments[i].0 >= end
+                && self.src[end..self.comments[i].0].chars().all(|c| matches!(c, ' ' | '\t' | '\r' | ',' | ';' | ')' | '{'))
         })?;
         self.used[i] = true;
         Some(self.comments[i].1.clone())

@@ -1,0 +1,89 @@
+//! The standard library's specs: they check, they are formatted, formatting them is
+//! idempotent and keeps their meaning, and their IR (text and serde) is stable.
+
+mod common;
+
+use normforge::dsl::{self, text};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn std_files() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/std/nf");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    assert!(v.len() >= 13, "std has {} files", v.len());
+    v
+}
+
+fn cli(args: &[&str], files: &[PathBuf]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_normforge")).args(args).args(files).output().unwrap()
+}
+
+#[test]
+fn cli_check_passes_on_every_std_file() {
+    let out = cli(&["check"], &std_files());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("ok: ")).count(), std_files().len());
+}
+
+#[test]
+fn cli_fmt_check_passes_on_every_std_file() {
+    let out = cli(&["fmt", "--check"], &std_files());
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn cli_check_fails_on_a_bad_file() {
+    let bad = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bad/unknown_name_typo.nf");
+    let out = cli(&["check"], &[bad]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown_name_typo.nf:3:16") && err.contains("^^^^^^"), "{err}");
+}
+
+#[test]
+fn fmt_is_idempotent_and_keeps_comments_and_meaning() {
+    for f in std_files() {
+        let src = std::fs::read_to_string(&f).unwrap();
+        let once = dsl::fmt::format(&src).unwrap();
+        let twice = dsl::fmt::format(&once).unwrap();
+        assert_eq!(once, twice, "{f:?}: formatting is not idempotent");
+        assert_eq!(once, src, "{f:?} is not in canonical form");
+        let comments = |s: &str| s.lines().filter_map(|l| l.find('#').map(|i| l[i..].to_string())).collect::<Vec<_>>();
+        assert_eq!(comments(&src), comments(&once), "{f:?}: comments changed");
+        assert_eq!(dsl::compile(&src).unwrap(), dsl::compile(&once).unwrap(), "{f:?}: formatting changed the IR");
+    }
+}
+
+#[test]
+fn registry_holds_the_standard_library() {
+    let reg = common::registry();
+    for name in [
+        "layer_norm", "rms_norm", "batch_norm", "group_norm", "evonorm_b0", "evonorm_s0", "dyt", "sgd", "adam", "adamw",
+        "lion", "lamb", "adamp",
+    ] {
+        let r = reg.get(name).unwrap();
+        assert!(r.entry.meta.paper.is_some(), "`{name}` names no paper");
+        assert!(r.entry.meta.reference.is_some(), "`{name}` names no reference implementation");
+    }
+}
+
+#[test]
+fn ir_serde_round_trips() {
+    for r in common::registry().list(None) {
+        let json = serde_json::to_string(&*r.entry).unwrap();
+        let back: normforge::Entry = serde_json::from_str(&json).unwrap();
+        assert_eq!(&back, &*r.entry, "{}", r.entry.name);
+    }
+}
+
+#[test]
+fn ir_text_snapshots() {
+    for r in common::registry().list(None) {
+        let e = &r.entry;
+        insta::assert_snapshot!(format!("ir__{}", e.name), text::entry_text(e, false));
+        if e.kind != dsl::ir::Kind::Optimizer {
+            insta::assert_snapshot!(format!("ir__{}__backward", e.name), text::entry_text(e, true));
+        }
+    }
+}
