@@ -20,7 +20,11 @@ fn central(f: impl Fn(f64) -> f64, v: f64) -> f64 {
 }
 
 fn check(name: &str, hparams: &[(&str, f64)], shape: &[usize], train: bool, rng: &mut Rng) {
-    let entry = common::entry(name);
+    check_entry(common::entry(name), hparams, shape, train, rng)
+}
+
+fn check_entry(entry: std::sync::Arc<normforge::Entry>, hparams: &[(&str, f64)], shape: &[usize], train: bool, rng: &mut Rng) {
+    let name = entry.name.clone();
     let overrides: Vec<(String, f64)> = hparams.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     let mut layer = Layer::new(entry, &overrides, shape).unwrap();
     randomize(&mut layer, rng);
@@ -140,6 +144,29 @@ fn every_std_layer_is_covered() {
     for r in common::registry().list(None) {
         if r.entry.kind != normforge::dsl::ir::Kind::Optimizer {
             assert!(covered.contains(&r.entry.name.as_str()), "no gradient test for `{}`", r.entry.name);
+        }
+    }
+}
+
+/// Reparams share the layer machinery: weight normalization and weight standardization
+/// written as specs here, differentiated like any layer.
+#[test]
+fn reparams() {
+    let src = r#"
+reparam weight_norm(w[o, i...]) {
+    param scale[o] = 1
+    return scale * w / norm(w, over i)
+}
+
+reparam weight_standardization(w[o, i...]; eps: float = 1e-5) {
+    return (w - mean(w, over i)) / sqrt(var(w, over i) + eps)
+}
+"#;
+    let mut rng = Rng::new(8);
+    for e in normforge::dsl::compile(src).unwrap() {
+        let e = std::sync::Arc::new(e);
+        for s in [&[4usize, 3][..], &[3, 2, 5], &[5, 1, 3, 3]] {
+            check_entry(e.clone(), &[], s, true, &mut rng);
         }
     }
 }

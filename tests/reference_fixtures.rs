@@ -1,0 +1,207 @@
+//! The reference backend against implementations nobody here wrote. The fixtures in
+//! `tests/fixtures` were produced by `tools/fixtures/make_fixtures.py` from the packages
+//! named in each file's `reference` field (e.g. `torch==2.11.0 torch.optim.AdamW`); every
+//! failure message repeats that field. All comparisons are in f64, relative error < 1e-6.
+
+mod common;
+
+use common::rel_err;
+use normforge::reference::{Layer, Optimizer, StepOutcome, Tensor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const TOL: f64 = 1e-6;
+
+#[derive(Deserialize)]
+struct Array {
+    shape: Vec<usize>,
+    data: Vec<f64>,
+}
+
+impl Array {
+    fn tensor(&self) -> Tensor {
+        Tensor::new(self.shape.clone(), self.data.clone()).unwrap()
+    }
+}
+
+#[derive(Deserialize)]
+struct LayerFile {
+    entry: String,
+    reference: String,
+    cases: Vec<LayerCase>,
+}
+
+#[derive(Deserialize)]
+struct LayerCase {
+    hyper: BTreeMap<String, f64>,
+    train: bool,
+    x: Array,
+    params: BTreeMap<String, Array>,
+    buffers: BTreeMap<String, Array>,
+    y: Array,
+    buffers_out: BTreeMap<String, Array>,
+    grad_y: Array,
+    grad_x: Array,
+    grad_params: BTreeMap<String, Array>,
+}
+
+#[derive(Deserialize)]
+struct OptFile {
+    entry: String,
+    reference: String,
+    cases: Vec<OptCase>,
+}
+
+#[derive(Deserialize)]
+struct OptCase {
+    hyper: BTreeMap<String, f64>,
+    steps: usize,
+    tensors: Vec<OptTensor>,
+}
+
+#[derive(Deserialize)]
+struct OptTensor {
+    shape: Vec<usize>,
+    p0: Vec<f64>,
+    grads: Vec<Vec<f64>>,
+    p: Vec<Vec<f64>>,
+}
+
+fn read<T: for<'de> Deserialize<'de>>(kind: &str, entry: &str) -> T {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{kind}/{entry}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?}: {e}"))
+}
+
+fn overrides(h: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
+    h.iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
+fn close(what: &str, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let e = rel_err(got, want);
+    assert!(e < TOL, "{what}: relative error {e:e}\n got {got:?}\nwant {want:?}");
+}
+
+fn check_layer(entry: &str) {
+    let f: LayerFile = read("layers", entry);
+    assert_eq!(f.entry, entry);
+    assert!(!f.cases.is_empty());
+    let reg = common::registry();
+    let e = reg.get(entry).unwrap().entry.clone();
+    let mut shapes = std::collections::BTreeSet::new();
+    for (k, c) in f.cases.iter().enumerate() {
+        let ctx = format!("{entry} case {k} ({}, train={}, x {:?})", f.reference, c.train, c.x.shape);
+        shapes.insert(c.x.shape.clone());
+        let mut layer = Layer::new(e.clone(), &overrides(&c.hyper), &c.x.shape).unwrap_or_else(|err| panic!("{ctx}: {err}"));
+        for (decl, p) in e.params.iter().zip(layer.params.iter_mut()) {
+            let a = c.params.get(&decl.name).unwrap_or_else(|| panic!("{ctx}: fixture lacks param {}", decl.name));
+            *p = a.tensor();
+        }
+        for (decl, b) in e.buffers.iter().zip(layer.buffers.iter_mut()) {
+            let a = c.buffers.get(&decl.name).unwrap_or_else(|| panic!("{ctx}: fixture lacks buffer {}", decl.name));
+            *b = a.tensor();
+        }
+        let x = c.x.tensor();
+        let grads = layer.backward(&x, &c.grad_y.tensor(), c.train).unwrap();
+        let y = layer.forward(&x, c.train).unwrap();
+        close(&format!("{ctx}: y"), &y.data, &c.y.data);
+        for (decl, b) in e.buffers.iter().zip(&layer.buffers) {
+            let want = c.buffers_out.get(&decl.name).or_else(|| c.buffers.get(&decl.name)).unwrap();
+            close(&format!("{ctx}: buffer {}", decl.name), &b.data, &want.data);
+        }
+        close(&format!("{ctx}: grad x"), &grads.input.data, &c.grad_x.data);
+        for (decl, g) in e.params.iter().zip(&grads.params) {
+            let want = c.grad_params.get(&decl.name).unwrap_or_else(|| panic!("{ctx}: fixture lacks grad {}", decl.name));
+            close(&format!("{ctx}: grad {}", decl.name), &g.data, &want.data);
+        }
+    }
+    assert!(shapes.len() >= 3, "{entry}: fixtures cover only {} shapes", shapes.len());
+}
+
+fn check_optimizer(entry: &str) {
+    let f: OptFile = read("optimizers", entry);
+    assert_eq!(f.entry, entry);
+    let reg = common::registry();
+    let e = reg.get(entry).unwrap().entry.clone();
+    for (k, c) in f.cases.iter().enumerate() {
+        let ctx = format!("{entry} case {k} ({}, {:?})", f.reference, c.hyper);
+        assert!(c.steps >= 5, "{ctx}: only {} steps", c.steps);
+        let mut opt = Optimizer::new(e.clone(), &overrides(&c.hyper)).unwrap_or_else(|err| panic!("{ctx}: {err}"));
+        let mut params: Vec<Tensor> = c.tensors.iter().map(|t| Tensor::new(t.shape.clone(), t.p0.clone()).unwrap()).collect();
+        for step in 0..c.steps {
+            let grads: Vec<Tensor> =
+                c.tensors.iter().map(|t| Tensor::new(t.shape.clone(), t.grads[step].clone()).unwrap()).collect();
+            assert_eq!(opt.step(&mut params, &grads).unwrap(), StepOutcome::Applied);
+            for (i, (p, t)) in params.iter().zip(&c.tensors).enumerate() {
+                close(&format!("{ctx}: tensor {i} {:?} after step {}", t.shape, step + 1), &p.data, &t.p[step]);
+            }
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_torch() {
+    check_layer("layer_norm");
+}
+
+#[test]
+fn rms_norm_matches_torch() {
+    check_layer("rms_norm");
+}
+
+#[test]
+fn batch_norm_matches_torch() {
+    check_layer("batch_norm");
+}
+
+#[test]
+fn group_norm_matches_torch() {
+    check_layer("group_norm");
+}
+
+#[test]
+fn evonorm_b0_matches_timm() {
+    check_layer("evonorm_b0");
+}
+
+#[test]
+fn evonorm_s0_matches_timm() {
+    check_layer("evonorm_s0");
+}
+
+#[test]
+fn dyt_matches_reference() {
+    check_layer("dyt");
+}
+
+#[test]
+fn sgd_matches_torch() {
+    check_optimizer("sgd");
+}
+
+#[test]
+fn adam_matches_torch() {
+    check_optimizer("adam");
+}
+
+#[test]
+fn adamw_matches_torch() {
+    check_optimizer("adamw");
+}
+
+#[test]
+fn lion_matches_reference() {
+    check_optimizer("lion");
+}
+
+#[test]
+fn lamb_matches_pytorch_optimizer() {
+    check_optimizer("lamb");
+}
+
+#[test]
+fn adamp_matches_official_code() {
+    check_optimizer("adamp");
+}
