@@ -84,9 +84,11 @@ fn close(what: &str, got: &[f64], want: &[f64]) {
     assert!(e < TOL, "{what}: relative error {e:e}\n got {got:?}\nwant {want:?}");
 }
 
-fn check_layer(entry: &str) {
+/// `source` is the package and version the fixture must come from.
+fn check_layer(entry: &str, source: &str) {
     let f: LayerFile = read("layers", entry);
     assert_eq!(f.entry, entry);
+    assert!(f.reference.starts_with(source), "{entry}: fixture from {}, expected {source}", f.reference);
     assert!(!f.cases.is_empty());
     let reg = common::registry();
     let e = reg.get(entry).unwrap().entry.clone();
@@ -120,9 +122,10 @@ fn check_layer(entry: &str) {
     assert!(shapes.len() >= 3, "{entry}: fixtures cover only {} shapes", shapes.len());
 }
 
-fn check_optimizer(entry: &str) {
+fn check_optimizer(entry: &str, source: &str) {
     let f: OptFile = read("optimizers", entry);
     assert_eq!(f.entry, entry);
+    assert!(f.reference.starts_with(source), "{entry}: fixture from {}, expected {source}", f.reference);
     let reg = common::registry();
     let e = reg.get(entry).unwrap().entry.clone();
     for (k, c) in f.cases.iter().enumerate() {
@@ -143,65 +146,65 @@ fn check_optimizer(entry: &str) {
 
 #[test]
 fn layer_norm_matches_torch() {
-    check_layer("layer_norm");
+    check_layer("layer_norm", "torch==2.11.0");
 }
 
 #[test]
 fn rms_norm_matches_torch() {
-    check_layer("rms_norm");
+    check_layer("rms_norm", "torch==2.11.0");
 }
 
 #[test]
 fn batch_norm_matches_torch() {
-    check_layer("batch_norm");
+    check_layer("batch_norm", "torch==2.11.0");
 }
 
 #[test]
 fn group_norm_matches_torch() {
-    check_layer("group_norm");
+    check_layer("group_norm", "torch==2.11.0");
 }
 
 #[test]
 fn evonorm_b0_matches_timm() {
-    check_layer("evonorm_b0");
+    check_layer("evonorm_b0", "timm==1.0.31");
 }
 
 #[test]
 fn evonorm_s0_matches_timm() {
-    check_layer("evonorm_s0");
+    check_layer("evonorm_s0", "timm==1.0.31");
 }
 
 #[test]
-fn dyt_matches_reference() {
-    check_layer("dyt");
+fn dyt_matches_x_transformers() {
+    check_layer("dyt", "x-transformers==2.31.10");
 }
 
 #[test]
 fn sgd_matches_torch() {
-    check_optimizer("sgd");
+    check_optimizer("sgd", "torch==2.11.0");
 }
 
 #[test]
 fn adam_matches_torch() {
-    check_optimizer("adam");
+    check_optimizer("adam", "torch==2.11.0");
 }
 
 #[test]
 fn adamw_matches_torch() {
-    check_optimizer("adamw");
+    check_optimizer("adamw", "torch==2.11.0");
 }
 
 #[test]
-fn lion_matches_reference() {
-    check_optimizer("lion");
+fn lion_matches_lion_pytorch() {
+    check_optimizer("lion", "lion-pytorch==0.2.5");
 }
 
 #[test]
 fn lamb_matches_pytorch_optimizer() {
-    check_optimizer("lamb");
+    check_optimizer("lamb", "pytorch-optimizer==4.1.0");
 }
 
 #[test]
 fn adamp_matches_official_code() {
-    check_optimizer("adamp");
+    check_optimizer("adamp", "adamp==0.3.0");
 }
