@@ -211,8 +211,8 @@ fn hparams(list: &[String]) -> Result<Vec<(String, f64)>, String> {
 
 fn run(args: Args) -> Result<f64, String> {
     let registry = normforge::builtin_registry().map_err(|e| e.render())?;
-    let norm_entry = Arc::clone(&registry.get(&args.norm).map_err(|e| e.to_string())?.entry);
-    let opt_entry = Arc::clone(&registry.get(&args.optimizer).map_err(|e| e.to_string())?.entry);
+    let norm_entry = registry.get(&args.norm).map_err(|e| e.to_string())?.entry;
+    let opt_entry = registry.get(&args.optimizer).map_err(|e| e.to_string())?.entry;
     let norm_h = hparams(&args.norm_hparams)?;
     let mut opt_h = hparams(&args.opt_hparams)?;
     if !opt_h.iter().any(|(k, _)| k == "lr") && opt_entry.hparams.iter().any(|h| h.name == "lr") {

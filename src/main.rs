@@ -27,6 +27,8 @@ enum Command {
     Show {
         /// An entry name, or a path to a .nf file.
         target: String,
+        #[command(flatten)]
+        plugins: PluginArgs,
         /// Print the derived backward programs instead of the forward ones.
         #[arg(long)]
         backward: bool,
@@ -38,7 +40,27 @@ enum Command {
     List {
         /// A glob over names, e.g. `adam*`.
         pattern: Option<String>,
+        #[command(flatten)]
+        plugins: PluginArgs,
     },
+    /// Everything about one entry: origin, paper, hyper-parameters, tensors.
+    Info {
+        name: String,
+        #[command(flatten)]
+        plugins: PluginArgs,
+    },
+}
+
+/// Compiled plugins to load first. A plugin is native code running with your rights: load
+/// only plugins you trust.
+#[derive(clap::Args)]
+struct PluginArgs {
+    /// Path to a compiled plugin (a shared library); repeatable.
+    #[arg(long = "plugin")]
+    plugins: Vec<PathBuf>,
+    /// Register plugin entries as `plugin::name` (avoids clashes with built-in names).
+    #[arg(long)]
+    namespaced: bool,
 }
 
 fn main() -> ExitCode {
@@ -46,8 +68,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { files } => check(&files),
         Command::Fmt { check, files } => fmt(&files, check),
-        Command::Show { target, backward, json } => show(&target, backward, json),
-        Command::List { pattern } => list(pattern.as_deref()),
+        Command::Show { target, plugins, backward, json } => show(&target, &plugins, backward, json),
+        Command::List { pattern, plugins } => list(pattern.as_deref(), &plugins),
+        Command::Info { name, plugins } => info(&name, &plugins),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -127,17 +150,22 @@ fn fmt(files: &[PathBuf], check_only: bool) -> Result<bool, String> {
     Ok(ok)
 }
 
-fn registry() -> Result<Registry, String> {
-    normforge::builtin_registry().map_err(|e| e.render())
+fn registry(args: &PluginArgs) -> Result<Registry, String> {
+    let reg = normforge::builtin_registry().map_err(|e| e.render())?;
+    for p in &args.plugins {
+        let loaded = if args.namespaced { reg.load_plugin_namespaced(p) } else { reg.load_plugin(p) };
+        loaded.map_err(|e| e.render())?;
+    }
+    Ok(reg)
 }
 
-fn show(target: &str, backward: bool, json: bool) -> Result<bool, String> {
+fn show(target: &str, plugins: &PluginArgs, backward: bool, json: bool) -> Result<bool, String> {
     let path = Path::new(target);
     let entries: Vec<dsl::Entry> = if target.ends_with(".nf") || path.is_file() {
         let src = read(path)?;
         dsl::compile(&src).map_err(|d| diag::render(&d, target, &src))?
     } else {
-        let reg = registry()?;
+        let reg = registry(plugins)?;
         vec![(*reg.get(target).map_err(|e| e.render())?.entry).clone()]
     };
     for e in &entries {
@@ -150,18 +178,50 @@ fn show(target: &str, backward: bool, json: bool) -> Result<bool, String> {
     Ok(true)
 }
 
-fn list(pattern: Option<&str>) -> Result<bool, String> {
-    let reg = registry()?;
-    let found: Vec<&Registered> = reg.list(pattern);
+fn list(pattern: Option<&str>, plugins: &PluginArgs) -> Result<bool, String> {
+    let reg = registry(plugins)?;
+    let found: Vec<Registered> = reg.list(pattern);
     if found.is_empty() {
         return Err(format!("error: no entries match `{}`\n", pattern.unwrap_or("*")));
     }
     for r in found {
         let e = &r.entry;
-        println!("{:<12} {:<10} {}", e.name, e.kind.keyword(), e.meta.paper.as_deref().unwrap_or(""));
+        println!("{:<12} {:<10} {}", r.name, e.kind.keyword(), e.meta.paper.as_deref().unwrap_or(""));
         for h in &e.hparams {
             let doc = h.doc.as_deref().map(|d| format!("  # {d}")).unwrap_or_default();
             println!("    {}{doc}", text::hparam_text(h));
+        }
+    }
+    Ok(true)
+}
+
+fn info(name: &str, plugins: &PluginArgs) -> Result<bool, String> {
+    let reg = registry(plugins)?;
+    let r = reg.get(name).map_err(|e| e.render())?;
+    let e = &r.entry;
+    let axes: Vec<String> = e.axes.iter().map(|a| a.display_name()).collect();
+    println!("{} ({} {}({}[{}]))", r.name, e.kind.keyword(), e.name, e.input, axes.join(", "));
+    println!("  origin:    {}", r.origin);
+    for (k, v) in [("paper", &e.meta.paper), ("reference", &e.meta.reference), ("version", &e.meta.version), ("doc", &e.meta.doc)] {
+        if let Some(v) = v {
+            println!("  {k:<10} {v}");
+        }
+    }
+    if !e.meta.aliases.is_empty() {
+        println!("  aliases:   {}", e.meta.aliases.join(", "));
+    }
+    if !e.hparams.is_empty() {
+        println!("  hyper-parameters:");
+        for h in &e.hparams {
+            let doc = h.doc.as_deref().map(|d| format!("  # {d}")).unwrap_or_default();
+            println!("    {}{doc}", text::hparam_text(h));
+        }
+    }
+    for (kind, decls) in [("parameters", &e.params), ("buffers", &e.buffers), ("state", &e.states)] {
+        if !decls.is_empty() {
+            let list: Vec<String> =
+                decls.iter().map(|d| format!("{}{}", d.name, text::shape_text(&d.shape, &e.axes, &e.hparams))).collect();
+            println!("  {kind}: {}", list.join(", "));
         }
     }
     Ok(true)

@@ -368,10 +368,13 @@ impl<'a> Checker<'a> {
         if self.axes.iter().any(|a| a.name.as_deref() == Some(n)) {
             return Some(err(name.span, format!("`{n}` is already an axis of the input"), "choose another name"));
         }
-        if n == self.input_name || matches!(n, "p" | "g" | "t" | "train") {
-            return Some(err(name.span, format!("`{n}` is a reserved name"), "choose another name").note(
-                "reserved: `p` (the parameter), `g` (its gradient), `t` (the step count), `train` (the mode) and the input's name",
-            ));
+        if n == self.input_name || is_reserved(n, self.item.kind) {
+            let note = if self.is_optimizer() {
+                "reserved in an optimizer: `p` (the parameter), `g` (its gradient), `t` (the step count)"
+            } else {
+                "reserved in a layer: `train` (the mode) and the input's name"
+            };
+            return Some(err(name.span, format!("`{n}` is a reserved name"), "choose another name").note(note));
         }
         if self.hparams.iter().any(|h| h.name == n) {
             return Some(err(name.span, format!("`{n}` is already a hyper-parameter"), "choose another name"));
@@ -671,6 +674,9 @@ impl<'a> Checker<'a> {
             ExprKind::Num { value, .. } => Some(self.b.constant(*value)),
             ExprKind::Bool(v) => Some(self.b.boolean(*v)),
             ExprKind::Name(n) => {
+                if self.failed.contains(n) {
+                    return None; // its definition failed and was reported
+                }
                 let Some(&(binding, _, value)) = env.names.get(n) else {
                     if !self.failed.contains(n) {
                         let d = self.unknown_name(n, e.span, env);
@@ -1075,7 +1081,7 @@ fn hparams(item: &ast::Item, axes: &[Axis], input: &str, errors: &mut Vec<Diagno
             errors.push(err(h.name.span, format!("hyper-parameter `{name}` is declared twice"), "declared again").related(item.hparams[j].name.span, "first declared here"));
             continue;
         }
-        if name == input || matches!(name, "p" | "g" | "t" | "train") || axes.iter().any(|a| a.name.as_deref() == Some(name)) {
+        if name == input || is_reserved(name, item.kind) || axes.iter().any(|a| a.name.as_deref() == Some(name)) {
             errors.push(err(h.name.span, format!("`{name}` is a reserved name or an axis"), "choose another name"));
             continue;
         }
@@ -1137,4 +1143,12 @@ fn hparams(item: &ast::Item, axes: &[Axis], input: &str, errors: &mut Vec<Diagno
         out.push(HParam { name: name.to_string(), ty, default, range, doc: h.doc.clone() });
     }
     out
+}
+
+/// Names bound implicitly in an entry of this kind.
+fn is_reserved(name: &str, kind: ItemKind) -> bool {
+    match kind {
+        ItemKind::Optimizer => matches!(name, "p" | "g" | "t"),
+        _ => name == "train",
+    }
 }

@@ -2,13 +2,17 @@
 //!
 //! Built-in specs reach it through `inventory` (a crate submits [`StaticSource`]s and they
 //! are found at start-up wherever that crate is linked); `.nf` files and strings are loaded at
-//! run time. Loading is all or nothing: a source with any error adds no entry.
+//! run time; compiled plugins through `libloading` (see [`plugin`]). Every load is all or
+//! nothing: a source or plugin with any error, or any name that clashes, adds no entry.
+//! The registry locks internally, so one instance can be shared (`&Registry`) across threads.
+
+pub mod plugin;
 
 use normforge_dsl::{diag, ir::Entry, suggest, Diagnostics};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// A `.nf` source compiled into a crate, submitted with `inventory::submit!`.
 pub struct StaticSource {
@@ -31,6 +35,7 @@ pub enum Origin {
     Builtin(String),
     File(String),
     Text(String),
+    Plugin { plugin: String, version: String, path: String, file: String },
 }
 
 impl fmt::Display for Origin {
@@ -39,12 +44,15 @@ impl fmt::Display for Origin {
             Origin::Builtin(s) => write!(f, "built in ({s})"),
             Origin::File(s) => write!(f, "file {s}"),
             Origin::Text(s) => write!(f, "{s}"),
+            Origin::Plugin { plugin, version, path, file } => write!(f, "plugin `{plugin}` {version} ({path}: {file})"),
         }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct Registered {
+    /// The name it is registered under: the entry's own, or `plugin::name` when namespaced.
+    pub name: String,
     pub entry: Arc<Entry>,
     pub origin: Origin,
 }
@@ -56,6 +64,11 @@ pub enum Error {
     Io { path: String, message: String },
     Conflict { name: String, existing: Origin, incoming: Origin },
     Unknown { name: String, nearest: Vec<String> },
+    /// A compiled plugin that cannot be used: not a library, no entry point, wrong ABI,
+    /// broken manifest.
+    Plugin { path: String, message: String },
+    /// A plugin whose specs do not check.
+    PluginSpec { plugin: String, path: String, file: String, entry: Option<String>, src: String, diags: Diagnostics },
 }
 
 impl Error {
@@ -63,6 +76,7 @@ impl Error {
     pub fn render(&self) -> String {
         match self {
             Error::Invalid { origin, src, diags } => diag::render(diags, origin, src),
+            Error::PluginSpec { file, src, diags, .. } => format!("error: {self}\n{}", diag::render(diags, file, src)),
             other => format!("error: {other}\n"),
         }
     }
@@ -71,10 +85,16 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Invalid { origin, diags, .. } => write!(f, "{origin}: {} error(s); first: {}", diags.0.len(), diags.0[0].message),
+            Error::Invalid { origin, diags, .. } => {
+                write!(f, "{origin}: {} error(s); first: {}", diags.0.len(), diags.0[0].message)
+            }
             Error::Io { path, message } => write!(f, "cannot read {path}: {message}"),
             Error::Conflict { name, existing, incoming } => {
-                write!(f, "`{name}` from {incoming} conflicts with `{name}` already registered from {existing}")
+                write!(f, "`{name}` from {incoming} conflicts with `{name}` already registered from {existing}")?;
+                if matches!(incoming, Origin::Plugin { .. }) {
+                    write!(f, "; load the plugin under its namespace to keep both")?;
+                }
+                Ok(())
             }
             Error::Unknown { name, nearest } => {
                 write!(f, "no entry named `{name}`")?;
@@ -83,16 +103,61 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
+            Error::Plugin { path, message } => write!(f, "cannot load plugin {path}: {message}"),
+            Error::PluginSpec { plugin, path, file, entry, src, diags } => {
+                let d = &diags.0[0];
+                let (line, col) = diag::line_col(src, d.span.start);
+                let entry = entry.as_ref().map(|e| format!(", entry `{e}`")).unwrap_or_default();
+                write!(f, "plugin `{plugin}` ({path}){entry}: {file}:{line}:{col}: {}", d.message)
+            }
         }
     }
 }
 
 impl std::error::Error for Error {}
 
-#[derive(Clone, Debug, Default)]
-pub struct Registry {
+#[derive(Default)]
+struct Inner {
     entries: BTreeMap<String, Registered>,
     aliases: BTreeMap<String, String>,
+    /// Loaded plugins stay loaded for the registry's life: their code may be called later.
+    libraries: Vec<Arc<libloading::Library>>,
+}
+
+impl Inner {
+    fn lookup(&self, name: &str) -> Option<&Registered> {
+        self.entries.get(name).or_else(|| self.aliases.get(name).and_then(|n| self.entries.get(n)))
+    }
+
+    /// Add all of `batch` (registered name, entry, origin) or, on any clash, none of it.
+    fn insert_all(&mut self, batch: Vec<(String, Arc<Entry>, Origin)>, prefix: &str) -> Result<Vec<String>, Error> {
+        let mut seen: BTreeMap<String, Origin> = BTreeMap::new();
+        for (name, e, origin) in &batch {
+            let aliases = e.meta.aliases.iter().map(|a| format!("{prefix}{a}"));
+            for n in std::iter::once(name.clone()).chain(aliases) {
+                if let Some(existing) = self.lookup(&n) {
+                    return Err(Error::Conflict { name: n, existing: existing.origin.clone(), incoming: origin.clone() });
+                }
+                if let Some(existing) = seen.insert(n.clone(), origin.clone()) {
+                    return Err(Error::Conflict { name: n, existing, incoming: origin.clone() });
+                }
+            }
+        }
+        let mut names = Vec::new();
+        for (name, entry, origin) in batch {
+            for a in &entry.meta.aliases {
+                self.aliases.insert(format!("{prefix}{a}"), name.clone());
+            }
+            names.push(name.clone());
+            self.entries.insert(name.clone(), Registered { name, entry, origin });
+        }
+        Ok(names)
+    }
+}
+
+#[derive(Default)]
+pub struct Registry {
+    inner: RwLock<Inner>,
 }
 
 impl Registry {
@@ -100,20 +165,30 @@ impl Registry {
         Self::default()
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-inserted batch (inserts happen
+        // after all checks), so a poisoned lock still guards consistent data.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A registry holding every statically submitted source linked into the program.
     pub fn with_builtins() -> Result<Self, Error> {
-        let mut r = Registry::new();
+        let r = Registry::new();
         for s in static_sources() {
             r.load_source(s.text, Origin::Builtin(s.origin.to_string()))?;
         }
         Ok(r)
     }
 
-    pub fn load_str(&mut self, src: &str, name: &str) -> Result<Vec<String>, Error> {
+    pub fn load_str(&self, src: &str, name: &str) -> Result<Vec<String>, Error> {
         self.load_source(src, Origin::Text(name.to_string()))
     }
 
-    pub fn load_file(&mut self, path: &Path) -> Result<Vec<String>, Error> {
+    pub fn load_file(&self, path: &Path) -> Result<Vec<String>, Error> {
         let shown = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::Io { path: shown.clone(), message: e.to_string() })?;
         let src = normforge_dsl::source_from_bytes(&bytes)
@@ -122,38 +197,58 @@ impl Registry {
     }
 
     /// Compile `src` and add all its entries, or none.
-    pub fn load_source(&mut self, src: &str, origin: Origin) -> Result<Vec<String>, Error> {
+    pub fn load_source(&self, src: &str, origin: Origin) -> Result<Vec<String>, Error> {
         let label = match &origin {
             Origin::Builtin(s) | Origin::File(s) | Origin::Text(s) => s.clone(),
+            Origin::Plugin { file, .. } => file.clone(),
         };
-        let entries = normforge_dsl::compile(src).map_err(|diags| Error::Invalid { origin: label, src: src.to_string(), diags })?;
-        for e in &entries {
-            for n in std::iter::once(&e.name).chain(&e.meta.aliases) {
-                if let Some(existing) = self.lookup(n) {
-                    return Err(Error::Conflict { name: n.clone(), existing: existing.origin.clone(), incoming: origin });
-                }
-            }
-        }
-        let mut names = Vec::new();
-        for e in entries {
-            for a in &e.meta.aliases {
-                self.aliases.insert(a.clone(), e.name.clone());
-            }
-            names.push(e.name.clone());
-            self.entries.insert(e.name.clone(), Registered { entry: Arc::new(e), origin: origin.clone() });
-        }
+        let entries =
+            normforge_dsl::compile(src).map_err(|diags| Error::Invalid { origin: label, src: src.to_string(), diags })?;
+        let batch = entries.into_iter().map(|e| (e.name.clone(), Arc::new(e), origin.clone())).collect();
+        self.write().insert_all(batch, "")
+    }
+
+    /// Load a compiled plugin and register its entries under their own names.
+    ///
+    /// A plugin is native code that runs with this program's rights: load only trusted ones.
+    pub fn load_plugin(&self, path: &Path) -> Result<Vec<String>, Error> {
+        self.load_plugin_inner(path, false)
+    }
+
+    /// Like [`Registry::load_plugin`], but register each entry as `plugin::name`, so that it
+    /// can share a name with an entry already registered.
+    pub fn load_plugin_namespaced(&self, path: &Path) -> Result<Vec<String>, Error> {
+        self.load_plugin_inner(path, true)
+    }
+
+    fn load_plugin_inner(&self, path: &Path, namespaced: bool) -> Result<Vec<String>, Error> {
+        let loaded = plugin::load(path)?;
+        let prefix = if namespaced { format!("{}::", loaded.manifest.name) } else { String::new() };
+        let batch = loaded
+            .entries
+            .into_iter()
+            .map(|(e, file)| {
+                let origin = Origin::Plugin {
+                    plugin: loaded.manifest.name.clone(),
+                    version: loaded.manifest.version.clone(),
+                    path: path.display().to_string(),
+                    file,
+                };
+                (format!("{prefix}{}", e.name), Arc::new(e), origin)
+            })
+            .collect();
+        let mut inner = self.write();
+        let names = inner.insert_all(batch, &prefix)?;
+        inner.libraries.push(Arc::new(loaded.library));
         Ok(names)
     }
 
-    fn lookup(&self, name: &str) -> Option<&Registered> {
-        self.entries.get(name).or_else(|| self.aliases.get(name).and_then(|n| self.entries.get(n)))
-    }
-
     /// The entry called `name` (or aliased so); unknown names list the nearest ones.
-    pub fn get(&self, name: &str) -> Result<&Registered, Error> {
-        self.lookup(name).ok_or_else(|| Error::Unknown {
+    pub fn get(&self, name: &str) -> Result<Registered, Error> {
+        let inner = self.read();
+        inner.lookup(name).cloned().ok_or_else(|| Error::Unknown {
             name: name.to_string(),
-            nearest: suggest::nearest(name, self.entries.keys().chain(self.aliases.keys()).map(String::as_str), 3)
+            nearest: suggest::nearest(name, inner.entries.keys().chain(inner.aliases.keys()).map(String::as_str), 3)
                 .into_iter()
                 .map(String::from)
                 .collect(),
@@ -161,16 +256,16 @@ impl Registry {
     }
 
     /// Entries in name order, optionally filtered by a glob (`*` and `?`).
-    pub fn list(&self, pattern: Option<&str>) -> Vec<&Registered> {
-        self.entries.values().filter(|r| pattern.is_none_or(|p| glob(p, &r.entry.name))).collect()
+    pub fn list(&self, pattern: Option<&str>) -> Vec<Registered> {
+        self.read().entries.values().filter(|r| pattern.is_none_or(|p| glob(p, &r.name))).cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.read().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.read().entries.is_empty()
     }
 }
 
@@ -210,26 +305,43 @@ mod tests {
         assert!(glob("?amb", "lamb"));
         assert!(!glob("?amb", "lambs"));
         assert!(glob("*", ""));
+        assert!(glob("example::*", "example::diffgrad"));
     }
 
     #[test]
     fn loading_is_all_or_nothing() {
-        let mut r = Registry::new();
+        let r = Registry::new();
         r.load_str("optimizer a(lr = 0.1) { p = p - lr * g }", "one").unwrap();
         // The second entry conflicts, so the first of the same source must not land either.
         let err = r
             .load_str("optimizer b(lr = 0.1) { p = p - lr * g }\noptimizer a(lr = 0.1) { p = p - g }", "two")
             .unwrap_err();
         assert!(matches!(err, Error::Conflict { ref name, .. } if name == "a"), "{err}");
+        assert!(err.to_string().contains("from two") && err.to_string().contains("from one"), "{err}");
         assert!(r.get("b").is_err());
         assert_eq!(r.len(), 1);
     }
 
     #[test]
+    fn aliases_resolve_and_clash() {
+        let r = Registry::new();
+        r.load_str("@alias \"sgd_plain\"\noptimizer plain(lr = 0.1) { p = p - lr * g }", "one").unwrap();
+        assert_eq!(r.get("sgd_plain").unwrap().name, "plain");
+        let err = r.load_str("optimizer sgd_plain(lr = 0.1) { p = p - g }", "two").unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "{err}");
+    }
+
+    #[test]
     fn unknown_names_suggest_the_nearest() {
-        let mut r = Registry::new();
+        let r = Registry::new();
         r.load_str("optimizer adamw(lr = 0.1) { p = p - lr * g }", "t").unwrap();
         let Error::Unknown { nearest, .. } = r.get("adamv").unwrap_err() else { panic!("expected Unknown") };
         assert_eq!(nearest, vec!["adamw".to_string()]);
+    }
+
+    #[test]
+    fn registry_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Registry>();
     }
 }

@@ -1,4 +1,4 @@
 layer a(x[n, d]; eps: float = 1e-5) {
-    let t = x
-    return t
+    let train = x
+    return train
 }
