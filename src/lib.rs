@@ -7,6 +7,10 @@
 pub use normforge_dsl as dsl;
 pub use normforge_reference as reference;
 pub use normforge_registry as registry;
+/// The libtorch backend: DSL layers as tch modules, DSL optimizers over a VarStore.
+pub use normforge_tch as torch;
+pub use normforge_tch::RegistryExt;
+pub use tch;
 
 pub use normforge_dsl::{Diagnostic, Diagnostics, Entry};
 pub use normforge_registry::Registry;

@@ -8,6 +8,7 @@
 
 pub mod ast;
 pub mod autodiff;
+pub mod bind;
 pub mod builder;
 pub mod check;
 pub mod diag;

@@ -3,35 +3,11 @@
 use crate::{Error, Result};
 use normforge_dsl::ir::*;
 
-/// How a run-time tensor shape maps onto the declared axes.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AxisBinding {
-    /// The run-time dims each declared axis took (variadic axes take zero or more).
-    pub dims: Vec<Vec<usize>>,
-    /// Per axis, the product of its dims (1 for a variadic axis that took none).
-    pub extents: Vec<usize>,
-}
+pub use normforge_dsl::bind::AxisBinding;
+use normforge_dsl::bind;
 
 pub fn bind_axes(axes: &[Axis], shape: &[usize], what: &str) -> Result<AxisBinding> {
-    let fixed = axes.iter().filter(|a| !a.variadic).count();
-    let has_variadic = axes.iter().any(|a| a.variadic);
-    let names: Vec<String> = axes.iter().map(Axis::display_name).collect();
-    if shape.len() < fixed || (!has_variadic && shape.len() != fixed) {
-        return Err(Error(format!(
-            "{what} has shape {shape:?}, which does not match the declared axes [{}]",
-            names.join(", ")
-        )));
-    }
-    let var_len = shape.len() - fixed;
-    let mut dims = Vec::new();
-    let mut k = 0;
-    for a in axes {
-        let n = if a.variadic { var_len } else { 1 };
-        dims.push(shape[k..k + n].to_vec());
-        k += n;
-    }
-    let extents = dims.iter().map(|d| d.iter().product()).collect();
-    Ok(AxisBinding { dims, extents })
+    bind::bind_axes(axes, shape, what).map_err(Error)
 }
 
 /// Everything a program may read.
@@ -47,32 +23,8 @@ pub struct Inputs<'a> {
     pub states: &'a [&'a [f64]],
 }
 
-/// Number of values per axis for a shape, after checking that groups divide their axes.
 pub fn extents(shape: &Shape, b: &AxisBinding, hparams: &[f64]) -> Result<Vec<usize>> {
-    shape
-        .0
-        .iter()
-        .zip(&b.extents)
-        .map(|(e, &n)| match e {
-            Extent::One => Ok(1),
-            Extent::Full => Ok(n),
-            Extent::Grouped(g) => {
-                let groups = group_count(*g, hparams);
-                if groups == 0 || n % groups != 0 {
-                    Err(Error(format!("an axis of length {n} cannot be split into {groups} equal groups")))
-                } else {
-                    Ok(groups)
-                }
-            }
-        })
-        .collect()
-}
-
-fn group_count(g: Groups, hparams: &[f64]) -> usize {
-    match g {
-        Groups::Count(n) => n as usize,
-        Groups::HParam(i) => hparams[i as usize].max(0.0) as usize,
-    }
+    bind::extents(shape, b, hparams).map_err(Error)
 }
 
 /// For each element of `fine` (row-major), the offset of the element of `coarse` it maps to.
@@ -125,17 +77,7 @@ pub fn run(p: &Program, inp: &Inputs) -> Result<Vec<Vec<f64>>> {
         let v: Vec<f64> = match &n.op {
             Op::Const(c) => vec![*c],
             Op::HParam(i) => vec![inp.hparams[*i as usize]],
-            Op::Size(s) => {
-                let mut count = 1usize;
-                for (e, &full) in s.0.iter().zip(&inp.binding.extents) {
-                    count *= match e {
-                        Extent::One => 1,
-                        Extent::Full => full,
-                        Extent::Grouped(g) => full / group_count(*g, inp.hparams).max(1),
-                    };
-                }
-                vec![count as f64]
-            }
+            Op::Size(s) => vec![bind::size(s, inp.binding, inp.hparams) as f64],
             Op::Rank(axes) => vec![axes.iter().map(|&a| inp.binding.dims[a as usize].len()).sum::<usize>() as f64],
             Op::Step => vec![inp.step],
             Op::Input => leaf(inp.input, "the input")?.to_vec(),
@@ -195,16 +137,6 @@ pub fn output(p: &Program, vals: &[Vec<f64>], target: Target) -> Option<Vec<f64>
     p.output(target).map(|n| vals[n as usize].clone())
 }
 
-/// Run-time dims of a tensor declared with `shape` (its axes' dims, in order).
 pub fn dims_of(shape: &Shape, b: &AxisBinding, hparams: &[f64]) -> Result<Vec<usize>> {
-    extents(shape, b, hparams)?;
-    let mut d = Vec::new();
-    for (e, dims) in shape.0.iter().zip(&b.dims) {
-        match e {
-            Extent::One => {}
-            Extent::Full => d.extend(dims),
-            Extent::Grouped(g) => d.push(group_count(*g, hparams)),
-        }
-    }
-    Ok(d)
+    bind::dims_of(shape, b, hparams).map_err(Error)
 }

@@ -39,6 +39,11 @@ impl Layer {
             buffers: &[],
             states: &[],
         };
+        if let Programs::Layer { train, eval, .. } = &entry.programs {
+            for p in [train, eval] {
+                normforge_dsl::bind::check_program(p, &binding, &hparams).map_err(Error)?;
+            }
+        }
         let vals = eval::run(&entry.init, &inputs)?;
         let make = |decls: &[normforge_dsl::ir::TensorDecl], target: fn(u32) -> Target| -> Result<Vec<Tensor>> {
             decls

@@ -75,7 +75,7 @@ impl Optimizer {
         let mut new_params = Vec::with_capacity(params.len());
         let mut new_slots = Vec::with_capacity(params.len());
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-            let binding = eval::bind_axes(&self.entry.axes, &param_view(&self.entry, &p.shape), &format!("parameter {i}"))?;
+            let binding = eval::bind_axes(&self.entry.axes, &normforge_dsl::bind::param_view(&self.entry, &p.shape), &format!("parameter {i}"))?;
             let slot = match self.slots.get(i).cloned().flatten() {
                 Some(s) => {
                     if s.states.iter().zip(&self.entry.states).any(|(t, d)| {
@@ -150,11 +150,3 @@ impl Optimizer {
     }
 }
 
-/// A parameter with fewer dims than the rule names (a scalar under `p[o, r...]`) is viewed
-/// with leading unit dims, as `view(1, -1)` would in PyTorch.
-pub fn param_view(entry: &Entry, shape: &[usize]) -> Vec<usize> {
-    let fixed = entry.axes.iter().filter(|a| !a.variadic).count();
-    let mut v = vec![1; fixed.saturating_sub(shape.len())];
-    v.extend_from_slice(shape);
-    v
-}

@@ -1,0 +1,123 @@
+//! A registry layer as a tch module: parameters and buffers in the VarStore under their spec
+//! names, forward through [`crate::lower`], gradients from libtorch's autograd.
+
+use crate::lower::{Leaves, Lowering};
+use crate::{float_kind, Error};
+use normforge_dsl::bind;
+use normforge_dsl::ir::{Entry, Kind as EntryKind, Program, Programs, Target};
+use std::sync::Arc;
+use tch::{nn, Tensor};
+
+#[derive(Debug)]
+pub struct DslLayer {
+    entry: Arc<Entry>,
+    hparams: Vec<f64>,
+    params: Vec<Tensor>,
+    buffers: Vec<Tensor>,
+}
+
+impl DslLayer {
+    /// Create the parameters and buffers under `path`, sized for inputs shaped like
+    /// `sample_shape` (batch dims may be 1), holding their initial values.
+    pub fn new(entry: Arc<Entry>, path: &nn::Path, sample_shape: &[i64], overrides: &[(String, f64)]) -> Result<Self, Error> {
+        if entry.kind == EntryKind::Optimizer {
+            return Err(Error(format!("`{}` is an optimizer, not a layer", entry.name)));
+        }
+        let hparams = normforge_dsl::hyper::resolve(&entry, overrides)?;
+        let shape = dims(sample_shape)?;
+        let binding = bind::bind_axes(&entry.axes, &shape, "the sample shape").map_err(Error)?;
+        let kind = float_kind(path.kind());
+        let Programs::Layer { train, eval, .. } = &entry.programs else { unreachable!("checked above") };
+        // Checking every program now refuses a shape the layer cannot take (groups that do
+        // not divide the channels) when it is built.
+        let low = Lowering::new(&[&entry.init, train, eval], &binding, &hparams, 0.0, kind, path.device())?;
+        let vals = tch::no_grad(|| low.run(&entry.init, &Leaves::default()))?;
+        let mut params = Vec::new();
+        for (i, d) in entry.params.iter().enumerate() {
+            let init = tch::no_grad(|| low.output(&entry.init, &vals, Target::Param(i as u32), &d.shape))?;
+            params.push(path.f_var_copy(&d.name, &init.to_kind(path.kind()))?);
+        }
+        let mut buffers = Vec::new();
+        for (i, d) in entry.buffers.iter().enumerate() {
+            let init = tch::no_grad(|| low.output(&entry.init, &vals, Target::Buffer(i as u32), &d.shape))?;
+            let mut b = path.zeros_no_train(&d.name, &low.natural(&d.shape)?);
+            tch::no_grad(|| b.f_copy_(&init))?;
+            buffers.push(b);
+        }
+        Ok(DslLayer { entry, hparams, params, buffers })
+    }
+
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+
+    pub fn buffers(&self) -> &[Tensor] {
+        &self.buffers
+    }
+
+    fn program(&self, train: bool) -> &Program {
+        match &self.entry.programs {
+            Programs::Layer { train: t, eval, .. } => if train { t } else { eval },
+            Programs::Optimizer { .. } => unreachable!("DslLayer::new refuses optimizers"),
+        }
+    }
+
+    /// The checked forward: shape, dtype and device mismatches are errors. In training mode
+    /// the buffers take their new values.
+    pub fn try_forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor, Error> {
+        let in_kind = x.kind();
+        if !matches!(in_kind, tch::Kind::Float | tch::Kind::Double | tch::Kind::Half | tch::Kind::BFloat16) {
+            return Err(Error(format!("`{}` takes a floating-point input, got {in_kind:?}", self.entry.name)));
+        }
+        if let Some(p) = self.params.first().or(self.buffers.first()) {
+            if p.device() != x.device() {
+                return Err(Error(format!("the input is on {:?}, the layer's parameters on {:?}", x.device(), p.device())));
+            }
+        }
+        let shape = dims(&x.size())?;
+        let binding = bind::bind_axes(&self.entry.axes, &shape, "the input").map_err(Error)?;
+        for (d, t) in self.entry.params.iter().zip(&self.params).chain(self.entry.buffers.iter().zip(&self.buffers)) {
+            let want: Vec<i64> =
+                bind::dims_of(&d.shape, &binding, &self.hparams).map_err(Error)?.into_iter().map(|v| v as i64).collect();
+            if want != t.size() {
+                return Err(Error(format!(
+                    "the input has shape {:?}: `{}` needs shape {want:?} for it, but has {:?}",
+                    x.size(),
+                    d.name,
+                    t.size()
+                )));
+            }
+        }
+        // Half-precision inputs compute in f32 and return in their own type.
+        let kind = float_kind(in_kind);
+        let prog = self.program(train);
+        let low = Lowering::new(&[prog], &binding, &self.hparams, 0.0, kind, x.device())?;
+        let leaves = Leaves { input: Some(x), params: &self.params, buffers: &self.buffers, ..Leaves::default() };
+        let vals = low.run(prog, &leaves)?;
+        let y = low.output(prog, &vals, Target::Y, &normforge_dsl::ir::Shape::full(self.entry.axes.len()))?;
+        for (i, (d, buf)) in self.entry.buffers.iter().zip(&self.buffers).enumerate() {
+            if prog.output(Target::Buffer(i as u32)).is_some() {
+                let new = low.output(prog, &vals, Target::Buffer(i as u32), &d.shape)?.detach();
+                let mut handle = buf.shallow_clone();
+                tch::no_grad(|| handle.f_copy_(&new))?;
+            }
+        }
+        Ok(y.to_kind(in_kind))
+    }
+}
+
+/// `forward_t` must return a tensor: it panics where [`DslLayer::try_forward_t`] returns an
+/// error (a shape or dtype the layer was not built for), as tch's own modules do.
+impl nn::ModuleT for DslLayer {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.try_forward_t(xs, train).unwrap_or_else(|e| panic!("{}: {e}", self.entry.name))
+    }
+}
+
+fn dims(shape: &[i64]) -> Result<Vec<usize>, Error> {
+    shape.iter().map(|&d| usize::try_from(d).map_err(|_| Error(format!("invalid dimension {d} in {shape:?}")))).collect()
+}

@@ -1,0 +1,300 @@
+//! A registry update rule driving the variables of a VarStore.
+//!
+//! A step is all or nothing: every new parameter and state value is computed first, and only
+//! when all exist (and, unless disabled, every gradient is finite) are they written back.
+
+use crate::lower::{Leaves, Lowering};
+use crate::{float_kind, Error};
+use normforge_dsl::bind;
+use normforge_dsl::ir::{Entry, Kind as EntryKind, Program, Programs, Shape, Target};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use tch::{nn, Kind, Tensor};
+
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    var: Tensor,
+    step: i64,
+    states: Option<Vec<Tensor>>,
+}
+
+/// Parameters sharing hyper-parameter values.
+#[derive(Debug)]
+pub struct Group {
+    pub hparams: Vec<f64>,
+    slots: Vec<Slot>,
+}
+
+impl Group {
+    pub fn param_names(&self) -> Vec<&str> {
+        self.slots.iter().map(|s| s.name.as_str()).collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepReport {
+    /// Every parameter with a gradient was updated; `grad_norm` is the global gradient norm
+    /// when clipping is on.
+    Applied { grad_norm: Option<f64>, clipped: bool },
+    /// `param`'s gradient held NaN or infinity: nothing was changed.
+    SkippedNonFinite { param: String },
+}
+
+#[derive(Debug)]
+pub struct DslOptimizer {
+    entry: Arc<Entry>,
+    groups: Vec<Group>,
+    /// Clip the global gradient norm to this value before the update (`clip_grad_norm_`).
+    pub max_grad_norm: Option<f64>,
+    /// Skip a step whose gradients are not all finite (the default).
+    pub skip_nonfinite: bool,
+}
+
+impl DslOptimizer {
+    /// One group holding every trainable variable of `vs`, in name order.
+    pub fn new(entry: Arc<Entry>, vs: &nn::VarStore, overrides: &[(String, f64)]) -> Result<Self, Error> {
+        if entry.kind != EntryKind::Optimizer {
+            return Err(Error(format!("`{}` is a {}, not an optimizer", entry.name, entry.kind.keyword())));
+        }
+        let hparams = normforge_dsl::hyper::resolve(&entry, overrides)?;
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let slots = vars.into_iter().map(|(name, var)| Slot { name, var, step: 0, states: None }).collect();
+        Ok(DslOptimizer { entry, groups: vec![Group { hparams, slots }], max_grad_norm: None, skip_nonfinite: true })
+    }
+
+    /// Move the parameters whose VarStore name satisfies `select` into a new group whose
+    /// hyper-parameters are the first group's with `overrides` applied. Returns how many moved.
+    /// The usual use: `split_group(|n| n.ends_with("bias") || n.contains("norm"), &[("weight_decay".into(), 0.0)])`.
+    pub fn split_group(&mut self, select: impl Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error> {
+        let mut hparams = self.groups[0].hparams.clone();
+        for (name, v) in overrides {
+            let i = self.hparam_index(name)?;
+            hparams[i] = normforge_dsl::hyper::check_value(&self.entry, i, *v)?;
+        }
+        let mut moved = Vec::new();
+        for g in &mut self.groups {
+            let (take, keep): (Vec<Slot>, Vec<Slot>) = g.slots.drain(..).partition(|s| select(&s.name));
+            g.slots = keep;
+            moved.extend(take);
+        }
+        let n = moved.len();
+        self.groups.push(Group { hparams, slots: moved });
+        Ok(n)
+    }
+
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+
+    fn hparam_index(&self, name: &str) -> Result<usize, Error> {
+        self.entry
+            .hparams
+            .iter()
+            .position(|h| h.name == name)
+            .ok_or_else(|| Error(format!("`{}` has no hyper-parameter `{name}`", self.entry.name)))
+    }
+
+    /// Set a hyper-parameter in every group. Values are run-time scalars: nothing recompiles.
+    pub fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error> {
+        let i = self.hparam_index(name)?;
+        let v = normforge_dsl::hyper::check_value(&self.entry, i, v)?;
+        for g in &mut self.groups {
+            g.hparams[i] = v;
+        }
+        Ok(())
+    }
+
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
+        self.set_hparam("lr", lr)
+    }
+
+    pub fn zero_grad(&mut self) {
+        for g in &mut self.groups {
+            for s in &mut g.slots {
+                s.var.zero_grad();
+            }
+        }
+    }
+
+    /// `zero_grad`, `loss.backward()`, `step`.
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error> {
+        self.zero_grad();
+        loss.f_backward()?;
+        self.step()
+    }
+
+    fn program(&self) -> &Program {
+        match &self.entry.programs {
+            Programs::Optimizer { step } => step,
+            Programs::Layer { .. } => unreachable!("DslOptimizer::new refuses layers"),
+        }
+    }
+
+    pub fn step(&mut self) -> Result<StepReport, Error> {
+        // Gradients, checked against their parameters.
+        let mut grads: Vec<Vec<Option<Tensor>>> = Vec::new();
+        for g in &self.groups {
+            let mut v = Vec::new();
+            for s in &g.slots {
+                let grad = s.var.grad();
+                if !grad.defined() {
+                    v.push(None);
+                    continue;
+                }
+                if grad.size() != s.var.size() || grad.kind() != s.var.kind() {
+                    return Err(Error(format!(
+                        "the gradient of `{}` is {:?} {:?}, the parameter {:?} {:?}",
+                        s.name,
+                        grad.kind(),
+                        grad.size(),
+                        s.var.kind(),
+                        s.var.size()
+                    )));
+                }
+                v.push(Some(grad));
+            }
+            grads.push(v);
+        }
+        if self.skip_nonfinite {
+            for (g, gs) in self.groups.iter().zip(&grads) {
+                for (s, grad) in g.slots.iter().zip(gs) {
+                    if let Some(grad) = grad {
+                        if !bool::try_from(grad.isfinite().all()).unwrap_or(false) {
+                            return Ok(StepReport::SkippedNonFinite { param: s.name.clone() });
+                        }
+                    }
+                }
+            }
+        }
+        let (scale, grad_norm) = match self.max_grad_norm {
+            None => (None, None),
+            Some(max) => {
+                let sq: f64 = grads
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .map(|g| f64::try_from(g.to_kind(Kind::Double).square().sum(Kind::Double)).unwrap_or(f64::NAN))
+                    .sum();
+                let norm = sq.sqrt();
+                // As torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when above max.
+                let coef = max / (norm + 1e-6);
+                (if coef < 1.0 { Some(coef) } else { None }, Some(norm))
+            }
+        };
+        // Compute every update before writing any.
+        let prog = self.program();
+        let mut updates: Vec<(usize, usize, Tensor, Vec<Tensor>)> = Vec::new();
+        for (gi, (g, gs)) in self.groups.iter().zip(&grads).enumerate() {
+            for (si, (s, grad)) in g.slots.iter().zip(gs).enumerate() {
+                let Some(grad) = grad else { continue };
+                let grad = match scale {
+                    Some(c) => grad * c,
+                    None => grad.shallow_clone(),
+                };
+                let (p, states) = tch::no_grad(|| self.update(prog, &g.hparams, s, &grad))?;
+                updates.push((gi, si, p, states));
+            }
+        }
+        for (gi, si, p, states) in updates {
+            let s = &mut self.groups[gi].slots[si];
+            tch::no_grad(|| s.var.f_copy_(&p))?;
+            s.states = Some(states);
+            s.step += 1;
+        }
+        Ok(StepReport::Applied { grad_norm, clipped: scale.is_some() })
+    }
+
+    /// The new value of one parameter and of its state tensors.
+    fn update(&self, prog: &Program, hparams: &[f64], s: &Slot, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>), Error> {
+        let shape: Vec<usize> = s.var.size().iter().map(|&d| d as usize).collect();
+        let view = bind::param_view(&self.entry, &shape);
+        let binding = bind::bind_axes(&self.entry.axes, &view, &format!("`{}`", s.name)).map_err(Error)?;
+        let kind = float_kind(s.var.kind());
+        let step = (s.step + 1) as f64;
+        let low = Lowering::new(&[prog, &self.entry.init], &binding, hparams, step, kind, s.var.device())?;
+        let states = match &s.states {
+            Some(st) => st.iter().map(|t| t.shallow_clone()).collect(),
+            None => self.init_states(&low, s)?,
+        };
+        let leaves = Leaves { input: Some(&s.var), grad: Some(grad), states: &states, ..Leaves::default() };
+        let vals = low.run(prog, &leaves)?;
+        let p = low.output(prog, &vals, Target::P, &Shape::full(self.entry.axes.len()))?.reshape(s.var.size()).to_kind(s.var.kind());
+        let new_states = self
+            .entry
+            .states
+            .iter()
+            .enumerate()
+            .map(|(k, d)| match prog.output(Target::State(k as u32)) {
+                Some(_) => Ok(low.output(prog, &vals, Target::State(k as u32), &d.shape)?.to_kind(s.var.kind())),
+                None => Ok(states[k].shallow_clone()),
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok((p, new_states))
+    }
+
+    fn init_states(&self, low: &Lowering, s: &Slot) -> Result<Vec<Tensor>, Error> {
+        let init = &self.entry.init;
+        let vals = low.run(init, &Leaves { input: Some(&s.var), ..Leaves::default() })?;
+        self.entry
+            .states
+            .iter()
+            .enumerate()
+            .map(|(k, d)| Ok(low.output(init, &vals, Target::State(k as u32), &d.shape)?.to_kind(s.var.kind())))
+            .collect()
+    }
+
+    /// Save the state (every state tensor and step count, dtypes kept) as safetensors.
+    pub fn save(&self, path: &Path) -> Result<(), Error> {
+        let mut named: Vec<(String, Tensor)> = Vec::new();
+        for g in &self.groups {
+            for s in &g.slots {
+                let Some(states) = &s.states else { continue };
+                named.push((format!("{}::step", s.name), Tensor::from_slice(&[s.step])));
+                for (d, t) in self.entry.states.iter().zip(states) {
+                    named.push((format!("{}::{}", s.name, d.name), t.shallow_clone()));
+                }
+            }
+        }
+        Tensor::write_safetensors(&named, path)?;
+        Ok(())
+    }
+
+    /// Load a state saved by [`DslOptimizer::save`] for the same parameters. All or nothing.
+    pub fn load(&mut self, path: &Path) -> Result<(), Error> {
+        let mut map: HashMap<String, Tensor> = Tensor::read_safetensors(path)?.into_iter().collect();
+        let mut loaded: Vec<(usize, usize, i64, Vec<Tensor>)> = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            for (si, s) in g.slots.iter().enumerate() {
+                let Some(step) = map.remove(&format!("{}::step", s.name)) else { continue };
+                let step = i64::try_from(&step).map_err(|_| Error(format!("{}: a bad step count", s.name)))?;
+                let mut states = Vec::new();
+                for d in &self.entry.states {
+                    let key = format!("{}::{}", s.name, d.name);
+                    let t = map.remove(&key).ok_or_else(|| Error(format!("{}: no tensor `{key}`", path.display())))?;
+                    if t.kind() != s.var.kind() {
+                        return Err(Error(format!("`{key}` is {:?}, the parameter {:?}", t.kind(), s.var.kind())));
+                    }
+                    states.push(t.to_device(s.var.device()));
+                }
+                loaded.push((gi, si, step, states));
+            }
+        }
+        if let Some(extra) = map.keys().next() {
+            return Err(Error(format!("{}: `{extra}` belongs to no parameter of this optimizer", path.display())));
+        }
+        for (gi, si, step, states) in loaded {
+            let s = &mut self.groups[gi].slots[si];
+            s.step = step;
+            s.states = Some(states);
+        }
+        Ok(())
+    }
+
+    /// The step count and state of parameter `name`, if it has taken a step.
+    pub fn state_of(&self, name: &str) -> Option<(i64, &[Tensor])> {
+        self.groups.iter().flat_map(|g| &g.slots).find(|s| s.name == name).and_then(|s| s.states.as_deref().map(|st| (s.step, st)))
+    }
+}

@@ -1,0 +1,103 @@
+//! Run-time shapes against declared axes: which dims each axis takes, how many values a
+//! symbolic [`Shape`] has. Every backend binds inputs the same way, so this lives here.
+
+use crate::ir::{Axis, Entry, Extent, Groups, Shape};
+
+/// How a run-time tensor shape maps onto the declared axes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AxisBinding {
+    /// The run-time dims each declared axis took (variadic axes take zero or more).
+    pub dims: Vec<Vec<usize>>,
+    /// Per axis, the product of its dims (1 for a variadic axis that took none).
+    pub extents: Vec<usize>,
+}
+
+pub fn bind_axes(axes: &[Axis], shape: &[usize], what: &str) -> Result<AxisBinding, String> {
+    let fixed = axes.iter().filter(|a| !a.variadic).count();
+    let has_variadic = axes.iter().any(|a| a.variadic);
+    if shape.len() < fixed || (!has_variadic && shape.len() != fixed) {
+        let names: Vec<String> = axes.iter().map(Axis::display_name).collect();
+        return Err(format!("{what} has shape {shape:?}, which does not match the declared axes [{}]", names.join(", ")));
+    }
+    let var_len = shape.len() - fixed;
+    let mut dims = Vec::new();
+    let mut k = 0;
+    for a in axes {
+        let n = if a.variadic { var_len } else { 1 };
+        dims.push(shape[k..k + n].to_vec());
+        k += n;
+    }
+    let extents = dims.iter().map(|d| d.iter().product()).collect();
+    Ok(AxisBinding { dims, extents })
+}
+
+pub fn group_count(g: Groups, hparams: &[f64]) -> usize {
+    match g {
+        Groups::Count(n) => n as usize,
+        Groups::HParam(i) => hparams.get(i as usize).map_or(0, |v| v.max(0.0) as usize),
+    }
+}
+
+/// Number of values per axis for a shape, after checking that groups divide their axes.
+pub fn extents(shape: &Shape, b: &AxisBinding, hparams: &[f64]) -> Result<Vec<usize>, String> {
+    shape
+        .0
+        .iter()
+        .zip(&b.extents)
+        .map(|(e, &n)| match e {
+            Extent::One => Ok(1),
+            Extent::Full => Ok(n),
+            Extent::Grouped(g) => {
+                let groups = group_count(*g, hparams);
+                if groups == 0 || n % groups != 0 {
+                    Err(format!("an axis of length {n} cannot be split into {groups} equal groups"))
+                } else {
+                    Ok(groups)
+                }
+            }
+        })
+        .collect()
+}
+
+/// Check that every node of `p` has a valid extent for this binding (groups divide their
+/// axes), so that a layer can refuse an input shape when it is built, not mid-run.
+pub fn check_program(p: &crate::ir::Program, b: &AxisBinding, hparams: &[f64]) -> Result<(), String> {
+    p.nodes.iter().try_for_each(|n| extents(&n.shape, b, hparams).map(|_| ()))
+}
+
+/// Number of elements per output element of a reduction over `reduced` (`Op::Size`).
+pub fn size(reduced: &Shape, b: &AxisBinding, hparams: &[f64]) -> usize {
+    reduced
+        .0
+        .iter()
+        .zip(&b.extents)
+        .map(|(e, &full)| match e {
+            Extent::One => 1,
+            Extent::Full => full,
+            Extent::Grouped(g) => full / group_count(*g, hparams).max(1),
+        })
+        .product()
+}
+
+/// Run-time dims of a tensor declared with `shape` (its axes' dims, in order).
+pub fn dims_of(shape: &Shape, b: &AxisBinding, hparams: &[f64]) -> Result<Vec<usize>, String> {
+    extents(shape, b, hparams)?;
+    let mut d = Vec::new();
+    for (e, dims) in shape.0.iter().zip(&b.dims) {
+        match e {
+            Extent::One => {}
+            Extent::Full => d.extend(dims),
+            Extent::Grouped(g) => d.push(group_count(*g, hparams)),
+        }
+    }
+    Ok(d)
+}
+
+/// A parameter with fewer dims than an update rule names (a scalar under `p[o, r...]`) is
+/// viewed with leading unit dims, as `view(1, -1)` would in PyTorch.
+pub fn param_view(entry: &Entry, shape: &[usize]) -> Vec<usize> {
+    let fixed = entry.axes.iter().filter(|a| !a.variadic).count();
+    let mut v = vec![1; fixed.saturating_sub(shape.len())];
+    v.extend_from_slice(shape);
+    v
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install libtorch for tch: PyTorch 2.11.0's wheel from the Python package index into a
+# project venv (.venv-torch), without its CUDA dependencies but the two runtime libraries
+# libtorch_cpu.so links against. The PyTorch download site is not used. Idempotent.
+# Prints the LIBTORCH directory on its last line.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$root/.venv-torch"
+want="2.11.0"
+if ! [ -f "$venv/.installed-$want" ]; then
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-deps \
+        "torch==$want" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85 >&2
+    touch "$venv/.installed-$want"
+fi
+site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "$site/torch"

@@ -1,0 +1,353 @@
+//! The tch backend on the CPU: DSL layers against libtorch's own `layer_norm`, `batch_norm`
+//! and `group_norm` (forward and gradients, f32), DSL optimizers against tch's `nn::Sgd`,
+//! `nn::Adam` and `nn::AdamW` over 20 steps, every std layer's autograd gradient against the
+//! reference backend's derived one (f64), state save/load, non-finite gradients, bad input.
+
+mod common;
+
+use normforge::reference;
+use normforge::tch::nn::{self, ModuleT, OptimizerConfig};
+use normforge::tch::{Device, Kind, Tensor};
+use normforge::torch::{DslLayer, DslOptimizer, StepReport};
+use normforge::RegistryExt;
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+    let diff = f64::try_from((a - b).abs().max().to_kind(Kind::Double)).unwrap();
+    let scale = f64::try_from(b.abs().max().to_kind(Kind::Double)).unwrap().max(1e-30);
+    diff / scale
+}
+
+fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+    assert_eq!(a.size(), b.size(), "{what}: shapes");
+    let e = max_rel(a, b);
+    assert!(e < tol, "{what}: max relative difference {e:e} (tolerance {tol:e})");
+}
+
+fn set(t: &Tensor, v: &Tensor) {
+    let mut h = t.shallow_clone();
+    normforge::tch::no_grad(|| h.copy_(v));
+}
+
+fn randn(shape: &[i64], kind: Kind) -> Tensor {
+    Tensor::randn(shape, (kind, Device::Cpu))
+}
+
+/// Build a DSL layer with random parameters and buffers.
+fn dsl_layer(name: &str, hparams: &[(&str, f64)], shape: &[i64], kind: Kind) -> (nn::VarStore, DslLayer) {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let mut spec = common::registry().layer(name).unwrap();
+    for (k, v) in hparams {
+        spec = spec.hparam(k, *v);
+    }
+    let layer = spec.build(&vs.root(), shape).unwrap();
+    if kind == Kind::Double {
+        vs.double();
+    }
+    for p in layer.params() {
+        set(p, &(randn(&p.size(), kind) * 0.3 + 1.0));
+    }
+    for b in layer.buffers() {
+        set(b, &(Tensor::rand(b.size(), (kind, Device::Cpu)) + 0.5));
+    }
+    (vs, layer)
+}
+
+/// Forward and input/parameter gradients of `sum(y * gy)`.
+fn grads(f: impl Fn(&Tensor) -> Tensor, x: &Tensor, params: &[Tensor], gy: &Tensor) -> (Tensor, Tensor, Vec<Tensor>) {
+    let x = x.detach().set_requires_grad(true);
+    for p in params {
+        let mut p = p.shallow_clone();
+        p.zero_grad();
+    }
+    let y = f(&x);
+    (&y * gy).sum(Kind::Double).backward();
+    (y.detach(), x.grad(), params.iter().map(|p| p.grad().copy()).collect())
+}
+
+#[test]
+fn layer_norm_matches_libtorch() {
+    normforge::tch::manual_seed(1);
+    for shape in [[4i64, 7], [3, 16]] {
+        let d = shape[1];
+        let (_vs, layer) = dsl_layer("layer_norm", &[], &shape, Kind::Float);
+        let (w, b) = (layer.params()[0].shallow_clone(), layer.params()[1].shallow_clone());
+        let x = randn(&shape, Kind::Float);
+        let gy = randn(&shape, Kind::Float);
+        let ours = grads(|x| layer.forward_t(x, true), &x, layer.params(), &gy);
+        let theirs = grads(|x| x.layer_norm([d], Some(&w), Some(&b), 1e-5, false), &x, layer.params(), &gy);
+        assert_close("layer_norm y", &ours.0, &theirs.0, 1e-5);
+        assert_close("layer_norm grad x", &ours.1, &theirs.1, 1e-5);
+        for (k, (a, b)) in ours.2.iter().zip(&theirs.2).enumerate() {
+            assert_close(&format!("layer_norm grad param {k}"), a, b, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn group_norm_matches_libtorch() {
+    normforge::tch::manual_seed(2);
+    for (shape, groups) in [([4i64, 6, 5], 3i64), ([2, 8, 3], 2)] {
+        let (_vs, layer) = dsl_layer("group_norm", &[("groups", groups as f64)], &shape, Kind::Float);
+        let (w, b) = (layer.params()[0].shallow_clone(), layer.params()[1].shallow_clone());
+        let x = randn(&shape, Kind::Float);
+        let gy = randn(&shape, Kind::Float);
+        let ours = grads(|x| layer.forward_t(x, true), &x, layer.params(), &gy);
+        let theirs = grads(|x| x.group_norm(groups, Some(&w), Some(&b), 1e-5, false), &x, layer.params(), &gy);
+        assert_close("group_norm y", &ours.0, &theirs.0, 1e-5);
+        assert_close("group_norm grad x", &ours.1, &theirs.1, 1e-5);
+        for (k, (a, b)) in ours.2.iter().zip(&theirs.2).enumerate() {
+            assert_close(&format!("group_norm grad param {k}"), a, b, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn batch_norm_matches_libtorch_with_running_statistics() {
+    normforge::tch::manual_seed(3);
+    for train in [true, false] {
+        let shape = [5i64, 3, 4];
+        let (_vs, layer) = dsl_layer("batch_norm", &[], &shape, Kind::Float);
+        let (w, b) = (layer.params()[0].shallow_clone(), layer.params()[1].shallow_clone());
+        let rm = layer.buffers()[0].copy();
+        let rv = layer.buffers()[1].copy();
+        let x = randn(&shape, Kind::Float) * 2.0 + 0.5;
+        let gy = randn(&shape, Kind::Float);
+        let ours = grads(|x| layer.forward_t(x, train), &x, layer.params(), &gy);
+        let theirs = grads(|x| Tensor::batch_norm(x, Some(&w), Some(&b), Some(&rm), Some(&rv), train, 0.1, 1e-5, false), &x, layer.params(), &gy);
+        assert_close(&format!("batch_norm y (train={train})"), &ours.0, &theirs.0, 1e-5);
+        assert_close(&format!("batch_norm grad x (train={train})"), &ours.1, &theirs.1, 1e-5);
+        for (k, (a, b)) in ours.2.iter().zip(&theirs.2).enumerate() {
+            assert_close(&format!("batch_norm grad param {k} (train={train})"), a, b, 1e-5);
+        }
+        assert_close("running_mean", &layer.buffers()[0], &rm, 1e-5);
+        assert_close("running_var", &layer.buffers()[1], &rv, 1e-5);
+    }
+}
+
+/// Two identical VarStores; returns them with their variables (sorted by name).
+fn twin_stores(shapes: &[&[i64]]) -> (nn::VarStore, nn::VarStore) {
+    let a = nn::VarStore::new(Device::Cpu);
+    let b = nn::VarStore::new(Device::Cpu);
+    for (i, s) in shapes.iter().enumerate() {
+        let init = randn(s, Kind::Float);
+        let _ = a.root().var_copy(&format!("p{i}"), &init);
+        let _ = b.root().var_copy(&format!("p{i}"), &init);
+    }
+    (a, b)
+}
+
+fn sorted_vars(vs: &nn::VarStore) -> Vec<Tensor> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|x, y| x.0.cmp(&y.0));
+    v.into_iter().map(|(_, t)| t).collect()
+}
+
+/// `loss = sum_i sum(p_i * G_i)` so that every gradient is the given G.
+fn loss_with_grads(vars: &[Tensor], gs: &[Tensor]) -> Tensor {
+    vars.iter().zip(gs).map(|(p, g)| (p * g).sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |a, b| a + b)
+}
+
+fn trajectory_matches(name: &str, hparams: &[(&str, f64)], theirs: impl OptimizerConfig) {
+    normforge::tch::manual_seed(4);
+    let shapes: [&[i64]; 3] = [&[4, 3], &[7], &[2, 3, 5]];
+    let (vs_a, vs_b) = twin_stores(&shapes);
+    let mut spec = common::registry().optimizer(name).unwrap();
+    for (k, v) in hparams {
+        spec = spec.hparam(k, *v);
+    }
+    let mut ours = spec.build(&vs_a).unwrap();
+    let lr = hparams.iter().find(|(k, _)| *k == "lr").unwrap().1;
+    let mut reference = theirs.build(&vs_b, lr).unwrap();
+    let (va, vb) = (sorted_vars(&vs_a), sorted_vars(&vs_b));
+    for step in 1..=20 {
+        let gs: Vec<Tensor> = shapes.iter().map(|s| randn(s, Kind::Float)).collect();
+        assert!(matches!(ours.backward_step(&loss_with_grads(&va, &gs)).unwrap(), StepReport::Applied { .. }));
+        reference.backward_step(&loss_with_grads(&vb, &gs));
+        for (i, (a, b)) in va.iter().zip(&vb).enumerate() {
+            assert_close(&format!("{name} tensor {i} after step {step}"), a, b, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn sgd_matches_tch() {
+    trajectory_matches("sgd", &[("lr", 0.05)], nn::Sgd::default());
+    trajectory_matches(
+        "sgd",
+        &[("lr", 0.05), ("momentum", 0.9), ("dampening", 0.1), ("weight_decay", 0.01)],
+        nn::Sgd { momentum: 0.9, dampening: 0.1, wd: 0.01, nesterov: false },
+    );
+    trajectory_matches("sgd", &[("lr", 0.05), ("momentum", 0.9), ("nesterov", 1.0)], nn::Sgd { momentum: 0.9, dampening: 0.0, wd: 0.0, nesterov: true });
+}
+
+#[test]
+fn adam_matches_tch() {
+    trajectory_matches("adam", &[("lr", 0.01)], nn::Adam::default());
+    trajectory_matches(
+        "adam",
+        &[("lr", 0.02), ("beta1", 0.8), ("beta2", 0.99), ("eps", 1e-6), ("weight_decay", 0.1)],
+        nn::Adam { beta1: 0.8, beta2: 0.99, wd: 0.1, eps: 1e-6, amsgrad: false },
+    );
+}
+
+#[test]
+fn adamw_matches_tch() {
+    trajectory_matches("adamw", &[("lr", 0.01)], nn::AdamW::default());
+    trajectory_matches(
+        "adamw",
+        &[("lr", 0.02), ("beta1", 0.85), ("beta2", 0.99), ("eps", 1e-6), ("weight_decay", 0.2)],
+        nn::AdamW { beta1: 0.85, beta2: 0.99, wd: 0.2, eps: 1e-6, amsgrad: false },
+    );
+}
+
+#[test]
+fn every_std_layer_matches_the_reference_gradient() {
+    let mut rng = common::Rng::new(21);
+    for r in common::registry().list(None) {
+        if r.entry.kind == normforge::dsl::ir::Kind::Optimizer {
+            continue;
+        }
+        let (shape, hparams): (Vec<usize>, Vec<(&str, f64)>) = match r.entry.axes.len() {
+            2 => (vec![3, 2, 5], vec![]),
+            _ => (vec![3, 4, 2, 3], vec![("groups", 2.0)]),
+        };
+        let hparams: Vec<(&str, f64)> = hparams.into_iter().filter(|(k, _)| r.entry.hparams.iter().any(|h| h.name == *k)).collect();
+        let ishape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        for train in [true, false] {
+            let (_vs, layer) = dsl_layer(&r.name, &hparams, &ishape, Kind::Double);
+            let overrides: Vec<(String, f64)> = hparams.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            let mut oracle = reference::Layer::new(r.entry.clone(), &overrides, &shape).unwrap();
+            for (o, t) in oracle.params.iter_mut().zip(layer.params()).chain(oracle.buffers.iter_mut().zip(layer.buffers())) {
+                o.data = Vec::<f64>::try_from(t.flatten(0, -1)).unwrap();
+            }
+            let x = rng.tensor(&shape);
+            let gy = rng.tensor(&shape);
+            let want = oracle.backward(&x, &gy, train).unwrap();
+            let xt = Tensor::from_slice(&x.data).reshape(&ishape);
+            let gyt = Tensor::from_slice(&gy.data).reshape(&ishape);
+            let got = grads(|x| layer.forward_t(x, train), &xt, layer.params(), &gyt);
+            let want_x = Tensor::from_slice(&want.input.data).reshape(&ishape);
+            assert_close(&format!("{} grad x (train={train})", r.name), &got.1, &want_x, 1e-9);
+            for (k, (g, w)) in got.2.iter().zip(&want.params).enumerate() {
+                let w = Tensor::from_slice(&w.data).reshape(g.size());
+                assert_close(&format!("{} grad {} (train={train})", r.name, r.entry.params[k].name), g, &w, 1e-9);
+            }
+        }
+    }
+}
+
+fn bits(ts: &[Tensor]) -> Vec<Vec<u8>> {
+    ts.iter()
+        .map(|t| {
+            let v = Vec::<f32>::try_from(t.flatten(0, -1)).unwrap();
+            v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn saved_state_continues_the_trajectory_exactly() {
+    normforge::tch::manual_seed(5);
+    let shapes: [&[i64]; 2] = [&[5, 4], &[3]];
+    let (vs_a, vs_b) = twin_stores(&shapes);
+    let reg = common::registry();
+    let mut a = reg.optimizer("adamw").unwrap().hparam("lr", 0.01).build(&vs_a).unwrap();
+    let va = sorted_vars(&vs_a);
+    let grads_for = |k: i64| -> Vec<Tensor> {
+        normforge::tch::manual_seed(100 + k);
+        shapes.iter().map(|s| randn(s, Kind::Float)).collect()
+    };
+    for k in 0..5 {
+        a.backward_step(&loss_with_grads(&va, &grads_for(k))).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("normforge-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("adamw.safetensors");
+    a.save(&file).unwrap();
+    // A fresh optimizer over a copy of the parameters picks up where `a` left off.
+    let vb = sorted_vars(&vs_b);
+    for (b, a) in vb.iter().zip(&va) {
+        set(b, a);
+    }
+    let mut b = reg.optimizer("adamw").unwrap().hparam("lr", 0.01).build(&vs_b).unwrap();
+    b.load(&file).unwrap();
+    assert_eq!(b.state_of("p0").unwrap().0, 5);
+    for k in 5..15 {
+        let gs = grads_for(k);
+        a.backward_step(&loss_with_grads(&va, &gs)).unwrap();
+        b.backward_step(&loss_with_grads(&vb, &gs)).unwrap();
+    }
+    assert_eq!(bits(&va), bits(&vb), "parameters diverged after loading the state");
+    // The state's dtype survived the round trip.
+    assert_eq!(b.state_of("p0").unwrap().1[0].kind(), Kind::Float);
+    // A state of another dtype is refused, and nothing changes.
+    let mut c = reg.optimizer("adamw").unwrap().build(&vs_b).unwrap();
+    let mut bad = Vec::new();
+    bad.push(("p0::step".to_string(), Tensor::from_slice(&[3i64])));
+    bad.push(("p0::m".to_string(), Tensor::zeros([5, 4], (Kind::Double, Device::Cpu))));
+    bad.push(("p0::v".to_string(), Tensor::zeros([5, 4], (Kind::Double, Device::Cpu))));
+    let bad_file = dir.join("bad.safetensors");
+    Tensor::write_safetensors(&bad, &bad_file).unwrap();
+    assert!(c.load(&bad_file).unwrap_err().0.contains("Double"));
+    assert!(c.state_of("p0").is_none());
+}
+
+#[test]
+fn a_non_finite_gradient_changes_nothing_and_is_reported() {
+    normforge::tch::manual_seed(6);
+    let shapes: [&[i64]; 2] = [&[4, 4], &[6]];
+    let (vs, _) = twin_stores(&shapes);
+    let mut opt: DslOptimizer = common::registry().optimizer("adam").unwrap().hparam("lr", 0.01).build(&vs).unwrap();
+    let vars = sorted_vars(&vs);
+    for _ in 0..3 {
+        let gs: Vec<Tensor> = shapes.iter().map(|s| randn(s, Kind::Float)).collect();
+        opt.backward_step(&loss_with_grads(&vars, &gs)).unwrap();
+    }
+    let before_p = bits(&vars);
+    let before_s: Vec<Vec<Vec<u8>>> = ["p0", "p1"].iter().map(|n| bits(opt.state_of(n).unwrap().1)).collect();
+    let gs: Vec<Tensor> = shapes.iter().map(|s| randn(s, Kind::Float)).collect();
+    let _ = gs[1].get(2).fill_(f64::NAN);
+    let report = opt.backward_step(&loss_with_grads(&vars, &gs)).unwrap();
+    assert_eq!(report, StepReport::SkippedNonFinite { param: "p1".into() });
+    assert_eq!(bits(&vars), before_p);
+    let after_s: Vec<Vec<Vec<u8>>> = ["p0", "p1"].iter().map(|n| bits(opt.state_of(n).unwrap().1)).collect();
+    assert_eq!(after_s, before_s);
+    assert_eq!(opt.state_of("p0").unwrap().0, 3, "the step count moved");
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let (_vs, layer) = dsl_layer("layer_norm", &[], &[2, 8], Kind::Float);
+    let e = layer.try_forward_t(&randn(&[2, 7], Kind::Float), true).unwrap_err();
+    assert!(e.0.contains("`weight` needs shape [7] for it, but has [8]"), "{e}");
+    let e = layer.try_forward_t(&Tensor::zeros([2, 8], (Kind::Int64, Device::Cpu)), true).unwrap_err();
+    assert!(e.0.contains("floating-point"), "{e}");
+    let e = common::registry().layer("adamw").unwrap_err();
+    assert!(e.0.contains("not a layer"), "{e}");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let e = common::registry().layer("group_norm").unwrap().hparam("groups", 3.0).build(&vs.root(), &[2, 8]).unwrap_err();
+    assert!(e.0.contains("cannot be split into 3"), "{e}");
+    let e = common::registry().optimizer("adamw").unwrap().hparam("beta1", 1.5).build(&vs).unwrap_err();
+    assert!(e.0.contains("outside the range"), "{e}");
+}
+
+#[test]
+fn parameter_groups_take_their_own_hyper_parameters() {
+    normforge::tch::manual_seed(7);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w = (vs.root() / "linear").var_copy("weight", &randn(&[3, 3], Kind::Float));
+    let b = (vs.root() / "linear").var_copy("bias", &randn(&[3], Kind::Float));
+    let mut opt = common::registry().optimizer("adamw").unwrap().hparam("lr", 0.1).hparam("weight_decay", 0.5).build(&vs).unwrap();
+    assert_eq!(opt.split_group(|n| n.ends_with("bias"), &[("weight_decay".into(), 0.0)]).unwrap(), 1);
+    // With a zero gradient Adam's update is zero: only decoupled weight decay moves a parameter.
+    let (w0, b0) = (w.copy(), b.copy());
+    opt.backward_step(&((&w * 0.0).sum(Kind::Float) + (&b * 0.0).sum(Kind::Float))).unwrap();
+    assert_close("decayed weight", &w, &(&w0 * (1.0 - 0.1 * 0.5)), 1e-6);
+    assert_eq!(bits(&[b.copy()]), bits(&[b0]), "the bias group decayed");
+    opt.set_lr(0.0).unwrap();
+    assert!(opt.set_lr(-1.0).is_err());
+    // Clipping by global norm scales every gradient by the same factor.
+    opt.max_grad_norm = Some(1e-3);
+    let r = opt.backward_step(&(&w * 10.0).sum(Kind::Float)).unwrap();
+    assert!(matches!(r, StepReport::Applied { clipped: true, grad_norm: Some(n) } if (n - 30.0).abs() < 1e-3), "{r:?}");
+}
