@@ -64,7 +64,7 @@ fn run(args: Args) -> Result<f64, String> {
     if let Some(p) = &args.plugin {
         reg.load_plugin(p).map_err(|e| e.render())?;
     }
-    let device = if args.cpu { Device::Cpu } else { Device::cuda_if_available() };
+    let device = if !args.cpu && normforge::torch::load_cuda() { Device::Cuda(0) } else { Device::Cpu };
     let (train_x, train_y) = common::shapes(args.train_size, args.seed);
     let (test_x, test_y) = common::shapes(1000, args.seed + 1);
     let (train_x, train_y, test_x, test_y) =

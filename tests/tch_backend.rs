@@ -351,3 +351,35 @@ fn parameter_groups_take_their_own_hyper_parameters() {
     let r = opt.backward_step(&(&w * 10.0).sum(Kind::Float)).unwrap();
     assert!(matches!(r, StepReport::Applied { clipped: true, grad_norm: Some(n) } if (n - 30.0).abs() < 1e-3), "{r:?}");
 }
+
+#[test]
+fn buffers_and_parameters_are_saved_with_the_var_store() {
+    normforge::tch::manual_seed(8);
+    let reg = common::registry();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let layer = reg.layer("batch_norm").unwrap().build(&(vs.root() / "bn"), &[4, 3]).unwrap();
+    for _ in 0..3 {
+        let _ = layer.forward_t(&randn(&[4, 3], Kind::Float), true);
+    }
+    let names: Vec<String> = {
+        let mut v: Vec<String> = vs.variables().into_keys().collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names, ["bn.bias", "bn.running_mean", "bn.running_var", "bn.weight"]);
+    let file = std::env::temp_dir().join(format!("normforge-vs-{}.safetensors", std::process::id()));
+    vs.save(&file).unwrap();
+    let mut fresh = nn::VarStore::new(Device::Cpu);
+    let loaded = reg.layer("batch_norm").unwrap().build(&(fresh.root() / "bn"), &[4, 3]).unwrap();
+    fresh.load(&file).unwrap();
+    assert_eq!(bits(loaded.buffers()), bits(layer.buffers()));
+    // Running statistics moved away from their initial values, and were restored.
+    assert!(f64::try_from(loaded.buffers()[0].abs().sum(Kind::Double)).unwrap() > 0.0);
+}
+
+#[test]
+fn loading_cuda_is_harmless_without_a_gpu() {
+    // On a CPU-only machine libtorch_cuda cannot load; this must report false, not fail.
+    let available = normforge::torch::load_cuda();
+    assert_eq!(available, normforge::tch::Cuda::is_available());
+}

@@ -50,6 +50,29 @@ impl From<normforge_registry::Error> for Error {
     }
 }
 
+/// Load libtorch's CUDA library, if this libtorch has one that can load here, so that tch sees
+/// the GPU: linkers drop `libtorch_cuda.so` from binaries that name no symbol of it, and
+/// linking it unconditionally would break CPU-only machines, where its CUDA dependencies are
+/// missing. Returns whether CUDA is now available. Safe to call more than once.
+pub fn load_cuda() -> bool {
+    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LOADED.get_or_init(|| {
+        let Some(dir) = option_env!("NORMFORGE_LIBTORCH_LIB") else { return tch::Cuda::is_available() };
+        let path = std::path::Path::new(dir).join("libtorch_cuda.so");
+        if path.exists() {
+            #[cfg(unix)]
+            {
+                use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+                // SAFETY: libtorch's own library, from the libtorch this binary was built against.
+                if let Ok(lib) = unsafe { Library::open(Some(&path), RTLD_NOW | RTLD_GLOBAL) } {
+                    std::mem::forget(lib); // registered kernels must outlive everything
+                }
+            }
+        }
+        tch::Cuda::is_available()
+    })
+}
+
 /// The type arithmetic runs in: f32 and f64 as they are, half types in f32.
 pub(crate) fn float_kind(k: Kind) -> Kind {
     match k {
