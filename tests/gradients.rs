@@ -139,8 +139,16 @@ fn evonorm_s0() {
 }
 
 #[test]
+fn instance_norm() {
+    let mut rng = Rng::new(9);
+    for s in [&[2usize, 3, 5][..], &[3, 4, 2, 3], &[2, 2, 7, 1]] {
+        check("instance_norm", &[], s, true, &mut rng);
+    }
+}
+
+#[test]
 fn every_std_layer_is_covered() {
-    let covered = ["layer_norm", "rms_norm", "dyt", "batch_norm", "group_norm", "evonorm_b0", "evonorm_s0"];
+    let covered = ["layer_norm", "rms_norm", "dyt", "batch_norm", "group_norm", "evonorm_b0", "evonorm_s0", "instance_norm"];
     for r in common::registry().list(None) {
         if r.entry.kind != normforge::dsl::ir::Kind::Optimizer {
             assert!(covered.contains(&r.entry.name.as_str()), "no gradient test for `{}`", r.entry.name);

@@ -208,3 +208,48 @@ fn lamb_matches_pytorch_optimizer() {
 fn adamp_matches_official_code() {
     check_optimizer("adamp", "adamp==0.3.0");
 }
+
+#[test]
+fn instance_norm_matches_torch() {
+    check_layer("instance_norm", "torch==2.11.0");
+}
+
+#[test]
+fn amsgrad_matches_torch() {
+    check_optimizer("amsgrad", "torch==2.11.0");
+}
+
+#[test]
+fn radam_matches_torch() {
+    check_optimizer("radam", "torch==2.11.0");
+}
+
+#[test]
+fn adabelief_matches_pytorch_optimizer() {
+    check_optimizer("adabelief", "pytorch-optimizer==4.1.0");
+}
+
+#[test]
+fn grams_matches_pytorch_optimizer() {
+    check_optimizer("grams", "pytorch-optimizer==4.1.0");
+}
+
+#[test]
+fn ademamix_matches_pytorch_optimizer() {
+    check_optimizer("ademamix", "pytorch-optimizer==4.1.0");
+}
+
+#[test]
+fn sgdp_matches_official_code() {
+    check_optimizer("sgdp", "adamp==0.3.0");
+}
+
+/// Every standard entry has a fixture test above.
+#[test]
+fn every_std_entry_is_checked_against_a_reference() {
+    let src = include_str!("reference_fixtures.rs");
+    for r in common::registry().list(None) {
+        let call = if r.entry.kind == normforge::dsl::ir::Kind::Optimizer { "check_optimizer" } else { "check_layer" };
+        assert!(src.contains(&format!("{call}(\"{}\"", r.name)), "no fixture test for `{}`", r.name);
+    }
+}

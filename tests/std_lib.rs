@@ -87,3 +87,23 @@ fn ir_text_snapshots() {
         }
     }
 }
+
+#[test]
+fn the_docs_table_lists_every_entry() {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/STD.md")).unwrap();
+    for r in common::registry().list(None) {
+        assert!(doc.contains(&format!("\n| {} | {} |", r.name, r.entry.kind.keyword())), "docs/STD.md has no row for `{}`", r.name);
+    }
+}
+
+#[test]
+fn cli_list_shows_every_entry_with_defaults() {
+    let out = Command::new(env!("CARGO_BIN_EXE_normforge")).arg("list").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for r in common::registry().list(None) {
+        assert!(text.lines().any(|l| l.starts_with(&format!("{} ", r.name))), "`list` lacks {}", r.name);
+        for h in &r.entry.hparams {
+            assert!(text.contains(&normforge::dsl::text::hparam_text(h)), "`list` lacks {}.{}", r.name, h.name);
+        }
+    }
+}

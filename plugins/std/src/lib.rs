@@ -25,6 +25,13 @@ std_specs!(
     "lion.nf",
     "lamb.nf",
     "adamp.nf",
+    "instance_norm.nf",
+    "amsgrad.nf",
+    "radam.nf",
+    "adabelief.nf",
+    "grams.nf",
+    "ademamix.nf",
+    "sgdp.nf",
 );
 
 /// Call once from a program that uses the standard library so the linker keeps this crate
