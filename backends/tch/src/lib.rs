@@ -11,9 +11,11 @@
 pub mod layer;
 pub mod lower;
 pub mod optimizer;
+pub mod wrappers;
 
 pub use layer::DslLayer;
 pub use optimizer::{DslOptimizer, StepReport};
+pub use wrappers::{Lookahead, Sam};
 
 use normforge_dsl::Entry;
 use normforge_registry::Registry;

@@ -293,6 +293,11 @@ impl DslOptimizer {
         Ok(())
     }
 
+    /// The parameters this optimizer updates, by VarStore name.
+    pub fn variables(&self) -> Vec<(String, Tensor)> {
+        self.groups.iter().flat_map(|g| &g.slots).map(|s| (s.name.clone(), s.var.shallow_clone())).collect()
+    }
+
     /// The step count and state of parameter `name`, if it has taken a step.
     pub fn state_of(&self, name: &str) -> Option<(i64, &[Tensor])> {
         self.groups.iter().flat_map(|g| &g.slots).find(|s| s.name == name).and_then(|s| s.states.as_deref().map(|st| (s.step, st)))
