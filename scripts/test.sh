@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# The README's test command: sets up what the build needs (libtorch in a project venv),
-# builds everything and runs every test.
+# The README's test command: sets up what the build needs (lavapipe from Debian's packages,
+# libtorch in a project venv), builds everything and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 jobs="${CARGO_BUILD_JOBS:-2}"
+# lavapipe (Mesa's software Vulkan) runs the CubeCL kernels on the CPU.
+if ! [ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] && ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+    else
+        echo "lavapipe is missing: install mesa-vulkan-drivers and libvulkan1" >&2
+        exit 1
+    fi
+fi
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 # libtorch for the tch backend, from the Python package index (scripts/setup-libtorch.sh).
 LIBTORCH="$(bash scripts/setup-libtorch.sh | tail -n 1)"
 export LIBTORCH

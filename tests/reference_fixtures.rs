@@ -253,3 +253,8 @@ fn every_std_entry_is_checked_against_a_reference() {
         assert!(src.contains(&format!("{call}(\"{}\"", r.name)), "no fixture test for `{}`", r.name);
     }
 }
+
+#[test]
+fn lars_matches_pytorch_optimizer() {
+    check_optimizer("lars", "pytorch-optimizer==4.1.0");
+}

@@ -340,6 +340,26 @@ mod tests {
     }
 
     #[test]
+    fn files_load_with_their_path_as_origin_and_bad_files_add_nothing() {
+        let dir = std::env::temp_dir().join(format!("normforge-registry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.nf");
+        std::fs::write(&good, "optimizer half_step(lr = 0.5) { p = p - lr * g }\n").unwrap();
+        let bad = dir.join("bad.nf");
+        std::fs::write(&bad, "optimizer fine(lr = 0.5) { p = p - lr * g }\nlayer broken(x[d]) { return y }\n").unwrap();
+        let r = Registry::new();
+        assert_eq!(r.load_file(&good).unwrap(), vec!["half_step".to_string()]);
+        assert_eq!(r.get("half_step").unwrap().origin, Origin::File(good.display().to_string()));
+        let err = r.load_file(&bad).unwrap_err();
+        assert!(err.render().contains("bad.nf:2:") && err.render().contains("unknown name `y`"), "{}", err.render());
+        assert!(r.get("fine").is_err(), "half of a bad file landed");
+        assert!(matches!(r.load_file(&dir.join("missing.nf")), Err(Error::Io { .. })));
+        std::fs::write(dir.join("binary.nf"), [0xff, 0xfe, 0x00]).unwrap();
+        assert!(r.load_file(&dir.join("binary.nf")).unwrap_err().render().contains("not valid UTF-8"));
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
     fn registry_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
         check::<Registry>();

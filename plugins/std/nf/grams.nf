@@ -1,4 +1,4 @@
-@paper "Cao, Li, Liu, Liang. Grams: Gradient Descent with Adaptive Momentum Scaling. 2024. arXiv:2412.17107"
+@paper "Cao, Li, Song. Grams: Gradient Descent with Adaptive Momentum Scaling. 2024. arXiv:2412.17107"
 @reference "pytorch_optimizer.Grams"
 @version "1.0.0"
 @doc "The magnitude of Adam's update with the sign of the current gradient."

@@ -32,6 +32,7 @@ std_specs!(
     "grams.nf",
     "ademamix.nf",
     "sgdp.nf",
+    "lars.nf",
 );
 
 /// Call once from a program that uses the standard library so the linker keeps this crate
