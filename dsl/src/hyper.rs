@@ -4,18 +4,9 @@
 
 use crate::ir::{Entry, HType};
 use crate::suggest::did_you_mean;
-use std::fmt;
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct HyperError(pub String);
-
-impl fmt::Display for HyperError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for HyperError {}
+/// Hyper-parameter errors are the crate's run-time [`Error`](crate::Error).
+pub use crate::Error as HyperError;
 
 /// Defaults overridden by `overrides` (name, value); bools are 0 or 1.
 pub fn resolve(entry: &Entry, overrides: &[(String, f64)]) -> Result<Vec<f64>, HyperError> {

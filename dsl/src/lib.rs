@@ -20,6 +20,19 @@ pub mod suggest;
 pub mod text;
 
 pub use diag::{Diagnostic, Diagnostics};
+
+/// A run-time error with a message: bad hyper-parameter values, shapes that do not fit the
+/// declared axes. Backends report their own run-time errors with it too.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Error(pub String);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
 pub use ir::Entry;
 
 /// Parse and check a source text.

@@ -10,19 +10,9 @@ pub mod kernel;
 use cubecl::prelude::*;
 use kernel::{step_kernel, BOp, KOp, KProgram, UOp};
 use normforge_dsl::ir::{Binary, Entry, Extent, Kind as EntryKind, Op, Program, Programs, Target, Unary};
-use std::fmt;
 use std::sync::Arc;
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Error(pub String);
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Error {}
+pub use normforge_dsl::Error;
 
 /// An update rule split in two: the values that are the same for every element (functions
 /// of hyper-parameters and the step count, like `1 - beta1^t`) are computed once per launch
@@ -194,7 +184,7 @@ impl CubeOptimizer {
         if entry.kind != EntryKind::Optimizer {
             return Err(Error(format!("`{}` is a {}, not an optimizer", entry.name, entry.kind.keyword())));
         }
-        let hparams = normforge_dsl::hyper::resolve(&entry, overrides).map_err(|e| Error(e.0))?;
+        let hparams = normforge_dsl::hyper::resolve(&entry, overrides)?;
         let Programs::Optimizer { step } = &entry.programs else { unreachable!("checked above") };
         let step_prog = compile(&entry, step)?;
         let init_prog = compile(&entry, &entry.init)?;
@@ -207,7 +197,7 @@ impl CubeOptimizer {
 
     pub fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error> {
         let i = self.entry.hparams.iter().position(|h| h.name == name).ok_or_else(|| Error(format!("no hyper-parameter `{name}`")))?;
-        self.hparams[i] = normforge_dsl::hyper::check_value(&self.entry, i, v).map_err(|e| Error(e.0))?;
+        self.hparams[i] = normforge_dsl::hyper::check_value(&self.entry, i, v)?;
         Ok(())
     }
 

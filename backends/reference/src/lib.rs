@@ -13,24 +13,7 @@ pub use layer::{Gradients, Layer};
 pub use optimizer::{Optimizer, StepOutcome};
 pub use tensor::Tensor;
 
-use std::fmt;
-
 /// A run-time error: bad shapes, bad hyper-parameter values, mismatched inputs.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Error(pub String);
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Error {}
-
-impl From<normforge_dsl::hyper::HyperError> for Error {
-    fn from(e: normforge_dsl::hyper::HyperError) -> Self {
-        Error(e.0)
-    }
-}
+pub use normforge_dsl::Error;
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -40,8 +40,8 @@ impl From<tch::TchError> for Error {
     }
 }
 
-impl From<normforge_dsl::hyper::HyperError> for Error {
-    fn from(e: normforge_dsl::hyper::HyperError) -> Self {
+impl From<normforge_dsl::Error> for Error {
+    fn from(e: normforge_dsl::Error) -> Self {
         Error(e.0)
     }
 }
