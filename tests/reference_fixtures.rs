@@ -258,3 +258,8 @@ fn every_std_entry_is_checked_against_a_reference() {
 fn lars_matches_pytorch_optimizer() {
     check_optimizer("lars", "pytorch-optimizer==4.1.0");
 }
+
+#[test]
+fn adan_matches_pytorch_optimizer() {
+    check_optimizer("adan", "pytorch-optimizer==4.1.0");
+}

@@ -40,6 +40,7 @@ const ELEMENTWISE: &[(&str, f64)] = &[
     ("lion", 0.001),
     ("grams", 0.01),
     ("ademamix", 0.01),
+    ("adan", 0.01),
 ];
 
 #[test]

@@ -33,6 +33,7 @@ std_specs!(
     "ademamix.nf",
     "sgdp.nf",
     "lars.nf",
+    "adan.nf",
 );
 
 /// Call once from a program that uses the standard library so the linker keeps this crate
