@@ -4,6 +4,8 @@
 //! This facade re-exports the crates a user needs and wires the standard library in.
 //! See ARCHITECTURE.md for where things live.
 
+/// The CubeCL backend: fused kernels on any CubeCL runtime, and their generated source.
+pub use normforge_cubecl as cubecl;
 pub use normforge_dsl as dsl;
 pub use normforge_reference as reference;
 pub use normforge_registry as registry;

@@ -43,6 +43,18 @@ enum Command {
         #[command(flatten)]
         plugins: PluginArgs,
     },
+    /// Print the CubeCL-generated source of an entry's kernel; needs no GPU.
+    Emit {
+        name: String,
+        /// `cuda` (C++ for NVRTC) or `wgsl`.
+        #[arg(long, default_value = "cuda")]
+        target: String,
+        /// Which program: `step` or `init` for an update rule.
+        #[arg(long, default_value = "step")]
+        pass: String,
+        #[command(flatten)]
+        plugins: PluginArgs,
+    },
     /// Everything about one entry: origin, paper, hyper-parameters, tensors.
     Info {
         name: String,
@@ -71,6 +83,7 @@ fn main() -> ExitCode {
         Command::Show { target, plugins, backward, json } => show(&target, &plugins, backward, json),
         Command::List { pattern, plugins } => list(pattern.as_deref(), &plugins),
         Command::Info { name, plugins } => info(&name, &plugins),
+        Command::Emit { name, target, pass, plugins } => emit(&name, &target, &pass, &plugins),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -192,6 +205,15 @@ fn list(pattern: Option<&str>, plugins: &PluginArgs) -> Result<bool, String> {
             println!("    {}{doc}", text::hparam_text(h));
         }
     }
+    Ok(true)
+}
+
+fn emit(name: &str, target: &str, pass: &str, plugins: &PluginArgs) -> Result<bool, String> {
+    let lang = target.parse().map_err(|e: normforge::dsl::Error| format!("error: {e}\n"))?;
+    let reg = registry(plugins)?;
+    let r = reg.get(name).map_err(|e| e.render())?;
+    let source = normforge::cubecl::emit(&r.entry, pass, lang).map_err(|e| format!("error: {e}\n"))?;
+    print!("{source}");
     Ok(true)
 }
 

@@ -66,7 +66,7 @@ pub struct KProgram {
 
 /// Update element `ABSOLUTE_POS` of the flat parameter buffer `p` (all tensors of one launch
 /// back to back) and of each state (`s` holds state k at `k * len(p) + i`).
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, create_dummy_kernel)]
 pub fn step_kernel(p: &mut [f32], g: &[f32], s: &mut [f32], scalars: &[f32], #[comptime] prog: KProgram) {
     let i = ABSOLUTE_POS;
     let n = p.len();

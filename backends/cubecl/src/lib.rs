@@ -5,6 +5,7 @@
 //! checked on lavapipe against the reference backend. Not yet: per-tensor reductions (LAMB,
 //! AdamP), layers, other dtypes, emitted-source snapshots — see ARCHITECTURE.md.
 
+pub mod emit;
 pub mod kernel;
 
 use cubecl::prelude::*;
@@ -166,6 +167,18 @@ pub fn cpu_device() -> Result<cubecl::Device, Error> {
 }
 
 const BLOCK: usize = 256;
+
+/// The generated source of one of an entry's kernels: `pass` is `step` (or `init`, the state
+/// initialiser) for an update rule.
+pub fn emit(entry: &Entry, pass: &str, lang: emit::Lang) -> Result<String, Error> {
+    let program = match (&entry.programs, pass) {
+        (Programs::Optimizer { step }, "step") => step,
+        (Programs::Optimizer { .. }, "init") => &entry.init,
+        (Programs::Optimizer { .. }, _) => return Err(Error(format!("`{}` is an optimizer: its passes are `step` and `init`, not `{pass}`", entry.name))),
+        _ => return Err(Error(format!("`{}`: the CubeCL backend has no layer kernels yet", entry.name))),
+    };
+    emit::kernel_source(&compile(entry, program)?.kernel, lang)
+}
 
 /// An elementwise update rule as one fused multi-tensor kernel.
 pub struct CubeOptimizer {

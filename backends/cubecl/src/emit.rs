@@ -1,0 +1,90 @@
+//! Generated source without a device: the kernels a rule becomes, as CUDA C++ (what NVRTC
+//! compiles on a GPU machine) and WGSL, for `normforge emit` and the snapshot tests.
+//!
+//! CubeCL builds a kernel definition against a device's properties; here they describe a
+//! generic CUDA-class device (32-wide warps, 1024 threads per cube, every scalar type), so
+//! the text is the same on every machine and needs no driver.
+
+use crate::kernel::{step_kernel, KProgram};
+use crate::{Error, BLOCK};
+use cubecl::ir::{DeviceIdentity, DeviceProperties, HardwareProperties, MemoryDeviceProperties, TargetProperties};
+use cubecl::prelude::*;
+use cubecl::Compiler;
+use cubecl::profile::TimingMethod;
+use std::sync::Arc;
+
+/// A language the generated kernels can be printed in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lang {
+    Cuda,
+    Wgsl,
+}
+
+impl std::str::FromStr for Lang {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "cuda" => Ok(Lang::Cuda),
+            "wgsl" => Ok(Lang::Wgsl),
+            _ => Err(Error(format!("unknown target `{s}`: expected `cuda` or `wgsl`"))),
+        }
+    }
+}
+
+fn properties() -> DeviceProperties {
+    let hardware = HardwareProperties {
+        load_width: 128,
+        vector_register_count: None,
+        plane_size_min: 32,
+        plane_size_max: 32,
+        max_bindings: 1024,
+        max_shared_memory_size: 48 * 1024,
+        max_cube_count: (u32::MAX, 65_535, 65_535),
+        max_units_per_cube: 1024,
+        max_cube_dim: (1024, 1024, 64),
+        num_streaming_multiprocessors: None,
+        num_cpu_cores: None,
+        last_level_cache_size: None,
+        num_tensor_cores: None,
+        min_tensor_cores_dim: None,
+        max_vector_size: 4,
+        cube_mma_reserved_shared_memory: 0,
+    };
+    let identity = DeviceIdentity { name: "normforge emit".into(), fingerprint: "emit".into(), physical: None };
+    let mut props = DeviceProperties::new(Default::default(), MemoryDeviceProperties::new(1 << 30, 32), hardware, TimingMethod::System, identity);
+    cubecl_cpp::register_supported_types(&mut props);
+    props
+}
+
+/// A buffer argument that is never bound: a definition needs one per parameter.
+fn unbound(len: usize) -> BufferArg {
+    let service = cubecl_common::device::ServiceId::of::<()>(cubecl::device::DeviceId::new(0, 0));
+    let stream = cubecl_environment::stream::StreamId { value: 0 };
+    let handle = cubecl::server::Handle::new(service, stream, (len * 4) as u64);
+    // SAFETY: the argument only shapes the definition; nothing is launched with it.
+    unsafe { BufferArg::from_raw_parts(handle, len) }
+}
+
+/// The source of the step kernel for one program.
+pub fn kernel_source(prog: &KProgram, lang: Lang) -> Result<String, Error> {
+    let kernel = step_kernel::create_dummy_kernel(
+        Arc::new(properties()),
+        Arc::new(TargetProperties::default()),
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(BLOCK as u32),
+        unbound(1),
+        unbound(1),
+        unbound(1),
+        unbound(1),
+        prog.clone(),
+    );
+    let def = cubecl::define_kernel(&kernel).map_err(|e| Error(format!("defining the kernel: {e:?}")))?;
+    let text = match lang {
+        Lang::Cuda => {
+            let mut c = cubecl_cpp::shared::CppCompiler::<cubecl_cpp::target::Cuda>::default();
+            c.compile(def, &Default::default()).map(|k| k.to_string())
+        }
+        Lang::Wgsl => cubecl::wgpu::WgslCompiler::default().compile(def, &Default::default()).map(|k| k.to_string()),
+    };
+    text.map_err(|e| Error(format!("generating {lang:?}: {e:?}")))
+}
