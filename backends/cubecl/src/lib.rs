@@ -7,6 +7,7 @@
 
 pub mod emit;
 pub mod kernel;
+mod unfused;
 
 use cubecl::prelude::*;
 use kernel::{step_kernel, BOp, KOp, KProgram, UOp};
@@ -180,11 +181,29 @@ pub fn emit(entry: &Entry, pass: &str, lang: emit::Lang) -> Result<String, Error
     emit::kernel_source(&compile(entry, program)?.kernel, lang)
 }
 
-/// An elementwise update rule as one fused multi-tensor kernel.
+/// Parameters and gradients of one launch, on the device, back to back.
+pub struct Flat {
+    p: cubecl::server::Handle,
+    g: cubecl::server::Handle,
+    sizes: Vec<usize>,
+    n: usize,
+}
+
+impl Flat {
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
+}
+
+/// An elementwise update rule as one fused multi-tensor kernel (or, for comparison, as one
+/// kernel per operation: [`CubeOptimizer::unfused`]).
 pub struct CubeOptimizer {
     entry: Arc<Entry>,
     pub hparams: Vec<f64>,
     step_prog: Compiled,
+    /// What one step launches, in order, and the extra state slots they need.
+    kernels: Vec<KProgram>,
+    temps: usize,
     init_prog: Compiled,
     client: cubecl::client::Client,
     /// The state tensors, on the device, for the parameter layout of the first step.
@@ -201,7 +220,21 @@ impl CubeOptimizer {
         let Programs::Optimizer { step } = &entry.programs else { unreachable!("checked above") };
         let step_prog = compile(&entry, step)?;
         let init_prog = compile(&entry, &entry.init)?;
-        Ok(CubeOptimizer { entry, hparams, step_prog, init_prog, client: device.client(), state: None, step: 0 })
+        let kernels = vec![step_prog.kernel.clone()];
+        Ok(CubeOptimizer { entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), state: None, step: 0 })
+    }
+
+    /// The same rule launched one kernel per operation, intermediates through memory: the
+    /// baseline that shows what fusion buys.
+    pub fn unfused(entry: Arc<Entry>, overrides: &[(String, f64)], device: &cubecl::Device) -> Result<Self, Error> {
+        let mut opt = Self::new(entry, overrides, device)?;
+        (opt.kernels, opt.temps) = unfused::split(&opt.step_prog.kernel, opt.entry.states.len());
+        Ok(opt)
+    }
+
+    /// Kernel launches per step.
+    pub fn launches_per_step(&self) -> usize {
+        self.kernels.len()
     }
 
     pub fn entry(&self) -> &Entry {
@@ -214,39 +247,42 @@ impl CubeOptimizer {
         Ok(())
     }
 
-    fn launch(&self, prog: &Compiled, p: &cubecl::server::Handle, g: &cubecl::server::Handle, s: &cubecl::server::Handle, n: usize) {
-        let n_states = self.entry.states.len().max(1);
-        let mut scalars = prog.scalars(&self.hparams, self.step as f64);
-        scalars.push(0.0); // never empty: a zero-length binding is not allowed everywhere
-        let sc = self.client.create_from_slice(f32::as_bytes(&scalars));
+    fn launch(&self, kernel: &KProgram, scalars: &[f32], flat: &Flat, s: &cubecl::server::Handle, slots: usize) {
+        let n = flat.n;
+        let sc = self.client.create_from_slice(f32::as_bytes(scalars));
         let blocks = n.div_ceil(BLOCK) as u32;
         // SAFETY: every index the kernel touches is below `n` (guarded) or in `s`, which holds
-        // `n_states * n` values; the buffers are the lengths passed.
+        // `slots * n` values, and the program addresses only its own slots; the buffers are
+        // the lengths passed.
         unsafe {
             step_kernel::launch_unchecked(
                 &self.client,
                 CubeCount::Static(blocks, 1, 1),
                 CubeDim::new_1d(BLOCK as u32),
-                BufferArg::from_raw_parts(p.clone(), n),
-                BufferArg::from_raw_parts(g.clone(), n),
-                BufferArg::from_raw_parts(s.clone(), n_states * n),
+                BufferArg::from_raw_parts(flat.p.clone(), n),
+                BufferArg::from_raw_parts(flat.g.clone(), n),
+                BufferArg::from_raw_parts(s.clone(), slots * n),
                 BufferArg::from_raw_parts(sc, scalars.len()),
-                prog.kernel.clone(),
+                kernel.clone(),
             );
         }
     }
 
-    /// One step over every tensor, in a single launch. The tensors must keep their sizes from
-    /// one step to the next (the state is laid out for them).
-    pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>]) -> Result<(), Error> {
+    /// The scalar buffer of a program for the current step; never empty, since a zero-length
+    /// binding is not allowed everywhere.
+    fn scalars(&self, prog: &Compiled) -> Vec<f32> {
+        let mut scalars = prog.scalars(&self.hparams, self.step as f64);
+        scalars.push(0.0);
+        scalars
+    }
+
+    /// Copy parameters and gradients to the device, back to back.
+    pub fn upload(&self, params: &[Vec<f32>], grads: &[Vec<f32>]) -> Result<Flat, Error> {
         let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
         if grads.len() != params.len() || grads.iter().zip(&sizes).any(|(g, &n)| g.len() != n) {
             return Err(Error("every parameter needs a gradient of its own size".into()));
         }
         let n: usize = sizes.iter().sum();
-        if n == 0 {
-            return Ok(());
-        }
         if n.div_ceil(BLOCK) > 65_535 {
             return Err(Error(format!("{n} elements exceed one launch of this backend (16.7M)")));
         }
@@ -254,27 +290,74 @@ impl CubeOptimizer {
         let flat_g: Vec<f32> = grads.iter().flatten().copied().collect();
         let p = self.client.create_from_slice(f32::as_bytes(&flat_p));
         let g = self.client.create_from_slice(f32::as_bytes(&flat_g));
+        Ok(Flat { p, g, sizes, n })
+    }
+
+    /// The parameters, back from the device, one vector per tensor.
+    pub fn download(&self, flat: &Flat) -> Result<Vec<Vec<f32>>, Error> {
+        let bytes = self.client.read_one(flat.p.clone()).map_err(|e| Error(format!("reading back the parameters: {e:?}")))?;
+        let out = f32::from_bytes(&bytes);
+        let mut k = 0;
+        Ok(flat
+            .sizes
+            .iter()
+            .map(|&len| {
+                k += len;
+                out[k - len..k].to_vec()
+            })
+            .collect())
+    }
+
+    /// One step on parameters already on the device; launches only (see [`Self::sync`]).
+    pub fn step_flat(&mut self, flat: &Flat) -> Result<(), Error> {
+        if flat.n == 0 {
+            return Ok(());
+        }
+        let slots = self.entry.states.len() + self.temps;
+        // A binding past the adapter's limit is not an error the launch reports: it just
+        // does not run. Refuse it here.
+        let limit = self.client.properties().memory.max_page_size;
+        if (slots.max(1) * flat.n * 4) as u64 > limit {
+            return Err(Error(format!(
+                "{} state values of {} tensors exceed this adapter's largest buffer ({limit} bytes)",
+                slots * flat.n,
+                flat.sizes.len()
+            )));
+        }
         let fresh = match &self.state {
-            Some((_, s)) if *s != sizes => return Err(Error(format!("the parameters changed sizes: {s:?} -> {sizes:?}"))),
+            Some((_, s)) if *s != flat.sizes => return Err(Error(format!("the parameters changed sizes: {s:?} -> {:?}", flat.sizes))),
             Some(_) => false,
             None => true,
         };
         if fresh {
-            let zeros = vec![0f32; self.entry.states.len().max(1) * n];
+            let zeros = vec![0f32; slots.max(1) * flat.n];
             let s = self.client.create_from_slice(f32::as_bytes(&zeros));
-            self.launch(&self.init_prog, &p, &g, &s, n);
-            self.state = Some((s, sizes.clone()));
+            self.launch(&self.init_prog.kernel, &self.scalars(&self.init_prog), flat, &s, slots.max(1));
+            self.state = Some((s, flat.sizes.clone()));
         }
         self.step += 1;
         let s = self.state.as_ref().map(|(h, _)| h.clone()).expect("state exists");
-        self.launch(&self.step_prog, &p, &g, &s, n);
-        let bytes = self.client.read_one(p).map_err(|e| Error(format!("reading back the parameters: {e:?}")))?;
-        let out = f32::from_bytes(&bytes);
-        let mut k = 0;
-        for t in params.iter_mut() {
-            let len = t.len();
-            t.copy_from_slice(&out[k..k + len]);
-            k += len;
+        let scalars = self.scalars(&self.step_prog);
+        for k in &self.kernels {
+            self.launch(k, &scalars, flat, &s, slots.max(1));
+        }
+        Ok(())
+    }
+
+    /// Wait for every launch so far.
+    pub fn sync(&self) -> Result<(), Error> {
+        cubecl::future::block_on(self.client.sync()).map_err(|e| Error(format!("device: {e:?}")))
+    }
+
+    /// One step over every tensor, in a single launch, copying to the device and back. The
+    /// tensors must keep their sizes from one step to the next (the state is laid out for them).
+    pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>]) -> Result<(), Error> {
+        let flat = self.upload(params, grads)?;
+        self.step_flat(&flat)?;
+        if flat.n > 0 {
+            for (t, new) in params.iter_mut().zip(self.download(&flat)?) {
+                t.copy_from_slice(&new);
+            }
         }
         Ok(())
     }

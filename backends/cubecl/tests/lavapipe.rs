@@ -115,3 +115,31 @@ fn step_of(e: &normforge_dsl::ir::Entry) -> &normforge_dsl::ir::Program {
         _ => unreachable!(),
     }
 }
+
+#[test]
+fn the_unfused_baseline_computes_the_same_steps() {
+    // The benchmark's baseline (one kernel per operation) must be the same rule, or its ratio
+    // means nothing.
+    let reg = registry();
+    let device = cpu_device().unwrap();
+    let sizes = [1usize, 7, 300, 1000, 33];
+    for name in ["adamw", "radam", "lion"] {
+        let entry = reg.get(name).unwrap().entry;
+        let h = [("lr".to_string(), 0.01)];
+        let mut fused = CubeOptimizer::new(entry.clone(), &h, &device).unwrap();
+        let mut split = CubeOptimizer::unfused(entry.clone(), &h, &device).unwrap();
+        assert_eq!(fused.launches_per_step(), 1);
+        assert!(split.launches_per_step() >= 5, "{name}: {} launches", split.launches_per_step());
+        let mut a: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| values(i as u64 + 7, n).iter().map(|&x| x as f32).collect()).collect();
+        let mut b = a.clone();
+        for step in 0..4u64 {
+            let g: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| values(99 * (step + 1) + i as u64, n).iter().map(|&x| x as f32).collect()).collect();
+            fused.step(&mut a, &g).unwrap();
+            split.step(&mut b, &g).unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+                assert!(rel(x, &y64) < 1e-6, "{name} step {}: {}", step + 1, rel(x, &y64));
+            }
+        }
+    }
+}
