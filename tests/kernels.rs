@@ -6,24 +6,28 @@ use normforge::cubecl::emit::Lang;
 use normforge::dsl::ir::Kind;
 use std::process::Command;
 
-/// `step_kernel_<8 hex digits>` -> `step_kernel_[hash]`.
+/// `step_kernel_<8 hex digits>` -> `step_kernel_[hash]`, and the same for `combine_kernel_`.
 fn redact(src: &str) -> String {
-    let mut out = String::with_capacity(src.len());
-    let mut rest = src;
-    while let Some(i) = rest.find("step_kernel_") {
-        let (head, tail) = rest.split_at(i + "step_kernel_".len());
-        out.push_str(head);
-        let hex = tail.chars().take_while(|c| c.is_ascii_hexdigit()).count();
-        out.push_str(if hex == 8 { "[hash]" } else { &tail[..hex] });
-        rest = &tail[hex..];
+    let mut text = src.to_string();
+    for name in ["step_kernel_", "combine_kernel_"] {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find(name) {
+            let (head, tail) = rest.split_at(i + name.len());
+            out.push_str(head);
+            let hex = tail.chars().take_while(|c| c.is_ascii_hexdigit()).count();
+            out.push_str(if hex == 8 { "[hash]" } else { &tail[..hex] });
+            rest = &tail[hex..];
+        }
+        out.push_str(rest);
+        text = out;
     }
-    out.push_str(rest);
-    out
+    text
 }
 
-/// Rules the backend refuses today (per-tensor and per-axis reductions), and layers, which
-/// have no CubeCL kernels yet: each must fail with a message, not a panic.
-const NOT_YET: &[&str] = &["lamb", "lars", "adamp", "sgdp"];
+/// Rules the backend refuses today (per-axis reductions), and layers, which have no CubeCL
+/// kernels yet: each must fail with a message, not a panic.
+const NOT_YET: &[&str] = &["adamp", "sgdp"];
 
 #[test]
 fn every_std_kernel_as_cuda_and_wgsl() {
@@ -44,7 +48,7 @@ fn every_std_kernel_as_cuda_and_wgsl() {
             }
         }
     }
-    assert_eq!(emitted, 40, "10 elementwise rules, 2 passes, 2 languages");
+    assert_eq!(emitted, 48, "12 rules, 2 passes, 2 languages");
 }
 
 #[test]
@@ -54,13 +58,17 @@ fn cli_emit_prints_source_and_refuses_clearly() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let src = String::from_utf8_lossy(&out.stdout);
     assert!(src.contains("extern \"C\" __global__ void") && src.contains("step_kernel_"), "{src}");
+    // A rule with a per-tensor reduction: two phases, the first followed by its combine.
+    let out = run(&["emit", "lamb", "--target", "wgsl"]);
+    let src = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && src.contains("// phase 2 of 2") && src.contains("combine_kernel_"), "{src}");
     let out = run(&["emit", "lion", "--target", "wgsl", "--pass", "init"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("@compute"));
     for (args, msg) in [
         (&["emit", "lion", "--target", "ptx"][..], "unknown target `ptx`"),
         (&["emit", "lion", "--pass", "forward"][..], "its passes are `step` and `init`"),
         (&["emit", "layer_norm"][..], "no layer kernels yet"),
-        (&["emit", "lamb"][..], "not supported by the CubeCL backend yet"),
+        (&["emit", "adamp"][..], "not supported by the CubeCL backend yet"),
         (&["emit", "adamx"][..], "adamw"),
     ] {
         let out = run(args);
@@ -72,4 +80,5 @@ fn cli_emit_prints_source_and_refuses_clearly() {
 #[test]
 fn redaction_only_touches_the_hash() {
     assert_eq!(redact("void step_kernel_940bb9a2(x) step_kernel_"), "void step_kernel_[hash](x) step_kernel_");
+    assert_eq!(redact("combine_kernel_0123abcd step_kernel_12"), "combine_kernel_[hash] step_kernel_12");
 }

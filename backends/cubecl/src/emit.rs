@@ -5,8 +5,8 @@
 //! generic CUDA-class device (32-wide warps, 1024 threads per cube, every scalar type), so
 //! the text is the same on every machine and needs no driver.
 
-use crate::kernel::{step_kernel, KProgram};
-use crate::{Error, BLOCK};
+use crate::kernel::{combine_kernel, step_kernel, BLOCK};
+use crate::{Compiled, Error};
 use cubecl::ir::{DeviceIdentity, DeviceProperties, HardwareProperties, MemoryDeviceProperties, TargetProperties};
 use cubecl::prelude::*;
 use cubecl::Compiler;
@@ -65,20 +65,8 @@ fn unbound(len: usize) -> BufferArg {
     unsafe { BufferArg::from_raw_parts(handle, len) }
 }
 
-/// The source of the step kernel for one program.
-pub fn kernel_source(prog: &KProgram, lang: Lang) -> Result<String, Error> {
-    let kernel = step_kernel::create_dummy_kernel(
-        Arc::new(properties()),
-        Arc::new(TargetProperties::default()),
-        CubeCount::Static(1, 1, 1),
-        CubeDim::new_1d(BLOCK as u32),
-        unbound(1),
-        unbound(1),
-        unbound(1),
-        unbound(1),
-        prog.clone(),
-    );
-    let def = cubecl::define_kernel(&kernel).map_err(|e| Error(format!("defining the kernel: {e:?}")))?;
+fn source(kernel: &impl cubecl::CubeKernel, lang: Lang) -> Result<String, Error> {
+    let def = cubecl::define_kernel(kernel).map_err(|e| Error(format!("defining the kernel: {e:?}")))?;
     let text = match lang {
         Lang::Cuda => {
             let mut c = cubecl_cpp::shared::CppCompiler::<cubecl_cpp::target::Cuda>::default();
@@ -87,4 +75,50 @@ pub fn kernel_source(prog: &KProgram, lang: Lang) -> Result<String, Error> {
         Lang::Wgsl => cubecl::wgpu::WgslCompiler::default().compile(def, &Default::default()).map(|k| k.to_string()),
     };
     text.map_err(|e| Error(format!("generating {lang:?}: {e:?}")))
+}
+
+/// Every kernel a program launches, in launch order: its phases, each followed by the combine
+/// of its reductions, under a comment naming each.
+pub fn program_source(prog: &Compiled, lang: Lang) -> Result<String, Error> {
+    let props = Arc::new(properties());
+    let target = Arc::new(TargetProperties::default());
+    let count = prog.phases.len();
+    let mut out = String::new();
+    for (k, phase) in prog.phases.iter().enumerate() {
+        if count > 1 {
+            out.push_str(&format!("// phase {} of {count}\n", k + 1));
+        }
+        let kernel = step_kernel::create_dummy_kernel(
+            props.clone(),
+            target.clone(),
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(BLOCK as u32),
+            unbound(1),
+            unbound(1),
+            unbound(1),
+            unbound(1),
+            unbound(1),
+            unbound(1),
+            unbound(1),
+            phase.clone(),
+        );
+        out.push_str(&source(&kernel, lang)?);
+        if !phase.accums.is_empty() {
+            out.push_str(&format!("\n// combine of phase {}'s reductions\n", k + 1));
+            let kernel = combine_kernel::create_dummy_kernel(
+                props.clone(),
+                target.clone(),
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(64),
+                unbound(1),
+                unbound(1),
+                unbound(1),
+                phase.accums.clone(),
+                phase.slots.max(1),
+            );
+            out.push_str(&source(&kernel, lang)?);
+            out.push('\n');
+        }
+    }
+    Ok(out)
 }

@@ -1,7 +1,13 @@
-//! The one kernel every elementwise update rule becomes: a `#[comptime]` op list interpreted
-//! at expansion time, so each program expands to its own straight-line kernel (CubeCL caches
-//! it by the program). Values live in a register sequence; hyper-parameters and the step
-//! count are read from a small runtime buffer, so changing them never recompiles.
+//! The kernels every update rule becomes: a `#[comptime]` op list interpreted at expansion
+//! time, so each program expands to its own straight-line kernel (CubeCL caches it by the
+//! program). Values live in a register sequence; hyper-parameters and the step count are read
+//! from a small runtime buffer, so changing them never recompiles.
+//!
+//! Tensors are laid out back to back, each padded to whole cubes, so a cube belongs to one
+//! tensor: `blocks` gives each cube its tensor's index, first element and length. A per-tensor
+//! reduction is a phase of its own: every cube reduces its elements in shared memory and
+//! writes a partial (`Accum`), `combine_kernel` folds each tensor's partials, and the next
+//! phase reads the result (`LoadR`).
 
 use cubecl::prelude::*;
 
@@ -42,6 +48,14 @@ pub enum BOp {
     Or,
 }
 
+/// How a reduction folds two values.
+#[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ROp {
+    Sum,
+    Max,
+    Min,
+}
+
 /// One instruction; operands are indices of earlier instructions (each pushes one value).
 #[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
 pub enum KOp {
@@ -55,6 +69,12 @@ pub enum KOp {
     Unary(UOp, usize),
     Binary(BOp, usize, usize),
     Select(usize, usize, usize),
+    /// The number of elements of this cube's tensor.
+    TensorLen,
+    /// Result `j` of an earlier phase's reductions, for this cube's tensor.
+    LoadR(usize),
+    /// Contribute a value to this phase's `k`-th reduction (padding contributes nothing).
+    Accum(usize, usize),
     StoreP(usize),
     StoreState(usize, usize),
 }
@@ -62,79 +82,186 @@ pub enum KOp {
 #[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
 pub struct KProgram {
     pub ops: Vec<KOp>,
+    /// This phase's reductions: how each folds, and the result slot it fills.
+    pub accums: Vec<(ROp, usize)>,
+    /// Result slots of the whole rule (the row length of `partial` and `red`).
+    pub slots: usize,
 }
 
-/// Update element `ABSOLUTE_POS` of the flat parameter buffer `p` (all tensors of one launch
-/// back to back) and of each state (`s` holds state k at `k * len(p) + i`).
+impl KProgram {
+    /// A program with no reductions.
+    pub fn elementwise(ops: Vec<KOp>) -> Self {
+        KProgram { ops, accums: Vec::new(), slots: 0 }
+    }
+}
+
+#[cube]
+fn fold(#[comptime] op: ROp, a: f32, b: f32) -> f32 {
+    match op {
+        ROp::Sum => a + b,
+        ROp::Max => f32::max(a, b),
+        ROp::Min => f32::min(a, b),
+    }
+}
+
+#[cube]
+fn identity(#[comptime] op: ROp) -> f32 {
+    match op {
+        ROp::Sum => 0.0,
+        ROp::Max => f32::new(-3.4028235e38),
+        ROp::Min => f32::new(3.4028235e38),
+    }
+}
+
+/// Threads per cube, and so the padding unit of every tensor.
+pub const BLOCK: usize = 256;
+
+/// Update element `CUBE_POS * BLOCK + UNIT_POS` of the flat parameter buffer `p` (all tensors
+/// of one launch back to back, each padded to whole cubes) and of each state (`s` holds state
+/// k at `k * len(p) + i`). Launched with exactly one cube of `BLOCK` units per block of
+/// `blocks`, so every index is in bounds and no cube diverges around a barrier.
 #[cube(launch_unchecked, create_dummy_kernel)]
-pub fn step_kernel(p: &mut [f32], g: &[f32], s: &mut [f32], scalars: &[f32], #[comptime] prog: KProgram) {
-    let i = ABSOLUTE_POS;
+#[allow(clippy::too_many_arguments)]
+pub fn step_kernel(
+    p: &mut [f32],
+    g: &[f32],
+    s: &mut [f32],
+    scalars: &[f32],
+    blocks: &[u32],
+    partial: &mut [f32],
+    red: &[f32],
+    #[comptime] prog: KProgram,
+) {
     let n = p.len();
-    if i < n {
-        let mut r = Sequence::<f32>::new();
-        #[unroll]
-        for k in 0..prog.ops.len() {
-            let op = comptime! { prog.ops[k].clone() };
-            match op {
-                KOp::LoadP => r.push(p[i]),
-                KOp::LoadG => r.push(g[i]),
-                KOp::LoadState(j) => r.push(s[j * n + i]),
-                KOp::Scalar(j) => r.push(scalars[j]),
-                KOp::Const(bits) => r.push(f32::from_bits(bits)),
-                KOp::Unary(u, a) => {
-                    let x = r[a];
-                    let v = match u {
-                        UOp::Neg => -x,
-                        UOp::Not => 1.0 - x,
-                        UOp::Sqrt => f32::sqrt(x),
-                        UOp::Rsqrt => 1.0 / f32::sqrt(x),
-                        UOp::Exp => f32::exp(x),
-                        UOp::Log => f32::ln(x),
-                        UOp::Tanh => f32::tanh(x),
-                        UOp::Sigmoid => 1.0 / (1.0 + f32::exp(-x)),
-                        UOp::Sign => select(x > 0.0, 1.0, select(x < 0.0, -1.0, x)),
-                        UOp::Abs => f32::abs(x),
-                        UOp::Relu => f32::max(x, 0.0),
-                        UOp::Softplus => f32::max(x, 0.0) + f32::ln(1.0 + f32::exp(-f32::abs(x))),
-                        UOp::Recip => 1.0 / x,
-                    };
-                    r.push(v);
-                }
-                KOp::Binary(b, a, c) => {
-                    let x = r[a];
-                    let y = r[c];
-                    let v = match b {
-                        BOp::Add => x + y,
-                        BOp::Sub => x - y,
-                        BOp::Mul => x * y,
-                        BOp::Div => x / y,
-                        BOp::Pow => f32::powf(x, y),
-                        BOp::Min => f32::min(x, y),
-                        BOp::Max => f32::max(x, y),
-                        BOp::Lt => select(x < y, 1.0, 0.0),
-                        BOp::Le => select(x <= y, 1.0, 0.0),
-                        BOp::Gt => select(x > y, 1.0, 0.0),
-                        BOp::Ge => select(x >= y, 1.0, 0.0),
-                        BOp::Eq => select(x == y, 1.0, 0.0),
-                        BOp::Ne => select(x != y, 1.0, 0.0),
-                        BOp::And => x * y,
-                        BOp::Or => f32::max(x, y),
-                    };
-                    r.push(v);
-                }
-                KOp::Select(c, a, b) => {
-                    let v = select(r[c] != 0.0, r[a], r[b]);
-                    r.push(v);
-                }
-                KOp::StoreP(a) => {
-                    p[i] = r[a];
-                    r.push(r[a]);
-                }
-                KOp::StoreState(j, a) => {
-                    s[j * n + i] = r[a];
-                    r.push(r[a]);
-                }
+    let b = CUBE_POS;
+    let u = UNIT_POS as usize;
+    let i = b * BLOCK + u;
+    let n_acc = comptime! { prog.accums.len() };
+    let slots = comptime! { prog.slots };
+    let mut sh = Shared::<[f32]>::new_slice(comptime! { n_acc.max(1) * BLOCK });
+    let mut r = Sequence::<f32>::new();
+    #[unroll]
+    for k in 0..prog.ops.len() {
+        let op = comptime! { prog.ops[k].clone() };
+        match op {
+            KOp::LoadP => r.push(p[i]),
+            KOp::LoadG => r.push(g[i]),
+            KOp::LoadState(j) => r.push(s[j * n + i]),
+            KOp::Scalar(j) => r.push(scalars[j]),
+            KOp::Const(bits) => r.push(f32::from_bits(bits)),
+            KOp::Unary(op, a) => {
+                let v = unary(op, r[a]);
+                r.push(v);
+            }
+            KOp::Binary(op, a, c) => {
+                let v = binary(op, r[a], r[c]);
+                r.push(v);
+            }
+            KOp::Select(c, a, b) => {
+                let v = select(r[c] != 0.0, r[a], r[b]);
+                r.push(v);
+            }
+            KOp::TensorLen => r.push(f32::cast_from(blocks[3 * b + 2])),
+            KOp::LoadR(j) => r.push(red[blocks[3 * b] as usize * slots + j]),
+            KOp::Accum(k, a) => {
+                let (op, _) = comptime! { prog.accums[k] };
+                let valid = i - (blocks[3 * b + 1] as usize) < blocks[3 * b + 2] as usize;
+                sh[k * BLOCK + u] = select(valid, r[a], identity(op));
+                r.push(r[a]);
+            }
+            KOp::StoreP(a) => {
+                p[i] = r[a];
+                r.push(r[a]);
+            }
+            KOp::StoreState(j, a) => {
+                s[j * n + i] = r[a];
+                r.push(r[a]);
             }
         }
+    }
+    if comptime! { n_acc > 0 } {
+        sync_cube();
+        // Tree reduction of every accumulator at once; the counter starts from `CUBE_DIM`, not
+        // a comptime value (which failed kernel verification in CubeCL 0.11).
+        let mut stride = CUBE_DIM / 2;
+        while stride > 0 {
+            if UNIT_POS < stride {
+                #[unroll]
+                for k in 0..n_acc {
+                    let (op, _) = comptime! { prog.accums[k] };
+                    let here = k * BLOCK + u;
+                    sh[here] = fold(op, sh[here], sh[here + stride as usize]);
+                }
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        if UNIT_POS == 0 {
+            #[unroll]
+            for k in 0..n_acc {
+                let (_, slot) = comptime! { prog.accums[k] };
+                partial[b * slots + slot] = sh[k * BLOCK];
+            }
+        }
+    }
+}
+
+/// Fold each tensor's partials into its results: unit `t` handles tensor `t`, whose cubes are
+/// `ranges[2t] .. ranges[2t] + ranges[2t + 1]`.
+#[cube(launch_unchecked, create_dummy_kernel)]
+pub fn combine_kernel(partial: &[f32], ranges: &[u32], red: &mut [f32], #[comptime] accums: Vec<(ROp, usize)>, #[comptime] slots: usize) {
+    let t = ABSOLUTE_POS;
+    if t * 2 < ranges.len() {
+        let first = ranges[2 * t] as usize;
+        let count = ranges[2 * t + 1] as usize;
+        #[unroll]
+        for k in 0..accums.len() {
+            let (op, slot) = comptime! { accums[k] };
+            let mut acc = identity(op);
+            for c in first..first + count {
+                acc = fold(op, acc, partial[c * slots + slot]);
+            }
+            red[t * slots + slot] = acc;
+        }
+    }
+}
+
+#[cube]
+fn unary(#[comptime] op: UOp, x: f32) -> f32 {
+    match op {
+        UOp::Neg => -x,
+        UOp::Not => 1.0 - x,
+        UOp::Sqrt => f32::sqrt(x),
+        UOp::Rsqrt => 1.0 / f32::sqrt(x),
+        UOp::Exp => f32::exp(x),
+        UOp::Log => f32::ln(x),
+        UOp::Tanh => f32::tanh(x),
+        UOp::Sigmoid => 1.0 / (1.0 + f32::exp(-x)),
+        UOp::Sign => select(x > 0.0, 1.0, select(x < 0.0, -1.0, x)),
+        UOp::Abs => f32::abs(x),
+        UOp::Relu => f32::max(x, 0.0),
+        UOp::Softplus => f32::max(x, 0.0) + f32::ln(1.0 + f32::exp(-f32::abs(x))),
+        UOp::Recip => 1.0 / x,
+    }
+}
+
+#[cube]
+fn binary(#[comptime] op: BOp, x: f32, y: f32) -> f32 {
+    match op {
+        BOp::Add => x + y,
+        BOp::Sub => x - y,
+        BOp::Mul => x * y,
+        BOp::Div => x / y,
+        BOp::Pow => f32::powf(x, y),
+        BOp::Min => f32::min(x, y),
+        BOp::Max => f32::max(x, y),
+        BOp::Lt => select(x < y, 1.0, 0.0),
+        BOp::Le => select(x <= y, 1.0, 0.0),
+        BOp::Gt => select(x > y, 1.0, 0.0),
+        BOp::Ge => select(x >= y, 1.0, 0.0),
+        BOp::Eq => select(x == y, 1.0, 0.0),
+        BOp::Ne => select(x != y, 1.0, 0.0),
+        BOp::And => x * y,
+        BOp::Or => f32::max(x, y),
     }
 }

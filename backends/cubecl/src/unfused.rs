@@ -22,7 +22,8 @@ pub fn split(prog: &KProgram, n_states: usize) -> (Vec<KProgram>, usize) {
     for (i, op) in ops.iter().enumerate() {
         let mut k = Vec::new();
         let computed = match op {
-            KOp::LoadP | KOp::LoadG | KOp::LoadState(_) | KOp::Scalar(_) | KOp::Const(_) => continue,
+            KOp::LoadP | KOp::LoadG | KOp::LoadState(_) | KOp::Scalar(_) | KOp::Const(_) | KOp::TensorLen | KOp::LoadR(_) => continue,
+            KOp::Accum(..) => unreachable!("callers pass programs without reductions"),
             KOp::StoreP(_) | KOp::StoreState(..) => {
                 stores.push(op.clone());
                 continue;
@@ -35,14 +36,14 @@ pub fn split(prog: &KProgram, n_states: usize) -> (Vec<KProgram>, usize) {
         k.push(KOp::StoreState(n_states + temps, k.len() - 1));
         slot[i] = Some(temps);
         temps += 1;
-        kernels.push(KProgram { ops: k });
+        kernels.push(KProgram::elementwise(k));
     }
     // A store of a value loaded straight from p or a state is copied first, so no store
     // sees another's write.
     for st in &stores {
         let (KOp::StoreP(a) | KOp::StoreState(_, a)) = st else { unreachable!() };
         if slot[*a].is_none() && matches!(ops[*a], KOp::LoadP | KOp::LoadState(_)) {
-            kernels.push(KProgram { ops: vec![ops[*a].clone(), KOp::StoreState(n_states + temps, 0)] });
+            kernels.push(KProgram::elementwise(vec![ops[*a].clone(), KOp::StoreState(n_states + temps, 0)]));
             slot[*a] = Some(temps);
             temps += 1;
         }
@@ -55,7 +56,7 @@ pub fn split(prog: &KProgram, n_states: usize) -> (Vec<KProgram>, usize) {
             _ => unreachable!(),
         };
         k.push(op);
-        kernels.push(KProgram { ops: k });
+        kernels.push(KProgram::elementwise(k));
     }
     (kernels, temps)
 }

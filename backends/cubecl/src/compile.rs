@@ -1,0 +1,259 @@
+//! IR -> kernel programs. A rule splits three ways: values uniform over every element
+//! (functions of hyper-parameters and the step count, like `1 - beta1^t`) are computed once per
+//! launch on the host in f64, as PyTorch computes them in Python; per-tensor reductions cut the
+//! rest into phases (a phase computes what the next one's reductions need); each phase is one
+//! kernel over every element of every tensor.
+
+use crate::kernel::{BOp, KOp, KProgram, ROp, UOp};
+use crate::Error;
+use normforge_dsl::bind;
+use normforge_dsl::ir::{Binary, Entry, Extent, Op, Program, ReduceOp, Target, Unary};
+use std::collections::HashMap;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compiled {
+    /// In launch order; after each phase with reductions, their combine.
+    pub phases: Vec<KProgram>,
+    program: Program,
+    uniform: Vec<bool>,
+    /// The uniform nodes the kernels read, in the order of their scalar buffer.
+    exported: Vec<u32>,
+    /// Per-tensor values the host knows from shapes alone (`rank`, sizes of some axes): the
+    /// node and its result slot.
+    host: Vec<(u32, usize)>,
+}
+
+impl Compiled {
+    /// The kernels' scalar buffer for these hyper-parameters and step count.
+    pub fn scalars(&self, hparams: &[f64], t: f64) -> Vec<f32> {
+        let mut val = vec![0f64; self.program.nodes.len()];
+        for (i, n) in self.program.nodes.iter().enumerate() {
+            if !self.uniform[i] {
+                continue;
+            }
+            let v = |id: &u32| val[*id as usize];
+            val[i] = match &n.op {
+                Op::Const(c) => *c,
+                Op::HParam(h) => hparams[*h as usize],
+                Op::Step => t,
+                Op::Unary(u, a) => u.apply(v(a)),
+                Op::Binary(b, x, y) => b.apply(v(x), v(y)),
+                Op::Select(c, x, y) => if v(c) != 0.0 { v(x) } else { v(y) },
+                Op::Expand(a) => v(a),
+                _ => unreachable!("only these ops are uniform"),
+            };
+        }
+        self.exported.iter().map(|&i| val[i as usize] as f32).collect()
+    }
+
+    /// Per-tensor results the rule needs (the row length of its result buffers).
+    pub fn slots(&self) -> usize {
+        self.phases[0].slots
+    }
+
+    /// The result buffer before the first phase: per tensor, the slots the host fills from the
+    /// tensor's shape (the rest are the reductions', filled on the device).
+    pub fn host_values(&self, entry: &Entry, hparams: &[f64], shapes: &[Vec<usize>]) -> Result<Vec<f32>, Error> {
+        let slots = self.slots().max(1);
+        let mut out = vec![0f32; shapes.len().max(1) * slots];
+        if self.host.is_empty() {
+            return Ok(out);
+        }
+        for (t, shape) in shapes.iter().enumerate() {
+            let b = bind::bind_axes(&entry.axes, shape, &format!("parameter {t}")).map_err(Error)?;
+            for &(node, slot) in &self.host {
+                out[t * slots + slot] = match &self.program.nodes[node as usize].op {
+                    Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f32,
+                    Op::Size(s) => bind::size(s, &b, hparams) as f32,
+                    _ => unreachable!("only shape queries are host values"),
+                };
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Compile an update rule's program (a step or the state initialiser).
+pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
+    let unsupported = |what: &str| Error(format!("`{}`: {what} is not supported by the CubeCL backend yet", entry.name));
+    let n = p.nodes.len();
+    let full = |i: u32| p.nodes[i as usize].shape.0.iter().all(|e| *e == Extent::Full);
+    let mut uniform = vec![false; n];
+    let mut level = vec![0usize; n];
+    let mut slot = vec![usize::MAX; n];
+    let mut slots = 0;
+    let mut host = Vec::new();
+    for (i, node) in p.nodes.iter().enumerate() {
+        uniform[i] = match &node.op {
+            Op::Const(_) | Op::HParam(_) | Op::Step => true,
+            Op::Unary(..) | Op::Binary(..) | Op::Select(..) | Op::Expand(_) => node.op.args().iter().all(|a| uniform[*a as usize]),
+            _ => false,
+        };
+        if uniform[i] {
+            continue;
+        }
+        // Values vary per element or per tensor; anything in between is a per-axis reduction.
+        if !(full(i as u32) || node.shape.is_scalar()) {
+            return Err(unsupported("a per-axis reduction"));
+        }
+        level[i] = node.op.args().iter().map(|a| level[*a as usize]).max().unwrap_or(0);
+        match &node.op {
+            Op::Reduce(_, a) => {
+                level[i] += 1;
+                slot[i] = slots;
+                slots += 1;
+                if !node.shape.is_scalar() || !(full(*a) || uniform[*a as usize]) {
+                    return Err(unsupported("a per-axis reduction"));
+                }
+            }
+            Op::Size(s) if !s.0.iter().all(|e| *e == Extent::Full) => {
+                slot[i] = slots;
+                slots += 1;
+                host.push((i as u32, slot[i]));
+            }
+            Op::Rank(_) => {
+                slot[i] = slots;
+                slots += 1;
+                host.push((i as u32, slot[i]));
+            }
+            Op::Param(_) | Op::Buffer(_) | Op::GradOutput => return Err(unsupported("a layer program")),
+            _ => {}
+        }
+    }
+    let last = p.outputs.iter().map(|o| level[o.node as usize]).max().unwrap_or(0);
+    let mut exported: Vec<u32> = Vec::new();
+    let mut export_index: HashMap<u32, usize> = HashMap::new();
+    let mut phases = Vec::new();
+    for k in 0..=last {
+        // The reductions this phase feeds, and everything they and (last) the outputs need.
+        let feeds: Vec<usize> = (0..n).filter(|&i| matches!(p.nodes[i].op, Op::Reduce(..)) && level[i] == k + 1).collect();
+        let mut needed = vec![false; n];
+        for &r in &feeds {
+            needed[p.nodes[r].op.args()[0] as usize] = true;
+        }
+        if k == last {
+            for o in &p.outputs {
+                needed[o.node as usize] = true;
+            }
+        }
+        for i in (0..n).rev() {
+            let loaded = matches!(p.nodes[i].op, Op::Reduce(..)) && level[i] <= k;
+            if needed[i] && !uniform[i] && !loaded {
+                for a in p.nodes[i].op.args() {
+                    needed[a as usize] = true;
+                }
+            }
+        }
+        let mut ops = Vec::new();
+        let mut reg: Vec<Option<usize>> = vec![None; n];
+        // A node's register; a uniform value becomes one more entry of the scalar buffer.
+        let mut fetch = |id: u32, ops: &mut Vec<KOp>, reg: &mut Vec<Option<usize>>| -> usize {
+            if let Some(r) = reg[id as usize] {
+                return r;
+            }
+            let e = *export_index.entry(id).or_insert_with(|| {
+                exported.push(id);
+                exported.len() - 1
+            });
+            ops.push(KOp::Scalar(e));
+            reg[id as usize] = Some(ops.len() - 1);
+            ops.len() - 1
+        };
+        for (i, node) in p.nodes.iter().enumerate() {
+            if !needed[i] || uniform[i] {
+                continue;
+            }
+            let op = match &node.op {
+                Op::Input => KOp::LoadP,
+                Op::Grad => KOp::LoadG,
+                Op::State(j) => KOp::LoadState(*j as usize),
+                Op::Size(_) | Op::Rank(_) if slot[i] != usize::MAX => KOp::LoadR(slot[i]),
+                Op::Size(_) => KOp::TensorLen,
+                Op::Reduce(..) => KOp::LoadR(slot[i]),
+                Op::Expand(a) => {
+                    // Broadcasting is free: each unit holds its own copy of the value.
+                    let r = fetch(*a, &mut ops, &mut reg);
+                    reg[i] = Some(r);
+                    continue;
+                }
+                Op::Unary(u, a) => KOp::Unary(unary(*u), fetch(*a, &mut ops, &mut reg)),
+                Op::Binary(b, x, y) => {
+                    let (x, y) = (fetch(*x, &mut ops, &mut reg), fetch(*y, &mut ops, &mut reg));
+                    KOp::Binary(binary(*b), x, y)
+                }
+                Op::Select(c, x, y) => {
+                    let (c, x, y) = (fetch(*c, &mut ops, &mut reg), fetch(*x, &mut ops, &mut reg), fetch(*y, &mut ops, &mut reg));
+                    KOp::Select(c, x, y)
+                }
+                _ => unreachable!("refused above"),
+            };
+            ops.push(op);
+            reg[i] = Some(ops.len() - 1);
+        }
+        let mut accums = Vec::new();
+        for &r in &feeds {
+            let Op::Reduce(op, a) = &p.nodes[r].op else { unreachable!() };
+            let v = fetch(*a, &mut ops, &mut reg);
+            ops.push(KOp::Accum(accums.len(), v));
+            accums.push((reduce(*op), slot[r]));
+        }
+        if k == last {
+            for o in &p.outputs {
+                let v = fetch(o.node, &mut ops, &mut reg);
+                ops.push(match o.target {
+                    Target::P => KOp::StoreP(v),
+                    Target::State(j) => KOp::StoreState(j as usize, v),
+                    _ => return Err(unsupported("this output")),
+                });
+            }
+        }
+        phases.push(KProgram { ops, accums, slots });
+    }
+    Ok(Compiled { phases, program: p.clone(), uniform, exported, host })
+}
+
+fn reduce(r: ReduceOp) -> ROp {
+    match r {
+        ReduceOp::Sum => ROp::Sum,
+        ReduceOp::Max => ROp::Max,
+        ReduceOp::Min => ROp::Min,
+    }
+}
+
+fn unary(u: Unary) -> UOp {
+    match u {
+        Unary::Neg => UOp::Neg,
+        Unary::Not => UOp::Not,
+        Unary::Sqrt => UOp::Sqrt,
+        Unary::Rsqrt => UOp::Rsqrt,
+        Unary::Exp => UOp::Exp,
+        Unary::Log => UOp::Log,
+        Unary::Tanh => UOp::Tanh,
+        Unary::Sigmoid => UOp::Sigmoid,
+        Unary::Sign => UOp::Sign,
+        Unary::Abs => UOp::Abs,
+        Unary::Relu => UOp::Relu,
+        Unary::Softplus => UOp::Softplus,
+        Unary::Recip => UOp::Recip,
+    }
+}
+
+fn binary(b: Binary) -> BOp {
+    match b {
+        Binary::Add => BOp::Add,
+        Binary::Sub => BOp::Sub,
+        Binary::Mul => BOp::Mul,
+        Binary::Div => BOp::Div,
+        Binary::Pow => BOp::Pow,
+        Binary::Min => BOp::Min,
+        Binary::Max => BOp::Max,
+        Binary::Lt => BOp::Lt,
+        Binary::Le => BOp::Le,
+        Binary::Gt => BOp::Gt,
+        Binary::Ge => BOp::Ge,
+        Binary::Eq => BOp::Eq,
+        Binary::Ne => BOp::Ne,
+        Binary::And => BOp::And,
+        Binary::Or => BOp::Or,
+    }
+}

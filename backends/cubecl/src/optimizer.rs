@@ -1,0 +1,270 @@
+//! An update rule over many tensors at once: every tensor of a step in one launch per phase
+//! (horizontal fusion, as PyTorch's fused AdamW), the tensors back to back on the device, each
+//! padded to whole cubes so a cube never straddles two.
+
+use crate::compile::{compile, Compiled};
+use crate::kernel::{combine_kernel, step_kernel, KProgram, BLOCK};
+use crate::{unfused, Error};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs};
+use std::sync::Arc;
+
+/// CubeCL launches one-dimensional grids of at most this many cubes here.
+const MAX_CUBES: usize = 65_535;
+
+/// Parameters and gradients of one step, on the device, in the padded layout.
+pub struct Flat {
+    p: Handle,
+    g: Handle,
+    /// Per cube: its tensor's index, first element and length.
+    blocks: Handle,
+    /// Per tensor: its first cube and how many it has.
+    ranges: Handle,
+    sizes: Vec<usize>,
+    shapes: Vec<Vec<usize>>,
+    cubes: usize,
+}
+
+impl Flat {
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
+    /// Elements in the padded layout.
+    fn len(&self) -> usize {
+        self.cubes * BLOCK
+    }
+}
+
+/// The device buffers a rule keeps between steps, for one parameter layout.
+struct State {
+    sizes: Vec<usize>,
+    s: Handle,
+    partial: Handle,
+}
+
+/// An update rule on a CubeCL device.
+pub struct CubeOptimizer {
+    entry: Arc<Entry>,
+    pub hparams: Vec<f64>,
+    step_prog: Compiled,
+    /// What one step launches: the rule's phases, or (the baseline) one kernel per operation.
+    kernels: Vec<KProgram>,
+    /// Extra state slots the baseline keeps its intermediates in.
+    temps: usize,
+    init_prog: Compiled,
+    client: cubecl::client::Client,
+    state: Option<State>,
+    step: u64,
+}
+
+impl CubeOptimizer {
+    pub fn new(entry: Arc<Entry>, overrides: &[(String, f64)], device: &cubecl::Device) -> Result<Self, Error> {
+        if entry.kind != EntryKind::Optimizer {
+            return Err(Error(format!("`{}` is a {}, not an optimizer", entry.name, entry.kind.keyword())));
+        }
+        let hparams = normforge_dsl::hyper::resolve(&entry, overrides)?;
+        let Programs::Optimizer { step } = &entry.programs else { unreachable!("checked above") };
+        let step_prog = compile(&entry, step)?;
+        let init_prog = compile(&entry, &entry.init)?;
+        let kernels = step_prog.phases.clone();
+        Ok(CubeOptimizer { entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), state: None, step: 0 })
+    }
+
+    /// The same rule launched one kernel per operation, intermediates through memory: the
+    /// baseline that shows what fusion buys. Elementwise rules only.
+    pub fn unfused(entry: Arc<Entry>, overrides: &[(String, f64)], device: &cubecl::Device) -> Result<Self, Error> {
+        let mut opt = Self::new(entry, overrides, device)?;
+        if opt.kernels.len() != 1 || !opt.kernels[0].accums.is_empty() {
+            return Err(Error(format!("`{}` has reductions: the unfused baseline covers elementwise rules", opt.entry.name)));
+        }
+        (opt.kernels, opt.temps) = unfused::split(&opt.kernels[0], opt.entry.states.len());
+        Ok(opt)
+    }
+
+    /// Kernel launches per step (a rule's phases and their combines, or the baseline's).
+    pub fn launches_per_step(&self) -> usize {
+        self.kernels.iter().map(|k| if k.accums.is_empty() { 1 } else { 2 }).sum()
+    }
+
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+
+    pub fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error> {
+        let i = self.entry.hparams.iter().position(|h| h.name == name).ok_or_else(|| Error(format!("no hyper-parameter `{name}`")))?;
+        self.hparams[i] = normforge_dsl::hyper::check_value(&self.entry, i, v)?;
+        Ok(())
+    }
+
+    /// Copy parameters and gradients to the device in the padded layout, as 1-D tensors.
+    pub fn upload(&self, params: &[Vec<f32>], grads: &[Vec<f32>]) -> Result<Flat, Error> {
+        let shapes: Vec<Vec<usize>> = params.iter().map(|p| vec![p.len()]).collect();
+        self.upload_shaped(params, grads, shapes)
+    }
+
+    /// As [`Self::upload`], with each tensor's shape (rules may ask for `rank` or axis sizes).
+    pub fn upload_shaped(&self, params: &[Vec<f32>], grads: &[Vec<f32>], shapes: Vec<Vec<usize>>) -> Result<Flat, Error> {
+        let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
+        if grads.len() != params.len() || grads.iter().zip(&sizes).any(|(g, &n)| g.len() != n) {
+            return Err(Error("every parameter needs a gradient of its own size".into()));
+        }
+        if shapes.len() != sizes.len() || shapes.iter().zip(&sizes).any(|(s, &n)| s.iter().product::<usize>() != n) {
+            return Err(Error("every parameter needs a shape with as many elements as it has".into()));
+        }
+        // Shapes the rule cannot bind are refused here, before anything runs.
+        self.step_prog.host_values(&self.entry, &self.hparams, &shapes)?;
+        let cubes: usize = sizes.iter().map(|n| n.div_ceil(BLOCK)).sum();
+        if cubes > MAX_CUBES {
+            return Err(Error(format!("{} elements exceed one launch of this backend ({} padded)", sizes.iter().sum::<usize>(), MAX_CUBES * BLOCK)));
+        }
+        let (mut p, mut g) = (vec![0f32; cubes * BLOCK], vec![0f32; cubes * BLOCK]);
+        let (mut blocks, mut ranges) = (Vec::with_capacity(3 * cubes + 3), Vec::with_capacity(2 * sizes.len()));
+        let mut first = 0;
+        for (t, (pt, gt)) in params.iter().zip(grads).enumerate() {
+            let start = first * BLOCK;
+            p[start..start + pt.len()].copy_from_slice(pt);
+            g[start..start + gt.len()].copy_from_slice(gt);
+            let count = pt.len().div_ceil(BLOCK);
+            for _ in 0..count {
+                blocks.extend([t as u32, start as u32, pt.len() as u32]);
+            }
+            ranges.extend([first as u32, count as u32]);
+            first += count;
+        }
+        // Never an empty binding: not every runtime allows one.
+        blocks.extend([0, 0, 0]);
+        ranges.extend([0, 0]);
+        ranges.truncate(2 * sizes.len().max(1));
+        let up = |v: &[f32]| self.client.create_from_slice(f32::as_bytes(v));
+        let blocks = self.client.create_from_slice(u32::as_bytes(&blocks));
+        let ranges = self.client.create_from_slice(u32::as_bytes(&ranges));
+        Ok(Flat { p: up(&p), g: up(&g), blocks, ranges, sizes, shapes, cubes })
+    }
+
+    /// The parameters, back from the device, one vector per tensor.
+    pub fn download(&self, flat: &Flat) -> Result<Vec<Vec<f32>>, Error> {
+        let bytes = self.client.read_one(flat.p.clone()).map_err(|e| Error(format!("reading back the parameters: {e:?}")))?;
+        let out = f32::from_bytes(&bytes);
+        let mut first = 0;
+        Ok(flat
+            .sizes
+            .iter()
+            .map(|&len| {
+                let t = out[first * BLOCK..first * BLOCK + len].to_vec();
+                first += len.div_ceil(BLOCK);
+                t
+            })
+            .collect())
+    }
+
+    fn state_for(&mut self, flat: &Flat, slots: usize) -> Result<bool, Error> {
+        match &self.state {
+            Some(st) if st.sizes != flat.sizes => Err(Error(format!("the parameters changed sizes: {:?} -> {:?}", st.sizes, flat.sizes))),
+            Some(_) => Ok(false),
+            None => {
+                // A binding past the adapter's limit is not an error the launch reports: it
+                // just does not run. Refuse it here.
+                let limit = self.client.properties().memory.max_page_size;
+                if (slots * flat.len() * 4) as u64 > limit {
+                    return Err(Error(format!(
+                        "{} state values of {} tensors exceed this adapter's largest buffer ({limit} bytes)",
+                        slots * flat.len(),
+                        flat.sizes.len()
+                    )));
+                }
+                let r = self.step_prog.slots().max(1);
+                let zeros = |k: usize| self.client.create_from_slice(f32::as_bytes(&vec![0f32; k]));
+                let (s, partial) = (zeros(slots * flat.len()), zeros(flat.cubes.max(1) * r));
+                self.state = Some(State { sizes: flat.sizes.clone(), s, partial });
+                Ok(true)
+            }
+        }
+    }
+
+    fn launch(&self, kernel: &KProgram, scalars: &Handle, n_scalars: usize, red: &Handle, flat: &Flat, slots: usize) {
+        let st = self.state.as_ref().expect("state exists before a launch");
+        let n = flat.len();
+        let r = kernel.slots.max(1);
+        // SAFETY: the grid has one cube of BLOCK units per entry of `blocks`, so every element
+        // index is below `n`; states are addressed as `j * n + i` with `j < slots`, partials and
+        // results by cube and tensor index times `r`; the lengths passed are the buffers'.
+        unsafe {
+            step_kernel::launch_unchecked(
+                &self.client,
+                CubeCount::Static(flat.cubes as u32, 1, 1),
+                CubeDim::new_1d(BLOCK as u32),
+                BufferArg::from_raw_parts(flat.p.clone(), n),
+                BufferArg::from_raw_parts(flat.g.clone(), n),
+                BufferArg::from_raw_parts(st.s.clone(), slots * n),
+                BufferArg::from_raw_parts(scalars.clone(), n_scalars),
+                BufferArg::from_raw_parts(flat.blocks.clone(), 3 * flat.cubes + 3),
+                BufferArg::from_raw_parts(st.partial.clone(), flat.cubes.max(1) * r),
+                BufferArg::from_raw_parts(red.clone(), flat.sizes.len().max(1) * r),
+                kernel.clone(),
+            );
+            if !kernel.accums.is_empty() {
+                let tensors = flat.sizes.len();
+                combine_kernel::launch_unchecked(
+                    &self.client,
+                    CubeCount::Static(tensors.div_ceil(64) as u32, 1, 1),
+                    CubeDim::new_1d(64),
+                    BufferArg::from_raw_parts(st.partial.clone(), flat.cubes.max(1) * r),
+                    BufferArg::from_raw_parts(flat.ranges.clone(), 2 * tensors),
+                    BufferArg::from_raw_parts(red.clone(), tensors * r),
+                    kernel.accums.clone(),
+                    r,
+                );
+            }
+        }
+    }
+
+    /// Launch a program's kernels with its scalars for the current step.
+    fn run(&self, prog: &Compiled, kernels: &[KProgram], flat: &Flat, slots: usize) -> Result<(), Error> {
+        let mut scalars = prog.scalars(&self.hparams, self.step as f64);
+        scalars.push(0.0); // never empty
+        let sc = self.client.create_from_slice(f32::as_bytes(&scalars));
+        let red = self.client.create_from_slice(f32::as_bytes(&prog.host_values(&self.entry, &self.hparams, &flat.shapes)?));
+        for k in kernels {
+            self.launch(k, &sc, scalars.len(), &red, flat, slots);
+        }
+        Ok(())
+    }
+
+    /// One step on parameters already on the device; launches only (see [`Self::sync`]).
+    pub fn step_flat(&mut self, flat: &Flat) -> Result<(), Error> {
+        if flat.cubes == 0 {
+            return Ok(());
+        }
+        let slots = (self.entry.states.len() + self.temps).max(1);
+        if self.state_for(flat, slots)? {
+            self.run(&self.init_prog, &self.init_prog.phases, flat, slots)?;
+        }
+        self.step += 1;
+        self.run(&self.step_prog, &self.kernels, flat, slots)
+    }
+
+    /// Wait for every launch so far.
+    pub fn sync(&self) -> Result<(), Error> {
+        cubecl::future::block_on(self.client.sync()).map_err(|e| Error(format!("device: {e:?}")))
+    }
+
+    /// One step over every tensor, copying to the device and back. The tensors must keep their
+    /// sizes from one step to the next (the state is laid out for them).
+    pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>]) -> Result<(), Error> {
+        let shapes = params.iter().map(|p| vec![p.len()]).collect();
+        self.step_shaped(params, grads, shapes)
+    }
+
+    /// As [`Self::step`], with each tensor's shape.
+    pub fn step_shaped(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], shapes: Vec<Vec<usize>>) -> Result<(), Error> {
+        let flat = self.upload_shaped(params, grads, shapes)?;
+        self.step_flat(&flat)?;
+        if flat.cubes > 0 {
+            for (t, new) in params.iter_mut().zip(self.download(&flat)?) {
+                t.copy_from_slice(&new);
+            }
+        }
+        Ok(())
+    }
+}
