@@ -49,9 +49,11 @@ enum Command {
         /// `cuda` (C++ for NVRTC) or `wgsl`.
         #[arg(long, default_value = "cuda")]
         target: String,
-        /// Which program: `step` or `init` for an update rule.
-        #[arg(long, default_value = "step")]
-        pass: String,
+        /// Which program: `step` or `init` for an update rule; `forward`, `backward` (training
+        /// mode), `forward-eval`, `backward-eval` or `init` for a layer. Default: `step` or
+        /// `forward`.
+        #[arg(long)]
+        pass: Option<String>,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -83,7 +85,7 @@ fn main() -> ExitCode {
         Command::Show { target, plugins, backward, json } => show(&target, &plugins, backward, json),
         Command::List { pattern, plugins } => list(pattern.as_deref(), &plugins),
         Command::Info { name, plugins } => info(&name, &plugins),
-        Command::Emit { name, target, pass, plugins } => emit(&name, &target, &pass, &plugins),
+        Command::Emit { name, target, pass, plugins } => emit(&name, &target, pass.as_deref(), &plugins),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -208,10 +210,11 @@ fn list(pattern: Option<&str>, plugins: &PluginArgs) -> Result<bool, String> {
     Ok(true)
 }
 
-fn emit(name: &str, target: &str, pass: &str, plugins: &PluginArgs) -> Result<bool, String> {
+fn emit(name: &str, target: &str, pass: Option<&str>, plugins: &PluginArgs) -> Result<bool, String> {
     let lang = target.parse().map_err(|e: normforge::dsl::Error| format!("error: {e}\n"))?;
     let reg = registry(plugins)?;
     let r = reg.get(name).map_err(|e| e.render())?;
+    let pass = pass.unwrap_or(if r.entry.kind == normforge::dsl::ir::Kind::Optimizer { "step" } else { "forward" });
     let source = normforge::cubecl::emit(&r.entry, pass, lang).map_err(|e| format!("error: {e}\n"))?;
     print!("{source}");
     Ok(true)

@@ -6,10 +6,10 @@ use normforge::cubecl::emit::Lang;
 use normforge::dsl::ir::Kind;
 use std::process::Command;
 
-/// `step_kernel_<8 hex digits>` -> `step_kernel_[hash]`, and the same for `combine_kernel_`.
+/// `step_kernel_<8 hex digits>` -> `step_kernel_[hash]`, and the same for the other kernels.
 fn redact(src: &str) -> String {
     let mut text = src.to_string();
-    for name in ["step_kernel_", "combine_kernel_"] {
+    for name in ["step_kernel_", "combine_kernel_", "layer_kernel_"] {
         let mut out = String::with_capacity(text.len());
         let mut rest = text.as_str();
         while let Some(i) = rest.find(name) {
@@ -25,8 +25,8 @@ fn redact(src: &str) -> String {
     text
 }
 
-/// Rules the backend refuses today (per-axis reductions), and layers, which have no CubeCL
-/// kernels yet: each must fail with a message, not a panic.
+/// Rules the backend refuses today (per-axis reductions in an update rule): each must fail
+/// with a message, not a panic.
 const NOT_YET: &[&str] = &["adamp", "sgdp"];
 
 #[test]
@@ -35,12 +35,13 @@ fn every_std_kernel_as_cuda_and_wgsl() {
     let mut emitted = 0;
     for r in reg.list(None) {
         let e = &r.entry;
-        if e.kind != Kind::Optimizer || NOT_YET.contains(&e.name.as_str()) {
+        if NOT_YET.contains(&e.name.as_str()) {
             let err = normforge::cubecl::emit(e, "step", Lang::Cuda).unwrap_err();
-            assert!(err.0.contains("not supported") || err.0.contains("no layer kernels"), "{}: {err}", e.name);
+            assert!(err.0.contains("not supported"), "{}: {err}", e.name);
             continue;
         }
-        for pass in ["step", "init"] {
+        let passes: &[&str] = if e.kind == Kind::Optimizer { &["step", "init"] } else { &["forward", "backward"] };
+        for &pass in passes {
             for (lang, ext) in [(Lang::Cuda, "cuda"), (Lang::Wgsl, "wgsl")] {
                 let src = normforge::cubecl::emit(e, pass, lang).unwrap_or_else(|err| panic!("{} {pass}: {err}", e.name));
                 insta::assert_snapshot!(format!("kernel__{}__{pass}.{ext}", e.name), redact(&src));
@@ -48,7 +49,7 @@ fn every_std_kernel_as_cuda_and_wgsl() {
             }
         }
     }
-    assert_eq!(emitted, 48, "12 rules, 2 passes, 2 languages");
+    assert_eq!(emitted, 80, "12 rules and 8 layers, 2 passes, 2 languages");
 }
 
 #[test]
@@ -62,12 +63,16 @@ fn cli_emit_prints_source_and_refuses_clearly() {
     let out = run(&["emit", "lamb", "--target", "wgsl"]);
     let src = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && src.contains("// phase 2 of 2") && src.contains("combine_kernel_"), "{src}");
+    // A layer: its reductions, then one elementwise kernel per output shape.
+    let out = run(&["emit", "batch_norm", "--target", "cuda"]);
+    let src = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && src.contains("Sum reduction") && src.contains("layer_kernel_"), "{src}");
     let out = run(&["emit", "lion", "--target", "wgsl", "--pass", "init"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("@compute"));
     for (args, msg) in [
         (&["emit", "lion", "--target", "ptx"][..], "unknown target `ptx`"),
         (&["emit", "lion", "--pass", "forward"][..], "its passes are `step` and `init`"),
-        (&["emit", "layer_norm"][..], "no layer kernels yet"),
+        (&["emit", "layer_norm", "--pass", "step"][..], "its passes are `forward`, `backward`"),
         (&["emit", "adamp"][..], "not supported by the CubeCL backend yet"),
         (&["emit", "adamx"][..], "adamw"),
     ] {

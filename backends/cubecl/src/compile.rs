@@ -10,25 +10,45 @@ use normforge_dsl::bind;
 use normforge_dsl::ir::{Binary, Entry, Extent, Op, Program, ReduceOp, Target, Unary};
 use std::collections::HashMap;
 
+/// The nodes whose value is the same for every element (functions of hyper-parameters, the step
+/// count and, in a layer, the input's shape): computed on the host in f64, read by kernels from
+/// a scalar buffer.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Compiled {
-    /// In launch order; after each phase with reductions, their combine.
-    pub phases: Vec<KProgram>,
-    program: Program,
-    uniform: Vec<bool>,
+pub(crate) struct Uniforms {
+    pub flags: Vec<bool>,
     /// The uniform nodes the kernels read, in the order of their scalar buffer.
     exported: Vec<u32>,
-    /// Per-tensor values the host knows from shapes alone (`rank`, sizes of some axes): the
-    /// node and its result slot.
-    host: Vec<(u32, usize)>,
+    index: HashMap<u32, usize>,
 }
 
-impl Compiled {
-    /// The kernels' scalar buffer for these hyper-parameters and step count.
-    pub fn scalars(&self, hparams: &[f64], t: f64) -> Vec<f32> {
-        let mut val = vec![0f64; self.program.nodes.len()];
-        for (i, n) in self.program.nodes.iter().enumerate() {
-            if !self.uniform[i] {
+impl Uniforms {
+    /// `leaf` says which other ops (shape queries, in a layer) count as uniform.
+    pub fn new(p: &Program, leaf: impl Fn(&Op) -> bool) -> Self {
+        let mut flags = vec![false; p.nodes.len()];
+        for (i, node) in p.nodes.iter().enumerate() {
+            flags[i] = match &node.op {
+                Op::Const(_) | Op::HParam(_) | Op::Step => true,
+                Op::Unary(..) | Op::Binary(..) | Op::Select(..) | Op::Expand(_) => node.op.args().iter().all(|a| flags[*a as usize]),
+                op => leaf(op),
+            };
+        }
+        Uniforms { flags, exported: Vec::new(), index: HashMap::new() }
+    }
+
+    /// The scalar-buffer entry of a uniform node.
+    pub fn export(&mut self, id: u32) -> usize {
+        let exported = &mut self.exported;
+        *self.index.entry(id).or_insert_with(|| {
+            exported.push(id);
+            exported.len() - 1
+        })
+    }
+
+    /// The scalar buffer; `query` answers the shape queries.
+    pub fn values(&self, p: &Program, hparams: &[f64], t: f64, query: impl Fn(&Op) -> f64) -> Vec<f32> {
+        let mut val = vec![0f64; p.nodes.len()];
+        for (i, n) in p.nodes.iter().enumerate() {
+            if !self.flags[i] {
                 continue;
             }
             let v = |id: &u32| val[*id as usize];
@@ -40,10 +60,30 @@ impl Compiled {
                 Op::Binary(b, x, y) => b.apply(v(x), v(y)),
                 Op::Select(c, x, y) => if v(c) != 0.0 { v(x) } else { v(y) },
                 Op::Expand(a) => v(a),
-                _ => unreachable!("only these ops are uniform"),
+                op => query(op),
             };
         }
-        self.exported.iter().map(|&i| val[i as usize] as f32).collect()
+        let mut out: Vec<f32> = self.exported.iter().map(|&i| val[i as usize] as f32).collect();
+        out.push(0.0); // never empty: not every runtime allows an empty binding
+        out
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compiled {
+    /// In launch order; after each phase with reductions, their combine.
+    pub phases: Vec<KProgram>,
+    program: Program,
+    uniforms: Uniforms,
+    /// Per-tensor values the host knows from shapes alone (`rank`, sizes of some axes): the
+    /// node and its result slot.
+    host: Vec<(u32, usize)>,
+}
+
+impl Compiled {
+    /// The kernels' scalar buffer for these hyper-parameters and step count.
+    pub fn scalars(&self, hparams: &[f64], t: f64) -> Vec<f32> {
+        self.uniforms.values(&self.program, hparams, t, |_| unreachable!("no shape queries are uniform in a rule"))
     }
 
     /// Per-tensor results the rule needs (the row length of its result buffers).
@@ -78,17 +118,13 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
     let unsupported = |what: &str| Error(format!("`{}`: {what} is not supported by the CubeCL backend yet", entry.name));
     let n = p.nodes.len();
     let full = |i: u32| p.nodes[i as usize].shape.0.iter().all(|e| *e == Extent::Full);
-    let mut uniform = vec![false; n];
+    let mut uniforms = Uniforms::new(p, |_| false);
+    let uniform = uniforms.flags.clone();
     let mut level = vec![0usize; n];
     let mut slot = vec![usize::MAX; n];
     let mut slots = 0;
     let mut host = Vec::new();
     for (i, node) in p.nodes.iter().enumerate() {
-        uniform[i] = match &node.op {
-            Op::Const(_) | Op::HParam(_) | Op::Step => true,
-            Op::Unary(..) | Op::Binary(..) | Op::Select(..) | Op::Expand(_) => node.op.args().iter().all(|a| uniform[*a as usize]),
-            _ => false,
-        };
         if uniform[i] {
             continue;
         }
@@ -121,8 +157,6 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
         }
     }
     let last = p.outputs.iter().map(|o| level[o.node as usize]).max().unwrap_or(0);
-    let mut exported: Vec<u32> = Vec::new();
-    let mut export_index: HashMap<u32, usize> = HashMap::new();
     let mut phases = Vec::new();
     for k in 0..=last {
         // The reductions this phase feeds, and everything they and (last) the outputs need.
@@ -151,11 +185,7 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
             if let Some(r) = reg[id as usize] {
                 return r;
             }
-            let e = *export_index.entry(id).or_insert_with(|| {
-                exported.push(id);
-                exported.len() - 1
-            });
-            ops.push(KOp::Scalar(e));
+            ops.push(KOp::Scalar(uniforms.export(id)));
             reg[id as usize] = Some(ops.len() - 1);
             ops.len() - 1
         };
@@ -209,10 +239,10 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
         }
         phases.push(KProgram { ops, accums, slots });
     }
-    Ok(Compiled { phases, program: p.clone(), uniform, exported, host })
+    Ok(Compiled { phases, program: p.clone(), uniforms, host })
 }
 
-fn reduce(r: ReduceOp) -> ROp {
+pub(crate) fn reduce(r: ReduceOp) -> ROp {
     match r {
         ReduceOp::Sum => ROp::Sum,
         ReduceOp::Max => ROp::Max,
@@ -220,7 +250,7 @@ fn reduce(r: ReduceOp) -> ROp {
     }
 }
 
-fn unary(u: Unary) -> UOp {
+pub(crate) fn unary(u: Unary) -> UOp {
     match u {
         Unary::Neg => UOp::Neg,
         Unary::Not => UOp::Not,
@@ -238,7 +268,7 @@ fn unary(u: Unary) -> UOp {
     }
 }
 
-fn binary(b: Binary) -> BOp {
+pub(crate) fn binary(b: Binary) -> BOp {
     match b {
         Binary::Add => BOp::Add,
         Binary::Sub => BOp::Sub,

@@ -5,8 +5,8 @@
 //! generic CUDA-class device (32-wide warps, 1024 threads per cube, every scalar type), so
 //! the text is the same on every machine and needs no driver.
 
-use crate::kernel::{combine_kernel, step_kernel, BLOCK};
-use crate::{Compiled, Error};
+use crate::kernel::{combine_kernel, layer_kernel, step_kernel, BLOCK};
+use crate::{Compiled, Error, Plan};
 use cubecl::ir::{DeviceIdentity, DeviceProperties, HardwareProperties, MemoryDeviceProperties, TargetProperties};
 use cubecl::prelude::*;
 use cubecl::Compiler;
@@ -119,6 +119,33 @@ pub fn program_source(prog: &Compiled, lang: Lang) -> Result<String, Error> {
             out.push_str(&source(&kernel, lang)?);
             out.push('\n');
         }
+    }
+    Ok(out)
+}
+
+/// Every kernel of a layer program, in launch order, under a comment saying what each computes.
+pub fn plan_source(plan: &Plan, lang: Lang) -> Result<String, Error> {
+    let props = Arc::new(properties());
+    let target = Arc::new(TargetProperties::default());
+    let mut out = String::new();
+    for (k, prog) in plan.kernels.iter().enumerate() {
+        let what = match prog.reduce {
+            Some((op, _, _)) => format!("{op:?} reduction"),
+            None => format!("elementwise, {} output(s)", prog.stores.len()),
+        };
+        out.push_str(&format!("// kernel {} of {}: {what}\n", k + 1, plan.kernels.len()));
+        let kernel = layer_kernel::create_dummy_kernel(
+            props.clone(),
+            target.clone(),
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(BLOCK as u32),
+            unbound(1),
+            unbound(1),
+            unbound(1),
+            prog.clone(),
+        );
+        out.push_str(&source(&kernel, lang)?);
+        out.push('\n');
     }
     Ok(out)
 }

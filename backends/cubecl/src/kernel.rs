@@ -265,3 +265,129 @@ fn binary(#[comptime] op: BOp, x: f32, y: f32) -> f32 {
         BOp::Or => f32::max(x, y),
     }
 }
+
+/// One instruction of a layer kernel; operands are indices of earlier instructions.
+#[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
+pub enum LOp {
+    /// Tensor `t` (its offset is in the tensor table) of shape `s`, read where the current
+    /// element of the domain falls in it (broadcast along its single or grouped axes).
+    Load(usize, usize),
+    Scalar(usize),
+    Const(u32),
+    Unary(UOp, usize),
+    Binary(BOp, usize, usize),
+    Select(usize, usize, usize),
+}
+
+/// A layer kernel: one unit per element of the `target` shape. A reduction loops over the
+/// elements of its `domain` shape that fall in its target element and folds `value` into the
+/// tensor `out`; otherwise (domain = target, one iteration) each `store` writes a tensor of the
+/// target's shape.
+#[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
+pub struct LProgram {
+    /// Declared axes (a variadic axis counts once: its dims are contiguous, so one extent).
+    pub rank: usize,
+    /// Shapes in the shape table.
+    pub shapes: usize,
+    pub domain: usize,
+    pub target: usize,
+    pub ops: Vec<LOp>,
+    /// `(fold, value register, out tensor)` for a reduction.
+    pub reduce: Option<(ROp, usize, usize)>,
+    /// `(tensor, register)` for an elementwise kernel.
+    pub stores: Vec<(usize, usize)>,
+}
+
+/// `meta` holds, per shape `k` (at `3 * rank * k`): per axis its extent in that shape (`outer`:
+/// 1, the group count, or the axis length), the axis elements per value (`inner`), and the
+/// row-major stride; then each tensor's offset in `arena`.
+#[cube(launch_unchecked, create_dummy_kernel)]
+pub fn layer_kernel(arena: &mut [f32], meta: &[u32], scalars: &[f32], #[comptime] prog: LProgram) {
+    let rank = comptime! { prog.rank };
+    let tbase = comptime! { 3 * prog.rank * prog.shapes };
+    let tgt = comptime! { 3 * prog.rank * prog.target };
+    let dom = comptime! { 3 * prog.rank * prog.domain };
+    let mut count = 1usize;
+    let mut loops = 1usize;
+    #[unroll]
+    for a in 0..rank {
+        count *= meta[tgt + a] as usize;
+        loops *= (meta[dom + a] / meta[tgt + a]) as usize;
+    }
+    let o = ABSOLUTE_POS;
+    if o < count {
+        // This unit's element of the target, per axis (last axis first).
+        let mut oi = Sequence::<usize>::new();
+        let mut rem = o;
+        #[unroll]
+        for k in 0..rank {
+            let a = comptime! { rank - 1 - k };
+            let e = meta[tgt + a] as usize;
+            oi.push(rem % e);
+            rem /= e;
+        }
+        let mut acc = 0.0f32;
+        if comptime! { prog.reduce.is_some() } {
+            let (op, _, _) = comptime! { prog.reduce.unwrap() };
+            acc = identity(op);
+        }
+        for j in 0..loops {
+            // The first input element of this domain element, per axis.
+            let mut idx = Sequence::<usize>::new();
+            let mut jr = j;
+            #[unroll]
+            for k in 0..rank {
+                let a = comptime! { rank - 1 - k };
+                let per = (meta[dom + a] / meta[tgt + a]) as usize;
+                let ja = jr % per;
+                jr /= per;
+                idx.push((oi[k] * per + ja) * meta[dom + rank + a] as usize);
+            }
+            let mut r = Sequence::<f32>::new();
+            #[unroll]
+            for k in 0..prog.ops.len() {
+                let op = comptime! { prog.ops[k].clone() };
+                match op {
+                    LOp::Load(t, s) => {
+                        let sb = comptime! { 3 * prog.rank * s };
+                        let mut off = meta[tbase + t] as usize;
+                        #[unroll]
+                        for q in 0..rank {
+                            let a = comptime! { rank - 1 - q };
+                            off += idx[q] / meta[sb + rank + a] as usize * meta[sb + 2 * rank + a] as usize;
+                        }
+                        r.push(arena[off]);
+                    }
+                    LOp::Scalar(i) => r.push(scalars[i]),
+                    LOp::Const(bits) => r.push(f32::from_bits(bits)),
+                    LOp::Unary(op, a) => {
+                        let v = unary(op, r[a]);
+                        r.push(v);
+                    }
+                    LOp::Binary(op, a, c) => {
+                        let v = binary(op, r[a], r[c]);
+                        r.push(v);
+                    }
+                    LOp::Select(c, a, b) => {
+                        let v = select(r[c] != 0.0, r[a], r[b]);
+                        r.push(v);
+                    }
+                }
+            }
+            if comptime! { prog.reduce.is_some() } {
+                let (op, v, _) = comptime! { prog.reduce.unwrap() };
+                acc = fold(op, acc, r[v]);
+            } else {
+                #[unroll]
+                for k in 0..prog.stores.len() {
+                    let (t, v) = comptime! { prog.stores[k] };
+                    arena[meta[tbase + t] as usize + o] = r[v];
+                }
+            }
+        }
+        if comptime! { prog.reduce.is_some() } {
+            let (_, _, t) = comptime! { prog.reduce.unwrap() };
+            arena[meta[tbase + t] as usize + o] = acc;
+        }
+    }
+}

@@ -2,20 +2,27 @@
 //! every parameter tensor (their elements back to back: horizontal fusion), per-tensor
 //! reductions (LAMB's trust ratio) as phases of partial reduce, combine, apply.
 //!
-//! What exists: update rules whose values vary per element or per tensor, on any CubeCL
-//! runtime, checked on lavapipe against the reference backend; their CUDA C++ and WGSL.
-//! Not yet: per-axis reductions (AdamP's per-channel projection), layers, other dtypes — see
-//! ARCHITECTURE.md.
+//! Layers (`CubeLayer`) run as a few layer kernels: one per reduction, one unit per reduced
+//! value looping over what it folds, and one elementwise kernel per output shape; extents are
+//! run-time data, so one compiled kernel serves every input shape.
+//!
+//! Checked on lavapipe against the reference backend: every std layer (forward, backward) and
+//! every update rule but those with per-axis reductions (AdamP's per-channel projection).
+//! Not yet: those, bf16/f16 — see ARCHITECTURE.md.
 
 mod compile;
 pub mod emit;
 pub mod kernel;
+mod layer;
 mod optimizer;
+mod plan;
 mod unfused;
 
 pub use compile::{compile, Compiled};
 pub use normforge_dsl::Error;
+pub use layer::{CubeLayer, Gradients};
 pub use optimizer::{CubeOptimizer, Flat};
+pub use plan::{plan, Plan};
 
 use normforge_dsl::ir::{Entry, Programs};
 
@@ -24,14 +31,30 @@ pub fn cpu_device() -> Result<cubecl::Device, Error> {
     cubecl::Device::wgpu(cubecl::device::WgpuDeviceKind::Cpu).map_err(|e| Error(format!("no software Vulkan adapter: {e:?}")))
 }
 
-/// The generated source of one of an entry's kernels: `pass` is `step` (or `init`, the state
-/// initialiser) for an update rule.
+/// The generated source of an entry's kernels for one pass: `step` (or `init`, the state
+/// initialiser) for an update rule; `forward`, `backward` (training mode), `forward-eval`,
+/// `backward-eval` or `init` for a layer.
 pub fn emit(entry: &Entry, pass: &str, lang: emit::Lang) -> Result<String, Error> {
-    let program = match (&entry.programs, pass) {
-        (Programs::Optimizer { step }, "step") => step,
-        (Programs::Optimizer { .. }, "init") => &entry.init,
-        (Programs::Optimizer { .. }, _) => return Err(Error(format!("`{}` is an optimizer: its passes are `step` and `init`, not `{pass}`", entry.name))),
-        _ => return Err(Error(format!("`{}`: the CubeCL backend has no layer kernels yet", entry.name))),
-    };
-    emit::program_source(&compile(entry, program)?, lang)
+    match (&entry.programs, pass) {
+        (Programs::Optimizer { step }, "step") => emit::program_source(&compile(entry, step)?, lang),
+        (Programs::Optimizer { .. }, "init") => emit::program_source(&compile(entry, &entry.init)?, lang),
+        (Programs::Optimizer { .. }, _) => Err(Error(format!("`{}` is an optimizer: its passes are `step` and `init`, not `{pass}`", entry.name))),
+        (Programs::Layer { train, eval, train_backward, eval_backward }, _) => {
+            let program = match pass {
+                "forward" => train,
+                "backward" => train_backward,
+                "forward-eval" => eval,
+                "backward-eval" => eval_backward,
+                "init" => &entry.init,
+                _ => {
+                    return Err(Error(format!(
+                        "`{}` is a {}: its passes are `forward`, `backward`, `forward-eval`, `backward-eval` and `init`, not `{pass}`",
+                        entry.name,
+                        entry.kind.keyword()
+                    )))
+                }
+            };
+            emit::plan_source(&plan(entry, program)?, lang)
+        }
+    }
 }

@@ -221,8 +221,7 @@ impl CubeOptimizer {
 
     /// Launch a program's kernels with its scalars for the current step.
     fn run(&self, prog: &Compiled, kernels: &[KProgram], flat: &Flat, slots: usize) -> Result<(), Error> {
-        let mut scalars = prog.scalars(&self.hparams, self.step as f64);
-        scalars.push(0.0); // never empty
+        let scalars = prog.scalars(&self.hparams, self.step as f64);
         let sc = self.client.create_from_slice(f32::as_bytes(&scalars));
         let red = self.client.create_from_slice(f32::as_bytes(&prog.host_values(&self.entry, &self.hparams, &flat.shapes)?));
         for k in kernels {

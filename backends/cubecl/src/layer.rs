@@ -1,0 +1,194 @@
+//! A layer on a CubeCL device: forward (train and eval, buffers updated in training) and the
+//! derived backward, each a short sequence of layer kernels over one arena buffer that holds
+//! every tensor of the call.
+
+use crate::kernel::{layer_kernel, BLOCK};
+use crate::plan::{plan, Plan, Source};
+use crate::Error;
+use cubecl::prelude::*;
+use normforge_dsl::bind::{self, AxisBinding};
+use normforge_dsl::ir::{Entry, Kind, Op, Programs, Target};
+use std::sync::Arc;
+
+/// Parameter gradients and the input gradient of one backward pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients {
+    pub input: Vec<f32>,
+    pub params: Vec<Vec<f32>>,
+}
+
+pub struct CubeLayer {
+    entry: Arc<Entry>,
+    pub hparams: Vec<f64>,
+    /// Train, eval, train backward, eval backward.
+    plans: [Plan; 4],
+    pub params: Vec<Vec<f32>>,
+    pub buffers: Vec<Vec<f32>>,
+    client: cubecl::client::Client,
+}
+
+impl CubeLayer {
+    /// Instantiate for inputs of `input_shape`: parameters and buffers take their initial values
+    /// (computed by the entry's initialiser on the device).
+    pub fn new(entry: Arc<Entry>, overrides: &[(String, f64)], input_shape: &[usize], device: &cubecl::Device) -> Result<Self, Error> {
+        if entry.kind == Kind::Optimizer {
+            return Err(Error(format!("`{}` is an optimizer, not a layer", entry.name)));
+        }
+        let hparams = normforge_dsl::hyper::resolve(&entry, overrides)?;
+        let Programs::Layer { train, eval, train_backward, eval_backward } = &entry.programs else { unreachable!("checked above") };
+        let plans = [plan(&entry, train)?, plan(&entry, eval)?, plan(&entry, train_backward)?, plan(&entry, eval_backward)?];
+        let init = plan(&entry, &entry.init)?;
+        let mut layer = CubeLayer { entry, hparams, plans, params: Vec::new(), buffers: Vec::new(), client: device.client() };
+        let b = layer.bind(input_shape, "the input", false)?;
+        let out = layer.execute(&init, &b, None, None)?;
+        let take = |target: fn(u32) -> Target, n: usize| -> Result<Vec<Vec<f32>>, Error> {
+            (0..n as u32).map(|i| out.iter().find(|(t, _)| *t == target(i)).map(|(_, v)| v.clone()).ok_or_else(|| Error("the initialiser lacks an output".into()))).collect()
+        };
+        layer.params = take(Target::Param, layer.entry.params.len())?;
+        layer.buffers = take(Target::Buffer, layer.entry.buffers.len())?;
+        Ok(layer)
+    }
+
+    pub fn entry(&self) -> &Entry {
+        &self.entry
+    }
+
+    /// Bind a shape to the axes; with `check`, it must fit the parameters and buffers.
+    fn bind(&self, shape: &[usize], what: &str, check: bool) -> Result<AxisBinding, Error> {
+        let b = bind::bind_axes(&self.entry.axes, shape, what).map_err(Error)?;
+        for p in &self.plans {
+            bind::check_program(&p.program, &b, &self.hparams).map_err(Error)?;
+        }
+        if check {
+            let decls = self.entry.params.iter().zip(&self.params).chain(self.entry.buffers.iter().zip(&self.buffers));
+            for (d, v) in decls {
+                let want: usize = bind::dims_of(&d.shape, &b, &self.hparams).map_err(Error)?.iter().product();
+                if want != v.len() {
+                    return Err(Error(format!("{what} has shape {shape:?}: `{}` needs {want} values for it, but has {}", d.name, v.len())));
+                }
+            }
+        }
+        Ok(b)
+    }
+
+    /// Run a plan; every output, by target.
+    fn execute(&self, plan: &Plan, b: &AxisBinding, x: Option<&[f32]>, gy: Option<&[f32]>) -> Result<Vec<(Target, Vec<f32>)>, Error> {
+        let rank = self.entry.axes.len();
+        let mut meta: Vec<u32> = Vec::new();
+        let mut sizes = Vec::new();
+        for s in &plan.shapes {
+            let outer = bind::extents(s, b, &self.hparams).map_err(Error)?;
+            let inner: Vec<usize> = outer.iter().zip(&b.extents).map(|(&o, &e)| if o == 0 { 0 } else { e / o }).collect();
+            let mut stride = vec![0usize; rank];
+            let mut acc = 1;
+            for a in (0..rank).rev() {
+                stride[a] = acc;
+                acc *= outer[a];
+            }
+            sizes.push(acc);
+            for v in outer.iter().chain(&inner).chain(&stride) {
+                meta.push(u32::try_from(*v).map_err(|_| Error("a tensor of this layer call exceeds 2^32 values".into()))?);
+            }
+        }
+        let mut arena: Vec<f32> = Vec::new();
+        for &(src, shape) in &plan.tensors {
+            meta.push(arena.len() as u32);
+            let len = sizes[shape];
+            let data: Option<&[f32]> = match src {
+                Source::Input => x,
+                Source::GradOutput => gy,
+                Source::Param(i) => self.params.get(i as usize).map(Vec::as_slice),
+                Source::Buffer(i) => self.buffers.get(i as usize).map(Vec::as_slice),
+                Source::Node(_) => None,
+            };
+            match data {
+                Some(d) if d.len() != len => return Err(Error(format!("{src:?} has {} values, the layer expects {len}", d.len()))),
+                Some(d) => arena.extend_from_slice(d),
+                None if matches!(src, Source::Node(_)) => arena.resize(arena.len() + len, 0.0),
+                None => return Err(Error(format!("{src:?} is missing"))),
+            }
+        }
+        if arena.is_empty() {
+            arena.push(0.0);
+        }
+        // A binding past the adapter's limit does not run: refuse it here.
+        let limit = self.client.properties().memory.max_page_size;
+        if (arena.len() * 4) as u64 > limit {
+            return Err(Error(format!("this layer call needs {} values, more than the adapter's largest buffer ({limit} bytes)", arena.len())));
+        }
+        let scalars = plan.uniforms.values(&plan.program, &self.hparams, 0.0, |op| match op {
+            Op::Size(s) => bind::size(s, b, &self.hparams) as f64,
+            Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f64,
+            _ => unreachable!("only shape queries"),
+        });
+        let arena_h = self.client.create_from_slice(f32::as_bytes(&arena));
+        let meta_h = self.client.create_from_slice(u32::as_bytes(&meta));
+        let sc = self.client.create_from_slice(f32::as_bytes(&scalars));
+        for k in &plan.kernels {
+            let count = sizes[k.target];
+            if count == 0 {
+                continue;
+            }
+            let cubes = count.div_ceil(BLOCK);
+            let x = cubes.min(65_535);
+            let y = cubes.div_ceil(x);
+            // SAFETY: units past `count` do nothing; every offset is a tensor's offset plus an
+            // index below its size (the meta table is built from the same shapes), so inside
+            // the arena, whose length is passed.
+            unsafe {
+                layer_kernel::launch_unchecked(
+                    &self.client,
+                    CubeCount::Static(x as u32, y as u32, 1),
+                    CubeDim::new_1d(BLOCK as u32),
+                    BufferArg::from_raw_parts(arena_h.clone(), arena.len()),
+                    BufferArg::from_raw_parts(meta_h.clone(), meta.len()),
+                    BufferArg::from_raw_parts(sc.clone(), scalars.len()),
+                    k.clone(),
+                );
+            }
+        }
+        let bytes = self.client.read_one(arena_h).map_err(|e| Error(format!("reading back: {e:?}")))?;
+        let out = f32::from_bytes(&bytes);
+        let offsets = &meta[meta.len() - plan.tensors.len()..];
+        Ok(plan
+            .outputs
+            .iter()
+            .map(|&(target, t)| {
+                let off = offsets[t] as usize;
+                (target, out[off..off + sizes[plan.tensors[t].1]].to_vec())
+            })
+            .collect())
+    }
+
+    /// The output for `x` (of `shape`); in training mode the buffers take their new values.
+    pub fn forward(&mut self, x: &[f32], shape: &[usize], train: bool) -> Result<Vec<f32>, Error> {
+        let b = self.bind(shape, "the input", true)?;
+        if x.len() != shape.iter().product::<usize>() {
+            return Err(Error(format!("the input has {} values, its shape {shape:?} says {}", x.len(), shape.iter().product::<usize>())));
+        }
+        let out = self.execute(&self.plans[if train { 0 } else { 1 }], &b, Some(x), None)?;
+        let mut y = None;
+        for (target, v) in out {
+            match target {
+                Target::Y => y = Some(v),
+                Target::Buffer(i) => self.buffers[i as usize] = v,
+                _ => {}
+            }
+        }
+        y.ok_or_else(|| Error("the layer has no output".into()))
+    }
+
+    /// Gradients of `sum(y * gy)` with respect to `x` and every parameter, through the derived
+    /// backward program. Buffers are left as they are.
+    pub fn backward(&self, x: &[f32], gy: &[f32], shape: &[usize], train: bool) -> Result<Gradients, Error> {
+        let b = self.bind(shape, "the input", true)?;
+        let n: usize = shape.iter().product();
+        if x.len() != n || gy.len() != n {
+            return Err(Error(format!("the input and output gradient need {n} values each, for shape {shape:?}")));
+        }
+        let out = self.execute(&self.plans[if train { 2 } else { 3 }], &b, Some(x), Some(gy))?;
+        let find = |t: Target| out.iter().find(|(x, _)| *x == t).map(|(_, v)| v.clone()).ok_or_else(|| Error("the backward program lacks an output".into()));
+        let params = (0..self.params.len() as u32).map(|i| find(Target::GradParam(i))).collect::<Result<_, _>>()?;
+        Ok(Gradients { input: find(Target::GradInput)?, params })
+    }
+}

@@ -1,0 +1,115 @@
+//! Every standard layer through the CubeCL layer kernels on lavapipe against the f64 reference
+//! backend: forward in training (buffers updated) and evaluation, and the derived backward, on
+//! fresh random inputs and parameters, with reduced extents of 1, 7, 1000 and 4097.
+
+mod common;
+
+use common::{registry, rel, values};
+use normforge_cubecl::{cpu_device, CubeLayer};
+use normforge_reference::{Layer, Tensor};
+
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Shapes whose reduced extents (the last axis for `x[..., d]`, the spatial axis and channel
+/// groups for `x[n, c, s...]`) are 1, 7, 1000 and 4097.
+fn shapes(name: &str) -> Vec<Vec<usize>> {
+    if ["layer_norm", "rms_norm", "dyt"].contains(&name) {
+        vec![vec![3, 1], vec![2, 3, 7], vec![4, 1000], vec![2, 4097]]
+    } else {
+        // Not [2, 4, 1]: a normalized set of exactly two values has an input gradient that is
+        // zero but for an O(eps) remainder, which f32 cannot resolve.
+        vec![vec![3, 6, 1], vec![3, 4, 7], vec![2, 4, 10, 100], vec![2, 4, 4097]]
+    }
+}
+
+fn check(name: &str, shape: &[usize], seed: u64) {
+    let reg = registry();
+    let device = cpu_device().expect("lavapipe (mesa-vulkan-drivers) is installed by scripts/test.sh");
+    let entry = reg.get(name).unwrap().entry;
+    let mut h: Vec<(String, f64)> = Vec::new();
+    if entry.hparams.iter().any(|p| p.name == "groups") {
+        h.push(("groups".into(), 2.0));
+    }
+    if name == "rms_norm" && shape[shape.len() - 1] == 1 {
+        // With one feature and eps = 1e-8 the true input gradient is ~1e-8 of the output
+        // gradient: f32 cannot resolve it against anything (the reference's own finite
+        // differences use the same setting).
+        h.push(("eps".into(), 0.1));
+    }
+    let mut ours = CubeLayer::new(entry.clone(), &h, shape, &device).unwrap();
+    let mut oracle = Layer::new(entry.clone(), &h, shape).unwrap();
+    // Both start from the same initial values...
+    for (a, b) in ours.params.iter().zip(&oracle.params).chain(ours.buffers.iter().zip(&oracle.buffers)) {
+        assert!(rel(a, &b.data) < 1e-6, "{name}: initial values differ");
+    }
+    // ...then take random parameters and positive buffers (running variances must be).
+    for (k, p) in oracle.params.iter_mut().enumerate() {
+        p.data = values(seed * 31 + k as u64, p.data.len()).iter().map(|v| 1.0 + 0.5 * v).collect();
+    }
+    for (k, b) in oracle.buffers.iter_mut().enumerate() {
+        b.data = values(seed * 37 + k as u64, b.data.len()).iter().map(|v| 1.0 + 0.5 * v).collect();
+    }
+    // The oracle computes on exactly the f32 values ours gets.
+    let round = |v: &mut Vec<f64>| *v = f64s(&f32s(v));
+    oracle.params.iter_mut().chain(oracle.buffers.iter_mut()).for_each(|t| round(&mut t.data));
+    ours.params = oracle.params.iter().map(|t| f32s(&t.data)).collect();
+    ours.buffers = oracle.buffers.iter().map(|t| f32s(&t.data)).collect();
+    let n: usize = shape.iter().product();
+    let x = f64s(&f32s(&values(seed, n).iter().map(|v| 2.0 * v + 0.3).collect::<Vec<_>>()));
+    let gy = f64s(&f32s(&values(seed + 1000, n)));
+    let xt = Tensor::new(shape.to_vec(), x.clone()).unwrap();
+    let gt = Tensor::new(shape.to_vec(), gy.clone()).unwrap();
+    for train in [true, false] {
+        let what = format!("{name} {shape:?} {}", if train { "train" } else { "eval" });
+        let y = ours.forward(&f32s(&x), shape, train).unwrap();
+        let want = oracle.forward(&xt, train).unwrap();
+        let e = rel(&y, &want.data);
+        assert!(e < 1e-5, "{what}: forward relative error {e:e}");
+        for (k, (a, b)) in ours.buffers.iter().zip(&oracle.buffers).enumerate() {
+            let e = rel(a, &b.data);
+            assert!(e < 1e-5, "{what}: buffer {k} relative error {e:e}");
+        }
+        let g = ours.backward(&f32s(&x), &f32s(&gy), shape, train).unwrap();
+        let want = oracle.backward(&xt, &gt, train).unwrap();
+        let e = rel(&g.input, &want.input.data);
+        assert!(e < 1e-4, "{what}: input gradient relative error {e:e}");
+        for (k, (a, b)) in g.params.iter().zip(&want.params).enumerate() {
+            let e = rel(a, &b.data);
+            assert!(e < 1e-4, "{what}: parameter {k} gradient relative error {e:e}");
+        }
+    }
+}
+
+macro_rules! layer_tests {
+    ($($name:ident),*) => {$(
+        #[test]
+        fn $name() {
+            for (i, shape) in shapes(stringify!($name)).iter().enumerate() {
+                check(stringify!($name), shape, 7 + i as u64);
+            }
+        }
+    )*};
+}
+
+layer_tests!(layer_norm, rms_norm, batch_norm, group_norm, instance_norm, evonorm_b0, evonorm_s0, dyt);
+
+#[test]
+fn bad_shapes_are_errors() {
+    let reg = registry();
+    let device = cpu_device().unwrap();
+    let entry = reg.get("group_norm").unwrap().entry;
+    // 3 channels do not split into 2 groups.
+    let err = CubeLayer::new(entry.clone(), &[("groups".into(), 2.0)], &[2, 3, 5], &device).err().expect("refused");
+    assert!(err.0.contains("groups"), "{err}");
+    let mut layer = CubeLayer::new(entry, &[("groups".into(), 2.0)], &[2, 4, 5], &device).unwrap();
+    // Parameters sized for 4 channels, an input with 6.
+    let err = layer.forward(&[0.0; 60], &[2, 6, 5], true).unwrap_err();
+    assert!(err.0.contains("weight"), "{err}");
+    let err = layer.forward(&[0.0; 7], &[2, 4, 5], true).unwrap_err();
+    assert!(err.0.contains("7 values"), "{err}");
+}
