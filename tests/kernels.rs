@@ -25,8 +25,8 @@ fn redact(src: &str) -> String {
     text
 }
 
-/// Rules the backend refuses today (per-axis reductions in an update rule): each must fail
-/// with a message, not a panic.
+/// Rules with per-axis reductions run tensor by tensor through layer kernels, which `emit`
+/// does not print for update rules yet: each must fail with a message, not a panic.
 const NOT_YET: &[&str] = &["adamp", "sgdp"];
 
 #[test]

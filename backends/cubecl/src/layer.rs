@@ -2,12 +2,10 @@
 //! derived backward, each a short sequence of layer kernels over one arena buffer that holds
 //! every tensor of the call.
 
-use crate::kernel::{layer_kernel, BLOCK};
-use crate::plan::{plan, Plan, Source};
+use crate::plan::{plan, run, Plan, Source};
 use crate::Error;
-use cubecl::prelude::*;
 use normforge_dsl::bind::{self, AxisBinding};
-use normforge_dsl::ir::{Entry, Kind, Op, Programs, Target};
+use normforge_dsl::ir::{Entry, Kind, Programs, Target};
 use std::sync::Arc;
 
 /// Parameter gradients and the input gradient of one backward pass.
@@ -71,93 +69,15 @@ impl CubeLayer {
         Ok(b)
     }
 
-    /// Run a plan; every output, by target.
     fn execute(&self, plan: &Plan, b: &AxisBinding, x: Option<&[f32]>, gy: Option<&[f32]>) -> Result<Vec<(Target, Vec<f32>)>, Error> {
-        let rank = self.entry.axes.len();
-        let mut meta: Vec<u32> = Vec::new();
-        let mut sizes = Vec::new();
-        for s in &plan.shapes {
-            let outer = bind::extents(s, b, &self.hparams).map_err(Error)?;
-            let inner: Vec<usize> = outer.iter().zip(&b.extents).map(|(&o, &e)| if o == 0 { 0 } else { e / o }).collect();
-            let mut stride = vec![0usize; rank];
-            let mut acc = 1;
-            for a in (0..rank).rev() {
-                stride[a] = acc;
-                acc *= outer[a];
-            }
-            sizes.push(acc);
-            for v in outer.iter().chain(&inner).chain(&stride) {
-                meta.push(u32::try_from(*v).map_err(|_| Error("a tensor of this layer call exceeds 2^32 values".into()))?);
-            }
-        }
-        let mut arena: Vec<f32> = Vec::new();
-        for &(src, shape) in &plan.tensors {
-            meta.push(arena.len() as u32);
-            let len = sizes[shape];
-            let data: Option<&[f32]> = match src {
-                Source::Input => x,
-                Source::GradOutput => gy,
-                Source::Param(i) => self.params.get(i as usize).map(Vec::as_slice),
-                Source::Buffer(i) => self.buffers.get(i as usize).map(Vec::as_slice),
-                Source::Node(_) => None,
-            };
-            match data {
-                Some(d) if d.len() != len => return Err(Error(format!("{src:?} has {} values, the layer expects {len}", d.len()))),
-                Some(d) => arena.extend_from_slice(d),
-                None if matches!(src, Source::Node(_)) => arena.resize(arena.len() + len, 0.0),
-                None => return Err(Error(format!("{src:?} is missing"))),
-            }
-        }
-        if arena.is_empty() {
-            arena.push(0.0);
-        }
-        // A binding past the adapter's limit does not run: refuse it here.
-        let limit = self.client.properties().memory.max_page_size;
-        if (arena.len() * 4) as u64 > limit {
-            return Err(Error(format!("this layer call needs {} values, more than the adapter's largest buffer ({limit} bytes)", arena.len())));
-        }
-        let scalars = plan.uniforms.values(&plan.program, &self.hparams, 0.0, |op| match op {
-            Op::Size(s) => bind::size(s, b, &self.hparams) as f64,
-            Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f64,
-            _ => unreachable!("only shape queries"),
-        });
-        let arena_h = self.client.create_from_slice(f32::as_bytes(&arena));
-        let meta_h = self.client.create_from_slice(u32::as_bytes(&meta));
-        let sc = self.client.create_from_slice(f32::as_bytes(&scalars));
-        for k in &plan.kernels {
-            let count = sizes[k.target];
-            if count == 0 {
-                continue;
-            }
-            let cubes = count.div_ceil(BLOCK);
-            let x = cubes.min(65_535);
-            let y = cubes.div_ceil(x);
-            // SAFETY: units past `count` do nothing; every offset is a tensor's offset plus an
-            // index below its size (the meta table is built from the same shapes), so inside
-            // the arena, whose length is passed.
-            unsafe {
-                layer_kernel::launch_unchecked(
-                    &self.client,
-                    CubeCount::Static(x as u32, y as u32, 1),
-                    CubeDim::new_1d(BLOCK as u32),
-                    BufferArg::from_raw_parts(arena_h.clone(), arena.len()),
-                    BufferArg::from_raw_parts(meta_h.clone(), meta.len()),
-                    BufferArg::from_raw_parts(sc.clone(), scalars.len()),
-                    k.clone(),
-                );
-            }
-        }
-        let bytes = self.client.read_one(arena_h).map_err(|e| Error(format!("reading back: {e:?}")))?;
-        let out = f32::from_bytes(&bytes);
-        let offsets = &meta[meta.len() - plan.tensors.len()..];
-        Ok(plan
-            .outputs
-            .iter()
-            .map(|&(target, t)| {
-                let off = offsets[t] as usize;
-                (target, out[off..off + sizes[plan.tensors[t].1]].to_vec())
-            })
-            .collect())
+        let data = |src: Source| match src {
+            Source::Input => x,
+            Source::GradOutput => gy,
+            Source::Param(i) => self.params.get(i as usize).map(Vec::as_slice),
+            Source::Buffer(i) => self.buffers.get(i as usize).map(Vec::as_slice),
+            _ => None,
+        };
+        run(&self.client, plan, b, &self.hparams, 0.0, &data)
     }
 
     /// The output for `x` (of `shape`); in training mode the buffers take their new values.

@@ -4,10 +4,12 @@
 
 use crate::compile::{compile, Compiled};
 use crate::kernel::{combine_kernel, step_kernel, KProgram, BLOCK};
+use crate::plan::{plan, run, Plan, Source};
 use crate::{unfused, Error};
+use normforge_dsl::bind;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs};
+use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target};
 use std::sync::Arc;
 
 /// CubeCL launches one-dimensional grids of at most this many cubes here.
@@ -43,8 +45,18 @@ struct State {
     partial: Handle,
 }
 
+/// Rules with per-axis reductions (AdamP's per-channel projection) run tensor by tensor through
+/// layer kernels, extents bound from each tensor's shape: correct, not fused across tensors.
+struct PerTensor {
+    step: Plan,
+    init: Plan,
+    /// Per tensor, per state.
+    states: Vec<Vec<Vec<f32>>>,
+}
+
 /// An update rule on a CubeCL device.
 pub struct CubeOptimizer {
+    per_tensor: Option<PerTensor>,
     entry: Arc<Entry>,
     pub hparams: Vec<f64>,
     step_prog: Compiled,
@@ -65,10 +77,16 @@ impl CubeOptimizer {
         }
         let hparams = normforge_dsl::hyper::resolve(&entry, overrides)?;
         let Programs::Optimizer { step } = &entry.programs else { unreachable!("checked above") };
-        let step_prog = compile(&entry, step)?;
         let init_prog = compile(&entry, &entry.init)?;
+        let (step_prog, per_tensor) = match compile(&entry, step) {
+            Ok(c) => (c, None),
+            Err(e) => match (plan(&entry, step), plan(&entry, &entry.init)) {
+                (Ok(step), Ok(init)) => (init_prog.clone(), Some(PerTensor { step, init, states: Vec::new() })),
+                _ => return Err(e),
+            },
+        };
         let kernels = step_prog.phases.clone();
-        Ok(CubeOptimizer { entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), state: None, step: 0 })
+        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), state: None, step: 0 })
     }
 
     /// The same rule launched one kernel per operation, intermediates through memory: the
@@ -82,9 +100,19 @@ impl CubeOptimizer {
         Ok(opt)
     }
 
-    /// Kernel launches per step (a rule's phases and their combines, or the baseline's).
+    /// Kernel launches per step (a rule's phases and their combines, or the baseline's); per
+    /// tensor for a rule that runs tensor by tensor ([`Self::fused`] is false).
     pub fn launches_per_step(&self) -> usize {
+        if let Some(pt) = &self.per_tensor {
+            return pt.step.kernels.len();
+        }
         self.kernels.iter().map(|k| if k.accums.is_empty() { 1 } else { 2 }).sum()
+    }
+
+    /// Whether every tensor of a step goes through the same launches (false for rules with
+    /// per-axis reductions, which run tensor by tensor).
+    pub fn fused(&self) -> bool {
+        self.per_tensor.is_none()
     }
 
     pub fn entry(&self) -> &Entry {
@@ -232,6 +260,9 @@ impl CubeOptimizer {
 
     /// One step on parameters already on the device; launches only (see [`Self::sync`]).
     pub fn step_flat(&mut self, flat: &Flat) -> Result<(), Error> {
+        if self.per_tensor.is_some() {
+            return Err(Error(format!("`{}` runs tensor by tensor: use `step` or `step_shaped`", self.entry.name)));
+        }
         if flat.cubes == 0 {
             return Ok(());
         }
@@ -257,6 +288,9 @@ impl CubeOptimizer {
 
     /// As [`Self::step`], with each tensor's shape.
     pub fn step_shaped(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], shapes: Vec<Vec<usize>>) -> Result<(), Error> {
+        if self.per_tensor.is_some() {
+            return self.step_per_tensor(params, grads, &shapes);
+        }
         let flat = self.upload_shaped(params, grads, shapes)?;
         self.step_flat(&flat)?;
         if flat.cubes > 0 {
@@ -266,4 +300,58 @@ impl CubeOptimizer {
         }
         Ok(())
     }
+
+    fn step_per_tensor(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], shapes: &[Vec<usize>]) -> Result<(), Error> {
+        if grads.len() != params.len() || shapes.len() != params.len() {
+            return Err(Error("every parameter needs a gradient and a shape".into()));
+        }
+        let pt = self.per_tensor.as_ref().expect("per-tensor rule");
+        // Everything is checked and computed before anything is written back.
+        let mut bindings = Vec::new();
+        for (k, ((p, g), s)) in params.iter().zip(grads).zip(shapes).enumerate() {
+            if g.len() != p.len() || s.iter().product::<usize>() != p.len() {
+                return Err(Error(format!("parameter {k}: its gradient and shape must have {} values", p.len())));
+            }
+            let b = bind::bind_axes(&self.entry.axes, s, &format!("parameter {k}")).map_err(Error)?;
+            bind::check_program(&pt.step.program, &b, &self.hparams).map_err(Error)?;
+            bindings.push(b);
+        }
+        let resized = pt.states.len() != params.len() || pt.states.iter().zip(params.iter()).any(|(st, p)| st.iter().any(|v| v.len() != p.len()));
+        if !pt.states.is_empty() && resized {
+            return Err(Error("the parameters changed sizes since the first step".into()));
+        }
+        let n_states = self.entry.states.len();
+        let mut states = pt.states.clone();
+        if states.is_empty() {
+            for (p, b) in params.iter().zip(&bindings) {
+                let data = |src: Source| if src == Source::Input { Some(p.as_slice()) } else { None };
+                let out = run(&self.client, &pt.init, b, &self.hparams, 0.0, &data)?;
+                states.push((0..n_states as u32).map(|i| pick(&out, Target::State(i))).collect::<Result<_, _>>()?);
+            }
+        }
+        let t = (self.step + 1) as f64;
+        let mut new_params = Vec::new();
+        for (k, b) in bindings.iter().enumerate() {
+            let st = &states[k];
+            let data = |src: Source| match src {
+                Source::Input => Some(params[k].as_slice()),
+                Source::Grad => Some(grads[k].as_slice()),
+                Source::State(i) => st.get(i as usize).map(Vec::as_slice),
+                _ => None,
+            };
+            let out = run(&self.client, &pt.step, b, &self.hparams, t, &data)?;
+            new_params.push(pick(&out, Target::P)?);
+            states[k] = (0..n_states as u32).map(|i| pick(&out, Target::State(i))).collect::<Result<_, _>>()?;
+        }
+        for (p, v) in params.iter_mut().zip(new_params) {
+            *p = v;
+        }
+        self.per_tensor.as_mut().expect("per-tensor rule").states = states;
+        self.step += 1;
+        Ok(())
+    }
+}
+
+fn pick(out: &[(Target, Vec<f32>)], t: Target) -> Result<Vec<f32>, Error> {
+    out.iter().find(|(x, _)| *x == t).map(|(_, v)| v.clone()).ok_or_else(|| Error(format!("the program lacks the output {t:?}")))
 }
