@@ -36,7 +36,11 @@ pub fn cpu_device() -> Result<cubecl::Device, Error> {
 /// `backward-eval` or `init` for a layer.
 pub fn emit(entry: &Entry, pass: &str, lang: emit::Lang) -> Result<String, Error> {
     match (&entry.programs, pass) {
-        (Programs::Optimizer { step }, "step") => emit::program_source(&compile(entry, step)?, lang),
+        // Rules with per-axis reductions run tensor by tensor through layer kernels.
+        (Programs::Optimizer { step }, "step") => match compile(entry, step) {
+            Ok(c) => emit::program_source(&c, lang),
+            Err(e) => emit::plan_source(&plan(entry, step).map_err(|_| e)?, lang),
+        },
         (Programs::Optimizer { .. }, "init") => emit::program_source(&compile(entry, &entry.init)?, lang),
         (Programs::Optimizer { .. }, _) => Err(Error(format!("`{}` is an optimizer: its passes are `step` and `init`, not `{pass}`", entry.name))),
         (Programs::Layer { train, eval, train_backward, eval_backward }, _) => {
