@@ -54,6 +54,10 @@ enum Command {
         /// `forward`.
         #[arg(long)]
         pass: Option<String>,
+        /// Storage type of a rule's state, or of a layer's input, output and their gradients:
+        /// `f32`, `f16` or `bf16` (arithmetic is f32).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         #[command(flatten)]
         plugins: PluginArgs,
     },
@@ -85,7 +89,7 @@ fn main() -> ExitCode {
         Command::Show { target, plugins, backward, json } => show(&target, &plugins, backward, json),
         Command::List { pattern, plugins } => list(pattern.as_deref(), &plugins),
         Command::Info { name, plugins } => info(&name, &plugins),
-        Command::Emit { name, target, pass, plugins } => emit(&name, &target, pass.as_deref(), &plugins),
+        Command::Emit { name, target, pass, dtype, plugins } => emit(&name, &target, pass.as_deref(), &dtype, &plugins),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -210,12 +214,13 @@ fn list(pattern: Option<&str>, plugins: &PluginArgs) -> Result<bool, String> {
     Ok(true)
 }
 
-fn emit(name: &str, target: &str, pass: Option<&str>, plugins: &PluginArgs) -> Result<bool, String> {
+fn emit(name: &str, target: &str, pass: Option<&str>, dtype: &str, plugins: &PluginArgs) -> Result<bool, String> {
     let lang = target.parse().map_err(|e: normforge::dsl::Error| format!("error: {e}\n"))?;
+    let dtype = dtype.parse().map_err(|e: normforge::dsl::Error| format!("error: {e}\n"))?;
     let reg = registry(plugins)?;
     let r = reg.get(name).map_err(|e| e.render())?;
     let pass = pass.unwrap_or(if r.entry.kind == normforge::dsl::ir::Kind::Optimizer { "step" } else { "forward" });
-    let source = normforge::cubecl::emit(&r.entry, pass, lang).map_err(|e| format!("error: {e}\n"))?;
+    let source = normforge::cubecl::emit(&r.entry, pass, dtype, lang).map_err(|e| format!("error: {e}\n"))?;
     print!("{source}");
     Ok(true)
 }

@@ -3,6 +3,7 @@
 //! id (`step_kernel_940bb9a2`), which is redacted.
 
 use normforge::cubecl::emit::Lang;
+use normforge::cubecl::Dtype;
 use normforge::dsl::ir::Kind;
 use std::process::Command;
 
@@ -34,13 +35,32 @@ fn every_std_kernel_as_cuda_and_wgsl() {
         let passes: &[&str] = if e.kind == Kind::Optimizer { &["step", "init"] } else { &["forward", "backward"] };
         for &pass in passes {
             for (lang, ext) in [(Lang::Cuda, "cuda"), (Lang::Wgsl, "wgsl")] {
-                let src = normforge::cubecl::emit(e, pass, lang).unwrap_or_else(|err| panic!("{} {pass}: {err}", e.name));
+                let src = normforge::cubecl::emit(e, pass, Dtype::F32, lang).unwrap_or_else(|err| panic!("{} {pass}: {err}", e.name));
                 insta::assert_snapshot!(format!("kernel__{}__{pass}.{ext}", e.name), redact(&src));
                 emitted += 1;
             }
         }
     }
     assert_eq!(emitted, 88, "14 rules and 8 layers, 2 passes, 2 languages");
+}
+
+#[test]
+fn half_precision_kernels() {
+    // Storage types change only loads and stores: arithmetic stays f32.
+    let reg = normforge::builtin_registry().unwrap();
+    for (name, pass, dtype, lang, tag) in [
+        ("layer_norm", "forward", Dtype::BF16, Lang::Cuda, "bf16.cuda"),
+        ("layer_norm", "backward", Dtype::BF16, Lang::Cuda, "bf16.cuda"),
+        ("rms_norm", "forward", Dtype::F16, Lang::Wgsl, "f16.wgsl"),
+        ("adamw", "step", Dtype::BF16, Lang::Cuda, "bf16.cuda"),
+        ("adamw", "step", Dtype::F16, Lang::Wgsl, "f16.wgsl"),
+    ] {
+        let e = reg.get(name).unwrap().entry;
+        let src = normforge::cubecl::emit(&e, pass, dtype, lang).unwrap_or_else(|err| panic!("{name} {pass} {dtype:?}: {err}"));
+        let half = if dtype == Dtype::BF16 { "__nv_bfloat16" } else { "f16" };
+        assert!(src.contains(half), "{name} {pass}: no {half} in\n{src}");
+        insta::assert_snapshot!(format!("kernel__{name}__{pass}.{tag}"), redact(&src));
+    }
 }
 
 #[test]
@@ -58,10 +78,13 @@ fn cli_emit_prints_source_and_refuses_clearly() {
     let out = run(&["emit", "batch_norm", "--target", "cuda"]);
     let src = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && src.contains("Sum reduction") && src.contains("layer_kernel_"), "{src}");
+    let out = run(&["emit", "dyt", "--dtype", "bf16"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("__nv_bfloat16"));
     let out = run(&["emit", "lion", "--target", "wgsl", "--pass", "init"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("@compute"));
     for (args, msg) in [
         (&["emit", "lion", "--target", "ptx"][..], "unknown target `ptx`"),
+        (&["emit", "lion", "--dtype", "f8"][..], "unknown dtype `f8`"),
         (&["emit", "lion", "--pass", "forward"][..], "its passes are `step` and `init`"),
         (&["emit", "layer_norm", "--pass", "step"][..], "its passes are `forward`, `backward`"),
         (&["emit", "adamx"][..], "adamw"),

@@ -5,8 +5,8 @@
 //! generic CUDA-class device (32-wide warps, 1024 threads per cube, every scalar type), so
 //! the text is the same on every machine and needs no driver.
 
-use crate::kernel::{combine_kernel, layer_kernel, step_kernel, BLOCK};
-use crate::{Compiled, Error, Plan};
+use crate::kernel::{combine_kernel, layer_kernel, step_kernel, KProgram, LProgram, BLOCK};
+use crate::{Compiled, Dtype, Error, Plan};
 use cubecl::ir::{DeviceIdentity, DeviceProperties, HardwareProperties, MemoryDeviceProperties, TargetProperties};
 use cubecl::prelude::*;
 use cubecl::Compiler;
@@ -77,9 +77,44 @@ fn source(kernel: &impl cubecl::CubeKernel, lang: Lang) -> Result<String, Error>
     text.map_err(|e| Error(format!("generating {lang:?}: {e:?}")))
 }
 
+fn step_source<S: Float>(props: &Arc<DeviceProperties>, phase: &KProgram, lang: Lang) -> Result<String, Error> {
+    let b = || unbound(1);
+    let kernel = step_kernel::create_dummy_kernel::<S>(
+        props.clone(),
+        Arc::new(TargetProperties::default()),
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(BLOCK as u32),
+        b(),
+        b(),
+        b(),
+        b(),
+        b(),
+        b(),
+        b(),
+        phase.clone(),
+    );
+    source(&kernel, lang)
+}
+
+fn layer_source<F: Float>(props: &Arc<DeviceProperties>, prog: &LProgram, lang: Lang) -> Result<String, Error> {
+    let b = || unbound(1);
+    let kernel = layer_kernel::create_dummy_kernel::<F>(
+        props.clone(),
+        Arc::new(TargetProperties::default()),
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(BLOCK as u32),
+        b(),
+        b(),
+        b(),
+        b(),
+        prog.clone(),
+    );
+    source(&kernel, lang)
+}
+
 /// Every kernel a program launches, in launch order: its phases, each followed by the combine
-/// of its reductions, under a comment naming each.
-pub fn program_source(prog: &Compiled, lang: Lang) -> Result<String, Error> {
+/// of its reductions, under a comment naming each. `state` is the state's storage type.
+pub fn program_source(prog: &Compiled, state: Dtype, lang: Lang) -> Result<String, Error> {
     let props = Arc::new(properties());
     let target = Arc::new(TargetProperties::default());
     let count = prog.phases.len();
@@ -88,21 +123,11 @@ pub fn program_source(prog: &Compiled, lang: Lang) -> Result<String, Error> {
         if count > 1 {
             out.push_str(&format!("// phase {} of {count}\n", k + 1));
         }
-        let kernel = step_kernel::create_dummy_kernel(
-            props.clone(),
-            target.clone(),
-            CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(BLOCK as u32),
-            unbound(1),
-            unbound(1),
-            unbound(1),
-            unbound(1),
-            unbound(1),
-            unbound(1),
-            unbound(1),
-            phase.clone(),
-        );
-        out.push_str(&source(&kernel, lang)?);
+        out.push_str(&match state {
+            Dtype::F32 => step_source::<f32>(&props, phase, lang)?,
+            Dtype::F16 => step_source::<half::f16>(&props, phase, lang)?,
+            Dtype::BF16 => step_source::<half::bf16>(&props, phase, lang)?,
+        });
         if !phase.accums.is_empty() {
             out.push_str(&format!("\n// combine of phase {}'s reductions\n", k + 1));
             let kernel = combine_kernel::create_dummy_kernel(
@@ -124,9 +149,9 @@ pub fn program_source(prog: &Compiled, lang: Lang) -> Result<String, Error> {
 }
 
 /// Every kernel of a layer program, in launch order, under a comment saying what each computes.
-pub fn plan_source(plan: &Plan, lang: Lang) -> Result<String, Error> {
+/// `io` is the storage type of the input, output and their gradients.
+pub fn plan_source(plan: &Plan, io: Dtype, lang: Lang) -> Result<String, Error> {
     let props = Arc::new(properties());
-    let target = Arc::new(TargetProperties::default());
     let mut out = String::new();
     for (k, prog) in plan.kernels.iter().enumerate() {
         let what = match prog.reduce {
@@ -134,17 +159,11 @@ pub fn plan_source(plan: &Plan, lang: Lang) -> Result<String, Error> {
             None => format!("elementwise, {} output(s)", prog.stores.len()),
         };
         out.push_str(&format!("// kernel {} of {}: {what}\n", k + 1, plan.kernels.len()));
-        let kernel = layer_kernel::create_dummy_kernel(
-            props.clone(),
-            target.clone(),
-            CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(BLOCK as u32),
-            unbound(1),
-            unbound(1),
-            unbound(1),
-            prog.clone(),
-        );
-        out.push_str(&source(&kernel, lang)?);
+        out.push_str(&match io {
+            Dtype::F32 => layer_source::<f32>(&props, prog, lang)?,
+            Dtype::F16 => layer_source::<half::f16>(&props, prog, lang)?,
+            Dtype::BF16 => layer_source::<half::bf16>(&props, prog, lang)?,
+        });
         out.push('\n');
     }
     Ok(out)

@@ -118,14 +118,14 @@ pub const BLOCK: usize = 256;
 
 /// Update element `CUBE_POS * BLOCK + UNIT_POS` of the flat parameter buffer `p` (all tensors
 /// of one launch back to back, each padded to whole cubes) and of each state (`s` holds state
-/// k at `k * len(p) + i`). Launched with exactly one cube of `BLOCK` units per block of
+/// k at `k * len(p) + i`, stored as `S`, computed in f32). Launched with exactly one cube of `BLOCK` units per block of
 /// `blocks`, so every index is in bounds and no cube diverges around a barrier.
 #[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
-pub fn step_kernel(
+pub fn step_kernel<S: Float>(
     p: &mut [f32],
     g: &[f32],
-    s: &mut [f32],
+    s: &mut [S],
     scalars: &[f32],
     blocks: &[u32],
     partial: &mut [f32],
@@ -146,7 +146,7 @@ pub fn step_kernel(
         match op {
             KOp::LoadP => r.push(p[i]),
             KOp::LoadG => r.push(g[i]),
-            KOp::LoadState(j) => r.push(s[j * n + i]),
+            KOp::LoadState(j) => r.push(f32::cast_from(s[j * n + i])),
             KOp::Scalar(j) => r.push(scalars[j]),
             KOp::Const(bits) => r.push(f32::from_bits(bits)),
             KOp::Unary(op, a) => {
@@ -174,7 +174,7 @@ pub fn step_kernel(
                 r.push(r[a]);
             }
             KOp::StoreState(j, a) => {
-                s[j * n + i] = r[a];
+                s[j * n + i] = S::cast_from(r[a]);
                 r.push(r[a]);
             }
         }
@@ -270,8 +270,9 @@ fn binary(#[comptime] op: BOp, x: f32, y: f32) -> f32 {
 #[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
 pub enum LOp {
     /// Tensor `t` (its offset is in the tensor table) of shape `s`, read where the current
-    /// element of the domain falls in it (broadcast along its single or grouped axes).
-    Load(usize, usize),
+    /// element of the domain falls in it (broadcast along its single or grouped axes); from the
+    /// storage-typed `io` arena if the flag is set, else from the f32 `work` arena.
+    Load(usize, usize, bool),
     Scalar(usize),
     Const(u32),
     Unary(UOp, usize),
@@ -292,17 +293,19 @@ pub struct LProgram {
     pub domain: usize,
     pub target: usize,
     pub ops: Vec<LOp>,
-    /// `(fold, value register, out tensor)` for a reduction.
+    /// `(fold, value register, out tensor)` for a reduction (always in `work`: f32).
     pub reduce: Option<(ROp, usize, usize)>,
-    /// `(tensor, register)` for an elementwise kernel.
-    pub stores: Vec<(usize, usize)>,
+    /// `(tensor, register, in io)` for an elementwise kernel.
+    pub stores: Vec<(usize, usize, bool)>,
 }
 
-/// `meta` holds, per shape `k` (at `3 * rank * k`): per axis its extent in that shape (`outer`:
-/// 1, the group count, or the axis length), the axis elements per value (`inner`), and the
-/// row-major stride; then each tensor's offset in `arena`.
+/// `io` holds the input, output and their gradients in the storage type `F`; `work` holds
+/// parameters, buffers and reductions in f32; all arithmetic is f32. `meta` holds, per shape
+/// `k` (at `3 * rank * k`): per axis its extent in that shape (`outer`: 1, the group count, or
+/// the axis length), the axis elements per value (`inner`), and the row-major stride; then
+/// each tensor's offset in its arena.
 #[cube(launch_unchecked, create_dummy_kernel)]
-pub fn layer_kernel(arena: &mut [f32], meta: &[u32], scalars: &[f32], #[comptime] prog: LProgram) {
+pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scalars: &[f32], #[comptime] prog: LProgram) {
     let rank = comptime! { prog.rank };
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let tgt = comptime! { 3 * prog.rank * prog.target };
@@ -348,7 +351,7 @@ pub fn layer_kernel(arena: &mut [f32], meta: &[u32], scalars: &[f32], #[comptime
             for k in 0..prog.ops.len() {
                 let op = comptime! { prog.ops[k].clone() };
                 match op {
-                    LOp::Load(t, s) => {
+                    LOp::Load(t, s, in_io) => {
                         let sb = comptime! { 3 * prog.rank * s };
                         let mut off = meta[tbase + t] as usize;
                         #[unroll]
@@ -356,7 +359,11 @@ pub fn layer_kernel(arena: &mut [f32], meta: &[u32], scalars: &[f32], #[comptime
                             let a = comptime! { rank - 1 - q };
                             off += idx[q] / meta[sb + rank + a] as usize * meta[sb + 2 * rank + a] as usize;
                         }
-                        r.push(arena[off]);
+                        if comptime! { in_io } {
+                            r.push(f32::cast_from(io[off]));
+                        } else {
+                            r.push(work[off]);
+                        }
                     }
                     LOp::Scalar(i) => r.push(scalars[i]),
                     LOp::Const(bits) => r.push(f32::from_bits(bits)),
@@ -380,14 +387,18 @@ pub fn layer_kernel(arena: &mut [f32], meta: &[u32], scalars: &[f32], #[comptime
             } else {
                 #[unroll]
                 for k in 0..prog.stores.len() {
-                    let (t, v) = comptime! { prog.stores[k] };
-                    arena[meta[tbase + t] as usize + o] = r[v];
+                    let (t, v, in_io) = comptime! { prog.stores[k] };
+                    if comptime! { in_io } {
+                        io[meta[tbase + t] as usize + o] = F::cast_from(r[v]);
+                    } else {
+                        work[meta[tbase + t] as usize + o] = r[v];
+                    }
                 }
             }
         }
         if comptime! { prog.reduce.is_some() } {
             let (_, _, t) = comptime! { prog.reduce.unwrap() };
-            arena[meta[tbase + t] as usize + o] = acc;
+            work[meta[tbase + t] as usize + o] = acc;
         }
     }
 }

@@ -3,7 +3,7 @@
 //! every tensor of the call.
 
 use crate::plan::{plan, run, Plan, Source};
-use crate::Error;
+use crate::{Dtype, Error};
 use normforge_dsl::bind::{self, AxisBinding};
 use normforge_dsl::ir::{Entry, Kind, Programs, Target};
 use std::sync::Arc;
@@ -22,6 +22,8 @@ pub struct CubeLayer {
     plans: [Plan; 4],
     pub params: Vec<Vec<f32>>,
     pub buffers: Vec<Vec<f32>>,
+    /// What the input, output and their gradients are stored in on the device.
+    storage: Dtype,
     client: cubecl::client::Client,
 }
 
@@ -36,7 +38,7 @@ impl CubeLayer {
         let Programs::Layer { train, eval, train_backward, eval_backward } = &entry.programs else { unreachable!("checked above") };
         let plans = [plan(&entry, train)?, plan(&entry, eval)?, plan(&entry, train_backward)?, plan(&entry, eval_backward)?];
         let init = plan(&entry, &entry.init)?;
-        let mut layer = CubeLayer { entry, hparams, plans, params: Vec::new(), buffers: Vec::new(), client: device.client() };
+        let mut layer = CubeLayer { entry, hparams, plans, params: Vec::new(), buffers: Vec::new(), storage: Dtype::F32, client: device.client() };
         let b = layer.bind(input_shape, "the input", false)?;
         let out = layer.execute(&init, &b, None, None)?;
         let take = |target: fn(u32) -> Target, n: usize| -> Result<Vec<Vec<f32>>, Error> {
@@ -45,6 +47,15 @@ impl CubeLayer {
         layer.params = take(Target::Param, layer.entry.params.len())?;
         layer.buffers = take(Target::Buffer, layer.entry.buffers.len())?;
         Ok(layer)
+    }
+
+    /// Keep the input, output and their gradients in `dtype` on the device (parameters, buffers
+    /// and statistics stay f32, and so does all arithmetic). Values cross the API as f32,
+    /// rounded to `dtype` on the way in.
+    pub fn with_storage(mut self, dtype: Dtype) -> Result<Self, Error> {
+        dtype.check(&self.client)?;
+        self.storage = dtype;
+        Ok(self)
     }
 
     pub fn entry(&self) -> &Entry {
@@ -77,7 +88,7 @@ impl CubeLayer {
             Source::Buffer(i) => self.buffers.get(i as usize).map(Vec::as_slice),
             _ => None,
         };
-        run(&self.client, plan, b, &self.hparams, 0.0, &data)
+        run(&self.client, plan, b, &self.hparams, 0.0, self.storage, &data)
     }
 
     /// The output for `x` (of `shape`); in training mode the buffers take their new values.

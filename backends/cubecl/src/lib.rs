@@ -11,6 +11,7 @@
 //! Not yet: those, bf16/f16 — see ARCHITECTURE.md.
 
 mod compile;
+mod dtype;
 pub mod emit;
 pub mod kernel;
 mod layer;
@@ -19,6 +20,7 @@ mod plan;
 mod unfused;
 
 pub use compile::{compile, Compiled};
+pub use dtype::Dtype;
 pub use normforge_dsl::Error;
 pub use layer::{CubeLayer, Gradients};
 pub use optimizer::{CubeOptimizer, Flat};
@@ -33,15 +35,16 @@ pub fn cpu_device() -> Result<cubecl::Device, Error> {
 
 /// The generated source of an entry's kernels for one pass: `step` (or `init`, the state
 /// initialiser) for an update rule; `forward`, `backward` (training mode), `forward-eval`,
-/// `backward-eval` or `init` for a layer.
-pub fn emit(entry: &Entry, pass: &str, lang: emit::Lang) -> Result<String, Error> {
+/// `backward-eval` or `init` for a layer. `dtype` is the storage type of a rule's state, or of
+/// a layer's input, output and their gradients.
+pub fn emit(entry: &Entry, pass: &str, dtype: Dtype, lang: emit::Lang) -> Result<String, Error> {
     match (&entry.programs, pass) {
         // Rules with per-axis reductions run tensor by tensor through layer kernels.
         (Programs::Optimizer { step }, "step") => match compile(entry, step) {
-            Ok(c) => emit::program_source(&c, lang),
-            Err(e) => emit::plan_source(&plan(entry, step).map_err(|_| e)?, lang),
+            Ok(c) => emit::program_source(&c, dtype, lang),
+            Err(e) => emit::plan_source(&plan(entry, step).map_err(|_| e)?, Dtype::F32, lang),
         },
-        (Programs::Optimizer { .. }, "init") => emit::program_source(&compile(entry, &entry.init)?, lang),
+        (Programs::Optimizer { .. }, "init") => emit::program_source(&compile(entry, &entry.init)?, dtype, lang),
         (Programs::Optimizer { .. }, _) => Err(Error(format!("`{}` is an optimizer: its passes are `step` and `init`, not `{pass}`", entry.name))),
         (Programs::Layer { train, eval, train_backward, eval_backward }, _) => {
             let program = match pass {
@@ -58,7 +61,7 @@ pub fn emit(entry: &Entry, pass: &str, lang: emit::Lang) -> Result<String, Error
                     )))
                 }
             };
-            emit::plan_source(&plan(entry, program)?, lang)
+            emit::plan_source(&plan(entry, program)?, dtype, lang)
         }
     }
 }

@@ -5,7 +5,7 @@
 use crate::compile::{compile, Compiled};
 use crate::kernel::{combine_kernel, step_kernel, KProgram, BLOCK};
 use crate::plan::{plan, run, Plan, Source};
-use crate::{unfused, Error};
+use crate::{unfused, Dtype, Error};
 use normforge_dsl::bind;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -67,6 +67,8 @@ pub struct CubeOptimizer {
     init_prog: Compiled,
     client: cubecl::client::Client,
     state: Option<State>,
+    /// What the state is stored in on the device.
+    state_dtype: Dtype,
     step: u64,
 }
 
@@ -86,7 +88,7 @@ impl CubeOptimizer {
             },
         };
         let kernels = step_prog.phases.clone();
-        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), state: None, step: 0 })
+        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), state: None, state_dtype: Dtype::F32, step: 0 })
     }
 
     /// The same rule launched one kernel per operation, intermediates through memory: the
@@ -107,6 +109,17 @@ impl CubeOptimizer {
             return pt.step.kernels.len();
         }
         self.kernels.iter().map(|k| if k.accums.is_empty() { 1 } else { 2 }).sum()
+    }
+
+    /// Keep the state (moments, momentum buffers…) in `dtype`; it is computed in f32 and rounded
+    /// where it is stored. Set it before the first step.
+    pub fn with_state_dtype(mut self, dtype: Dtype) -> Result<Self, Error> {
+        dtype.check(&self.client)?;
+        if self.state.is_some() || self.per_tensor.as_ref().is_some_and(|p| !p.states.is_empty()) {
+            return Err(Error("the state dtype is chosen before the first step".into()));
+        }
+        self.state_dtype = dtype;
+        Ok(self)
     }
 
     /// Whether every tensor of a step goes through the same launches (false for rules with
@@ -203,7 +216,8 @@ impl CubeOptimizer {
                 }
                 let r = self.step_prog.slots().max(1);
                 let zeros = |k: usize| self.client.create_from_slice(f32::as_bytes(&vec![0f32; k]));
-                let (s, partial) = (zeros(slots * flat.len()), zeros(flat.cubes.max(1) * r));
+                let s = self.client.create_from_slice(&self.state_dtype.encode(&vec![0f32; slots * flat.len()]));
+                let partial = zeros(flat.cubes.max(1) * r);
                 self.state = Some(State { sizes: flat.sizes.clone(), s, partial });
                 Ok(true)
             }
@@ -218,10 +232,8 @@ impl CubeOptimizer {
         // index is below `n`; states are addressed as `j * n + i` with `j < slots`, partials and
         // results by cube and tensor index times `r`; the lengths passed are the buffers'.
         unsafe {
-            step_kernel::launch_unchecked(
-                &self.client,
-                CubeCount::Static(flat.cubes as u32, 1, 1),
-                CubeDim::new_1d(BLOCK as u32),
+            let (cc, cd) = (CubeCount::Static(flat.cubes as u32, 1, 1), CubeDim::new_1d(BLOCK as u32));
+            let (p, g, s, sc, bl, pa, re) = (
                 BufferArg::from_raw_parts(flat.p.clone(), n),
                 BufferArg::from_raw_parts(flat.g.clone(), n),
                 BufferArg::from_raw_parts(st.s.clone(), slots * n),
@@ -229,8 +241,13 @@ impl CubeOptimizer {
                 BufferArg::from_raw_parts(flat.blocks.clone(), 3 * flat.cubes + 3),
                 BufferArg::from_raw_parts(st.partial.clone(), flat.cubes.max(1) * r),
                 BufferArg::from_raw_parts(red.clone(), flat.sizes.len().max(1) * r),
-                kernel.clone(),
             );
+            let c = &self.client;
+            match self.state_dtype {
+                Dtype::F32 => step_kernel::launch_unchecked::<f32>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone()),
+                Dtype::F16 => step_kernel::launch_unchecked::<half::f16>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone()),
+                Dtype::BF16 => step_kernel::launch_unchecked::<half::bf16>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone()),
+            }
             if !kernel.accums.is_empty() {
                 let tensors = flat.sizes.len();
                 combine_kernel::launch_unchecked(
@@ -325,7 +342,7 @@ impl CubeOptimizer {
         if states.is_empty() {
             for (p, b) in params.iter().zip(&bindings) {
                 let data = |src: Source| if src == Source::Input { Some(p.as_slice()) } else { None };
-                let out = run(&self.client, &pt.init, b, &self.hparams, 0.0, &data)?;
+                let out = run(&self.client, &pt.init, b, &self.hparams, 0.0, Dtype::F32, &data)?;
                 states.push((0..n_states as u32).map(|i| pick(&out, Target::State(i))).collect::<Result<_, _>>()?);
             }
         }
@@ -339,9 +356,11 @@ impl CubeOptimizer {
                 Source::State(i) => st.get(i as usize).map(Vec::as_slice),
                 _ => None,
             };
-            let out = run(&self.client, &pt.step, b, &self.hparams, t, &data)?;
+            let out = run(&self.client, &pt.step, b, &self.hparams, t, Dtype::F32, &data)?;
             new_params.push(pick(&out, Target::P)?);
             states[k] = (0..n_states as u32).map(|i| pick(&out, Target::State(i))).collect::<Result<_, _>>()?;
+            // Stored in the state dtype, as the fused kernels store it.
+            states[k].iter_mut().for_each(|v| self.state_dtype.round(v));
         }
         for (p, v) in params.iter_mut().zip(new_params) {
             *p = v;

@@ -6,7 +6,7 @@
 
 use crate::compile::{binary, reduce, unary, Uniforms};
 use crate::kernel::{layer_kernel, LOp, LProgram, BLOCK};
-use crate::Error;
+use crate::{Dtype, Error};
 use cubecl::prelude::*;
 use normforge_dsl::bind::{self, AxisBinding};
 use normforge_dsl::ir::{Entry, Op, Program, Shape, Target};
@@ -31,8 +31,9 @@ pub struct Plan {
     pub kernels: Vec<LProgram>,
     /// The shape table.
     pub shapes: Vec<Shape>,
-    /// The tensor table: where each comes from, and its shape's index.
-    pub tensors: Vec<(Source, usize)>,
+    /// The tensor table: where each comes from, its shape's index, and whether it lives in the
+    /// storage-typed `io` arena (input, output and their gradients) or the f32 `work` one.
+    pub tensors: Vec<(Source, usize, bool)>,
     /// Which tensor holds each output.
     pub outputs: Vec<(Target, usize)>,
     pub(crate) program: Program,
@@ -41,7 +42,7 @@ pub struct Plan {
 
 struct Tables {
     shapes: Vec<Shape>,
-    tensors: Vec<(Source, usize)>,
+    tensors: Vec<(Source, usize, bool)>,
 }
 
 impl Tables {
@@ -51,12 +52,17 @@ impl Tables {
             self.shapes.len() - 1
         })
     }
-    fn tensor(&mut self, src: Source, s: &Shape) -> usize {
+    fn tensor(&mut self, src: Source, s: &Shape, io: bool) -> usize {
         let sh = self.shape(s);
-        self.tensors.iter().position(|(x, _)| *x == src).unwrap_or_else(|| {
-            self.tensors.push((src, sh));
+        self.tensors.iter().position(|(x, ..)| *x == src).unwrap_or_else(|| {
+            self.tensors.push((src, sh, io));
             self.tensors.len() - 1
         })
+    }
+    fn load(&mut self, src: Source, s: &Shape) -> LOp {
+        let io = matches!(src, Source::Input | Source::GradOutput);
+        let t = self.tensor(src, s, io);
+        LOp::Load(t, self.shape(s), self.tensors[t].2)
     }
 }
 
@@ -89,7 +95,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
             if !needed[i] {
                 continue;
             }
-            let load = |src: Source, t: &mut Tables| LOp::Load(t.tensor(src, &node.shape), t.shape(&node.shape));
+            let load = |src: Source, t: &mut Tables| t.load(src, &node.shape);
             let op = if uniforms.flags[i] {
                 LOp::Scalar(uniforms.export(i as u32))
             } else if materialized[i] {
@@ -125,7 +131,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         }
         let Op::Reduce(r, a) = &node.op else { unreachable!() };
         let (ops, regs) = build(&[*a], &mut t, &mut uniforms)?;
-        let out = t.tensor(Source::Node(i as u32), &node.shape);
+        let out = t.tensor(Source::Node(i as u32), &node.shape, false);
         let domain = t.shape(&p.nodes[*a as usize].shape);
         let target = t.shape(&node.shape);
         kernels.push(LProgram { rank, shapes: 0, domain, target, ops, reduce: Some((reduce(*r), regs[0], out)), stores: Vec::new() });
@@ -135,8 +141,12 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
     let mut by_shape: Vec<(Shape, Vec<u32>)> = Vec::new();
     for o in &p.outputs {
         let node = &p.nodes[o.node as usize];
-        outputs.push((o.target, t.tensor(Source::Node(o.node), &node.shape)));
-        if !materialized[o.node as usize] {
+        let materialized = materialized[o.node as usize];
+        // The output and the input gradient are stored in the storage type; reductions, which
+        // may be loaded again, stay f32.
+        let io = !materialized && matches!(o.target, Target::Y | Target::GradInput);
+        outputs.push((o.target, t.tensor(Source::Node(o.node), &node.shape, io)));
+        if !materialized {
             match by_shape.iter_mut().find(|(s, _)| *s == node.shape) {
                 Some((_, v)) if v.contains(&o.node) => {}
                 Some((_, v)) => v.push(o.node),
@@ -148,7 +158,14 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         // Materialized nodes are loaded, not recomputed: treat the outputs as roots only.
         let (ops, regs) = build(&nodes, &mut t, &mut uniforms)?;
         let target = t.shape(&shape);
-        let stores = nodes.iter().zip(regs).map(|(&nd, r)| (t.tensor(Source::Node(nd), &shape), r)).collect();
+        let stores = nodes
+            .iter()
+            .zip(regs)
+            .map(|(&nd, r)| {
+                let tensor = t.tensors.iter().position(|(x, ..)| *x == Source::Node(nd)).expect("outputs have tensors");
+                (tensor, r, t.tensors[tensor].2)
+            })
+            .collect();
         kernels.push(LProgram { rank, shapes: 0, domain: target, target, ops, reduce: None, stores });
     }
     for k in &mut kernels {
@@ -157,19 +174,24 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
     Ok(Plan { kernels, shapes: t.shapes, tensors: t.tensors, outputs, program: p.clone(), uniforms })
 }
 
-/// Run a plan on the device: `data` gives the tensors it reads (the rest it computes); every
-/// output comes back, by target.
+/// Run a plan on the device: `data` gives the tensors it reads (the rest it computes); `io`
+/// is the storage type of the input, output and their gradients. Every output comes back, by
+/// target, in f32.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run<'a>(
-client: &cubecl::client::Client,
-plan: &Plan,
-b: &AxisBinding,
-hparams: &[f64],
-step: f64,
-data: &dyn Fn(Source) -> Option<&'a [f32]>,
+    client: &cubecl::client::Client,
+    plan: &Plan,
+    b: &AxisBinding,
+    hparams: &[f64],
+    step: f64,
+    io: Dtype,
+    data: &dyn Fn(Source) -> Option<&'a [f32]>,
 ) -> Result<Vec<(Target, Vec<f32>)>, Error> {
+    io.check(client)?;
     let rank = b.extents.len();
     let mut meta: Vec<u32> = Vec::new();
     let mut sizes = Vec::new();
+    let too_big = || Error("a tensor of this layer call exceeds 2^32 values".into());
     for s in &plan.shapes {
         let outer = bind::extents(s, b, hparams).map_err(Error)?;
         let inner: Vec<usize> = outer.iter().zip(&b.extents).map(|(&o, &e)| if o == 0 { 0 } else { e / o }).collect();
@@ -181,12 +203,15 @@ data: &dyn Fn(Source) -> Option<&'a [f32]>,
         }
         sizes.push(acc);
         for v in outer.iter().chain(&inner).chain(&stride) {
-            meta.push(u32::try_from(*v).map_err(|_| Error("a tensor of this layer call exceeds 2^32 values".into()))?);
+            meta.push(u32::try_from(*v).map_err(|_| too_big())?);
         }
     }
-    let mut arena: Vec<f32> = Vec::new();
-    for &(src, shape) in &plan.tensors {
-        meta.push(arena.len() as u32);
+    // Two arenas: `io` in the storage type, `work` in f32.
+    let (mut io_arena, mut work) = (Vec::<f32>::new(), Vec::<f32>::new());
+    let mut offsets = Vec::new();
+    for &(src, shape, in_io) in &plan.tensors {
+        let arena = if in_io { &mut io_arena } else { &mut work };
+        offsets.push(u32::try_from(arena.len()).map_err(|_| too_big())?);
         let len = sizes[shape];
         match data(src) {
             Some(d) if d.len() != len => return Err(Error(format!("{src:?} has {} values, the layer expects {len}", d.len()))),
@@ -195,20 +220,25 @@ data: &dyn Fn(Source) -> Option<&'a [f32]>,
             None => return Err(Error(format!("{src:?} is missing"))),
         }
     }
-    if arena.is_empty() {
-        arena.push(0.0);
+    meta.extend(&offsets);
+    // Never an empty binding: not every runtime allows one.
+    for arena in [&mut io_arena, &mut work] {
+        if arena.is_empty() {
+            arena.push(0.0);
+        }
     }
     // A binding past the adapter's limit does not run: refuse it here.
     let limit = client.properties().memory.max_page_size;
-    if (arena.len() * 4) as u64 > limit {
-        return Err(Error(format!("this layer call needs {} values, more than the adapter's largest buffer ({limit} bytes)", arena.len())));
+    if (io_arena.len() * io.size()).max(work.len() * 4) as u64 > limit {
+        return Err(Error(format!("this call needs more than the adapter's largest buffer ({limit} bytes)")));
     }
     let scalars = plan.uniforms.values(&plan.program, hparams, step, |op| match op {
         Op::Size(s) => bind::size(s, b, hparams) as f64,
         Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f64,
         _ => unreachable!("only shape queries"),
     });
-    let arena_h = client.create_from_slice(f32::as_bytes(&arena));
+    let io_h = client.create_from_slice(&io.encode(&io_arena));
+    let work_h = client.create_from_slice(f32::as_bytes(&work));
     let meta_h = client.create_from_slice(u32::as_bytes(&meta));
     let sc = client.create_from_slice(f32::as_bytes(&scalars));
     for k in &plan.kernels {
@@ -219,30 +249,34 @@ data: &dyn Fn(Source) -> Option<&'a [f32]>,
         let cubes = count.div_ceil(BLOCK);
         let x = cubes.min(65_535);
         let y = cubes.div_ceil(x);
+        let (cc, cd) = (CubeCount::Static(x as u32, y as u32, 1), CubeDim::new_1d(BLOCK as u32));
+        let io_arg = || unsafe { BufferArg::from_raw_parts(io_h.clone(), io_arena.len()) };
         // SAFETY: units past `count` do nothing; every offset is a tensor's offset plus an
-        // index below its size (the meta table is built from the same shapes), so inside
-        // the arena, whose length is passed.
+        // index below its size (the meta table is built from the same shapes), so inside its
+        // arena, whose length is passed.
         unsafe {
-            layer_kernel::launch_unchecked(
-                &client,
-                CubeCount::Static(x as u32, y as u32, 1),
-                CubeDim::new_1d(BLOCK as u32),
-                BufferArg::from_raw_parts(arena_h.clone(), arena.len()),
+            let (w, m, s) = (
+                BufferArg::from_raw_parts(work_h.clone(), work.len()),
                 BufferArg::from_raw_parts(meta_h.clone(), meta.len()),
                 BufferArg::from_raw_parts(sc.clone(), scalars.len()),
-                k.clone(),
             );
+            match io {
+                Dtype::F32 => layer_kernel::launch_unchecked::<f32>(client, cc, cd, io_arg(), w, m, s, k.clone()),
+                Dtype::F16 => layer_kernel::launch_unchecked::<half::f16>(client, cc, cd, io_arg(), w, m, s, k.clone()),
+                Dtype::BF16 => layer_kernel::launch_unchecked::<half::bf16>(client, cc, cd, io_arg(), w, m, s, k.clone()),
+            }
         }
     }
-    let bytes = client.read_one(arena_h).map_err(|e| Error(format!("reading back: {e:?}")))?;
-    let out = f32::from_bytes(&bytes);
-    let offsets = &meta[meta.len() - plan.tensors.len()..];
+    let read = |h: cubecl::server::Handle| client.read_one(h).map_err(|e| Error(format!("reading back: {e:?}")));
+    let (io_out, work_out) = (io.decode(&read(io_h)?), f32::from_bytes(&read(work_h)?).to_vec());
     Ok(plan
         .outputs
         .iter()
         .map(|&(target, t)| {
+            let (_, shape, in_io) = plan.tensors[t];
             let off = offsets[t] as usize;
-            (target, out[off..off + sizes[plan.tensors[t].1]].to_vec())
+            let arena = if in_io { &io_out } else { &work_out };
+            (target, arena[off..off + sizes[shape]].to_vec())
         })
         .collect())
 }
