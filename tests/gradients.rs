@@ -139,6 +139,30 @@ fn evonorm_s0() {
 }
 
 #[test]
+fn evonorm_b1_b2() {
+    let mut rng = Rng::new(10);
+    for name in ["evonorm_b1", "evonorm_b2"] {
+        for s in CHANNEL_SHAPES {
+            for train in [true, false] {
+                check(name, &[], s, train, &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
+fn evonorm_s1_s2() {
+    let mut rng = Rng::new(11);
+    for name in ["evonorm_s1", "evonorm_s2"] {
+        for s in CHANNEL_SHAPES {
+            for groups in [2.0, 3.0] {
+                check(name, &[("groups", groups)], s, true, &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
 fn instance_norm() {
     let mut rng = Rng::new(9);
     for s in [&[2usize, 3, 5][..], &[3, 4, 2, 3], &[2, 2, 7, 1]] {
@@ -148,7 +172,10 @@ fn instance_norm() {
 
 #[test]
 fn every_std_layer_is_covered() {
-    let covered = ["layer_norm", "rms_norm", "dyt", "batch_norm", "group_norm", "evonorm_b0", "evonorm_s0", "instance_norm"];
+    let covered = [
+        "layer_norm", "rms_norm", "dyt", "batch_norm", "group_norm", "evonorm_b0", "evonorm_s0", "instance_norm", "evonorm_b1",
+        "evonorm_b2", "evonorm_s1", "evonorm_s2",
+    ];
     for r in common::registry().list(None) {
         if r.entry.kind != normforge::dsl::ir::Kind::Optimizer {
             assert!(covered.contains(&r.entry.name.as_str()), "no gradient test for `{}`", r.entry.name);

@@ -175,6 +175,26 @@ fn evonorm_s0_matches_timm() {
 }
 
 #[test]
+fn evonorm_b1_matches_timm() {
+    check_layer("evonorm_b1", "timm==1.0.31");
+}
+
+#[test]
+fn evonorm_b2_matches_timm() {
+    check_layer("evonorm_b2", "timm==1.0.31");
+}
+
+#[test]
+fn evonorm_s1_matches_timm() {
+    check_layer("evonorm_s1", "timm==1.0.31");
+}
+
+#[test]
+fn evonorm_s2_matches_timm() {
+    check_layer("evonorm_s2", "timm==1.0.31");
+}
+
+#[test]
 fn dyt_matches_x_transformers() {
     check_layer("dyt", "x-transformers==2.31.10");
 }

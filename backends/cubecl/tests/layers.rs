@@ -102,7 +102,7 @@ macro_rules! layer_tests {
     )*};
 }
 
-layer_tests!(layer_norm, rms_norm, batch_norm, group_norm, instance_norm, evonorm_b0, evonorm_s0, dyt);
+layer_tests!(layer_norm, rms_norm, batch_norm, group_norm, instance_norm, evonorm_b0, evonorm_s0, dyt, evonorm_b1, evonorm_b2, evonorm_s1, evonorm_s2);
 
 #[test]
 fn bad_shapes_are_errors() {
@@ -120,7 +120,10 @@ fn bad_shapes_are_errors() {
     assert!(err.0.contains("7 values"), "{err}");
 }
 
-const LAYERS: [&str; 8] = ["layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm", "evonorm_b0", "evonorm_s0", "dyt"];
+const LAYERS: [&str; 12] = [
+    "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm", "evonorm_b0", "evonorm_s0", "dyt", "evonorm_b1", "evonorm_b2",
+    "evonorm_s1", "evonorm_s2",
+];
 
 #[test]
 fn half_precision_storage_with_f32_arithmetic() {
@@ -154,6 +157,15 @@ fn half_precision_storage_with_f32_arithmetic() {
             for (i, shape) in shapes(name).iter().enumerate().skip(1) {
                 check_stored(name, shape, 70 + i as u64, dtype, 1e-2, 1e-2);
             }
+        }
+    }
+}
+
+#[test]
+fn every_std_layer_is_covered() {
+    for r in registry().list(None) {
+        if r.entry.kind != normforge_dsl::ir::Kind::Optimizer {
+            assert!(LAYERS.contains(&r.entry.name.as_str()), "no CubeCL test for `{}`", r.entry.name);
         }
     }
 }

@@ -34,6 +34,10 @@ std_specs!(
     "sgdp.nf",
     "lars.nf",
     "adan.nf",
+    "evonorm_b1.nf",
+    "evonorm_b2.nf",
+    "evonorm_s1.nf",
+    "evonorm_s2.nf",
 );
 
 /// Call once from a program that uses the standard library so the linker keeps this crate
