@@ -174,7 +174,7 @@ fn instance_norm() {
 fn every_std_layer_is_covered() {
     let covered = [
         "layer_norm", "rms_norm", "dyt", "batch_norm", "group_norm", "evonorm_b0", "evonorm_s0", "instance_norm", "evonorm_b1",
-        "evonorm_b2", "evonorm_s1", "evonorm_s2",
+        "evonorm_b2", "evonorm_s1", "evonorm_s2", "weight_norm", "weight_standardization",
     ];
     for r in common::registry().list(None) {
         if r.entry.kind != normforge::dsl::ir::Kind::Optimizer {
@@ -183,25 +183,14 @@ fn every_std_layer_is_covered() {
     }
 }
 
-/// Reparams share the layer machinery: weight normalization and weight standardization
-/// written as specs here, differentiated like any layer.
+/// Reparams share the layer machinery: weight normalization and weight standardization are
+/// differentiated like any layer.
 #[test]
 fn reparams() {
-    let src = r#"
-reparam weight_norm(w[o, i...]) {
-    param scale[o] = 1
-    return scale * w / norm(w, over i)
-}
-
-reparam weight_standardization(w[o, i...]; eps: float = 1e-5) {
-    return (w - mean(w, over i)) / sqrt(var(w, over i) + eps)
-}
-"#;
     let mut rng = Rng::new(8);
-    for e in normforge::dsl::compile(src).unwrap() {
-        let e = std::sync::Arc::new(e);
+    for name in ["weight_norm", "weight_standardization"] {
         for s in [&[4usize, 3][..], &[3, 2, 5], &[5, 1, 3, 3]] {
-            check_entry(e.clone(), &[], s, true, &mut rng);
+            check(name, &[], s, true, &mut rng);
         }
     }
 }

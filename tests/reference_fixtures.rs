@@ -195,6 +195,21 @@ fn evonorm_s2_matches_timm() {
 }
 
 #[test]
+fn weight_norm_matches_torch() {
+    check_layer("weight_norm", "torch==2.11.0");
+}
+
+#[test]
+fn weight_standardization_matches_timm() {
+    check_layer("weight_standardization", "timm==1.0.31");
+}
+
+#[test]
+fn novograd_matches_pytorch_optimizer() {
+    check_optimizer("novograd", "pytorch-optimizer==4.1.0");
+}
+
+#[test]
 fn dyt_matches_x_transformers() {
     check_layer("dyt", "x-transformers==2.31.10");
 }

@@ -22,6 +22,7 @@ const ELEMENTWISE: &[(&str, f64)] = &[
     // Per-tensor reductions: partial reduce, combine, apply.
     ("lamb", 0.01),
     ("lars", 0.05),
+    ("novograd", 0.01),
     // Per-axis reductions (per output channel): tensor by tensor through layer kernels.
     ("adamp", 0.01),
     ("sgdp", 0.05),
@@ -47,7 +48,7 @@ fn rules_match_the_reference_over_fifty_tensors() {
         let per_tensor = ["adamp", "sgdp"].contains(&name);
         assert_eq!(ours.fused(), !per_tensor, "{name}");
         if !per_tensor {
-            let reductions = ["lamb", "lars"].contains(&name);
+            let reductions = ["lamb", "lars", "novograd"].contains(&name);
             assert_eq!(ours.launches_per_step(), if reductions { 3 } else { 1 }, "{name}");
         }
         let mut oracle = Optimizer::new(entry.clone(), &h).unwrap();

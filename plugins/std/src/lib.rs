@@ -38,6 +38,9 @@ std_specs!(
     "evonorm_b2.nf",
     "evonorm_s1.nf",
     "evonorm_s2.nf",
+    "novograd.nf",
+    "weight_norm.nf",
+    "weight_standardization.nf",
 );
 
 /// Call once from a program that uses the standard library so the linker keeps this crate
