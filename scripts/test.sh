@@ -19,7 +19,10 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 LIBTORCH="$(bash scripts/setup-libtorch.sh | tail -n 1)"
 export LIBTORCH
 
-cargo build -j "$jobs" --workspace --all-targets
+# Build first, with the same profile and flags as the run below, so no test binary is built twice;
+# the examples as programs too (tests/main_job.rs runs the training example).
+cargo test -j "$jobs" --workspace --all-targets --no-run
+cargo build -j "$jobs" --workspace --examples
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test -j "$jobs" --workspace --all-targets 2>&1 | tee "$log"

@@ -90,6 +90,21 @@ fn rms_norm() {
 }
 
 #[test]
+fn scale_and_compressed_rms_norms() {
+    let mut rng = Rng::new(12);
+    for s in ROW_SHAPES {
+        // One feature makes both flat but within eps: crms_norm as rms_norm above (a larger eps
+        // keeps the gradient O(1)); scale_norm is then g sign(x), whose gradient is zero but
+        // where |x| < eps, so it is checked on the wider rows only.
+        let one = s.last() == Some(&1);
+        if !one {
+            check("scale_norm", &[], s, true, &mut rng);
+        }
+        check("crms_norm", &[("eps", if one { 0.1 } else { 1e-8 })], s, true, &mut rng);
+    }
+}
+
+#[test]
 fn dyt() {
     let mut rng = Rng::new(3);
     for s in ROW_SHAPES {
@@ -174,7 +189,8 @@ fn instance_norm() {
 fn every_std_layer_is_covered() {
     let covered = [
         "layer_norm", "rms_norm", "dyt", "batch_norm", "group_norm", "evonorm_b0", "evonorm_s0", "instance_norm", "evonorm_b1",
-        "evonorm_b2", "evonorm_s1", "evonorm_s2", "weight_norm", "weight_standardization",
+        "evonorm_b2", "evonorm_s1", "evonorm_s2", "weight_norm", "weight_standardization", "fix_norm", "scale_norm", "crms_norm",
+        "spectral_norm",
     ];
     for r in common::registry().list(None) {
         if r.entry.kind != normforge::dsl::ir::Kind::Optimizer {
@@ -188,9 +204,21 @@ fn every_std_layer_is_covered() {
 #[test]
 fn reparams() {
     let mut rng = Rng::new(8);
-    for name in ["weight_norm", "weight_standardization"] {
+    for name in ["weight_norm", "weight_standardization", "fix_norm"] {
         for s in [&[4usize, 3][..], &[3, 2, 5], &[5, 1, 3, 3]] {
             check(name, &[], s, true, &mut rng);
         }
+    }
+}
+
+/// Spectral normalization in eval mode, where u and v are buffers: the derived backward against
+/// finite differences. In training the power iteration is not differentiated (stop_gradient, as
+/// torch's no_grad), so finite differences of the forward would measure something else; that
+/// gradient is checked against torch in tests/reference_fixtures.rs.
+#[test]
+fn spectral_norm_eval() {
+    let mut rng = Rng::new(13);
+    for s in [&[4usize, 3][..], &[3, 2, 5], &[5, 1, 3, 3]] {
+        check("spectral_norm", &[], s, false, &mut rng);
     }
 }

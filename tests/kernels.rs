@@ -7,7 +7,9 @@ use normforge::cubecl::Dtype;
 use normforge::dsl::ir::Kind;
 use std::process::Command;
 
-/// `step_kernel_<8 hex digits>` -> `step_kernel_[hash]`, and the same for the other kernels.
+/// `step_kernel_<8 hex digits>` -> `step_kernel_[hash]`, also after a type suffix
+/// (`step_kernel_s_f32_<8 hex digits>`), and the same for the other kernels. The hash covers the
+/// kernel's type identity, which changes with the compiler flags, not with the generated code.
 fn redact(src: &str) -> String {
     let mut text = src.to_string();
     for name in ["step_kernel_", "combine_kernel_", "layer_kernel_"] {
@@ -16,9 +18,18 @@ fn redact(src: &str) -> String {
         while let Some(i) = rest.find(name) {
             let (head, tail) = rest.split_at(i + name.len());
             out.push_str(head);
-            let hex = tail.chars().take_while(|c| c.is_ascii_hexdigit()).count();
-            out.push_str(if hex == 8 { "[hash]" } else { &tail[..hex] });
-            rest = &tail[hex..];
+            let ident = tail.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').count();
+            let word = &tail[..ident];
+            let hashed = word.len() >= 8
+                && word[word.len() - 8..].chars().all(|c| c.is_ascii_hexdigit())
+                && (word.len() == 8 || word.as_bytes()[word.len() - 9] == b'_');
+            if hashed {
+                out.push_str(&word[..word.len() - 8]);
+                out.push_str("[hash]");
+            } else {
+                out.push_str(word);
+            }
+            rest = &tail[ident..];
         }
         out.push_str(rest);
         text = out;
@@ -41,7 +52,7 @@ fn every_std_kernel_as_cuda_and_wgsl() {
             }
         }
     }
-    assert_eq!(emitted, 116, "15 rules and 14 layers and reparams, 2 passes, 2 languages");
+    assert_eq!(emitted, 136, "16 rules and 18 layers and reparams, 2 passes, 2 languages");
 }
 
 #[test]
@@ -99,4 +110,6 @@ fn cli_emit_prints_source_and_refuses_clearly() {
 fn redaction_only_touches_the_hash() {
     assert_eq!(redact("void step_kernel_940bb9a2(x) step_kernel_"), "void step_kernel_[hash](x) step_kernel_");
     assert_eq!(redact("combine_kernel_0123abcd step_kernel_12"), "combine_kernel_[hash] step_kernel_12");
+    assert_eq!(redact("step_kernel_s_f32_47d47915(x) layer_kernel_f16(y)"), "step_kernel_s_f32_[hash](x) layer_kernel_f16(y)");
+    assert_eq!(redact("layer_kernel_f_bf16_deadbeef layer_kernel_abcdefab12"), "layer_kernel_f_bf16_[hash] layer_kernel_abcdefab12");
 }

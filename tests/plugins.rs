@@ -70,36 +70,44 @@ fn example_plugin_loads_lists_and_runs() {
     let reg = common::registry();
     let before = reg.len();
     let names = sorted(reg.load_plugin(&example()).unwrap());
-    assert_eq!(names, vec!["diffgrad".to_string(), "scale_norm".to_string()]);
+    assert_eq!(names, vec!["qk_norm".to_string(), "signum".to_string()]);
     assert_eq!(reg.len(), before + 2);
     let listed: Vec<String> = reg.list(Some("*")).into_iter().map(|r| r.name).collect();
-    assert!(listed.contains(&"scale_norm".to_string()) && listed.contains(&"diffgrad".to_string()));
-    let r = reg.get("scale_norm").unwrap();
-    assert!(matches!(&r.origin, Origin::Plugin { plugin, file, .. } if plugin == "example" && file == "nf/scale_norm.nf"), "{:?}", r.origin);
+    assert!(listed.contains(&"qk_norm".to_string()) && listed.contains(&"signum".to_string()));
+    let r = reg.get("qk_norm").unwrap();
+    assert!(matches!(&r.origin, Origin::Plugin { plugin, file, .. } if plugin == "example" && file == "nf/qk_norm.nf"), "{:?}", r.origin);
 
-    // ScaleNorm: g = sqrt(d) initially, so each row comes out with norm sqrt(d).
+    // QKNorm: g starts at log2(L^2 - L) (a hyper-parameter feeds the initializer), and each row
+    // comes out with norm g.
     let mut rng = common::Rng::new(11);
-    let mut layer = Layer::new(r.entry.clone(), &[], &[3, 8]).unwrap();
-    assert!((layer.params[0].data[0] - 8f64.sqrt()).abs() < 1e-12);
+    let g0 = (10f64 * 10.0 - 10.0).log2();
+    let mut layer = Layer::new(r.entry.clone(), &[("length".into(), 10.0)], &[3, 8]).unwrap();
+    assert!((layer.params[0].data[0] - g0).abs() < 1e-12, "{}", layer.params[0].data[0]);
     let x = rng.tensor(&[3, 8]);
     let y = layer.forward(&x, true).unwrap();
     for row in y.data.chunks(8) {
         let n: f64 = row.iter().map(|v| v * v).sum::<f64>().sqrt();
-        assert!((n - 8f64.sqrt()).abs() < 1e-9, "row norm {n}");
+        assert!((n - g0).abs() < 1e-9, "row norm {n}");
     }
     let g = layer.backward(&x, &rng.tensor(&[3, 8]), true).unwrap();
     assert_eq!(g.input.shape, vec![3, 8]);
 
-    // diffGrad decreases a quadratic.
-    let mut opt = Optimizer::new(reg.get("diffgrad").unwrap().entry, &[("lr".into(), 0.05)]).unwrap();
+    // Signum: every coordinate moves by exactly lr once the momentum has its gradient's sign.
+    let mut opt = Optimizer::new(reg.get("signum").unwrap().entry, &[("lr".into(), 0.05)]).unwrap();
     let mut p = vec![Tensor::new(vec![4], vec![1.0, -2.0, 3.0, 0.5]).unwrap()];
     let loss = |p: &Tensor| p.data.iter().map(|v| v * v).sum::<f64>();
     let start = loss(&p[0]);
-    for _ in 0..50 {
-        let grad = Tensor::new(vec![4], p[0].data.iter().map(|v| 2.0 * v).collect()).unwrap();
-        opt.step(&mut p, &[grad]).unwrap();
+    let grad = |p: &Tensor| Tensor::new(vec![4], p.data.iter().map(|v| 2.0 * v).collect()).unwrap();
+    let g = grad(&p[0]);
+    opt.step(&mut p, &[g]).unwrap();
+    for (after, before) in p[0].data.iter().zip([1.0, -2.0, 3.0, 0.5]) {
+        assert!(((before - after) - 0.05 * f64::signum(before)).abs() < 1e-12, "{before} -> {after}");
     }
-    assert!(loss(&p[0]) < 0.5 * start, "diffgrad did not descend: {} -> {}", start, loss(&p[0]));
+    for _ in 1..50 {
+        let g = grad(&p[0]);
+        opt.step(&mut p, &[g]).unwrap();
+    }
+    assert!(loss(&p[0]) < 0.5 * start, "signum did not descend: {} -> {}", start, loss(&p[0]));
 }
 
 #[test]
@@ -114,8 +122,8 @@ fn namespaced_loading_avoids_clashes() {
     assert_eq!(snapshot(&reg), before);
     // ...but under its namespace both copies coexist.
     let names = sorted(reg.load_plugin_namespaced(&example()).unwrap());
-    assert_eq!(names, vec!["example::diffgrad".to_string(), "example::scale_norm".to_string()]);
-    assert_eq!(reg.get("example::scale_norm").unwrap().entry.name, "scale_norm");
+    assert_eq!(names, vec!["example::qk_norm".to_string(), "example::signum".to_string()]);
+    assert_eq!(reg.get("example::qk_norm").unwrap().entry.name, "qk_norm");
 }
 
 #[test]
@@ -263,14 +271,14 @@ fn cli_lists_and_describes_plugin_entries() {
     let lib = lib.to_str().unwrap();
     let (ok, out, err) = cli(&["list", "--plugin", lib]);
     assert!(ok, "{err}");
-    assert!(out.contains("scale_norm") && out.contains("diffgrad") && out.contains("layer_norm"), "{out}");
+    assert!(out.contains("qk_norm") && out.contains("signum") && out.contains("layer_norm"), "{out}");
     let (ok, out, _) = cli(&["list", "--plugin", lib, "--namespaced", "example::*"]);
-    assert!(ok && out.contains("example::scale_norm") && !out.contains("layer_norm"), "{out}");
-    let (ok, out, err) = cli(&["info", "scale_norm", "--plugin", lib]);
+    assert!(ok && out.contains("example::qk_norm") && !out.contains("layer_norm"), "{out}");
+    let (ok, out, err) = cli(&["info", "qk_norm", "--plugin", lib]);
     assert!(ok, "{err}");
-    assert!(out.contains("plugin `example`") && out.contains("eps: float = 1e-5") && out.contains("arXiv:1910.05895"), "{out}");
-    let (ok, _, err) = cli(&["info", "scale_nrom", "--plugin", lib]);
-    assert!(!ok && err.contains("nearest: scale_norm"), "{err}");
+    assert!(out.contains("plugin `example`") && out.contains("length: float = 64") && out.contains("arXiv:2010.04245"), "{out}");
+    let (ok, _, err) = cli(&["info", "qk_nrom", "--plugin", lib]);
+    assert!(!ok && err.contains("nearest: qk_norm"), "{err}");
     let (ok, _, err) = cli(&["list", "--plugin", foreign("wrong_abi").to_str().unwrap()]);
     assert!(!ok && err.contains("ABI version 99"), "{err}");
 }

@@ -298,3 +298,38 @@ fn lars_matches_pytorch_optimizer() {
 fn adan_matches_pytorch_optimizer() {
     check_optimizer("adan", "pytorch-optimizer==4.1.0");
 }
+
+#[test]
+fn scale_norm_matches_torch() {
+    check_layer("scale_norm", "torch==2.11.0");
+}
+
+#[test]
+fn crms_norm_matches_torch_rms_norm_of_the_decompressed_vector() {
+    check_layer("crms_norm", "torch==2.11.0");
+}
+
+#[test]
+fn fix_norm_matches_torch() {
+    check_layer("fix_norm", "torch==2.11.0");
+}
+
+#[test]
+fn diffgrad_matches_pytorch_optimizer() {
+    check_optimizer("diffgrad", "pytorch-optimizer==4.1.0");
+}
+
+#[test]
+fn spectral_norm_matches_torch() {
+    check_layer("spectral_norm", "torch==2.11.0");
+}
+
+/// Every entry of the standard library has a fixture from a reference implementation.
+#[test]
+fn every_std_entry_has_a_fixture() {
+    for r in common::registry().list(None) {
+        let kind = if r.entry.kind == normforge::dsl::ir::Kind::Optimizer { "optimizers" } else { "layers" };
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{kind}/{}.json", r.name));
+        assert!(path.exists(), "no fixture for `{}` ({})", r.name, path.display());
+    }
+}

@@ -115,7 +115,7 @@ fn local_gradients(b: &mut Builder, node: &Node, out: NodeId, g: NodeId, active:
                     let m = b.binary(Binary::Mul, g, o2);
                     Some(b.unary(Unary::Neg, m))
                 }
-                Unary::Sign | Unary::Not => None,
+                Unary::Sign | Unary::Not | Unary::StopGradient => None,
             };
             v.extend(d.map(|d| (a, d)));
         }

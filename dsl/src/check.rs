@@ -36,7 +36,7 @@ pub fn check_file(file: &ast::File) -> Result<Vec<Entry>, Diagnostics> {
 
 /// Functions callable in expressions, for arity errors and suggestions.
 pub const FUNCTIONS: &[&str] = &[
-    "sqrt", "rsqrt", "exp", "log", "tanh", "sigmoid", "sign", "abs", "relu", "softplus", "min", "max", "pow", "lerp",
+    "sqrt", "rsqrt", "exp", "log", "tanh", "sigmoid", "sign", "abs", "relu", "softplus", "stop_gradient", "min", "max", "pow", "lerp",
     "clamp", "select", "sum", "mean", "var", "std", "rms", "norm", "size", "rank",
 ];
 
@@ -850,6 +850,7 @@ impl<'a> Checker<'a> {
             "abs" => unary(Unary::Abs),
             "relu" => unary(Unary::Relu),
             "softplus" => unary(Unary::Softplus),
+            "stop_gradient" => unary(Unary::StopGradient),
             _ => None,
         };
         if let Some(u) = u {

@@ -202,6 +202,9 @@ pub enum Unary {
     Relu,
     Softplus,
     Recip,
+    /// The identity whose derivative is zero: what the backward pass must treat as a constant
+    /// (spectral_norm's power iteration, as torch runs it under `no_grad`).
+    StopGradient,
 }
 
 impl Unary {
@@ -220,6 +223,7 @@ impl Unary {
             Unary::Relu => "relu",
             Unary::Softplus => "softplus",
             Unary::Recip => "recip",
+            Unary::StopGradient => "stop_gradient",
         }
     }
     pub fn apply(self, a: f64) -> f64 {
@@ -254,6 +258,7 @@ impl Unary {
             // log(1 + e^a), without overflow for large a.
             Unary::Softplus => a.max(0.0) + (-a.abs()).exp().ln_1p(),
             Unary::Recip => 1.0 / a,
+            Unary::StopGradient => a,
         }
     }
 }

@@ -265,6 +265,8 @@ pub(crate) fn unary(u: Unary) -> UOp {
         Unary::Relu => UOp::Relu,
         Unary::Softplus => UOp::Softplus,
         Unary::Recip => UOp::Recip,
+        // Kernels compute values; the derivative it stops was taken when the IR was built.
+        Unary::StopGradient => UOp::Identity,
     }
 }
 

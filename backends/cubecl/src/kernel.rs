@@ -27,6 +27,7 @@ pub enum UOp {
     Relu,
     Softplus,
     Recip,
+    Identity,
 }
 
 #[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -242,6 +243,7 @@ fn unary(#[comptime] op: UOp, x: f32) -> f32 {
         UOp::Relu => f32::max(x, 0.0),
         UOp::Softplus => f32::max(x, 0.0) + f32::ln(1.0 + f32::exp(-f32::abs(x))),
         UOp::Recip => 1.0 / x,
+        UOp::Identity => x,
     }
 }
 

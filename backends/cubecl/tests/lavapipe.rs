@@ -19,6 +19,7 @@ const ELEMENTWISE: &[(&str, f64)] = &[
     ("grams", 0.01),
     ("ademamix", 0.01),
     ("adan", 0.01),
+    ("diffgrad", 0.01),
     // Per-tensor reductions: partial reduce, combine, apply.
     ("lamb", 0.01),
     ("lars", 0.05),

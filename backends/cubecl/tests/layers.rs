@@ -20,11 +20,12 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 fn shapes(name: &str) -> Vec<Vec<usize>> {
     if ["layer_norm", "rms_norm", "dyt"].contains(&name) {
         vec![vec![3, 1], vec![2, 3, 7], vec![4, 1000], vec![2, 4097]]
-    } else if name.starts_with("weight_") {
-        // A weight [out, in...]: rows of 3, 21, 1000 and 4097 values. Not rows of one value
-        // (weight_norm is then the sign of v, whose gradient is zero: f32 leaves rounding noise
-        // that has no relative error to measure), nor two (standardized to exactly ±1, as
-        // with batch_norm above).
+    } else if name.starts_with("weight_") || ["fix_norm", "scale_norm", "crms_norm", "spectral_norm"].contains(&name) {
+        // Rows (or weights [out, in...]) of 3, 21, 1000 and 4097 values. Not rows of one value:
+        // weight_norm, fix_norm, scale_norm and crms_norm then give a constant times the sign of
+        // x, whose gradient is zero (f32 leaves rounding noise that has no relative error to
+        // measure); nor two for weight_standardization (standardized to exactly ±1, as with
+        // batch_norm below).
         vec![vec![3, 3], vec![2, 3, 7], vec![4, 1000], vec![2, 4097]]
     } else {
         // Not [2, 4, 1]: a normalized set of exactly two values has an input gradient that is
@@ -122,7 +123,11 @@ layer_tests!(
     evonorm_s1,
     evonorm_s2,
     weight_norm,
-    weight_standardization
+    weight_standardization,
+    scale_norm,
+    crms_norm,
+    fix_norm,
+    spectral_norm
 );
 
 #[test]
@@ -141,9 +146,10 @@ fn bad_shapes_are_errors() {
     assert!(err.0.contains("7 values"), "{err}");
 }
 
-const LAYERS: [&str; 14] = [
+const LAYERS: [&str; 18] = [
     "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm", "evonorm_b0", "evonorm_s0", "dyt", "evonorm_b1", "evonorm_b2",
-    "evonorm_s1", "evonorm_s2", "weight_norm", "weight_standardization",
+    "evonorm_s1", "evonorm_s2", "weight_norm", "weight_standardization", "scale_norm", "crms_norm", "fix_norm",
+    "spectral_norm",
 ];
 
 #[test]

@@ -141,6 +141,7 @@ impl<'a> Lowering<'a> {
                         Unary::Relu => a.relu(),
                         Unary::Softplus => a.softplus(),
                         Unary::Recip => a.reciprocal(),
+                        Unary::StopGradient => a.detach(),
                     }
                 }
                 Op::Binary(b, x, y) => {

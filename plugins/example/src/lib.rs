@@ -2,4 +2,4 @@
 //! library exports them through normforge's C ABI. Load it with
 //! `normforge list --plugin target/debug/libnormforge_plugin_example.so`.
 
-normforge_plugin::export!(name = "example", specs = ["nf/scale_norm.nf", "nf/diffgrad.nf"]);
+normforge_plugin::export!(name = "example", specs = ["nf/qk_norm.nf", "nf/signum.nf"]);

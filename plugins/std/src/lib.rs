@@ -41,6 +41,11 @@ std_specs!(
     "novograd.nf",
     "weight_norm.nf",
     "weight_standardization.nf",
+    "scale_norm.nf",
+    "crms_norm.nf",
+    "fix_norm.nf",
+    "diffgrad.nf",
+    "spectral_norm.nf",
 );
 
 /// Call once from a program that uses the standard library so the linker keeps this crate

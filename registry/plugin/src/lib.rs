@@ -9,7 +9,7 @@
 //! Writing one takes a `cdylib` crate and one line:
 //!
 //! ```ignore
-//! normforge_plugin::export!(name = "example", specs = ["nf/scale_norm.nf", "nf/diffgrad.nf"]);
+//! normforge_plugin::export!(name = "example", specs = ["nf/qk_norm.nf", "nf/signum.nf"]);
 //! ```
 //!
 //! The macro checks the specs while the plugin compiles: a DSL error fails its build.
