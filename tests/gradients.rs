@@ -178,6 +178,18 @@ fn evonorm_s1_s2() {
 }
 
 #[test]
+fn batch_channel_norm() {
+    let mut rng = Rng::new(14);
+    for s in CHANNEL_SHAPES {
+        for groups in [2.0, 3.0] {
+            for train in [true, false] {
+                check("batch_channel_norm", &[("groups", groups)], s, train, &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
 fn instance_norm() {
     let mut rng = Rng::new(9);
     for s in [&[2usize, 3, 5][..], &[3, 4, 2, 3], &[2, 2, 7, 1]] {
@@ -190,7 +202,7 @@ fn every_std_layer_is_covered() {
     let covered = [
         "layer_norm", "rms_norm", "dyt", "batch_norm", "group_norm", "evonorm_b0", "evonorm_s0", "instance_norm", "evonorm_b1",
         "evonorm_b2", "evonorm_s1", "evonorm_s2", "weight_norm", "weight_standardization", "fix_norm", "scale_norm", "crms_norm",
-        "spectral_norm",
+        "spectral_norm", "batch_channel_norm",
     ];
     for r in common::registry().list(None) {
         if r.entry.kind != normforge::dsl::ir::Kind::Optimizer {

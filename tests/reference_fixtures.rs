@@ -324,6 +324,11 @@ fn spectral_norm_matches_torch() {
     check_layer("spectral_norm", "torch==2.11.0");
 }
 
+#[test]
+fn batch_channel_norm_matches_torch() {
+    check_layer("batch_channel_norm", "torch==2.11.0");
+}
+
 /// Every entry of the standard library has a fixture from a reference implementation.
 #[test]
 fn every_std_entry_has_a_fixture() {

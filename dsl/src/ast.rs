@@ -146,7 +146,8 @@ impl DeclKind {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum StmtKind {
-    Decl { kind: DeclKind, name: Ident, shape: Option<Vec<Ident>>, init: Expr },
+    /// `shape` names axes, or groups of an axis (`weight[c / groups]`: one value per group).
+    Decl { kind: DeclKind, name: Ident, shape: Option<Vec<AxisRef>>, init: Expr },
     Let { name: Ident, value: Expr },
     Assign { name: Ident, value: Expr },
     Return(Expr),

@@ -220,27 +220,28 @@ impl<'a> Checker<'a> {
     }
 
     /// A declared tensor shape (`[c]`, `[]`), its axes in the input's order.
-    fn decl_shape(&self, names: &[ast::Ident]) -> Result<Shape, Diagnostic> {
-        let mut shape = Shape::scalar(self.axes.len());
+    /// A declaration's shape: its axes in the input's order, each whole or in groups
+    /// (`weight[c / groups]`), as `over` names them.
+    fn decl_shape(&mut self, refs: &[ast::AxisRef]) -> Option<Shape> {
         let mut last: Option<(usize, &ast::Ident)> = None;
-        for n in names {
-            let i = self.axis_index(n)?;
-            if shape.0[i] == Extent::Full {
-                return Err(err(n.span, format!("axis `{}` appears twice", n.name), "repeated axis"));
-            }
+        for r in refs {
+            let n = &r.axis;
+            let i = match self.axis_index(n) {
+                Ok(i) => i,
+                Err(d) => {
+                    self.report(d);
+                    return None;
+                }
+            };
             if let Some((j, prev)) = last {
                 if i < j {
-                    return Err(err(
-                        n.span,
-                        format!("axes must follow the input's order: `{}` comes before `{}`", n.name, prev.name),
-                        "out of order",
-                    ));
+                    self.report(err(n.span, format!("axes must follow the input's order: `{}` comes before `{}`", n.name, prev.name), "out of order"));
+                    return None;
                 }
             }
-            shape.0[i] = Extent::Full;
             last = Some((i, n));
         }
-        Ok(shape)
+        self.reduced_shape(refs)
     }
 
     fn shape_text(&self, s: &Shape) -> String {
@@ -292,12 +293,9 @@ impl<'a> Checker<'a> {
             }
             declared.insert(name.name.clone(), name.span);
             let decl_shape = match shape {
-                Some(names) => match self.decl_shape(names) {
-                    Ok(s) => s,
-                    Err(d) => {
-                        self.report(d);
-                        continue;
-                    }
+                Some(refs) => match self.decl_shape(refs) {
+                    Some(s) => s,
+                    None => continue,
                 },
                 None if *kind == DeclKind::State => Shape::full(self.axes.len()),
                 None => Shape::scalar(self.axes.len()),

@@ -215,9 +215,7 @@ impl Formatter<'_> {
     fn stmt(&mut self, st: &Stmt, indent: &str) -> String {
         let (head, value) = match &st.kind {
             StmtKind::Decl { kind, name, shape, init } => {
-                let shape = shape.as_ref().map_or(String::new(), |s| {
-                    format!("[{}]", s.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", "))
-                });
+                let shape = shape.as_ref().map_or(String::new(), |s| format!("[{}]", axis_refs(s)));
                 (format!("{} {}{shape} = ", kind.keyword(), name.name), init)
             }
             StmtKind::Let { name, value } => (format!("let {} = ", name.name), value),
@@ -338,16 +336,19 @@ fn arg(a: &Arg) -> String {
     match a {
         Arg::Pos(e) => expr(e),
         Arg::Named(n, e) => format!("{} = {}", n.name, expr(e)),
-        Arg::Over(refs, _) => {
-            let r: Vec<String> = refs
-                .iter()
-                .map(|r| match &r.groups {
-                    None => r.axis.name.clone(),
-                    Some(GroupRef::Name(g)) => format!("{} / {}", r.axis.name, g.name),
-                    Some(GroupRef::Count(n, _)) => format!("{} / {n}", r.axis.name),
-                })
-                .collect();
-            format!("over {}", r.join(", "))
-        }
+        Arg::Over(refs, _) => format!("over {}", axis_refs(refs)),
     }
+}
+
+/// `c / groups, s`, as in `over` and in declaration shapes.
+fn axis_refs(refs: &[AxisRef]) -> String {
+    let r: Vec<String> = refs
+        .iter()
+        .map(|r| match &r.groups {
+            None => r.axis.name.clone(),
+            Some(GroupRef::Name(g)) => format!("{} / {}", r.axis.name, g.name),
+            Some(GroupRef::Count(n, _)) => format!("{} / {n}", r.axis.name),
+        })
+        .collect();
+    r.join(", ")
 }

@@ -377,7 +377,7 @@ fn stmt(p: Pair<Rule>) -> Result<Stmt, Diagnostics> {
             let mut init = None;
             for c in it {
                 match c.as_rule() {
-                    Rule::shape => shape = Some(c.into_inner().map(ident).collect()),
+                    Rule::shape => shape = Some(c.into_inner().map(axis_ref).collect()),
                     _ => init = Some(expr(c)?),
                 }
             }

@@ -127,7 +127,8 @@ layer_tests!(
     scale_norm,
     crms_norm,
     fix_norm,
-    spectral_norm
+    spectral_norm,
+    batch_channel_norm
 );
 
 #[test]
@@ -146,10 +147,10 @@ fn bad_shapes_are_errors() {
     assert!(err.0.contains("7 values"), "{err}");
 }
 
-const LAYERS: [&str; 18] = [
+const LAYERS: [&str; 19] = [
     "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm", "evonorm_b0", "evonorm_s0", "dyt", "evonorm_b1", "evonorm_b2",
     "evonorm_s1", "evonorm_s2", "weight_norm", "weight_standardization", "scale_norm", "crms_norm", "fix_norm",
-    "spectral_norm",
+    "spectral_norm", "batch_channel_norm",
 ];
 
 #[test]

@@ -46,6 +46,7 @@ std_specs!(
     "fix_norm.nf",
     "diffgrad.nf",
     "spectral_norm.nf",
+    "batch_channel_norm.nf",
 );
 
 /// Call once from a program that uses the standard library so the linker keeps this crate
