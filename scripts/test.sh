@@ -18,6 +18,11 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 # libtorch for the tch backend, from the Python package index (scripts/setup-libtorch.sh).
 LIBTORCH="$(bash scripts/setup-libtorch.sh | tail -n 1)"
 export LIBTORCH
+# NVRTC and the CUDA headers from the same venv: the generated CUDA C++ of every std kernel is
+# compiled for Hopper here, with no GPU (backends/cuda/tests).
+cuda="$(dirname "$LIBTORCH")/nvidia/cu13"
+export LD_LIBRARY_PATH="$cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export NORMFORGE_CUDA_INCLUDE="$cuda/include" NORMFORGE_REQUIRE_NVRTC=1
 
 # Build first, with the same profile and flags as the run below, so no test binary is built twice;
 # the examples as programs too (tests/main_job.rs runs the training example).

@@ -65,7 +65,7 @@ fn unbound(len: usize) -> BufferArg {
     unsafe { BufferArg::from_raw_parts(handle, len) }
 }
 
-fn source(kernel: &impl cubecl::CubeKernel, lang: Lang) -> Result<String, Error> {
+fn source_of(kernel: &impl cubecl::CubeKernel, lang: Lang) -> Result<String, Error> {
     let def = cubecl::define_kernel(kernel).map_err(|e| Error(format!("defining the kernel: {e:?}")))?;
     let text = match lang {
         Lang::Cuda => {
@@ -93,7 +93,7 @@ fn step_source<S: Float>(props: &Arc<DeviceProperties>, phase: &KProgram, lang: 
         b(),
         phase.clone(),
     );
-    source(&kernel, lang)
+    source_of(&kernel, lang)
 }
 
 fn layer_source<F: Float>(props: &Arc<DeviceProperties>, prog: &LProgram, lang: Lang) -> Result<String, Error> {
@@ -109,62 +109,79 @@ fn layer_source<F: Float>(props: &Arc<DeviceProperties>, prog: &LProgram, lang: 
         b(),
         prog.clone(),
     );
-    source(&kernel, lang)
+    source_of(&kernel, lang)
+}
+
+/// One kernel's source: a whole translation unit (its own preamble), and the comment that
+/// introduces it when units are shown together.
+pub struct Unit {
+    pub comment: String,
+    pub source: String,
+}
+
+/// Units shown as one text, each under its comment, as `normforge emit` prints them.
+pub fn joined(units: &[Unit]) -> String {
+    let mut out = String::new();
+    for u in units {
+        out.push_str(&u.comment);
+        out.push_str(&u.source);
+        out.push('\n');
+    }
+    out
 }
 
 /// Every kernel a program launches, in launch order: its phases, each followed by the combine
-/// of its reductions, under a comment naming each. `state` is the state's storage type.
-pub fn program_source(prog: &Compiled, state: Dtype, lang: Lang) -> Result<String, Error> {
+/// of its reductions. `state` is the state's storage type.
+pub fn program_units(prog: &Compiled, state: Dtype, lang: Lang) -> Result<Vec<Unit>, Error> {
     let props = Arc::new(properties());
     let target = Arc::new(TargetProperties::default());
     let count = prog.phases.len();
-    let mut out = String::new();
+    let mut units = Vec::new();
     for (k, phase) in prog.phases.iter().enumerate() {
-        if count > 1 {
-            out.push_str(&format!("// phase {} of {count}\n", k + 1));
-        }
-        out.push_str(&match state {
+        let comment = if count > 1 { format!("// phase {} of {count}\n", k + 1) } else { String::new() };
+        let source = match state {
             Dtype::F32 => step_source::<f32>(&props, phase, lang)?,
             Dtype::F16 => step_source::<half::f16>(&props, phase, lang)?,
             Dtype::BF16 => step_source::<half::bf16>(&props, phase, lang)?,
-        });
-        if !phase.accums.is_empty() {
-            out.push_str(&format!("\n// combine of phase {}'s reductions\n", k + 1));
-            let kernel = combine_kernel::create_dummy_kernel(
-                props.clone(),
-                target.clone(),
-                CubeCount::Static(1, 1, 1),
-                CubeDim::new_1d(64),
-                unbound(1),
-                unbound(1),
-                unbound(1),
-                phase.accums.clone(),
-                phase.slots.max(1),
-            );
-            out.push_str(&source(&kernel, lang)?);
-            out.push('\n');
+        };
+        if phase.accums.is_empty() {
+            units.push(Unit { comment, source });
+            continue;
         }
+        // The combine's comment follows the phase's source without a line of its own.
+        units.push(Unit { comment, source: source.clone() });
+        let kernel = combine_kernel::create_dummy_kernel(
+            props.clone(),
+            target.clone(),
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(64),
+            unbound(1),
+            unbound(1),
+            unbound(1),
+            phase.accums.clone(),
+            phase.slots.max(1),
+        );
+        units.push(Unit { comment: format!("// combine of phase {}'s reductions\n", k + 1), source: source_of(&kernel, lang)? });
     }
-    Ok(out)
+    Ok(units)
 }
 
 /// Every kernel of a layer program, in launch order, under a comment saying what each computes.
 /// `io` is the storage type of the input, output and their gradients.
-pub fn plan_source(plan: &Plan, io: Dtype, lang: Lang) -> Result<String, Error> {
+pub fn plan_units(plan: &Plan, io: Dtype, lang: Lang) -> Result<Vec<Unit>, Error> {
     let props = Arc::new(properties());
-    let mut out = String::new();
+    let mut units = Vec::new();
     for (k, prog) in plan.kernels.iter().enumerate() {
         let what = match prog.reduce {
             Some((op, _, _)) => format!("{op:?} reduction"),
             None => format!("elementwise, {} output(s)", prog.stores.len()),
         };
-        out.push_str(&format!("// kernel {} of {}: {what}\n", k + 1, plan.kernels.len()));
-        out.push_str(&match io {
+        let source = match io {
             Dtype::F32 => layer_source::<f32>(&props, prog, lang)?,
             Dtype::F16 => layer_source::<half::f16>(&props, prog, lang)?,
             Dtype::BF16 => layer_source::<half::bf16>(&props, prog, lang)?,
-        });
-        out.push('\n');
+        };
+        units.push(Unit { comment: format!("// kernel {} of {}: {what}\n", k + 1, plan.kernels.len()), source });
     }
-    Ok(out)
+    Ok(units)
 }

@@ -36,15 +36,22 @@ pub fn cpu_device() -> Result<cubecl::Device, Error> {
 /// The generated source of an entry's kernels for one pass: `step` (or `init`, the state
 /// initialiser) for an update rule; `forward`, `backward` (training mode), `forward-eval`,
 /// `backward-eval` or `init` for a layer. `dtype` is the storage type of a rule's state, or of
-/// a layer's input, output and their gradients.
+/// a layer's input, output and their gradients. All kernels in one text, as `normforge emit`
+/// shows them; [`emit_units`] gives each as a translation unit of its own.
 pub fn emit(entry: &Entry, pass: &str, dtype: Dtype, lang: emit::Lang) -> Result<String, Error> {
+    Ok(emit::joined(&emit_units(entry, pass, dtype, lang)?))
+}
+
+/// Every kernel of a pass, in launch order, each a whole translation unit (what a compiler such
+/// as NVRTC takes, one module per kernel).
+pub fn emit_units(entry: &Entry, pass: &str, dtype: Dtype, lang: emit::Lang) -> Result<Vec<emit::Unit>, Error> {
     match (&entry.programs, pass) {
         // Rules with per-axis reductions run tensor by tensor through layer kernels.
         (Programs::Optimizer { step }, "step") => match compile(entry, step) {
-            Ok(c) => emit::program_source(&c, dtype, lang),
-            Err(e) => emit::plan_source(&plan(entry, step).map_err(|_| e)?, Dtype::F32, lang),
+            Ok(c) => emit::program_units(&c, dtype, lang),
+            Err(e) => emit::plan_units(&plan(entry, step).map_err(|_| e)?, Dtype::F32, lang),
         },
-        (Programs::Optimizer { .. }, "init") => emit::program_source(&compile(entry, &entry.init)?, dtype, lang),
+        (Programs::Optimizer { .. }, "init") => emit::program_units(&compile(entry, &entry.init)?, dtype, lang),
         (Programs::Optimizer { .. }, _) => Err(Error(format!("`{}` is an optimizer: its passes are `step` and `init`, not `{pass}`", entry.name))),
         (Programs::Layer { train, eval, train_backward, eval_backward }, _) => {
             let program = match pass {
@@ -61,7 +68,7 @@ pub fn emit(entry: &Entry, pass: &str, dtype: Dtype, lang: emit::Lang) -> Result
                     )))
                 }
             };
-            emit::plan_source(&plan(entry, program)?, dtype, lang)
+            emit::plan_units(&plan(entry, program)?, dtype, lang)
         }
     }
 }
