@@ -219,7 +219,6 @@ impl<'a> Checker<'a> {
         })
     }
 
-    /// A declared tensor shape (`[c]`, `[]`), its axes in the input's order.
     /// A declaration's shape: its axes in the input's order, each whole or in groups
     /// (`weight[c / groups]`), as `over` names them.
     fn decl_shape(&mut self, refs: &[ast::AxisRef]) -> Option<Shape> {

@@ -144,12 +144,10 @@ pub fn program_units(prog: &Compiled, state: Dtype, lang: Lang) -> Result<Vec<Un
             Dtype::F16 => step_source::<half::f16>(&props, phase, lang)?,
             Dtype::BF16 => step_source::<half::bf16>(&props, phase, lang)?,
         };
+        units.push(Unit { comment, source });
         if phase.accums.is_empty() {
-            units.push(Unit { comment, source });
             continue;
         }
-        // The combine's comment follows the phase's source without a line of its own.
-        units.push(Unit { comment, source: source.clone() });
         let kernel = combine_kernel::create_dummy_kernel(
             props.clone(),
             target.clone(),

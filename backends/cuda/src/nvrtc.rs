@@ -42,6 +42,8 @@ pub struct Compiler {
     include_dirs: Vec<String>,
     disk: Option<PathBuf>,
     memory: Mutex<HashMap<u128, Arc<str>>>,
+    /// NVRTC's `major.minor`, part of every key.
+    version: String,
 }
 
 /// First line of a cache file; then the key and a checksum of the PTX, then the PTX. Anything
@@ -55,7 +57,10 @@ impl Compiler {
         if !unsafe { nvrtc::sys::is_culib_present() } {
             return Err(Error::NoNvrtc { searched: cudarc::get_lib_name_candidates("nvrtc") });
         }
-        Ok(Compiler { arch, include_dirs, disk, memory: Mutex::new(HashMap::new()) })
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: writes two ints; the library is loaded.
+        unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        Ok(Compiler { arch, include_dirs, disk, memory: Mutex::new(HashMap::new()), version: format!("{major}.{minor}") })
     }
 
     /// Include directories for the CUDA headers the kernels use (`cuda_bf16.h`):
@@ -99,12 +104,8 @@ impl Compiler {
 
     /// The cache key of `source` under this compiler's architecture, options and NVRTC.
     pub fn key(&self, source: &str) -> u128 {
-        let (mut major, mut minor) = (0, 0);
-        // SAFETY: writes two ints; the library is loaded (checked in `new`).
-        unsafe { nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-        let version = format!("{major}.{minor}");
         let options = format!("{:?}", self.options());
-        xxhash_rust::xxh3::xxh3_128(format!("{version}\0{options}\0{source}").as_bytes())
+        xxhash_rust::xxh3::xxh3_128(format!("{}\0{options}\0{source}", self.version).as_bytes())
     }
 
     pub fn compile(&self, source: &str) -> Result<Compiled, Error> {
