@@ -1,6 +1,7 @@
 //! A registry layer as a tch module: parameters and buffers in the VarStore under their spec
 //! names, forward through [`crate::lower`], gradients from libtorch's autograd.
 
+use crate::function::{self, LayerKernels};
 use crate::lower::{Leaves, Lowering};
 use crate::{float_kind, Error};
 use normforge_dsl::bind;
@@ -8,12 +9,14 @@ use normforge_dsl::ir::{Entry, Kind as EntryKind, Program, Programs, Target};
 use std::sync::Arc;
 use tch::{nn, Tensor};
 
-#[derive(Debug)]
 pub struct DslLayer {
     entry: Arc<Entry>,
     hparams: Vec<f64>,
     params: Vec<Tensor>,
     buffers: Vec<Tensor>,
+    /// Forward and backward as one custom autograd function, instead of libtorch's autograd
+    /// over the lowered forward.
+    kernels: Option<Arc<dyn LayerKernels>>,
 }
 
 impl DslLayer {
@@ -44,7 +47,7 @@ impl DslLayer {
             tch::no_grad(|| b.f_copy_(&init))?;
             buffers.push(b);
         }
-        Ok(DslLayer { entry, hparams, params, buffers })
+        Ok(DslLayer { entry, hparams, params, buffers, kernels: None })
     }
 
     pub fn entry(&self) -> &Entry {
@@ -57,13 +60,6 @@ impl DslLayer {
 
     pub fn buffers(&self) -> &[Tensor] {
         &self.buffers
-    }
-
-    fn program(&self, train: bool) -> &Program {
-        match &self.entry.programs {
-            Programs::Layer { train: t, eval, .. } => if train { t } else { eval },
-            Programs::Optimizer { .. } => unreachable!("DslLayer::new refuses optimizers"),
-        }
     }
 
     /// The checked forward: shape, dtype and device mismatches are errors. In training mode
@@ -92,21 +88,125 @@ impl DslLayer {
                 )));
             }
         }
-        // Half-precision inputs compute in f32 and return in their own type.
-        let kind = float_kind(in_kind);
-        let prog = self.program(train);
-        let low = Lowering::new(&[prog], &binding, &self.hparams, 0.0, kind, x.device())?;
-        let leaves = Leaves { input: Some(x), params: &self.params, buffers: &self.buffers, ..Leaves::default() };
-        let vals = low.run(prog, &leaves)?;
-        let y = low.output(prog, &vals, Target::Y, &normforge_dsl::ir::Shape::full(self.entry.axes.len()))?;
-        for (i, (d, buf)) in self.entry.buffers.iter().zip(&self.buffers).enumerate() {
-            if prog.output(Target::Buffer(i as u32)).is_some() {
-                let new = low.output(prog, &vals, Target::Buffer(i as u32), &d.shape)?.detach();
-                let mut handle = buf.shallow_clone();
-                tch::no_grad(|| handle.f_copy_(&new))?;
+        match &self.kernels {
+            None => forward(&self.entry, &self.hparams, x, &self.params, &self.buffers, train),
+            Some(k) => {
+                let inputs: Vec<&Tensor> = std::iter::once(x).chain(&self.params).chain(&self.buffers).collect();
+                function::apply(k.clone(), &inputs, train)
             }
         }
-        Ok(y.to_kind(in_kind))
+    }
+
+    /// Backpropagate through the DSL's derived backward program — one node on libtorch's
+    /// tape that saves the input, parameters and buffers — instead of libtorch's
+    /// differentiation of every operation of the forward (which keeps every intermediate).
+    pub fn with_derived_backward(self) -> Self {
+        let k = Derived { entry: self.entry.clone(), hparams: self.hparams.clone() };
+        self.with_kernels(Arc::new(k))
+    }
+
+    /// Run forward and backward through `kernels` (a fused implementation), recorded as one
+    /// custom autograd function.
+    pub fn with_kernels(mut self, kernels: Arc<dyn LayerKernels>) -> Self {
+        self.kernels = Some(kernels);
+        self
+    }
+
+    pub fn hparams(&self) -> &[f64] {
+        &self.hparams
+    }
+}
+
+/// The entry's train or eval program.
+pub fn program(entry: &Entry, train: bool) -> &Program {
+    match &entry.programs {
+        Programs::Layer { train: t, eval, .. } => if train { t } else { eval },
+        Programs::Optimizer { step } => step,
+    }
+}
+
+/// The forward lowered to libtorch operations (differentiable by autograd where grad mode is
+/// on); in training the buffers take their new values.
+fn forward(entry: &Entry, hparams: &[f64], x: &Tensor, params: &[Tensor], buffers: &[Tensor], train: bool) -> Result<Tensor, Error> {
+    let in_kind = x.kind();
+    let binding = bind::bind_axes(&entry.axes, &dims(&x.size())?, "the input").map_err(Error)?;
+    // Half-precision inputs compute in f32 and return in their own type.
+    let kind = float_kind(in_kind);
+    let prog = program(entry, train);
+    let low = Lowering::new(&[prog], &binding, hparams, 0.0, kind, x.device())?;
+    let leaves = Leaves { input: Some(x), params, buffers, ..Leaves::default() };
+    let vals = low.run(prog, &leaves)?;
+    let y = low.output(prog, &vals, Target::Y, &normforge_dsl::ir::Shape::full(entry.axes.len()))?;
+    for (i, (d, buf)) in entry.buffers.iter().zip(buffers).enumerate() {
+        if prog.output(Target::Buffer(i as u32)).is_some() {
+            let new = low.output(prog, &vals, Target::Buffer(i as u32), &d.shape)?.detach();
+            let mut handle = buf.shallow_clone();
+            tch::no_grad(|| handle.f_copy_(&new))?;
+        }
+    }
+    Ok(y.to_kind(in_kind))
+}
+
+/// The DSL's own backward: the forward lowered without a tape, the derived backward program
+/// lowered for the gradients.
+struct Derived {
+    entry: Arc<Entry>,
+    hparams: Vec<f64>,
+}
+
+impl Derived {
+    fn split<'t>(&self, inputs: &'t [Tensor]) -> Result<(&'t Tensor, &'t [Tensor], &'t [Tensor]), Error> {
+        let (np, nb) = (self.entry.params.len(), self.entry.buffers.len());
+        match inputs.split_first() {
+            Some((x, rest)) if rest.len() == np + nb => Ok((x, &rest[..np], &rest[np..])),
+            _ => Err(Error(format!("`{}` takes 1 + {np} + {nb} tensors, got {}", self.entry.name, inputs.len()))),
+        }
+    }
+}
+
+impl LayerKernels for Derived {
+    fn forward(&self, inputs: &[Tensor], train: bool) -> Result<(Tensor, Vec<Tensor>), Error> {
+        let (x, params, buffers) = self.split(inputs)?;
+        // Backward reads the buffers as the forward found them.
+        let before: Vec<Tensor> = buffers.iter().map(|b| b.copy()).collect();
+        let y = forward(&self.entry, &self.hparams, x, params, buffers, train)?;
+        let saved = std::iter::once(x.shallow_clone()).chain(params.iter().map(Tensor::shallow_clone)).chain(before).collect();
+        Ok((y, saved))
+    }
+
+    fn backward(&self, saved: &[Tensor], grad_y: &Tensor, train: bool) -> Result<Vec<Option<Tensor>>, Error> {
+        let (x, params, buffers) = self.split(saved)?;
+        let Programs::Layer { train_backward, eval_backward, .. } = &self.entry.programs else {
+            return Err(Error(format!("`{}` is not a layer", self.entry.name)));
+        };
+        let prog = if train { train_backward } else { eval_backward };
+        let binding = bind::bind_axes(&self.entry.axes, &dims(&x.size())?, "the input").map_err(Error)?;
+        let low = Lowering::new(&[prog], &binding, &self.hparams, 0.0, float_kind(x.kind()), x.device())?;
+        let leaves = Leaves { input: Some(x), grad_output: Some(grad_y), params, buffers, ..Leaves::default() };
+        let vals = low.run(prog, &leaves)?;
+        let full = normforge_dsl::ir::Shape::full(self.entry.axes.len());
+        let mut grads = vec![Some(low.output(prog, &vals, Target::GradInput, &full)?.to_kind(x.kind()))];
+        for (i, (d, p)) in self.entry.params.iter().zip(params).enumerate() {
+            let g = match prog.output(Target::GradParam(i as u32)) {
+                Some(_) => Some(low.output(prog, &vals, Target::GradParam(i as u32), &d.shape)?.to_kind(p.kind())),
+                None => None,
+            };
+            grads.push(g);
+        }
+        grads.extend(buffers.iter().map(|_| None));
+        Ok(grads)
+    }
+}
+
+impl std::fmt::Debug for DslLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DslLayer")
+            .field("entry", &self.entry.name)
+            .field("hparams", &self.hparams)
+            .field("params", &self.params)
+            .field("buffers", &self.buffers)
+            .field("fused", &self.kernels.is_some())
+            .finish()
     }
 }
 

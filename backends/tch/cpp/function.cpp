@@ -1,0 +1,158 @@
+// A libtorch custom autograd function whose forward and backward are Rust callbacks, and torch's
+// current CUDA stream: the two things tch cannot reach. Built by build.rs with `cc` against the
+// headers of the libtorch tch links. No C++ exception crosses into Rust: every entry point
+// catches and reports through an error string.
+
+#include <torch/csrc/autograd/custom_function.h>
+#include <ATen/core/ivalue.h>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+extern "C" {
+
+// What the Rust side produces: tensors (copied in; a null pointer is an undefined tensor, i.e.
+// no gradient) or an error message.
+struct nf_sink {
+    std::vector<at::Tensor> out;
+    std::string err;
+    bool failed = false;
+};
+
+// The Rust callbacks. `inputs` are owned by the callee (`new`-allocated, freed by tch's
+// at_free); results go to the sink. A non-zero return is an error, its message in the sink.
+struct nf_callbacks {
+    void* data;
+    void (*drop)(void* data);
+    int (*forward)(void* data, bool train, at::Tensor** inputs, size_t n, nf_sink* sink);
+    int (*backward)(void* data, bool train, at::Tensor** saved, size_t n, at::Tensor* grad_y, nf_sink* sink);
+};
+
+void nf_sink_push(nf_sink* sink, const at::Tensor* t) {
+    sink->out.push_back(t ? *t : at::Tensor());
+}
+
+void nf_sink_error(nf_sink* sink, const char* msg, size_t len) {
+    sink->failed = true;
+    sink->err.assign(msg, len);
+}
+
+}  // extern "C"
+
+namespace {
+
+// Owns the Rust callbacks' data for as long as the autograd graph may call backward.
+struct Holder : torch::CustomClassHolder {
+    nf_callbacks cb;
+    explicit Holder(nf_callbacks c) : cb(c) {}
+    ~Holder() override { cb.drop(cb.data); }
+};
+
+std::vector<at::Tensor*> owned(const std::vector<at::Tensor>& ts) {
+    std::vector<at::Tensor*> out;
+    out.reserve(ts.size());
+    for (const auto& t : ts) out.push_back(new at::Tensor(t));
+    return out;
+}
+
+struct Fn : torch::autograd::Function<Fn> {
+    // Outputs: y. The callback returns y followed by what backward needs.
+    static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                  c10::intrusive_ptr<Holder> holder, bool train,
+                                                  at::TensorList inputs) {
+        nf_sink sink;
+        auto args = owned(inputs.vec());
+        int rc = holder->cb.forward(holder->cb.data, train, args.data(), args.size(), &sink);
+        if (rc != 0 || sink.failed || sink.out.empty() || !sink.out[0].defined()) {
+            throw std::runtime_error(sink.failed ? sink.err : std::string("the forward callback returned no output"));
+        }
+        at::Tensor y = sink.out[0];
+        ctx->save_for_backward(std::vector<at::Tensor>(sink.out.begin() + 1, sink.out.end()));
+        ctx->saved_data["nf"] = at::IValue::make_capsule(holder);
+        ctx->saved_data["train"] = train;
+        ctx->saved_data["inputs"] = static_cast<int64_t>(inputs.size());
+        return {y};
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grad_outputs) {
+        auto holder = c10::static_intrusive_pointer_cast<Holder>(ctx->saved_data["nf"].toCapsule());
+        bool train = ctx->saved_data["train"].toBool();
+        auto n = static_cast<size_t>(ctx->saved_data["inputs"].toInt());
+        // One gradient per forward argument: none for the holder and the flag.
+        torch::autograd::variable_list grads{at::Tensor(), at::Tensor()};
+        const at::Tensor& gy = grad_outputs.at(0);
+        if (!gy.defined()) {
+            grads.resize(2 + n);
+            return grads;
+        }
+        auto saved = owned(ctx->get_saved_variables());
+        nf_sink sink;
+        int rc = holder->cb.backward(holder->cb.data, train, saved.data(), saved.size(), new at::Tensor(gy), &sink);
+        if (rc != 0 || sink.failed) {
+            throw std::runtime_error(sink.failed ? sink.err : std::string("the backward callback failed"));
+        }
+        if (sink.out.size() != n) {
+            throw std::runtime_error("the backward callback returned " + std::to_string(sink.out.size()) +
+                                     " gradients for " + std::to_string(n) + " inputs");
+        }
+        grads.insert(grads.end(), sink.out.begin(), sink.out.end());
+        return grads;
+    }
+};
+
+char* copy_message(const std::string& s) {
+    char* out = static_cast<char*>(std::malloc(s.size() + 1));
+    if (out) std::memcpy(out, s.c_str(), s.size() + 1);
+    return out;
+}
+
+}  // namespace
+
+extern "C" {
+
+// y = Fn(inputs), recorded on the autograd tape when an input requires a gradient. Returns a
+// `new` tensor (for tch's `Tensor::from_ptr`), or null with `*err` set (free with nf_free).
+// `cb.drop` runs exactly once, whatever happens.
+at::Tensor* nf_function_apply(nf_callbacks cb, bool train, const at::Tensor* const* inputs, size_t n, char** err) {
+    *err = nullptr;
+    c10::intrusive_ptr<Holder> holder;
+    try {
+        holder = c10::make_intrusive<Holder>(cb);
+    } catch (const std::exception& e) {
+        cb.drop(cb.data);
+        *err = copy_message(e.what());
+        return nullptr;
+    }
+    try {
+        std::vector<at::Tensor> args;
+        args.reserve(n);
+        for (size_t i = 0; i < n; ++i) args.push_back(*inputs[i]);
+        auto out = Fn::apply(holder, train, at::TensorList(args));
+        return new at::Tensor(out.at(0));
+    } catch (const c10::Error& e) {
+        *err = copy_message(e.what_without_backtrace());
+    } catch (const std::exception& e) {
+        *err = copy_message(e.what());
+    }
+    return nullptr;
+}
+
+void nf_free(char* p) { std::free(p); }
+
+// The stream torch launches on for CUDA device `device` (a `cudaStream_t`; null is the legacy
+// default stream) into `*out`. Non-zero where libtorch's CUDA support is not loaded. Goes
+// through c10's device-generic interface, so this builds without CUDA headers.
+int nf_current_cuda_stream(int device, void** out) {
+    try {
+        const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+        *out = impl->getStream(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device))).native_handle();
+        return 0;
+    } catch (...) {
+        return 1;
+    }
+}
+
+}  // extern "C"

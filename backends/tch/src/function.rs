@@ -1,0 +1,139 @@
+//! Custom autograd functions: a forward and a backward we compute ourselves, recorded on
+//! libtorch's tape as one node, so `loss.backward()` calls our backward (the DSL's derived
+//! backward program, or a fused kernel) instead of differentiating every operation of the
+//! forward. tch has no such functions; `cpp/function.cpp` provides one whose two halves call
+//! back into [`LayerKernels`].
+
+use crate::Error;
+use std::ffi::{c_char, c_void, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+/// The two halves of a fused layer. `inputs` are the input, then the parameters, then the
+/// buffers (which `forward` may update in place, in training).
+pub trait LayerKernels: Send + Sync {
+    /// The output, and the tensors `backward` will get as `saved` (never an input that is
+    /// updated in place: save a copy of it).
+    fn forward(&self, inputs: &[Tensor], train: bool) -> Result<(Tensor, Vec<Tensor>), Error>;
+    /// One gradient per input (`None` for those that need none), from what `forward` saved
+    /// and the output's gradient.
+    fn backward(&self, saved: &[Tensor], grad_y: &Tensor, train: bool) -> Result<Vec<Option<Tensor>>, Error>;
+}
+
+#[repr(C)]
+struct Sink {
+    _opaque: [u8; 0],
+}
+
+#[repr(C)]
+struct Callbacks {
+    data: *mut c_void,
+    drop: unsafe extern "C" fn(*mut c_void),
+    forward: unsafe extern "C" fn(*mut c_void, bool, *mut *mut C_tensor, usize, *mut Sink) -> i32,
+    backward: unsafe extern "C" fn(*mut c_void, bool, *mut *mut C_tensor, usize, *mut C_tensor, *mut Sink) -> i32,
+}
+
+extern "C" {
+    fn nf_sink_push(sink: *mut Sink, t: *const C_tensor);
+    fn nf_sink_error(sink: *mut Sink, msg: *const c_char, len: usize);
+    fn nf_function_apply(cb: Callbacks, train: bool, inputs: *const *const C_tensor, n: usize, err: *mut *mut c_char) -> *mut C_tensor;
+    fn nf_free(p: *mut c_char);
+    fn nf_current_cuda_stream(device: i32, out: *mut *mut c_void) -> i32;
+}
+
+/// `y = kernels.forward(inputs)`, recorded so that backpropagating through `y` calls
+/// `kernels.backward`.
+pub fn apply(kernels: Arc<dyn LayerKernels>, inputs: &[&Tensor], train: bool) -> Result<Tensor, Error> {
+    let data = Box::into_raw(Box::new(kernels)) as *mut c_void;
+    let cb = Callbacks { data, drop: drop_data, forward: forward_cb, backward: backward_cb };
+    let ptrs: Vec<*const C_tensor> = inputs.iter().map(|t| t.as_ptr()).collect();
+    let mut err: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the pointers are live tensors borrowed for the call; the shim copies them, owns
+    // `data` from here on (dropping it through `drop_data` exactly once), and returns a `new`
+    // tensor or sets `err`.
+    let y = unsafe { nf_function_apply(cb, train, ptrs.as_ptr(), ptrs.len(), &mut err) };
+    if y.is_null() {
+        // SAFETY: a null result comes with a malloc'd message (or none, if malloc failed).
+        let msg = unsafe { take_message(err) };
+        return Err(Error(msg));
+    }
+    // SAFETY: a fresh `new at::Tensor`, ours to own.
+    Ok(unsafe { Tensor::from_ptr(y) })
+}
+
+/// The stream libtorch launches on for CUDA device `device` (a `CUstream`; null is the
+/// legacy default stream), or `None` where libtorch's CUDA support is not loaded
+/// ([`crate::load_cuda`]).
+pub fn current_cuda_stream(device: usize) -> Option<*mut c_void> {
+    let d = i32::try_from(device).ok()?;
+    let mut s = std::ptr::null_mut();
+    // SAFETY: writes `s` on success only; failures are reported, not thrown.
+    (unsafe { nf_current_cuda_stream(d, &mut s) } == 0).then_some(s)
+}
+
+unsafe fn take_message(err: *mut c_char) -> String {
+    if err.is_null() {
+        return "the custom autograd function failed".into();
+    }
+    let msg = CStr::from_ptr(err).to_string_lossy().into_owned();
+    nf_free(err);
+    msg
+}
+
+type Data = Arc<dyn LayerKernels>;
+
+unsafe extern "C" fn drop_data(data: *mut c_void) {
+    drop(Box::from_raw(data as *mut Data));
+}
+
+/// Tensors handed over by the shim (each a `new at::Tensor`).
+unsafe fn take(ptrs: *mut *mut C_tensor, n: usize) -> Vec<Tensor> {
+    (0..n).map(|i| Tensor::from_ptr(*ptrs.add(i))).collect()
+}
+
+/// Run a callback body: results into the sink, errors and panics as messages (a panic must
+/// not unwind into C++).
+unsafe fn report(sink: *mut Sink, body: impl FnOnce() -> Result<Vec<Option<Tensor>>, Error>) -> i32 {
+    let result = catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|p| {
+        let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(Error(format!("panic in a fused layer: {}", what.unwrap_or_default())))
+    });
+    match result {
+        Ok(out) => {
+            for t in &out {
+                nf_sink_push(sink, t.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()));
+            }
+            0
+        }
+        Err(e) => {
+            nf_sink_error(sink, e.0.as_ptr() as *const c_char, e.0.len());
+            1
+        }
+    }
+}
+
+unsafe extern "C" fn forward_cb(data: *mut c_void, train: bool, inputs: *mut *mut C_tensor, n: usize, sink: *mut Sink) -> i32 {
+    let k = &*(data as *const Data);
+    let inputs = take(inputs, n);
+    report(sink, || {
+        let (y, saved) = k.forward(&inputs, train)?;
+        Ok(std::iter::once(Some(y)).chain(saved.into_iter().map(Some)).collect())
+    })
+}
+
+unsafe extern "C" fn backward_cb(
+    data: *mut c_void,
+    train: bool,
+    saved: *mut *mut C_tensor,
+    n: usize,
+    grad_y: *mut C_tensor,
+    sink: *mut Sink,
+) -> i32 {
+    let k = &*(data as *const Data);
+    let saved = take(saved, n);
+    // The shim calls back only with a defined gradient.
+    let gy = Tensor::from_ptr(grad_y);
+    report(sink, || k.backward(&saved, &gy, train))
+}
