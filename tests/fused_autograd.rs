@@ -7,7 +7,7 @@ mod common;
 
 use normforge::tch::nn::{self, ModuleT};
 use normforge::tch::{Device, Kind, Tensor};
-use normforge::torch::function::{self, LayerKernels};
+use normforge::torch::shim::{self, LayerKernels};
 use normforge::torch::{DslLayer, Error};
 use normforge::RegistryExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -128,7 +128,7 @@ fn tripler(fail: Option<&'static str>, panic_in_backward: bool) -> Arc<Tripler> 
 fn backward_runs_our_callback_and_releases_it_with_the_graph() {
     let k = tripler(None, false);
     let x = Tensor::from_slice(&[1.0f64, -2.0, 0.5]).set_requires_grad(true);
-    let y = function::apply(k.clone(), &[&x], true).unwrap();
+    let y = shim::custom_function(k.clone(), &[&x], true).unwrap();
     assert_eq!(Arc::strong_count(&k), 2, "the graph holds the kernels until it is freed");
     assert_eq!(Vec::<f64>::try_from(&y).unwrap(), vec![1.0, -2.0, 0.5]);
     (&y * Tensor::from_slice(&[1.0f64, 2.0, 4.0])).sum(Kind::Double).backward();
@@ -141,11 +141,11 @@ fn backward_runs_our_callback_and_releases_it_with_the_graph() {
 #[test]
 fn failures_in_either_half_are_errors() {
     let x = Tensor::from_slice(&[1.0f64, 2.0]).set_requires_grad(true);
-    let e = function::apply(tripler(Some("forward"), false), &[&x], true).unwrap_err();
+    let e = shim::custom_function(tripler(Some("forward"), false), &[&x], true).unwrap_err();
     assert!(e.0.contains("forward refused"), "{e}");
 
     for (k, want) in [(tripler(Some("backward"), false), "backward refused"), (tripler(None, true), "kernel exploded")] {
-        let y = function::apply(k.clone(), &[&x], true).unwrap();
+        let y = shim::custom_function(k.clone(), &[&x], true).unwrap();
         let e = y.sum(Kind::Double).f_backward().unwrap_err();
         assert!(e.to_string().contains(want), "{e}");
         assert_eq!(k.backwards.load(Ordering::SeqCst), 1);
@@ -169,5 +169,5 @@ fn the_cuda_stream_is_unavailable_without_cuda() {
         eprintln!("skipped: CUDA is available here (the GPU check script covers the stream)");
         return;
     }
-    assert_eq!(function::current_cuda_stream(0), None);
+    assert_eq!(shim::current_cuda_stream(0), None);
 }

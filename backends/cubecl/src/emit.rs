@@ -5,7 +5,7 @@
 //! generic CUDA-class device (32-wide warps, 1024 threads per cube, every scalar type), so
 //! the text is the same on every machine and needs no driver.
 
-use crate::kernel::{combine_kernel, layer_kernel, step_kernel, KProgram, LProgram, BLOCK};
+use crate::kernel::{combine_kernel, layer_kernel, step_kernel, KProgram, LProgram, BLOCK, COMBINE_BLOCK};
 use crate::{Compiled, Dtype, Error, Plan};
 use cubecl::ir::{DeviceIdentity, DeviceProperties, HardwareProperties, MemoryDeviceProperties, TargetProperties};
 use cubecl::prelude::*;
@@ -152,7 +152,7 @@ pub fn program_units(prog: &Compiled, state: Dtype, lang: Lang) -> Result<Vec<Un
             props.clone(),
             target.clone(),
             CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(64),
+            CubeDim::new_1d(COMBINE_BLOCK),
             unbound(1),
             unbound(1),
             unbound(1),

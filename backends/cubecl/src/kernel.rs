@@ -117,6 +117,9 @@ fn identity(#[comptime] op: ROp) -> f32 {
 /// Threads per cube, and so the padding unit of every tensor.
 pub const BLOCK: usize = 256;
 
+/// Units per cube of `combine_kernel` (one per tensor).
+pub const COMBINE_BLOCK: u32 = 64;
+
 /// Update element `CUBE_POS * BLOCK + UNIT_POS` of the flat parameter buffer `p` (all tensors
 /// of one launch back to back, each padded to whole cubes) and of each state (`s` holds state
 /// k at `k * len(p) + i`, stored as `S`, computed in f32). Launched with exactly one cube of `BLOCK` units per block of

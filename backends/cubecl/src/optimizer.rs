@@ -3,7 +3,7 @@
 //! padded to whole cubes so a cube never straddles two.
 
 use crate::compile::{compile, Compiled};
-use crate::kernel::{combine_kernel, step_kernel, KProgram, BLOCK};
+use crate::kernel::{combine_kernel, step_kernel, KProgram, BLOCK, COMBINE_BLOCK};
 use crate::plan::{plan, run, Plan, Source};
 use crate::{unfused, Dtype, Error};
 use normforge_dsl::bind;
@@ -252,8 +252,8 @@ impl CubeOptimizer {
                 let tensors = flat.sizes.len();
                 combine_kernel::launch_unchecked(
                     &self.client,
-                    CubeCount::Static(tensors.div_ceil(64) as u32, 1, 1),
-                    CubeDim::new_1d(64),
+                    CubeCount::Static(tensors.div_ceil(COMBINE_BLOCK as usize) as u32, 1, 1),
+                    CubeDim::new_1d(COMBINE_BLOCK),
                     BufferArg::from_raw_parts(st.partial.clone(), flat.cubes.max(1) * r),
                     BufferArg::from_raw_parts(flat.ranges.clone(), 2 * tensors),
                     BufferArg::from_raw_parts(red.clone(), tensors * r),

@@ -1,8 +1,16 @@
-//! The CUDA fast path, starting with its compiler: the CUDA C++ that `normforge-cubecl` emits,
-//! compiled by NVRTC for one device architecture, cached in memory and on disk. NVRTC is loaded
-//! at run time (cudarc's dynamic loading), so this builds anywhere and compiles wherever the
-//! library is found — a GPU is not needed to compile, only to launch.
+//! The CUDA fast path: the CUDA C++ that `normforge-cubecl` emits, compiled by NVRTC for the
+//! device's architecture (cached in memory and on disk), loaded through the CUDA driver and
+//! launched on tch's CUDA tensors, on torch's current stream, with no copies. NVRTC and the
+//! driver are loaded at run time (cudarc's dynamic loading), so this builds anywhere; compiling
+//! needs only NVRTC, launching a GPU.
 
+pub mod arena;
+pub mod check;
+pub mod driver;
 pub mod nvrtc;
+pub mod optimizer;
 
+pub use arena::Arena;
+pub use driver::Gpu;
 pub use nvrtc::{Compiled, Compiler, Error, Origin};
+pub use optimizer::CudaOptimizer;

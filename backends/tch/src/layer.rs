@@ -1,7 +1,7 @@
 //! A registry layer as a tch module: parameters and buffers in the VarStore under their spec
 //! names, forward through [`crate::lower`], gradients from libtorch's autograd.
 
-use crate::function::{self, LayerKernels};
+use crate::shim::{self, LayerKernels};
 use crate::lower::{Leaves, Lowering};
 use crate::{float_kind, Error};
 use normforge_dsl::bind;
@@ -92,7 +92,7 @@ impl DslLayer {
             None => forward(&self.entry, &self.hparams, x, &self.params, &self.buffers, train),
             Some(k) => {
                 let inputs: Vec<&Tensor> = std::iter::once(x).chain(&self.params).chain(&self.buffers).collect();
-                function::apply(k.clone(), &inputs, train)
+                shim::custom_function(k.clone(), &inputs, train)
             }
         }
     }

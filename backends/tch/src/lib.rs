@@ -8,13 +8,13 @@
 //! let mut opt = registry.optimizer("adamw")?.hparam("lr", 1e-3).build(&vs)?;
 //! ```
 
-pub mod function;
+pub mod shim;
 pub mod layer;
 pub mod lower;
 pub mod optimizer;
 pub mod wrappers;
 
-pub use function::LayerKernels;
+pub use shim::LayerKernels;
 pub use layer::DslLayer;
 pub use optimizer::{DslOptimizer, StepReport};
 pub use wrappers::{Lookahead, Sam};

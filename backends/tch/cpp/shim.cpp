@@ -1,5 +1,5 @@
-// A libtorch custom autograd function whose forward and backward are Rust callbacks, and torch's
-// current CUDA stream: the two things tch cannot reach. Built by build.rs with `cc` against the
+// What tch cannot reach: a libtorch custom autograd function whose forward and backward are
+// Rust callbacks, torch's current CUDA stream, and setting a variable's gradient tensor. Built by build.rs with `cc` against the
 // headers of the libtorch tch links. No C++ exception crosses into Rust: every entry point
 // catches and reports through an error string.
 
@@ -141,6 +141,21 @@ at::Tensor* nf_function_apply(nf_callbacks cb, bool train, const at::Tensor* con
 }
 
 void nf_free(char* p) { std::free(p); }
+
+// var.grad = grad (same shape, dtype and device), so autograd accumulates into `grad`'s memory.
+// Returns null, or an error message (free with nf_free).
+char* nf_set_grad(at::Tensor* var, const at::Tensor* grad) {
+    try {
+        TORCH_CHECK(var->sizes() == grad->sizes() && var->dtype() == grad->dtype() && var->device() == grad->device(),
+                    "a gradient must have its variable's shape, dtype and device");
+        var->mutable_grad() = *grad;
+        return nullptr;
+    } catch (const c10::Error& e) {
+        return copy_message(e.what_without_backtrace());
+    } catch (const std::exception& e) {
+        return copy_message(e.what());
+    }
+}
 
 // The stream torch launches on for CUDA device `device` (a `cudaStream_t`; null is the legacy
 // default stream) into `*out`. Non-zero where libtorch's CUDA support is not loaded. Goes

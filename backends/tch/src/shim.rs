@@ -1,7 +1,11 @@
+//! What tch cannot reach, through `cpp/shim.cpp` (C++ built with `cc` against libtorch's
+//! headers): custom autograd functions, torch's current CUDA stream, a variable's gradient
+//! tensor.
+//!
 //! Custom autograd functions: a forward and a backward we compute ourselves, recorded on
 //! libtorch's tape as one node, so `loss.backward()` calls our backward (the DSL's derived
 //! backward program, or a fused kernel) instead of differentiating every operation of the
-//! forward. tch has no such functions; `cpp/function.cpp` provides one whose two halves call
+//! forward. tch has no such functions; `cpp/shim.cpp` provides one whose two halves call
 //! back into [`LayerKernels`].
 
 use crate::Error;
@@ -40,12 +44,13 @@ extern "C" {
     fn nf_sink_error(sink: *mut Sink, msg: *const c_char, len: usize);
     fn nf_function_apply(cb: Callbacks, train: bool, inputs: *const *const C_tensor, n: usize, err: *mut *mut c_char) -> *mut C_tensor;
     fn nf_free(p: *mut c_char);
+    fn nf_set_grad(var: *mut C_tensor, grad: *const C_tensor) -> *mut c_char;
     fn nf_current_cuda_stream(device: i32, out: *mut *mut c_void) -> i32;
 }
 
 /// `y = kernels.forward(inputs)`, recorded so that backpropagating through `y` calls
 /// `kernels.backward`.
-pub fn apply(kernels: Arc<dyn LayerKernels>, inputs: &[&Tensor], train: bool) -> Result<Tensor, Error> {
+pub fn custom_function(kernels: Arc<dyn LayerKernels>, inputs: &[&Tensor], train: bool) -> Result<Tensor, Error> {
     let data = Box::into_raw(Box::new(kernels)) as *mut c_void;
     let cb = Callbacks { data, drop: drop_data, forward: forward_cb, backward: backward_cb };
     let ptrs: Vec<*const C_tensor> = inputs.iter().map(|t| t.as_ptr()).collect();
@@ -71,6 +76,19 @@ pub fn current_cuda_stream(device: usize) -> Option<*mut c_void> {
     let mut s = std::ptr::null_mut();
     // SAFETY: writes `s` on success only; failures are reported, not thrown.
     (unsafe { nf_current_cuda_stream(d, &mut s) } == 0).then_some(s)
+}
+
+/// Make `grad` the gradient tensor of `var`: backpropagation then accumulates into `grad`'s
+/// memory in place (a view into one flat buffer, for a fused multi-tensor optimizer step).
+pub fn set_grad(var: &mut Tensor, grad: &Tensor) -> Result<(), Error> {
+    // SAFETY: two live tensors; the shim checks shape, dtype and device and catches errors.
+    let err = unsafe { nf_set_grad(var.as_mut_ptr(), grad.as_ptr()) };
+    if err.is_null() {
+        Ok(())
+    } else {
+        // SAFETY: a malloc'd message from the shim.
+        Err(Error(unsafe { take_message(err) }))
+    }
 }
 
 unsafe fn take_message(err: *mut c_char) -> String {

@@ -1,0 +1,109 @@
+//! Parameters and gradients in two flat buffers, so one launch can update every tensor with no
+//! copy: each parameter's storage becomes a view into the flat parameter buffer, and its
+//! gradient tensor a view into the flat gradient buffer, into which backpropagation then
+//! accumulates in place. Tensors are padded to whole cubes (a cube never straddles two), the
+//! layout the CubeCL step kernels index (`blocks`: per cube its tensor, first element and
+//! length; `ranges`: per tensor its first cube and cube count).
+
+use normforge_tch::shim;
+use tch::{Device, Kind, Tensor};
+
+/// Units per cube of the step kernels.
+pub use normforge_cubecl::kernel::BLOCK;
+
+pub struct Arena {
+    pub p: Tensor,
+    pub g: Tensor,
+    /// Per cube: tensor index, first element, length (as u32 bits).
+    pub blocks: Tensor,
+    /// Per tensor: first cube, cube count (as u32 bits).
+    pub ranges: Tensor,
+    pub sizes: Vec<usize>,
+    pub shapes: Vec<Vec<usize>>,
+    pub cubes: usize,
+    pub device: Device,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ArenaError(pub String);
+
+impl Arena {
+    /// Move `vars` (f32, contiguous, all on one device) into flat buffers; their values and
+    /// existing gradients are kept. Checks everything before changing anything.
+    pub fn adopt(vars: &mut [Tensor]) -> Result<Arena, ArenaError> {
+        let device = vars.first().map_or(Device::Cpu, Tensor::device);
+        for (i, v) in vars.iter().enumerate() {
+            if v.kind() != Kind::Float || v.device() != device || !v.is_contiguous() {
+                return Err(ArenaError(format!(
+                    "parameter {i} is {:?} on {:?}{}: a flat arena takes contiguous f32 tensors on one device ({device:?})",
+                    v.kind(),
+                    v.device(),
+                    if v.is_contiguous() { "" } else { ", not contiguous" }
+                )));
+            }
+        }
+        let sizes: Vec<usize> = vars.iter().map(|v| v.numel()).collect();
+        let shapes: Vec<Vec<usize>> = vars.iter().map(|v| v.size().iter().map(|&d| d as usize).collect()).collect();
+        let cubes: usize = sizes.iter().map(|n| n.div_ceil(BLOCK)).sum();
+        if (cubes * BLOCK) as u64 > u32::MAX as u64 / 4 {
+            return Err(ArenaError(format!("{} elements exceed the 32-bit indexing of the step kernels", cubes * BLOCK)));
+        }
+        let (mut blocks, mut ranges) = (Vec::with_capacity(3 * cubes + 3), Vec::with_capacity(2 * sizes.len() + 2));
+        let mut first = 0usize;
+        for (t, &n) in sizes.iter().enumerate() {
+            let count = n.div_ceil(BLOCK);
+            for _ in 0..count {
+                blocks.extend([t as u32, (first * BLOCK) as u32, n as u32]);
+            }
+            ranges.extend([first as u32, count as u32]);
+            first += count;
+        }
+        // Never an empty binding.
+        blocks.extend([0, 0, 0]);
+        ranges.extend([0, 0]);
+        ranges.truncate(2 * sizes.len().max(1));
+        let bits = |v: &[u32]| Tensor::from_slice(&v.iter().map(|&x| x as i32).collect::<Vec<_>>()).to_device(device);
+        let opts = (Kind::Float, device);
+        let p = Tensor::zeros([(cubes * BLOCK).max(1) as i64], opts);
+        let g = Tensor::zeros([(cubes * BLOCK).max(1) as i64], opts);
+        tch::no_grad(|| -> Result<(), ArenaError> {
+            let mut first = 0i64;
+            for (v, &n) in vars.iter_mut().zip(&sizes) {
+                let view = |flat: &Tensor| flat.narrow(0, first, n as i64).view(v.size().as_slice());
+                let (pv, gv) = (view(&p), view(&g));
+                pv.shallow_clone().copy_(v);
+                let old = v.grad();
+                if old.defined() {
+                    gv.shallow_clone().copy_(&old);
+                }
+                v.set_data(&pv);
+                shim::set_grad(v, &gv).map_err(|e| ArenaError(e.0))?;
+                first += (n.div_ceil(BLOCK) * BLOCK) as i64;
+            }
+            Ok(())
+        })?;
+        Ok(Arena { p, g, blocks: bits(&blocks), ranges: bits(&ranges), sizes, shapes, cubes, device })
+    }
+
+    /// Elements in the padded layout.
+    pub fn len(&self) -> usize {
+        self.cubes * BLOCK
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cubes == 0
+    }
+
+    /// Every gradient to zero, in place (one operation).
+    pub fn zero_grad(&mut self) {
+        tch::no_grad(|| {
+            let _ = self.g.zero_();
+        });
+    }
+
+    /// Whether every gradient is finite (one reduction over the flat buffer).
+    pub fn grads_finite(&self) -> bool {
+        tch::no_grad(|| self.g.isfinite().all().int64_value(&[]) != 0)
+    }
+}

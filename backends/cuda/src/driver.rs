@@ -1,0 +1,207 @@
+//! The CUDA driver, loaded at run time: torch's context on a device, our kernels loaded into it,
+//! launched on raw device pointers (tch tensors' `data_ptr`) on a stream we are given (torch's
+//! current one), so nothing is copied and nothing races with torch's own work.
+//!
+//! A CubeCL kernel takes its buffers in declaration order, then one pointer to its `info_st`:
+//! per buffer its length (the kernel addresses state slots by it), packed by CubeCL's own
+//! [`cubecl::InfoBuilder`] so the layout is the one the generated code reads.
+
+use crate::nvrtc::{self, Compiler};
+use cudarc::driver::{result, sys};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no CUDA driver: libcuda is not on the library path")]
+    NoDriver,
+    #[error("no CUDA device {ordinal} ({count} found)")]
+    NoDevice { ordinal: usize, count: usize },
+    #[error("CUDA driver: {what}: {error}")]
+    Driver { what: String, error: String },
+    #[error("generated kernel without an entry point")]
+    NoEntryPoint,
+    #[error(transparent)]
+    Compile(#[from] nvrtc::Error),
+}
+
+fn driver(what: &str) -> impl FnOnce(result::DriverError) -> Error + '_ {
+    move |e| Error::Driver { what: what.to_string(), error: format!("{e:?}") }
+}
+
+/// A kernel loaded on the device, and what getting it cost the first time.
+#[derive(Clone)]
+pub struct Kernel {
+    function: Function,
+    pub name: Arc<str>,
+    /// Compile (or cache read) and load time of the first request.
+    pub prepared_in: Duration,
+    pub origin: nvrtc::Origin,
+}
+
+/// A `CUfunction` lives as long as its module, which the [`Gpu`] keeps loaded.
+#[derive(Clone, Copy)]
+struct Function(sys::CUfunction);
+// SAFETY: a CUfunction handle may be used from any thread of the process.
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
+
+/// One device: its primary context (the one torch uses), a compiler for its architecture, and
+/// every kernel loaded so far, by source.
+pub struct Gpu {
+    ordinal: usize,
+    ctx: Context,
+    compiler: Compiler,
+    kernels: Mutex<HashMap<u128, Kernel>>,
+    name: String,
+}
+
+#[derive(Clone, Copy)]
+struct Context(sys::CUcontext);
+// SAFETY: a context handle may be made current on any thread.
+unsafe impl Send for Context {}
+unsafe impl Sync for Context {}
+
+impl Gpu {
+    /// Open device `ordinal`: [`Error::NoDriver`] or [`Error::NoDevice`] where there is none
+    /// (never a panic). PTX is cached on disk in `cache` if given.
+    pub fn open(ordinal: usize, cache: Option<std::path::PathBuf>) -> Result<Gpu, Error> {
+        // SAFETY: only tries to dlopen the candidate names.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::NoDriver);
+        }
+        result::init().map_err(driver("cuInit"))?;
+        let count = result::device::get_count().map_err(driver("cuDeviceGetCount"))? as usize;
+        if ordinal >= count {
+            return Err(Error::NoDevice { ordinal, count });
+        }
+        let dev = result::device::get(ordinal as i32).map_err(driver("cuDeviceGet"))?;
+        // SAFETY: `dev` comes from cuDeviceGet.
+        let (major, minor) = unsafe {
+            (
+                result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+                result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+            )
+        };
+        let (major, minor) = (major.map_err(driver("compute capability"))?, minor.map_err(driver("compute capability"))?);
+        // SAFETY: `dev` is valid; the primary context is retained for the life of the process,
+        // as torch retains it.
+        let ctx = unsafe { result::primary_ctx::retain(dev) }.map_err(driver("cuDevicePrimaryCtxRetain"))?;
+        let name = result::device::get_name(dev).map_err(driver("cuDeviceGetName"))?;
+        let arch = architecture(major, minor);
+        let compiler = Compiler::new(arch, Compiler::default_include_dirs(), cache)?;
+        Ok(Gpu { ordinal, ctx: Context(ctx), compiler, kernels: Mutex::new(HashMap::new()), name })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The device's name, as the driver gives it (`NVIDIA H100 80GB HBM3`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn arch(&self) -> &'static str {
+        self.compiler.arch()
+    }
+
+    fn make_current(&self) -> Result<(), Error> {
+        // SAFETY: the context is retained for the life of this `Gpu`.
+        unsafe { result::ctx::set_current(self.ctx.0) }.map_err(driver("cuCtxSetCurrent"))
+    }
+
+    /// The kernel of one translation unit (one `__global__` function), compiled and loaded once.
+    pub fn kernel(&self, source: &str) -> Result<Kernel, Error> {
+        let key = self.compiler.key(source);
+        if let Some(k) = self.kernels.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(k.clone());
+        }
+        let name = entry_point(source).ok_or(Error::NoEntryPoint)?;
+        let start = std::time::Instant::now();
+        let compiled = self.compiler.compile(source)?;
+        self.make_current()?;
+        let image = CString::new(compiled.ptx.as_bytes()).map_err(|_| Error::NoEntryPoint)?;
+        // SAFETY: a NUL-terminated PTX image; the module stays loaded for the process (kernels
+        // are few and small, and launches may still be queued when a `Gpu` is dropped).
+        let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(driver("cuModuleLoadData"))?;
+        let cname = CString::new(name).map_err(|_| Error::NoEntryPoint)?;
+        // SAFETY: `module` was just loaded.
+        let f = unsafe { result::module::get_function(module, cname) }.map_err(driver("cuModuleGetFunction"))?;
+        let k = Kernel { function: Function(f), name: name.into(), prepared_in: start.elapsed(), origin: compiled.origin };
+        self.kernels.lock().unwrap_or_else(|e| e.into_inner()).insert(key, k.clone());
+        Ok(k)
+    }
+
+    /// Launch `kernel` over `grid` cubes of `block` units on `stream`, with `buffers` (device
+    /// pointers, in the kernel's parameter order) and `info` (a device pointer to the kernel's
+    /// `info_st`, see [`info`]).
+    ///
+    /// # Safety
+    /// Every pointer must be a live device allocation of this device, as long as the kernel
+    /// indexes it (the lengths in `info`), until the launch completes on `stream`; `stream`
+    /// must be a stream of this device's primary context (or null).
+    pub unsafe fn launch(
+        &self,
+        kernel: &Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        buffers: &[u64],
+        info: u64,
+        stream: *mut c_void,
+    ) -> Result<(), Error> {
+        self.make_current()?;
+        let mut args: Vec<u64> = buffers.to_vec();
+        args.push(info);
+        let mut params: Vec<*mut c_void> = args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
+        result::launch_kernel(kernel.function.0, grid, (block, 1, 1), 0, stream as sys::CUstream, &mut params)
+            .map_err(driver(&format!("launching {}", kernel.name)))
+    }
+
+    /// Wait for everything queued on `stream`.
+    pub fn synchronize(&self, stream: *mut c_void) -> Result<(), Error> {
+        self.make_current()?;
+        // SAFETY: a stream of this context (or null, the legacy stream).
+        unsafe { result::stream::synchronize(stream as sys::CUstream) }.map_err(driver("cuStreamSynchronize"))
+    }
+}
+
+/// The virtual architecture NVRTC compiles for (PTX, so the driver can JIT it for newer cards).
+pub fn architecture(major: i32, minor: i32) -> &'static str {
+    match (major, minor) {
+        (10, _) => "compute_100",
+        (9, _) => "compute_90",
+        (8, 9) => "compute_89",
+        (8, 6..) => "compute_86",
+        (8, _) => "compute_80",
+        (7, 5..) => "compute_75",
+        _ => "compute_70",
+    }
+}
+
+/// The name of the `__global__` function of a CubeCL translation unit.
+pub fn entry_point(source: &str) -> Option<&str> {
+    let rest = &source[source.find("__global__ void")? + "__global__ void".len()..];
+    let rest = rest.trim_start();
+    // `__launch_bounds__(256)` may precede the name.
+    let rest = match rest.strip_prefix("__launch_bounds__") {
+        Some(r) => r[r.find(')')? + 1..].trim_start(),
+        None => rest,
+    };
+    let end = rest.find('(')?;
+    let name = rest[..end].trim();
+    (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then_some(name)
+}
+
+/// The bytes of a kernel's `info_st` for buffers of these lengths (in elements), as CubeCL
+/// packs them for its own launches (32-bit addressing, no scalar arguments).
+pub fn info(lengths: &[usize]) -> Vec<u8> {
+    let mut b = cubecl::InfoBuilder::default();
+    for &n in lengths {
+        b.metadata.register_buffer(n as u64, cubecl::ir::AddressType::U32);
+    }
+    let words = b.finish(cubecl::ir::AddressType::U32).data;
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}

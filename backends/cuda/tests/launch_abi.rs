@@ -1,0 +1,129 @@
+//! What the CUDA path passes a kernel, checked against the generated code on a machine with no
+//! GPU: as many buffer pointers as the kernel declares, and an `info_st` of the size it reads
+//! (CubeCL's own packing); the flat arena's views and in-place gradient accumulation; and, with
+//! no GPU, clear errors instead of launches.
+
+use normforge_cubecl::emit::{self, Lang};
+use normforge_cubecl::{compile, Dtype};
+use normforge_cuda::{driver, Arena, Gpu};
+use normforge_dsl::ir::{Kind as EntryKind, Programs};
+use tch::{Kind, Tensor};
+
+/// Buffer parameters of the one kernel of a unit, and the `static_meta` length of its info.
+fn signature(src: &str) -> (usize, usize) {
+    let start = src.find("__global__").unwrap();
+    let sig = &src[start..start + src[start..].find('{').unwrap()];
+    let buffers = sig.matches("__restrict__").count() - 1; // the last is the info pointer
+    let meta = src.split("static_meta[").nth(1).map_or(0, |r| r[..r.find(']').unwrap()].parse().unwrap());
+    (buffers, meta)
+}
+
+#[test]
+fn every_fused_rule_kernel_takes_the_arguments_the_cuda_path_passes() {
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let mut checked = 0;
+    for r in reg.list(None) {
+        let e = &r.entry;
+        let Programs::Optimizer { step } = &e.programs else { continue };
+        for prog in [step, &e.init] {
+            // Rules with per-axis reductions are not on the fused path (CudaOptimizer refuses them).
+            let Ok(c) = compile(e, prog) else { continue };
+            let mut units = emit::program_units(&c, Dtype::F32, Lang::Cuda).unwrap().into_iter();
+            for phase in &c.phases {
+                let (buffers, meta) = signature(&units.next().unwrap().source);
+                assert_eq!(buffers, 7, "{}: step kernel buffers", e.name);
+                assert_eq!(meta * 4, driver::info(&[1; 7]).len(), "{}: step kernel info", e.name);
+                if !phase.accums.is_empty() {
+                    let (buffers, meta) = signature(&units.next().unwrap().source);
+                    assert_eq!(buffers, 3, "{}: combine kernel buffers", e.name);
+                    assert_eq!(meta * 4, driver::info(&[1; 3]).len(), "{}: combine kernel info", e.name);
+                }
+                checked += 1;
+            }
+            assert!(units.next().is_none(), "{}: a unit no phase launches", e.name);
+        }
+    }
+    assert!(checked >= 28, "{checked} phases");
+}
+
+#[test]
+fn info_holds_each_buffer_length_in_order() {
+    let bytes = driver::info(&[10, 20, 30]);
+    let words: Vec<u32> = bytes.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(&words[..3], &[10, 20, 30]);
+    assert!(words[3..].iter().all(|&w| w == 0), "padding: {words:?}");
+}
+
+#[test]
+fn entry_points_are_found_with_or_without_launch_bounds() {
+    assert_eq!(driver::entry_point("extern \"C\" __global__ void __launch_bounds__(256)  step_f32_ab12(float* a) {}"), Some("step_f32_ab12"));
+    assert_eq!(driver::entry_point("extern \"C\" __global__ void k(int x) {}"), Some("k"));
+    assert_eq!(driver::entry_point("__device__ int f(int x);"), None);
+    assert_eq!(driver::architecture(9, 0), "compute_90");
+}
+
+#[test]
+fn the_arena_makes_parameters_views_and_gradients_accumulate_in_place() {
+    let mut vars = vec![
+        Tensor::from_slice(&[1.0f32, 2.0, 3.0]).set_requires_grad(true),
+        Tensor::from_slice(&(0..300).map(|i| i as f32).collect::<Vec<_>>()).reshape([3, 100]).set_requires_grad(true),
+    ];
+    let mut arena = Arena::adopt(&mut vars).unwrap();
+    assert_eq!(arena.sizes, vec![3, 300]);
+    assert_eq!(arena.cubes, 1 + 2);
+    // Values moved in: tensor 1 starts at the second cube.
+    assert_eq!(f64::try_from(arena.p.get(1)).unwrap(), 2.0);
+    assert_eq!(f64::try_from(arena.p.get(256 + 299)).unwrap(), 299.0);
+    // Writing the flat buffer changes the parameters.
+    tch::no_grad(|| { let _ = arena.p.shallow_clone().g_mul_scalar_(2.0); });
+    assert_eq!(Vec::<f32>::try_from(&vars[0]).unwrap(), vec![2.0, 4.0, 6.0]);
+    // Backpropagation lands in the flat gradient buffer, twice = accumulated.
+    for _ in 0..2 {
+        (vars[0].sum(Kind::Float) * 3.0 + vars[1].square().sum(Kind::Float)).backward();
+    }
+    assert_eq!(f64::try_from(arena.g.get(2)).unwrap(), 6.0);
+    assert_eq!(f64::try_from(arena.g.get(256 + 10)).unwrap(), 2.0 * (2.0 * 20.0), "d(x^2)/dx at x = 20 (doubled from 10), accumulated twice");
+    assert_eq!(f64::try_from(arena.g.get(3)).unwrap(), 0.0, "padding stays zero");
+    assert!(arena.grads_finite());
+    arena.zero_grad();
+    assert_eq!(f64::try_from(vars[1].grad().abs().sum(Kind::Float)).unwrap(), 0.0);
+}
+
+#[test]
+fn the_arena_refuses_mixed_tensors_and_changes_nothing() {
+    let a = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+    let b = Tensor::from_slice(&[1.0f64]).set_requires_grad(true);
+    let before = a.data_ptr();
+    let mut vars = vec![a.shallow_clone(), b];
+    let e = Arena::adopt(&mut vars).err().expect("f64 refused");
+    assert!(e.0.contains("f32"), "{e}");
+    assert_eq!(a.data_ptr(), before, "the first parameter was not moved");
+}
+
+/// The GPU half: skipped, visibly, without a GPU; on one, a fused rule on CUDA tensors follows
+/// the reference backend for 10 steps (the GPU check script runs these with a GPU).
+#[test]
+fn fused_rules_on_cuda_tensors_follow_the_reference_backend() {
+    let gpu = match Gpu::open(0, None) {
+        Ok(g) if normforge_tch::load_cuda() => std::sync::Arc::new(g),
+        Ok(_) => panic!("a CUDA device without libtorch CUDA support"),
+        Err(e) => {
+            eprintln!("SKIPPED (no GPU): {e}");
+            return;
+        }
+    };
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    for r in reg.list(None) {
+        if r.entry.kind != EntryKind::Optimizer || compile(&r.entry, match &r.entry.programs {
+            Programs::Optimizer { step } => step,
+            Programs::Layer { .. } => unreachable!(),
+        }).is_err() {
+            continue;
+        }
+        let err = normforge_cuda::check::against_reference(&gpu, &r.entry, &[1, 7, 256, 1000, 4097, 192], 10).unwrap_or_else(|e| panic!("{}: {e}", r.name));
+        assert!(err < 1e-5, "{}: relative error {err:e} after 10 steps", r.name);
+        eprintln!("{}: 10 steps match the reference on {} ({}), relative error {err:.1e}", r.name, gpu.name(), gpu.arch());
+    }
+}
