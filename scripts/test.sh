@@ -27,12 +27,14 @@ export NORMFORGE_CUDA_INCLUDE="$cuda/include" NORMFORGE_REQUIRE_NVRTC=1
 # Build first, with the same profile and flags as the run below, so no test binary is built twice;
 # the examples as programs too (tests/main_job.rs runs the training example).
 cargo test -j "$jobs" --workspace --all-targets --no-run
-cargo build -j "$jobs" --workspace --examples
+cargo build -j "$jobs" --workspace --bins --examples
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test -j "$jobs" --workspace --all-targets 2>&1 | tee "$log"
-# The CLI on the standard library, as a user would run it.
-cargo run -q -j "$jobs" -- check plugins/std/nf/*.nf
-cargo run -q -j "$jobs" -- fmt --check plugins/std/nf/*.nf
+# The CLI on the standard library, as a user would run it: the binary the workspace build made
+# (`cargo run` would unify features for one package and rebuild half the dependencies).
+nf="${CARGO_TARGET_DIR:-target}/debug/normforge"
+"$nf" check plugins/std/nf/*.nf
+"$nf" fmt --check plugins/std/nf/*.nf
 # One closing line over every test binary, in the plain form CI reads.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

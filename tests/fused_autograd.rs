@@ -1,7 +1,8 @@
 //! Custom autograd functions (the C++ shim in backends/tch): every std layer with its DSL-derived
 //! backward recorded as one autograd node gives the outputs, buffers and gradients of libtorch's
 //! own differentiation of the lowered forward (f64, train and eval); `loss.backward()` really
-//! calls our backward; failures and panics in either half are errors, never aborts.
+//! calls our backward; failures and panics in either half are errors, never aborts; the shim's
+//! backward from a given output gradient.
 
 mod common;
 
@@ -170,4 +171,14 @@ fn the_cuda_stream_is_unavailable_without_cuda() {
         return;
     }
     assert_eq!(shim::current_cuda_stream(0), None);
+}
+
+#[test]
+fn backward_with_a_given_output_gradient() {
+    let x = Tensor::from_slice(&[1.0f64, 2.0, 3.0]).set_requires_grad(true);
+    let y = x.square();
+    shim::backward_with_grad(&y, &Tensor::from_slice(&[1.0f64, 10.0, 100.0])).unwrap();
+    assert_eq!(Vec::<f64>::try_from(x.grad()).unwrap(), vec![2.0, 40.0, 600.0]);
+    let e = shim::backward_with_grad(&x.square(), &Tensor::from_slice(&[1.0f64])).unwrap_err();
+    assert!(e.0.contains("shape") || e.0.contains("size") || e.0.contains("Mismatch"), "{e}");
 }

@@ -65,19 +65,26 @@ fn unbound(len: usize) -> BufferArg {
     unsafe { BufferArg::from_raw_parts(handle, len) }
 }
 
-fn source_of(kernel: &impl cubecl::CubeKernel, lang: Lang) -> Result<String, Error> {
-    let def = cubecl::define_kernel(kernel).map_err(|e| Error(format!("defining the kernel: {e:?}")))?;
-    let text = match lang {
-        Lang::Cuda => {
-            let mut c = cubecl_cpp::shared::CppCompiler::<cubecl_cpp::target::Cuda>::default();
-            c.compile(def, &Default::default()).map(|k| k.to_string())
-        }
-        Lang::Wgsl => cubecl::wgpu::WgslCompiler::default().compile(def, &Default::default()).map(|k| k.to_string()),
-    };
-    text.map_err(|e| Error(format!("generating {lang:?}: {e:?}")))
+/// A kernel's generated text and the dynamic shared memory (bytes) a launch must give it: the
+/// CUDA code declares its shared arrays `extern __shared__`, sized at launch.
+pub struct Source {
+    pub text: String,
+    pub shared_bytes: usize,
 }
 
-fn step_source<S: Float>(props: &Arc<DeviceProperties>, phase: &KProgram, lang: Lang) -> Result<String, Error> {
+fn source_of(kernel: &impl cubecl::CubeKernel, lang: Lang) -> Result<Source, Error> {
+    let def = cubecl::define_kernel(kernel).map_err(|e| Error(format!("defining the kernel: {e:?}")))?;
+    let out = match lang {
+        Lang::Cuda => {
+            let mut c = cubecl_cpp::shared::CppCompiler::<cubecl_cpp::target::Cuda>::default();
+            c.compile(def, &Default::default()).map(|k| Source { shared_bytes: k.shared_memory_size, text: k.source })
+        }
+        Lang::Wgsl => cubecl::wgpu::WgslCompiler::default().compile(def, &Default::default()).map(|k| Source { text: k.to_string(), shared_bytes: 0 }),
+    };
+    out.map_err(|e| Error(format!("generating {lang:?}: {e:?}")))
+}
+
+fn step_source<S: Float>(props: &Arc<DeviceProperties>, phase: &KProgram, lang: Lang) -> Result<Source, Error> {
     let b = || unbound(1);
     let kernel = step_kernel::create_dummy_kernel::<S>(
         props.clone(),
@@ -96,7 +103,7 @@ fn step_source<S: Float>(props: &Arc<DeviceProperties>, phase: &KProgram, lang: 
     source_of(&kernel, lang)
 }
 
-fn layer_source<F: Float>(props: &Arc<DeviceProperties>, prog: &LProgram, lang: Lang) -> Result<String, Error> {
+fn layer_source<F: Float>(props: &Arc<DeviceProperties>, prog: &LProgram, lang: Lang) -> Result<Source, Error> {
     let b = || unbound(1);
     let kernel = layer_kernel::create_dummy_kernel::<F>(
         props.clone(),
@@ -112,11 +119,18 @@ fn layer_source<F: Float>(props: &Arc<DeviceProperties>, prog: &LProgram, lang: 
     source_of(&kernel, lang)
 }
 
-/// One kernel's source: a whole translation unit (its own preamble), and the comment that
-/// introduces it when units are shown together.
+/// One kernel's source: a whole translation unit (its own preamble), the comment that
+/// introduces it when units are shown together, and the dynamic shared memory it needs.
 pub struct Unit {
     pub comment: String,
     pub source: String,
+    pub shared_bytes: usize,
+}
+
+impl Unit {
+    fn new(comment: String, s: Source) -> Unit {
+        Unit { comment, source: s.text, shared_bytes: s.shared_bytes }
+    }
 }
 
 /// Units shown as one text, each under its comment, as `normforge emit` prints them.
@@ -144,7 +158,7 @@ pub fn program_units(prog: &Compiled, state: Dtype, lang: Lang) -> Result<Vec<Un
             Dtype::F16 => step_source::<half::f16>(&props, phase, lang)?,
             Dtype::BF16 => step_source::<half::bf16>(&props, phase, lang)?,
         };
-        units.push(Unit { comment, source });
+        units.push(Unit::new(comment, source));
         if phase.accums.is_empty() {
             continue;
         }
@@ -159,7 +173,7 @@ pub fn program_units(prog: &Compiled, state: Dtype, lang: Lang) -> Result<Vec<Un
             phase.accums.clone(),
             phase.slots.max(1),
         );
-        units.push(Unit { comment: format!("// combine of phase {}'s reductions\n", k + 1), source: source_of(&kernel, lang)? });
+        units.push(Unit::new(format!("// combine of phase {}'s reductions\n", k + 1), source_of(&kernel, lang)?));
     }
     Ok(units)
 }
@@ -174,12 +188,20 @@ pub fn plan_units(plan: &Plan, io: Dtype, lang: Lang) -> Result<Vec<Unit>, Error
             Some((op, _, _)) => format!("{op:?} reduction"),
             None => format!("elementwise, {} output(s)", prog.stores.len()),
         };
-        let source = match io {
-            Dtype::F32 => layer_source::<f32>(&props, prog, lang)?,
-            Dtype::F16 => layer_source::<half::f16>(&props, prog, lang)?,
-            Dtype::BF16 => layer_source::<half::bf16>(&props, prog, lang)?,
-        };
-        units.push(Unit { comment: format!("// kernel {} of {}: {what}\n", k + 1, plan.kernels.len()), source });
+        units.push(Unit::new(format!("// kernel {} of {}: {what}\n", k + 1, plan.kernels.len()), layer_kernel_source(&props, prog, io, lang)?));
     }
     Ok(units)
+}
+
+/// One layer kernel as a translation unit (a launched variant: see `plan::launched`).
+pub fn layer_unit(prog: &LProgram, io: Dtype, lang: Lang) -> Result<Unit, Error> {
+    Ok(Unit::new(String::new(), layer_kernel_source(&Arc::new(properties()), prog, io, lang)?))
+}
+
+fn layer_kernel_source(props: &Arc<DeviceProperties>, prog: &LProgram, io: Dtype, lang: Lang) -> Result<Source, Error> {
+    match io {
+        Dtype::F32 => layer_source::<f32>(props, prog, lang),
+        Dtype::F16 => layer_source::<half::f16>(props, prog, lang),
+        Dtype::BF16 => layer_source::<half::bf16>(props, prog, lang),
+    }
 }

@@ -285,10 +285,13 @@ pub enum LOp {
     Select(usize, usize, usize),
 }
 
-/// A layer kernel: one unit per element of the `target` shape. A reduction loops over the
-/// elements of its `domain` shape that fall in its target element and folds `value` into the
-/// tensor `out`; otherwise (domain = target, one iteration) each `store` writes a tensor of the
-/// target's shape.
+/// A layer kernel over the elements of the `target` shape. A reduction folds `value` over the
+/// elements of its `domain` shape that fall in each target element into the tensor `out`: with
+/// `cooperative`, one cube per target element (its units stride over the domain, then a tree
+/// reduction in shared memory: long reductions, few values — a row of a layer norm, a channel
+/// of a batch norm); without, one unit per target element looping alone (short reductions,
+/// many values). Otherwise (domain = target, one iteration) one unit per element, each
+/// `store` writing a tensor of the target's shape.
 #[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
 pub struct LProgram {
     /// Declared axes (a variadic axis counts once: its dims are contiguous, so one extent).
@@ -302,6 +305,15 @@ pub struct LProgram {
     pub reduce: Option<(ROp, usize, usize)>,
     /// `(tensor, register, in io)` for an elementwise kernel.
     pub stores: Vec<(usize, usize, bool)>,
+    /// A reduction by one cube per value (launched with one cube per target element).
+    pub cooperative: bool,
+}
+
+impl LProgram {
+    /// Whether a launch gives each target element a cube of its own (else a unit).
+    pub fn cube_per_value(&self) -> bool {
+        self.reduce.is_some() && self.cooperative
+    }
 }
 
 /// `io` holds the input, output and their gradients in the storage type `F`; `work` holds
@@ -315,6 +327,7 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let tgt = comptime! { 3 * prog.rank * prog.target };
     let dom = comptime! { 3 * prog.rank * prog.domain };
+    let coop = comptime! { prog.reduce.is_some() && prog.cooperative };
     let mut count = 1usize;
     let mut loops = 1usize;
     #[unroll]
@@ -322,9 +335,22 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
         count *= meta[tgt + a] as usize;
         loops *= (meta[dom + a] / meta[tgt + a]) as usize;
     }
-    let o = ABSOLUTE_POS;
+    // The target element: this cube's (cooperative), else this unit's.
+    let mut o = ABSOLUTE_POS;
+    let mut first = 0usize;
+    let mut step = 1usize;
+    if comptime! { coop } {
+        o = CUBE_POS;
+        first = UNIT_POS as usize;
+        step = CUBE_DIM as usize;
+    }
+    let mut acc = 0.0f32;
+    if comptime! { prog.reduce.is_some() } {
+        let (op, _, _) = comptime! { prog.reduce.unwrap() };
+        acc = identity(op);
+    }
     if o < count {
-        // This unit's element of the target, per axis (last axis first).
+        // This element of the target, per axis (last axis first).
         let mut oi = Sequence::<usize>::new();
         let mut rem = o;
         #[unroll]
@@ -334,12 +360,8 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
             oi.push(rem % e);
             rem /= e;
         }
-        let mut acc = 0.0f32;
-        if comptime! { prog.reduce.is_some() } {
-            let (op, _, _) = comptime! { prog.reduce.unwrap() };
-            acc = identity(op);
-        }
-        for j in 0..loops {
+        let mut j = first;
+        while j < loops {
             // The first input element of this domain element, per axis.
             let mut idx = Sequence::<usize>::new();
             let mut jr = j;
@@ -400,10 +422,31 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
                     }
                 }
             }
+            j += step;
         }
-        if comptime! { prog.reduce.is_some() } {
+        if comptime! { prog.reduce.is_some() && !coop } {
             let (_, _, t) = comptime! { prog.reduce.unwrap() };
             work[meta[tbase + t] as usize + o] = acc;
+        }
+    }
+    if comptime! { coop } {
+        // Every unit of the cube takes part (the barriers are outside any branch); cubes past
+        // the last value fold identities and store nothing.
+        let (op, _, t) = comptime! { prog.reduce.unwrap() };
+        let mut sh = Shared::<[f32]>::new_slice(BLOCK);
+        let u = UNIT_POS as usize;
+        sh[u] = acc;
+        sync_cube();
+        let mut stride = CUBE_DIM / 2;
+        while stride > 0 {
+            if UNIT_POS < stride {
+                sh[u] = fold(op, sh[u], sh[u + stride as usize]);
+            }
+            sync_cube();
+            stride /= 2;
+        }
+        if UNIT_POS == 0 && o < count {
+            work[meta[tbase + t] as usize + o] = sh[0];
         }
     }
 }

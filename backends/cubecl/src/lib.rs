@@ -2,13 +2,13 @@
 //! every parameter tensor (their elements back to back: horizontal fusion), per-tensor
 //! reductions (LAMB's trust ratio) as phases of partial reduce, combine, apply.
 //!
-//! Layers (`CubeLayer`) run as a few layer kernels: one per reduction, one unit per reduced
-//! value looping over what it folds, and one elementwise kernel per output shape; extents are
-//! run-time data, so one compiled kernel serves every input shape.
+//! Layers (`CubeLayer`) run as a few layer kernels: one per reduction (a cube per reduced
+//! value for long reductions, a unit for short ones), and one elementwise kernel per output
+//! shape; extents are run-time data, so one compiled kernel serves every input shape.
 //!
-//! Checked on lavapipe against the reference backend: every std layer (forward, backward) and
-//! every update rule but those with per-axis reductions (AdamP's per-channel projection).
-//! Not yet: those, bf16/f16 — see ARCHITECTURE.md.
+//! Checked on lavapipe against the reference backend: every std layer (forward, backward, f32
+//! and f16 storage) and every update rule (those with per-axis reductions, AdamP's
+//! per-channel projection, tensor by tensor). Not yet: bf16 on lavapipe — see ARCHITECTURE.md.
 
 mod compile;
 mod dtype;
@@ -24,7 +24,7 @@ pub use dtype::Dtype;
 pub use normforge_dsl::Error;
 pub use layer::{CubeLayer, Gradients};
 pub use optimizer::{CubeOptimizer, Flat};
-pub use plan::{plan, Plan};
+pub use plan::{launched, layout, plan, Layout, Plan, Source, COOPERATIVE_MIN};
 
 use normforge_dsl::ir::{Entry, Programs};
 

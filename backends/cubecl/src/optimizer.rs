@@ -4,7 +4,7 @@
 
 use crate::compile::{compile, Compiled};
 use crate::kernel::{combine_kernel, step_kernel, KProgram, BLOCK, COMBINE_BLOCK};
-use crate::plan::{plan, run, Plan, Source};
+use crate::plan::{plan, run, Plan, Source, COOPERATIVE_MIN};
 use crate::{unfused, Dtype, Error};
 use normforge_dsl::bind;
 use cubecl::prelude::*;
@@ -342,7 +342,7 @@ impl CubeOptimizer {
         if states.is_empty() {
             for (p, b) in params.iter().zip(&bindings) {
                 let data = |src: Source| if src == Source::Input { Some(p.as_slice()) } else { None };
-                let out = run(&self.client, &pt.init, b, &self.hparams, 0.0, Dtype::F32, &data)?;
+                let out = run(&self.client, &pt.init, b, &self.hparams, 0.0, Dtype::F32, COOPERATIVE_MIN, &data)?;
                 states.push((0..n_states as u32).map(|i| pick(&out, Target::State(i))).collect::<Result<_, _>>()?);
             }
         }
@@ -356,7 +356,7 @@ impl CubeOptimizer {
                 Source::State(i) => st.get(i as usize).map(Vec::as_slice),
                 _ => None,
             };
-            let out = run(&self.client, &pt.step, b, &self.hparams, t, Dtype::F32, &data)?;
+            let out = run(&self.client, &pt.step, b, &self.hparams, t, Dtype::F32, COOPERATIVE_MIN, &data)?;
             new_params.push(pick(&out, Target::P)?);
             states[k] = (0..n_states as u32).map(|i| pick(&out, Target::State(i))).collect::<Result<_, _>>()?;
             // Stored in the state dtype, as the fused kernels store it.

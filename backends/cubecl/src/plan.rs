@@ -1,7 +1,7 @@
 //! A layer program -> layer kernels. Every reduction is materialized: one kernel per reduction,
-//! one unit per reduced value, looping over the values it folds; the elementwise work feeding
-//! it is recomputed inside that loop rather than stored. Outputs of one shape share one
-//! elementwise kernel. Shapes stay symbolic: extents arrive at run time in the `meta` table, so
+//! a cube per reduced value (or, for short reductions, a unit) folding the values it covers;
+//! the elementwise work feeding it is recomputed inside that fold rather than stored. Outputs
+//! of one shape share one elementwise kernel. Shapes stay symbolic: extents arrive at run time in the `meta` table, so
 //! a kernel serves every input shape and group count.
 
 use crate::compile::{binary, reduce, unary, Uniforms};
@@ -134,7 +134,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         let out = t.tensor(Source::Node(i as u32), &node.shape, false);
         let domain = t.shape(&p.nodes[*a as usize].shape);
         let target = t.shape(&node.shape);
-        kernels.push(LProgram { rank, shapes: 0, domain, target, ops, reduce: Some((reduce(*r), regs[0], out)), stores: Vec::new() });
+        kernels.push(LProgram { rank, shapes: 0, domain, target, ops, reduce: Some((reduce(*r), regs[0], out)), stores: Vec::new(), cooperative: true });
     }
     // Outputs that are reductions are already in their tensors; the rest, by shape.
     let mut outputs = Vec::new();
@@ -166,7 +166,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
                 (tensor, r, t.tensors[tensor].2)
             })
             .collect();
-        kernels.push(LProgram { rank, shapes: 0, domain: target, target, ops, reduce: None, stores });
+        kernels.push(LProgram { rank, shapes: 0, domain: target, target, ops, reduce: None, stores, cooperative: false });
     }
     for k in &mut kernels {
         k.shapes = t.shapes.len();
@@ -174,20 +174,46 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
     Ok(Plan { kernels, shapes: t.shapes, tensors: t.tensors, outputs, program: p.clone(), uniforms })
 }
 
-/// Run a plan on the device: `data` gives the tensors it reads (the rest it computes); `io`
-/// is the storage type of the input, output and their gradients. Every output comes back, by
-/// target, in f32.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run<'a>(
-    client: &cubecl::client::Client,
-    plan: &Plan,
-    b: &AxisBinding,
-    hparams: &[f64],
-    step: f64,
-    io: Dtype,
-    data: &dyn Fn(Source) -> Option<&'a [f32]>,
-) -> Result<Vec<(Target, Vec<f32>)>, Error> {
-    io.check(client)?;
+/// Reductions shorter than this fold in one unit each: a cube of mostly idle units and its
+/// barriers would cost more than they save.
+pub const COOPERATIVE_MIN: usize = 64;
+
+/// The kernel to launch for reductions of `per_value` elements each: cooperative from
+/// `cooperative_min` elements on.
+pub fn launched(k: &LProgram, per_value: usize, cooperative_min: usize) -> LProgram {
+    let mut k = k.clone();
+    k.cooperative &= per_value >= cooperative_min;
+    k
+}
+
+/// A plan bound to one call's shapes: what any runtime needs to run it. Tensors live in two
+/// arenas, `io` (storage type) and `work` (f32), at `offsets`.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// Per shape: extents, elements per value and strides per axis; then each tensor's offset.
+    pub meta: Vec<u32>,
+    /// Elements of each shape of the shape table.
+    pub sizes: Vec<usize>,
+    /// Each tensor's offset in its arena.
+    pub offsets: Vec<usize>,
+    pub io_len: usize,
+    pub work_len: usize,
+    /// The kernels' scalar buffer (uniform values: hyper-parameters, sizes).
+    pub scalars: Vec<f32>,
+    /// In order: the kernel variant to launch and its grid (`BLOCK` units per cube).
+    pub launches: Vec<(LProgram, (u32, u32, u32))>,
+}
+
+impl Layout {
+    /// Elements of tensor `t` of the plan.
+    pub fn len(&self, plan: &Plan, t: usize) -> usize {
+        self.sizes[plan.tensors[t].1]
+    }
+}
+
+/// Bind a plan to shapes: reductions of at least `cooperative_min` elements per value run a
+/// cube per value.
+pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperative_min: usize) -> Result<Layout, Error> {
     let rank = b.extents.len();
     let mut meta: Vec<u32> = Vec::new();
     let mut sizes = Vec::new();
@@ -206,21 +232,64 @@ pub(crate) fn run<'a>(
             meta.push(u32::try_from(*v).map_err(|_| too_big())?);
         }
     }
-    // Two arenas: `io` in the storage type, `work` in f32.
-    let (mut io_arena, mut work) = (Vec::<f32>::new(), Vec::<f32>::new());
+    let (mut io_len, mut work_len) = (0usize, 0usize);
     let mut offsets = Vec::new();
-    for &(src, shape, in_io) in &plan.tensors {
+    for &(_, shape, in_io) in &plan.tensors {
+        let arena = if in_io { &mut io_len } else { &mut work_len };
+        offsets.push(*arena);
+        meta.push(u32::try_from(*arena).map_err(|_| too_big())?);
+        *arena += sizes[shape];
+    }
+    u32::try_from(io_len.max(work_len)).map_err(|_| too_big())?;
+    let scalars = plan.uniforms.values(&plan.program, hparams, step, |op| match op {
+        Op::Size(s) => bind::size(s, b, hparams) as f64,
+        Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f64,
+        _ => unreachable!("only shape queries"),
+    });
+    let mut launches = Vec::new();
+    for k in &plan.kernels {
+        let count = sizes[k.target];
+        if count == 0 {
+            continue;
+        }
+        let k = launched(k, sizes[k.domain] / count, cooperative_min);
+        let cubes = if k.cube_per_value() { count } else { count.div_ceil(BLOCK) };
+        let x = cubes.min(65_535);
+        let y = cubes.div_ceil(x);
+        launches.push((k, (x as u32, y as u32, 1)));
+    }
+    Ok(Layout { meta, sizes, offsets, io_len, work_len, scalars, launches })
+}
+
+/// Run a plan on the device: `data` gives the tensors it reads (the rest it computes); `io`
+/// is the storage type of the input, output and their gradients; reductions of at least
+/// `cooperative_min` elements per value run a cube per value. Every output comes back, by
+/// target, in f32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run<'a>(
+    client: &cubecl::client::Client,
+    plan: &Plan,
+    b: &AxisBinding,
+    hparams: &[f64],
+    step: f64,
+    io: Dtype,
+    cooperative_min: usize,
+    data: &dyn Fn(Source) -> Option<&'a [f32]>,
+) -> Result<Vec<(Target, Vec<f32>)>, Error> {
+    io.check(client)?;
+    let lay = layout(plan, b, hparams, step, cooperative_min)?;
+    // Two arenas: `io` in the storage type, `work` in f32.
+    let (mut io_arena, mut work) = (vec![0f32; lay.io_len], vec![0f32; lay.work_len]);
+    for (t, &(src, _, in_io)) in plan.tensors.iter().enumerate() {
         let arena = if in_io { &mut io_arena } else { &mut work };
-        offsets.push(u32::try_from(arena.len()).map_err(|_| too_big())?);
-        let len = sizes[shape];
+        let (off, len) = (lay.offsets[t], lay.len(plan, t));
         match data(src) {
             Some(d) if d.len() != len => return Err(Error(format!("{src:?} has {} values, the layer expects {len}", d.len()))),
-            Some(d) => arena.extend_from_slice(d),
-            None if matches!(src, Source::Node(_)) => arena.resize(arena.len() + len, 0.0),
+            Some(d) => arena[off..off + len].copy_from_slice(d),
+            None if matches!(src, Source::Node(_)) => {}
             None => return Err(Error(format!("{src:?} is missing"))),
         }
     }
-    meta.extend(&offsets);
     // Never an empty binding: not every runtime allows one.
     for arena in [&mut io_arena, &mut work] {
         if arena.is_empty() {
@@ -232,28 +301,17 @@ pub(crate) fn run<'a>(
     if (io_arena.len() * io.size()).max(work.len() * 4) as u64 > limit {
         return Err(Error(format!("this call needs more than the adapter's largest buffer ({limit} bytes)")));
     }
-    let scalars = plan.uniforms.values(&plan.program, hparams, step, |op| match op {
-        Op::Size(s) => bind::size(s, b, hparams) as f64,
-        Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f64,
-        _ => unreachable!("only shape queries"),
-    });
+    let (meta, scalars) = (&lay.meta, &lay.scalars);
     let io_h = client.create_from_slice(&io.encode(&io_arena));
     let work_h = client.create_from_slice(f32::as_bytes(&work));
-    let meta_h = client.create_from_slice(u32::as_bytes(&meta));
-    let sc = client.create_from_slice(f32::as_bytes(&scalars));
-    for k in &plan.kernels {
-        let count = sizes[k.target];
-        if count == 0 {
-            continue;
-        }
-        let cubes = count.div_ceil(BLOCK);
-        let x = cubes.min(65_535);
-        let y = cubes.div_ceil(x);
-        let (cc, cd) = (CubeCount::Static(x as u32, y as u32, 1), CubeDim::new_1d(BLOCK as u32));
+    let meta_h = client.create_from_slice(u32::as_bytes(meta));
+    let sc = client.create_from_slice(f32::as_bytes(scalars));
+    for (k, (x, y, _)) in &lay.launches {
+        let (cc, cd) = (CubeCount::Static(*x, *y, 1), CubeDim::new_1d(BLOCK as u32));
         let io_arg = || unsafe { BufferArg::from_raw_parts(io_h.clone(), io_arena.len()) };
-        // SAFETY: units past `count` do nothing; every offset is a tensor's offset plus an
-        // index below its size (the meta table is built from the same shapes), so inside its
-        // arena, whose length is passed.
+        // SAFETY: units (or cubes) past the target's size do nothing; every offset is a
+        // tensor's offset plus an index below its size (the meta table is built from the same
+        // shapes), so inside its arena, whose length is passed.
         unsafe {
             let (w, m, s) = (
                 BufferArg::from_raw_parts(work_h.clone(), work.len()),
@@ -273,10 +331,10 @@ pub(crate) fn run<'a>(
         .outputs
         .iter()
         .map(|&(target, t)| {
-            let (_, shape, in_io) = plan.tensors[t];
-            let off = offsets[t] as usize;
+            let in_io = plan.tensors[t].2;
+            let (off, len) = (lay.offsets[t], lay.len(plan, t));
             let arena = if in_io { &io_out } else { &work_out };
-            (target, arena[off..off + sizes[shape]].to_vec())
+            (target, arena[off..off + len].to_vec())
         })
         .collect())
 }

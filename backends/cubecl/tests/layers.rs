@@ -197,3 +197,30 @@ fn every_std_layer_is_covered() {
         }
     }
 }
+
+#[test]
+fn cooperative_and_per_unit_reductions_agree() {
+    // Long reductions run a cube per value (above); the per-unit fold is the short-reduction
+    // path and the benchmark's baseline: both give the same statistics on long reductions too.
+    let device = cpu_device().unwrap();
+    for (name, shape) in [("layer_norm", vec![4, 1000]), ("batch_norm", vec![2, 4, 4097]), ("group_norm", vec![2, 4, 300])] {
+        let entry = registry().get(name).unwrap().entry;
+        let h: Vec<(String, f64)> = if name == "group_norm" { vec![("groups".into(), 2.0)] } else { vec![] };
+        let n: usize = shape.iter().product();
+        let x = f32s(&values(11, n).iter().map(|v| 3.0 * v + 1.0).collect::<Vec<_>>());
+        let gy = f32s(&values(12, n));
+        let mut out = Vec::new();
+        for coop in [true, false] {
+            let mut l = CubeLayer::new(entry.clone(), &h, &shape, &device).unwrap().with_cooperative_reductions(coop);
+            let y = l.forward(&x, &shape, true).unwrap();
+            let g = l.backward(&x, &gy, &shape, true).unwrap();
+            out.push((y, g, l.buffers.clone()));
+        }
+        let (a, b) = (&out[0], &out[1]);
+        assert!(rel(&a.0, &f64s(&b.0)) < 1e-5, "{name}: outputs differ");
+        assert!(rel(&a.1.input, &f64s(&b.1.input)) < 1e-4, "{name}: input gradients differ");
+        for (p, q) in a.1.params.iter().zip(&b.1.params).chain(a.2.iter().zip(&b.2)) {
+            assert!(rel(p, &f64s(q)) < 1e-5, "{name}: parameter gradients or buffers differ");
+        }
+    }
+}

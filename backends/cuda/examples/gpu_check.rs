@@ -1,14 +1,19 @@
 //! The GPU check, in one run on a CUDA machine (scripts/gpu-check.sh builds nothing there: it
 //! runs this binary, built on a CPU machine, then ../shared/tools/gpu_peers.py):
 //! 1. correctness: every fused std rule on CUDA tensors against the reference backend, 10 steps;
+//!    every std layer through our CUDA kernels (forward, derived backward, as one autograd node)
+//!    against the same layer lowered to libtorch's own CUDA ops and differentiated by autograd;
 //! 2. speed: each rule's step over the parameter set of gpu_peers.py (212 fp32 tensors: 12 of
 //!    4096x4096, 4 of 4096x1024, 196 of 4096), as a fraction of the device-to-device copy
-//!    bandwidth measured in the same run, and each rule's first-step compile time.
+//!    bandwidth measured in the same run, and each rule's first-step compile time; the layers
+//!    of gpu_peers.py (forward counted as 2 passes over x, forward + backward as 5).
 //!
 //! Prints a table; with an output directory, also one JSON line per figure in `normforge.jsonl`.
 
 use normforge_cubecl::Dtype;
-use normforge_cuda::{check, Arena, CudaOptimizer, Gpu};
+use normforge_cuda::{check, Arena, CudaLayerKernels, CudaOptimizer, Gpu};
+use normforge_tch::{DslLayer, RegistryExt};
+use tch::nn;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -66,6 +71,21 @@ fn main() {
         }
     }
 
+    for r in reg.list(None).into_iter().filter(|r| r.entry.kind != normforge_dsl::ir::Kind::Optimizer) {
+        let shape: Vec<i64> = if r.entry.axes.len() == 2 { vec![8, 3, 1000] } else { vec![4, 8, 30, 30] };
+        match layer_against_torch(&gpu, &reg, &r.name, &shape) {
+            Ok(err) if err < 1e-4 => emit(format!(r#"{{"check":"{}","shape":{shape:?},"rel_err":{err:e},"ok":true}}"#, r.name)),
+            Ok(err) => {
+                failed += 1;
+                emit(format!(r#"{{"check":"{}","shape":{shape:?},"rel_err":{err:e},"ok":false}}"#, r.name))
+            }
+            Err(e) => {
+                failed += 1;
+                emit(format!(r#"{{"check":"{}","error":{:?}}}"#, r.name, e))
+            }
+        }
+    }
+
     let dev = Device::Cuda(0);
     let x = Tensor::randn([1i64 << 28], (Kind::Float, dev));
     let mut y = x.empty_like();
@@ -109,6 +129,41 @@ fn main() {
             opt.launches_per_step()
         ));
     }
+    for (name, shape, kind) in [
+        ("layer_norm", vec![16384i64, 4096], Kind::Float),
+        ("rms_norm", vec![16384, 4096], Kind::Float),
+        ("dyt", vec![16384, 4096], Kind::Float),
+        ("layer_norm", vec![16384, 4096], Kind::BFloat16),
+        ("rms_norm", vec![16384, 4096], Kind::BFloat16),
+        ("dyt", vec![16384, 4096], Kind::BFloat16),
+        ("evonorm_s0", vec![32, 256, 56, 56], Kind::Float),
+    ] {
+        let vs = nn::VarStore::new(dev);
+        let hp = if name == "evonorm_s0" { vec![("groups", 32.0)] } else { vec![] };
+        let mut spec = reg.layer(name).expect("std layer");
+        for (k, v) in &hp {
+            spec = spec.hparam(k, *v);
+        }
+        let layer = spec.build(&vs.root(), &shape).expect("layer");
+        let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(&reg, name), layer.hparams().to_vec()).expect("kernels");
+        let layer = layer.with_kernels(Arc::new(kernels));
+        let x = Tensor::randn(shape.as_slice(), (kind, dev)).set_requires_grad(true);
+        let gy = Tensor::randn(shape.as_slice(), (kind, dev));
+        let bytes = x.numel() as f64 * x.kind().elt_size_in_bytes() as f64;
+        let fwd = time_ms(20, || {
+            let _ = tch::no_grad(|| layer.try_forward_t(&x, true).expect("forward"));
+        });
+        let both = time_ms(20, || {
+            let y = layer.try_forward_t(&x, true).expect("forward");
+            normforge_tch::shim::backward_with_grad(&y, &gy).expect("backward");
+        });
+        let (f, b) = (2.0 * bytes / fwd / 1e6, 5.0 * bytes / both / 1e6);
+        emit(format!(
+            r#"{{"op":"{name}","impl":"normforge","shape":{shape:?},"dtype":"{kind:?}","fwd_ms":{fwd:.4},"fwd_GBps":{f:.1},"fwd_of_copy":{:.3},"fwd_bwd_ms":{both:.4},"fwd_bwd_GBps":{b:.1},"fwd_bwd_of_copy":{:.3}}}"#,
+            f / copy_gbps,
+            b / copy_gbps
+        ));
+    }
     if let Some(dir) = out {
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::write(dir.join("normforge.jsonl"), lines.join("\n") + "\n");
@@ -117,4 +172,63 @@ fn main() {
         eprintln!("gpu_check: {failed} rule(s) disagree with the reference backend");
         std::process::exit(1);
     }
+}
+
+fn layer_entry(reg: &normforge_registry::Registry, name: &str) -> Arc<normforge_dsl::Entry> {
+    reg.get(name).expect("std layer").entry.clone()
+}
+
+/// A layer through our CUDA kernels against the same layer lowered to libtorch's CUDA ops (its
+/// autograd giving the gradients): the largest relative error of output and gradients, over
+/// training and evaluation.
+fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name: &str, shape: &[i64]) -> Result<f64, String> {
+    let dev = Device::Cuda(gpu.ordinal());
+    let build = |vs: &nn::VarStore| -> Result<DslLayer, String> {
+        let mut spec = reg.layer(name).map_err(|e| e.0)?;
+        if reg.get(name).map_err(|e| e.to_string())?.entry.hparams.iter().any(|h| h.name == "groups") {
+            spec = spec.hparam("groups", 2.0);
+        }
+        spec.build(&vs.root(), shape).map_err(|e| e.0)
+    };
+    let (vs_a, vs_b) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
+    let theirs = build(&vs_a)?;
+    let ours = build(&vs_b)?;
+    let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(reg, name), ours.hparams().to_vec()).map_err(|e| e.0)?;
+    let ours = ours.with_kernels(Arc::new(kernels));
+    tch::manual_seed(3);
+    tch::no_grad(|| {
+        for (a, b) in theirs.params().iter().zip(ours.params()).chain(theirs.buffers().iter().zip(ours.buffers())) {
+            let v = Tensor::rand(a.size(), (Kind::Float, dev)) * 0.5 + 0.75;
+            a.shallow_clone().copy_(&v);
+            b.shallow_clone().copy_(&v);
+        }
+    });
+    let rel = |a: &Tensor, b: &Tensor| -> f64 {
+        let d = f64::try_from((a - b).abs().max().to_kind(Kind::Double)).unwrap_or(f64::NAN);
+        d / f64::try_from(b.abs().max().to_kind(Kind::Double)).unwrap_or(f64::NAN).max(1e-30)
+    };
+    let mut worst = 0f64;
+    for train in [true, false] {
+        let x = Tensor::randn(shape, (Kind::Float, dev)) * 2.0 + 0.3;
+        let gy = Tensor::randn(shape, (Kind::Float, dev));
+        let mut results = Vec::new();
+        for layer in [&theirs, &ours] {
+            let xi = x.detach().set_requires_grad(true);
+            for p in layer.params() {
+                p.shallow_clone().zero_grad();
+            }
+            let y = layer.try_forward_t(&xi, train).map_err(|e| e.0)?;
+            (&y * &gy).sum(Kind::Float).f_backward().map_err(|e| e.to_string())?;
+            let mut r = vec![y.detach(), xi.grad()];
+            r.extend(layer.params().iter().map(|p| p.grad().copy()));
+            r.extend(layer.buffers().iter().map(Tensor::copy));
+            results.push(r);
+        }
+        for (a, b) in results[1].iter().zip(&results[0]) {
+            if a.defined() && b.defined() {
+                worst = worst.max(rel(a, b));
+            }
+        }
+    }
+    Ok(worst)
 }

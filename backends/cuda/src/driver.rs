@@ -36,6 +36,9 @@ fn driver(what: &str) -> impl FnOnce(result::DriverError) -> Error + '_ {
 pub struct Kernel {
     function: Function,
     pub name: Arc<str>,
+    /// Dynamic shared memory each launch gives a cube (CubeCL's CUDA code sizes its shared
+    /// arrays at launch).
+    pub shared_bytes: u32,
     /// Compile (or cache read) and load time of the first request.
     pub prepared_in: Duration,
     pub origin: nvrtc::Origin,
@@ -113,8 +116,9 @@ impl Gpu {
         unsafe { result::ctx::set_current(self.ctx.0) }.map_err(driver("cuCtxSetCurrent"))
     }
 
-    /// The kernel of one translation unit (one `__global__` function), compiled and loaded once.
-    pub fn kernel(&self, source: &str) -> Result<Kernel, Error> {
+    /// The kernel of one translation unit (one `__global__` function) needing `shared_bytes` of
+    /// dynamic shared memory per cube, compiled and loaded once.
+    pub fn kernel(&self, source: &str, shared_bytes: usize) -> Result<Kernel, Error> {
         let key = self.compiler.key(source);
         if let Some(k) = self.kernels.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(k.clone());
@@ -130,7 +134,8 @@ impl Gpu {
         let cname = CString::new(name).map_err(|_| Error::NoEntryPoint)?;
         // SAFETY: `module` was just loaded.
         let f = unsafe { result::module::get_function(module, cname) }.map_err(driver("cuModuleGetFunction"))?;
-        let k = Kernel { function: Function(f), name: name.into(), prepared_in: start.elapsed(), origin: compiled.origin };
+        let shared_bytes = u32::try_from(shared_bytes).map_err(|_| Error::Driver { what: name.to_string(), error: "shared memory size".into() })?;
+        let k = Kernel { function: Function(f), name: name.into(), shared_bytes, prepared_in: start.elapsed(), origin: compiled.origin };
         self.kernels.lock().unwrap_or_else(|e| e.into_inner()).insert(key, k.clone());
         Ok(k)
     }
@@ -156,7 +161,7 @@ impl Gpu {
         let mut args: Vec<u64> = buffers.to_vec();
         args.push(info);
         let mut params: Vec<*mut c_void> = args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
-        result::launch_kernel(kernel.function.0, grid, (block, 1, 1), 0, stream as sys::CUstream, &mut params)
+        result::launch_kernel(kernel.function.0, grid, (block, 1, 1), kernel.shared_bytes, stream as sys::CUstream, &mut params)
             .map_err(driver(&format!("launching {}", kernel.name)))
     }
 

@@ -7,10 +7,12 @@
 pub mod arena;
 pub mod check;
 pub mod driver;
+pub mod layer;
 pub mod nvrtc;
 pub mod optimizer;
 
 pub use arena::Arena;
 pub use driver::Gpu;
+pub use layer::CudaLayerKernels;
 pub use nvrtc::{Compiled, Compiler, Error, Origin};
 pub use optimizer::CudaOptimizer;

@@ -182,8 +182,15 @@ fn phases(gpu: &Gpu, prog: &Compiled, state: Dtype) -> Result<Vec<Phase>, Error>
     let mut units = emit::program_units(prog, state, Lang::Cuda)?.into_iter();
     let mut out = Vec::new();
     for p in &prog.phases {
-        let step = gpu.kernel(&units.next().expect("one unit per phase").source)?;
-        let combine = if p.accums.is_empty() { None } else { Some(gpu.kernel(&units.next().expect("a combine per reducing phase").source)?) };
+        let unit = units.next().expect("one unit per phase");
+        let step = gpu.kernel(&unit.source, unit.shared_bytes)?;
+        let combine = match p.accums.is_empty() {
+            true => None,
+            false => {
+                let unit = units.next().expect("a combine per reducing phase");
+                Some(gpu.kernel(&unit.source, unit.shared_bytes)?)
+            }
+        };
         out.push(Phase { program: p.clone(), step, combine });
     }
     Ok(out)

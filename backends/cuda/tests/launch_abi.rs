@@ -1,9 +1,11 @@
 //! What the CUDA path passes a kernel, checked against the generated code on a machine with no
 //! GPU: as many buffer pointers as the kernel declares, and an `info_st` of the size it reads
-//! (CubeCL's own packing); the flat arena's views and in-place gradient accumulation; and, with
+//! (CubeCL's own packing), for rule kernels and both variants of every layer kernel (the
+//! per-unit ones also compiled by NVRTC; the nvrtc test compiles the rest); the flat arena's views and in-place gradient accumulation; and, with
 //! no GPU, clear errors instead of launches.
 
 use normforge_cubecl::emit::{self, Lang};
+use normforge_cubecl::kernel::BLOCK;
 use normforge_cubecl::{compile, Dtype};
 use normforge_cuda::{driver, Arena, Gpu};
 use normforge_dsl::ir::{Kind as EntryKind, Programs};
@@ -31,7 +33,10 @@ fn every_fused_rule_kernel_takes_the_arguments_the_cuda_path_passes() {
             let Ok(c) = compile(e, prog) else { continue };
             let mut units = emit::program_units(&c, Dtype::F32, Lang::Cuda).unwrap().into_iter();
             for phase in &c.phases {
-                let (buffers, meta) = signature(&units.next().unwrap().source);
+                let unit = units.next().unwrap();
+                // A launch gives exactly the shared memory the tree reduction indexes.
+                assert_eq!(unit.shared_bytes, phase.accums.len() * BLOCK * 4, "{}: step kernel shared memory", e.name);
+                let (buffers, meta) = signature(&unit.source);
                 assert_eq!(buffers, 7, "{}: step kernel buffers", e.name);
                 assert_eq!(meta * 4, driver::info(&[1; 7]).len(), "{}: step kernel info", e.name);
                 if !phase.accums.is_empty() {
@@ -45,6 +50,39 @@ fn every_fused_rule_kernel_takes_the_arguments_the_cuda_path_passes() {
         }
     }
     assert!(checked >= 28, "{checked} phases");
+}
+
+#[test]
+fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let nvrtc = normforge_cuda::Compiler::new("compute_90", normforge_cuda::Compiler::default_include_dirs(), None).ok();
+    let mut variants = 0;
+    for r in reg.list(None) {
+        let Programs::Layer { train, eval, train_backward, eval_backward } = &r.entry.programs else { continue };
+        for prog in [train, eval, train_backward, eval_backward] {
+            let plan = normforge_cubecl::plan(&r.entry, prog).unwrap();
+            for k in &plan.kernels {
+                // Short reductions fold per unit, long ones per cube: both are launched.
+                for per_value in [1, 1 << 20] {
+                    let launched = normforge_cubecl::launched(k, per_value, normforge_cubecl::COOPERATIVE_MIN);
+                    let unit = emit::layer_unit(&launched, Dtype::F32, Lang::Cuda).unwrap();
+                    let src = unit.source;
+                    let want = if launched.cube_per_value() { BLOCK * 4 } else { 0 };
+                    assert_eq!(unit.shared_bytes, want, "{}: layer kernel shared memory", r.name);
+                    assert_eq!(src.contains("extern __shared__"), want > 0, "{}: shared declaration", r.name);
+                    let (buffers, meta) = signature(&src);
+                    assert_eq!(buffers, 4, "{}: layer kernel buffers", r.name);
+                    assert_eq!(meta * 4, driver::info(&[1; 4]).len(), "{}: layer kernel info", r.name);
+                    if let (Some(c), false) = (&nvrtc, launched.cooperative) {
+                        c.compile(&src).unwrap_or_else(|e| panic!("{}: {e}", r.name));
+                    }
+                    variants += 1;
+                }
+            }
+        }
+    }
+    assert!(variants >= 19 * 4 * 2, "{variants} variants");
 }
 
 #[test]

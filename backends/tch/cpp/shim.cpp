@@ -142,6 +142,19 @@ at::Tensor* nf_function_apply(nf_callbacks cb, bool train, const at::Tensor* con
 
 void nf_free(char* p) { std::free(p); }
 
+// Backpropagate from `y` with `gy` as its gradient (PyTorch's `y.backward(gy)`, which tch lacks).
+// Returns null, or an error message (free with nf_free).
+char* nf_backward_with_grad(const at::Tensor* y, const at::Tensor* gy) {
+    try {
+        y->backward(*gy);
+        return nullptr;
+    } catch (const c10::Error& e) {
+        return copy_message(e.what_without_backtrace());
+    } catch (const std::exception& e) {
+        return copy_message(e.what());
+    }
+}
+
 // var.grad = grad (same shape, dtype and device), so autograd accumulates into `grad`'s memory.
 // Returns null, or an error message (free with nf_free).
 char* nf_set_grad(at::Tensor* var, const at::Tensor* grad) {

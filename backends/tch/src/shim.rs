@@ -1,6 +1,6 @@
 //! What tch cannot reach, through `cpp/shim.cpp` (C++ built with `cc` against libtorch's
 //! headers): custom autograd functions, torch's current CUDA stream, a variable's gradient
-//! tensor.
+//! tensor, backpropagation from a given output gradient.
 //!
 //! Custom autograd functions: a forward and a backward we compute ourselves, recorded on
 //! libtorch's tape as one node, so `loss.backward()` calls our backward (the DSL's derived
@@ -45,6 +45,7 @@ extern "C" {
     fn nf_function_apply(cb: Callbacks, train: bool, inputs: *const *const C_tensor, n: usize, err: *mut *mut c_char) -> *mut C_tensor;
     fn nf_free(p: *mut c_char);
     fn nf_set_grad(var: *mut C_tensor, grad: *const C_tensor) -> *mut c_char;
+    fn nf_backward_with_grad(y: *const C_tensor, gy: *const C_tensor) -> *mut c_char;
     fn nf_current_cuda_stream(device: i32, out: *mut *mut c_void) -> i32;
 }
 
@@ -78,17 +79,26 @@ pub fn current_cuda_stream(device: usize) -> Option<*mut c_void> {
     (unsafe { nf_current_cuda_stream(d, &mut s) } == 0).then_some(s)
 }
 
-/// Make `grad` the gradient tensor of `var`: backpropagation then accumulates into `grad`'s
-/// memory in place (a view into one flat buffer, for a fused multi-tensor optimizer step).
-pub fn set_grad(var: &mut Tensor, grad: &Tensor) -> Result<(), Error> {
-    // SAFETY: two live tensors; the shim checks shape, dtype and device and catches errors.
-    let err = unsafe { nf_set_grad(var.as_mut_ptr(), grad.as_ptr()) };
+/// Backpropagate from `y` with `grad_y` as its gradient (PyTorch's `y.backward(grad_y)`).
+pub fn backward_with_grad(y: &Tensor, grad_y: &Tensor) -> Result<(), Error> {
+    // SAFETY: two live tensors; the shim catches libtorch's errors.
+    message_or_ok(unsafe { nf_backward_with_grad(y.as_ptr(), grad_y.as_ptr()) })
+}
+
+fn message_or_ok(err: *mut c_char) -> Result<(), Error> {
     if err.is_null() {
         Ok(())
     } else {
         // SAFETY: a malloc'd message from the shim.
         Err(Error(unsafe { take_message(err) }))
     }
+}
+
+/// Make `grad` the gradient tensor of `var`: backpropagation then accumulates into `grad`'s
+/// memory in place (a view into one flat buffer, for a fused multi-tensor optimizer step).
+pub fn set_grad(var: &mut Tensor, grad: &Tensor) -> Result<(), Error> {
+    // SAFETY: two live tensors; the shim checks shape, dtype and device and catches errors.
+    message_or_ok(unsafe { nf_set_grad(var.as_mut_ptr(), grad.as_ptr()) })
 }
 
 unsafe fn take_message(err: *mut c_char) -> String {
