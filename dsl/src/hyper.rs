@@ -12,18 +12,29 @@ pub use crate::Error as HyperError;
 pub fn resolve(entry: &Entry, overrides: &[(String, f64)]) -> Result<Vec<f64>, HyperError> {
     let mut values: Vec<f64> = entry.hparams.iter().map(|h| h.default).collect();
     for (name, v) in overrides {
-        let Some(i) = entry.hparams.iter().position(|h| &h.name == name) else {
-            let mut msg = format!("`{}` has no hyper-parameter `{name}`", entry.name);
-            if let Some(s) = did_you_mean(name, entry.hparams.iter().map(|h| h.name.as_str())) {
-                msg.push_str(&format!("; did you mean `{s}`?"));
-            }
-            let all: Vec<&str> = entry.hparams.iter().map(|h| h.name.as_str()).collect();
-            msg.push_str(&format!(" (it has: {})", all.join(", ")));
-            return Err(HyperError(msg));
-        };
-        values[i] = check_value(entry, i, *v)?;
+        set(entry, &mut values, name, *v)?;
     }
     Ok(values)
+}
+
+/// The position of hyper-parameter `name`, or an error naming the close matches.
+pub fn index(entry: &Entry, name: &str) -> Result<usize, HyperError> {
+    entry.hparams.iter().position(|h| h.name == name).ok_or_else(|| {
+        let mut msg = format!("`{}` has no hyper-parameter `{name}`", entry.name);
+        if let Some(s) = did_you_mean(name, entry.hparams.iter().map(|h| h.name.as_str())) {
+            msg.push_str(&format!("; did you mean `{s}`?"));
+        }
+        let all: Vec<&str> = entry.hparams.iter().map(|h| h.name.as_str()).collect();
+        msg.push_str(&format!(" (it has: {})", all.join(", ")));
+        HyperError(msg)
+    })
+}
+
+/// `values[name] = v`, checked; on an error `values` is unchanged.
+pub fn set(entry: &Entry, values: &mut [f64], name: &str, v: f64) -> Result<(), HyperError> {
+    let i = index(entry, name)?;
+    values[i] = check_value(entry, i, v)?;
+    Ok(())
 }
 
 /// Validate one value for hyper-parameter `i` of `entry`.

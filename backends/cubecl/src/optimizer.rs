@@ -133,9 +133,7 @@ impl CubeOptimizer {
     }
 
     pub fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error> {
-        let i = self.entry.hparams.iter().position(|h| h.name == name).ok_or_else(|| Error(format!("no hyper-parameter `{name}`")))?;
-        self.hparams[i] = normforge_dsl::hyper::check_value(&self.entry, i, v)?;
-        Ok(())
+        normforge_dsl::hyper::set(&self.entry, &mut self.hparams, name, v)
     }
 
     /// Copy parameters and gradients to the device in the padded layout, as 1-D tensors.

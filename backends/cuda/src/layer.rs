@@ -12,6 +12,7 @@ use normforge_cubecl::kernel::{LProgram, BLOCK};
 use normforge_cubecl::{layout, plan, Dtype, Plan, Source, COOPERATIVE_MIN};
 use normforge_dsl::bind;
 use normforge_dsl::ir::{Entry, Programs, Target};
+use normforge_tch::layer::split_inputs;
 use normforge_tch::{Error, LayerKernels};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,14 +49,6 @@ impl CudaLayerKernels {
         let kernel = self.gpu.kernel(&unit.source, unit.shared_bytes).map_err(err)?;
         self.kernels.lock().unwrap_or_else(|e| e.into_inner()).insert(key, kernel.clone());
         Ok(kernel)
-    }
-
-    fn split<'t>(&self, inputs: &'t [Tensor]) -> Result<(&'t Tensor, &'t [Tensor], &'t [Tensor]), Error> {
-        let (np, nb) = (self.entry.params.len(), self.entry.buffers.len());
-        match inputs.split_first() {
-            Some((x, rest)) if rest.len() == np + nb => Ok((x, &rest[..np], &rest[np..])),
-            _ => Err(Error(format!("`{}` takes 1 + {np} + {nb} tensors, got {}", self.entry.name, inputs.len()))),
-        }
     }
 
     /// Run one plan: every output, by target, flat.
@@ -119,7 +112,7 @@ fn pick(out: &[(Target, Tensor)], target: Target) -> Result<&Tensor, Error> {
 
 impl LayerKernels for CudaLayerKernels {
     fn forward(&self, inputs: &[Tensor], train: bool) -> Result<(Tensor, Vec<Tensor>), Error> {
-        let (x, params, buffers) = self.split(inputs)?;
+        let (x, params, buffers) = split_inputs(&self.entry, inputs)?;
         let data = |src: Source| match src {
             Source::Input => Some(x.shallow_clone()),
             Source::Param(i) => params.get(i as usize).map(Tensor::shallow_clone),
@@ -139,7 +132,7 @@ impl LayerKernels for CudaLayerKernels {
     }
 
     fn backward(&self, saved: &[Tensor], grad_y: &Tensor, train: bool) -> Result<Vec<Option<Tensor>>, Error> {
-        let (x, params, buffers) = self.split(saved)?;
+        let (x, params, buffers) = split_inputs(&self.entry, saved)?;
         let gy = grad_y.to_kind(x.kind()).contiguous();
         let data = |src: Source| match src {
             Source::Input => Some(x.shallow_clone()),

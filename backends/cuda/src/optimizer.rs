@@ -93,9 +93,7 @@ impl CudaOptimizer {
     }
 
     pub fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error> {
-        let i = self.entry.hparams.iter().position(|h| h.name == name).ok_or_else(|| Error::Rule(format!("no hyper-parameter `{name}`")))?;
-        self.hparams[i] = normforge_dsl::hyper::check_value(&self.entry, i, v)?;
-        Ok(())
+        Ok(normforge_dsl::hyper::set(&self.entry, &mut self.hparams, name, v)?)
     }
 
     /// Kernel launches per step.

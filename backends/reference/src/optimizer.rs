@@ -37,14 +37,7 @@ impl Optimizer {
     }
 
     pub fn set_hparam(&mut self, name: &str, v: f64) -> Result<()> {
-        let i = self
-            .entry
-            .hparams
-            .iter()
-            .position(|h| h.name == name)
-            .ok_or_else(|| Error(format!("`{}` has no hyper-parameter `{name}`", self.entry.name)))?;
-        self.hparams[i] = normforge_dsl::hyper::check_value(&self.entry, i, v)?;
-        Ok(())
+        normforge_dsl::hyper::set(&self.entry, &mut self.hparams, name, v)
     }
 
     fn step_program(&self) -> &Program {

@@ -147,6 +147,15 @@ fn forward(entry: &Entry, hparams: &[f64], x: &Tensor, params: &[Tensor], buffer
     Ok(y.to_kind(in_kind))
 }
 
+/// A layer's custom-function inputs (or saved tensors), `[x, params.., buffers..]`, split.
+pub fn split_inputs<'t>(entry: &Entry, inputs: &'t [Tensor]) -> Result<(&'t Tensor, &'t [Tensor], &'t [Tensor]), Error> {
+    let (np, nb) = (entry.params.len(), entry.buffers.len());
+    match inputs.split_first() {
+        Some((x, rest)) if rest.len() == np + nb => Ok((x, &rest[..np], &rest[np..])),
+        _ => Err(Error(format!("`{}` takes 1 + {np} + {nb} tensors, got {}", entry.name, inputs.len()))),
+    }
+}
+
 /// The DSL's own backward: the forward lowered without a tape, the derived backward program
 /// lowered for the gradients.
 struct Derived {
@@ -154,19 +163,9 @@ struct Derived {
     hparams: Vec<f64>,
 }
 
-impl Derived {
-    fn split<'t>(&self, inputs: &'t [Tensor]) -> Result<(&'t Tensor, &'t [Tensor], &'t [Tensor]), Error> {
-        let (np, nb) = (self.entry.params.len(), self.entry.buffers.len());
-        match inputs.split_first() {
-            Some((x, rest)) if rest.len() == np + nb => Ok((x, &rest[..np], &rest[np..])),
-            _ => Err(Error(format!("`{}` takes 1 + {np} + {nb} tensors, got {}", self.entry.name, inputs.len()))),
-        }
-    }
-}
-
 impl LayerKernels for Derived {
     fn forward(&self, inputs: &[Tensor], train: bool) -> Result<(Tensor, Vec<Tensor>), Error> {
-        let (x, params, buffers) = self.split(inputs)?;
+        let (x, params, buffers) = split_inputs(&self.entry, inputs)?;
         // Backward reads the buffers as the forward found them.
         let before: Vec<Tensor> = buffers.iter().map(|b| b.copy()).collect();
         let y = forward(&self.entry, &self.hparams, x, params, buffers, train)?;
@@ -175,7 +174,7 @@ impl LayerKernels for Derived {
     }
 
     fn backward(&self, saved: &[Tensor], grad_y: &Tensor, train: bool) -> Result<Vec<Option<Tensor>>, Error> {
-        let (x, params, buffers) = self.split(saved)?;
+        let (x, params, buffers) = split_inputs(&self.entry, saved)?;
         let Programs::Layer { train_backward, eval_backward, .. } = &self.entry.programs else {
             return Err(Error(format!("`{}` is not a layer", self.entry.name)));
         };

@@ -90,11 +90,7 @@ impl DslOptimizer {
     }
 
     fn hparam_index(&self, name: &str) -> Result<usize, Error> {
-        self.entry
-            .hparams
-            .iter()
-            .position(|h| h.name == name)
-            .ok_or_else(|| Error(format!("`{}` has no hyper-parameter `{name}`", self.entry.name)))
+        Ok(normforge_dsl::hyper::index(&self.entry, name)?)
     }
 
     /// Set a hyper-parameter in every group. Values are run-time scalars: nothing recompiles.
