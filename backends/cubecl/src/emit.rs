@@ -184,10 +184,15 @@ pub fn plan_units(plan: &Plan, io: Dtype, lang: Lang) -> Result<Vec<Unit>, Error
     let props = Arc::new(properties());
     let mut units = Vec::new();
     for (k, prog) in plan.kernels.iter().enumerate() {
-        let what = match prog.reduce {
-            Some((op, _, _)) => format!("{op:?} reduction"),
-            None => format!("elementwise, {} output(s)", prog.stores.len()),
-        };
+        let what: Vec<String> = prog
+            .phases
+            .iter()
+            .map(|p| match p.reduce {
+                Some((op, _, _)) => format!("{op:?} reduction"),
+                None => format!("elementwise, {} output(s)", p.stores.len()),
+            })
+            .collect();
+        let what = what.join(", then ");
         units.push(Unit::new(format!("// kernel {} of {}: {what}\n", k + 1, plan.kernels.len()), layer_kernel_source(&props, prog, io, lang)?));
     }
     Ok(units)

@@ -278,6 +278,8 @@ pub enum LOp {
     /// element of the domain falls in it (broadcast along its single or grouped axes); from the
     /// storage-typed `io` arena if the flag is set, else from the f32 `work` arena.
     Load(usize, usize, bool),
+    /// The `i`-th reduction of an earlier phase of this kernel, for this target element.
+    Result(usize),
     Scalar(usize),
     Const(u32),
     Unary(UOp, usize),
@@ -285,34 +287,47 @@ pub enum LOp {
     Select(usize, usize, usize),
 }
 
-/// A layer kernel over the elements of the `target` shape. A reduction folds `value` over the
-/// elements of its `domain` shape that fall in each target element into the tensor `out`: with
-/// `cooperative`, one cube per target element (its units stride over the domain, then a tree
-/// reduction in shared memory: long reductions, few values — a row of a layer norm, a channel
-/// of a batch norm); without, one unit per target element looping alone (short reductions,
-/// many values). Otherwise (domain = target, one iteration) one unit per element, each
-/// `store` writing a tensor of the target's shape.
+/// One pass of a layer kernel over the part of its `domain` shape that falls in the kernel's
+/// target element: a reduction folding register `value` into tensor `out` (of the target's
+/// shape), or stores of registers into tensors of the domain's shape.
+#[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
+pub struct LPhase {
+    pub domain: usize,
+    pub ops: Vec<LOp>,
+    /// `(fold, value register, out tensor)` (always in `work`: f32).
+    pub reduce: Option<(ROp, usize, usize)>,
+    /// `(tensor, register, in io)`.
+    pub stores: Vec<(usize, usize, bool)>,
+}
+
+/// A layer kernel over the elements of the `target` shape, running its phases in order for
+/// each: a layer norm's forward is one kernel (two row reductions, then the output row), so a
+/// row is read from memory once and from cache after. With `cooperative`, one cube per target
+/// element (its units stride over each phase's domain; reductions end in a tree in shared
+/// memory: long reductions, few values — a row of a layer norm, a channel of a batch norm);
+/// without, one unit per target element doing every phase alone (short reductions, many
+/// values, and elementwise kernels). A phase reads the reductions of earlier phases from
+/// registers (`LOp::Result`), not memory.
 #[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
 pub struct LProgram {
     /// Declared axes (a variadic axis counts once: its dims are contiguous, so one extent).
     pub rank: usize,
     /// Shapes in the shape table.
     pub shapes: usize,
-    pub domain: usize,
     pub target: usize,
-    pub ops: Vec<LOp>,
-    /// `(fold, value register, out tensor)` for a reduction (always in `work`: f32).
-    pub reduce: Option<(ROp, usize, usize)>,
-    /// `(tensor, register, in io)` for an elementwise kernel.
-    pub stores: Vec<(usize, usize, bool)>,
-    /// A reduction by one cube per value (launched with one cube per target element).
+    pub phases: Vec<LPhase>,
+    /// One cube per target element (launched with one cube per target element).
     pub cooperative: bool,
 }
 
 impl LProgram {
     /// Whether a launch gives each target element a cube of its own (else a unit).
     pub fn cube_per_value(&self) -> bool {
-        self.reduce.is_some() && self.cooperative
+        self.cooperative
+    }
+
+    pub fn reductions(&self) -> usize {
+        self.phases.iter().filter(|p| p.reduce.is_some()).count()
     }
 }
 
@@ -326,14 +341,11 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
     let rank = comptime! { prog.rank };
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let tgt = comptime! { 3 * prog.rank * prog.target };
-    let dom = comptime! { 3 * prog.rank * prog.domain };
-    let coop = comptime! { prog.reduce.is_some() && prog.cooperative };
+    let coop = comptime! { prog.cooperative };
     let mut count = 1usize;
-    let mut loops = 1usize;
     #[unroll]
     for a in 0..rank {
         count *= meta[tgt + a] as usize;
-        loops *= (meta[dom + a] / meta[tgt + a]) as usize;
     }
     // The target element: this cube's (cooperative), else this unit's.
     let mut o = ABSOLUTE_POS;
@@ -344,21 +356,35 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
         first = UNIT_POS as usize;
         step = CUBE_DIM as usize;
     }
-    let mut acc = 0.0f32;
-    if comptime! { prog.reduce.is_some() } {
-        let (op, _, _) = comptime! { prog.reduce.unwrap() };
-        acc = identity(op);
+    let active = o < count;
+    // This element of the target, per axis (last axis first).
+    let mut oi = Sequence::<usize>::new();
+    let mut rem = o;
+    #[unroll]
+    for k in 0..rank {
+        let a = comptime! { rank - 1 - k };
+        let e = meta[tgt + a] as usize;
+        oi.push(rem % e);
+        rem /= e;
     }
-    if o < count {
-        // This element of the target, per axis (last axis first).
-        let mut oi = Sequence::<usize>::new();
-        let mut rem = o;
-        #[unroll]
-        for k in 0..rank {
-            let a = comptime! { rank - 1 - k };
-            let e = meta[tgt + a] as usize;
-            oi.push(rem % e);
-            rem /= e;
+    let mut sh = Shared::<[f32]>::new_slice(BLOCK);
+    // The reductions of earlier phases, for this target element.
+    let mut res = Sequence::<f32>::new();
+    #[unroll]
+    for ph in 0..prog.phases.len() {
+        let dom = comptime! { 3 * prog.rank * prog.phases[ph].domain };
+        let mut loops = 0usize;
+        if active {
+            loops = 1;
+            #[unroll]
+            for a in 0..rank {
+                loops *= (meta[dom + a] / meta[tgt + a]) as usize;
+            }
+        }
+        let mut acc = 0.0f32;
+        if comptime! { prog.phases[ph].reduce.is_some() } {
+            let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
+            acc = identity(op);
         }
         let mut j = first;
         while j < loops {
@@ -375,8 +401,8 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
             }
             let mut r = Sequence::<f32>::new();
             #[unroll]
-            for k in 0..prog.ops.len() {
-                let op = comptime! { prog.ops[k].clone() };
+            for k in 0..prog.phases[ph].ops.len() {
+                let op = comptime! { prog.phases[ph].ops[k].clone() };
                 match op {
                     LOp::Load(t, s, in_io) => {
                         let sb = comptime! { 3 * prog.rank * s };
@@ -392,6 +418,7 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
                             r.push(work[off]);
                         }
                     }
+                    LOp::Result(i) => r.push(res[i]),
                     LOp::Scalar(i) => r.push(scalars[i]),
                     LOp::Const(bits) => r.push(f32::from_bits(bits)),
                     LOp::Unary(op, a) => {
@@ -408,45 +435,58 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
                     }
                 }
             }
-            if comptime! { prog.reduce.is_some() } {
-                let (op, v, _) = comptime! { prog.reduce.unwrap() };
+            if comptime! { prog.phases[ph].reduce.is_some() } {
+                let (op, v, _) = comptime! { prog.phases[ph].reduce.unwrap() };
                 acc = fold(op, acc, r[v]);
             } else {
                 #[unroll]
-                for k in 0..prog.stores.len() {
-                    let (t, v, in_io) = comptime! { prog.stores[k] };
+                for k in 0..prog.phases[ph].stores.len() {
+                    let (t, v, in_io) = comptime! { prog.phases[ph].stores[k] };
+                    // This element's place in a tensor of the domain's shape.
+                    let mut off = meta[tbase + t] as usize;
+                    #[unroll]
+                    for q in 0..rank {
+                        let a = comptime! { rank - 1 - q };
+                        off += idx[q] / meta[dom + rank + a] as usize * meta[dom + 2 * rank + a] as usize;
+                    }
                     if comptime! { in_io } {
-                        io[meta[tbase + t] as usize + o] = F::cast_from(r[v]);
+                        io[off] = F::cast_from(r[v]);
                     } else {
-                        work[meta[tbase + t] as usize + o] = r[v];
+                        work[off] = r[v];
                     }
                 }
             }
             j += step;
         }
-        if comptime! { prog.reduce.is_some() && !coop } {
-            let (_, _, t) = comptime! { prog.reduce.unwrap() };
-            work[meta[tbase + t] as usize + o] = acc;
-        }
-    }
-    if comptime! { coop } {
-        // Every unit of the cube takes part (the barriers are outside any branch); cubes past
-        // the last value fold identities and store nothing.
-        let (op, _, t) = comptime! { prog.reduce.unwrap() };
-        let mut sh = Shared::<[f32]>::new_slice(BLOCK);
-        let u = UNIT_POS as usize;
-        sh[u] = acc;
-        sync_cube();
-        let mut stride = CUBE_DIM / 2;
-        while stride > 0 {
-            if UNIT_POS < stride {
-                sh[u] = fold(op, sh[u], sh[u + stride as usize]);
+        if comptime! { prog.phases[ph].reduce.is_some() } {
+            let (op, _, t) = comptime! { prog.phases[ph].reduce.unwrap() };
+            if comptime! { coop } {
+                // Every unit takes part (the barriers are outside any branch); cubes past the
+                // last value fold identities and store nothing.
+                let u = UNIT_POS as usize;
+                sh[u] = acc;
+                sync_cube();
+                let mut stride = CUBE_DIM / 2;
+                while stride > 0 {
+                    if UNIT_POS < stride {
+                        sh[u] = fold(op, sh[u], sh[u + stride as usize]);
+                    }
+                    sync_cube();
+                    stride /= 2;
+                }
+                acc = sh[0];
+                // Everyone has read the result before the next reduction reuses `sh`.
+                sync_cube();
             }
-            sync_cube();
-            stride /= 2;
-        }
-        if UNIT_POS == 0 && o < count {
-            work[meta[tbase + t] as usize + o] = sh[0];
+            // One unit writes it: the cube's first (cooperative), else each its own.
+            let mut writes = active;
+            if comptime! { coop } {
+                writes = active && UNIT_POS == 0;
+            }
+            if writes {
+                work[meta[tbase + t] as usize + o] = acc;
+            }
+            res.push(acc);
         }
     }
 }

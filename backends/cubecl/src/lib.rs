@@ -2,9 +2,10 @@
 //! every parameter tensor (their elements back to back: horizontal fusion), per-tensor
 //! reductions (LAMB's trust ratio) as phases of partial reduce, combine, apply.
 //!
-//! Layers (`CubeLayer`) run as a few layer kernels: one per reduction (a cube per reduced
-//! value for long reductions, a unit for short ones), and one elementwise kernel per output
-//! shape; extents are run-time data, so one compiled kernel serves every input shape.
+//! Layers (`CubeLayer`) run as a few layer kernels, each a sequence of phases over the same
+//! target elements — reductions (a cube per reduced value for long ones, a unit for short
+//! ones) and the outputs computed from them; extents are run-time data, so one compiled
+//! kernel serves every input shape.
 //!
 //! Checked on lavapipe against the reference backend: every std layer (forward, backward, f32
 //! and f16 storage) and every update rule (those with per-axis reductions, AdamP's

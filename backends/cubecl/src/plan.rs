@@ -1,15 +1,16 @@
-//! A layer program -> layer kernels. Every reduction is materialized: one kernel per reduction,
+//! A layer program -> layer kernels. Every reduction is materialized: a phase per reduction,
 //! a cube per reduced value (or, for short reductions, a unit) folding the values it covers;
 //! the elementwise work feeding it is recomputed inside that fold rather than stored. Outputs
-//! of one shape share one elementwise kernel. Shapes stay symbolic: extents arrive at run time in the `meta` table, so
+//! of one shape share one elementwise phase. Phases over the same target elements share a
+//! kernel (`fuse`): a layer norm's forward is one kernel. Shapes stay symbolic: extents arrive at run time in the `meta` table, so
 //! a kernel serves every input shape and group count.
 
 use crate::compile::{binary, reduce, unary, Uniforms};
-use crate::kernel::{layer_kernel, LOp, LProgram, BLOCK};
+use crate::kernel::{layer_kernel, LOp, LPhase, LProgram, BLOCK};
 use crate::{Dtype, Error};
 use cubecl::prelude::*;
 use normforge_dsl::bind::{self, AxisBinding};
-use normforge_dsl::ir::{Entry, Op, Program, Shape, Target};
+use normforge_dsl::ir::{Entry, Extent, Op, Program, Shape, Target};
 
 /// Where a tensor of the arena comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,7 +135,8 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         let out = t.tensor(Source::Node(i as u32), &node.shape, false);
         let domain = t.shape(&p.nodes[*a as usize].shape);
         let target = t.shape(&node.shape);
-        kernels.push(LProgram { rank, shapes: 0, domain, target, ops, reduce: Some((reduce(*r), regs[0], out)), stores: Vec::new(), cooperative: true });
+        let phase = LPhase { domain, ops, reduce: Some((reduce(*r), regs[0], out)), stores: Vec::new() };
+        kernels.push(LProgram { rank, shapes: 0, target, phases: vec![phase], cooperative: true });
     }
     // Outputs that are reductions are already in their tensors; the rest, by shape.
     let mut outputs = Vec::new();
@@ -166,20 +168,80 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
                 (tensor, r, t.tensors[tensor].2)
             })
             .collect();
-        kernels.push(LProgram { rank, shapes: 0, domain: target, target, ops, reduce: None, stores, cooperative: false });
+        let phase = LPhase { domain: target, ops, reduce: None, stores };
+        kernels.push(LProgram { rank, shapes: 0, target, phases: vec![phase], cooperative: false });
     }
+    let mut kernels = fuse(kernels, &t.shapes);
     for k in &mut kernels {
         k.shapes = t.shapes.len();
     }
     Ok(Plan { kernels, shapes: t.shapes, tensors: t.tensors, outputs, program: p.clone(), uniforms })
 }
 
+/// Whether a tensor of shape `fine` splits into the elements of shape `coarse` (per axis:
+/// broadcast, the same groups, or every index).
+fn refines(fine: &Shape, coarse: &Shape) -> bool {
+    fine.0.iter().zip(&coarse.0).all(|(f, c)| match (c, f) {
+        (Extent::One, _) | (_, Extent::Full) => true,
+        (Extent::Grouped(a), Extent::Grouped(b)) => a == b,
+        _ => false,
+    })
+}
+
+/// Fewer kernels: each (in order) joins an earlier kernel as a further phase where it can — a
+/// reduction one with its target, an elementwise kernel one whose target its shape refines —
+/// once everything it reads is computed by then; loads of reductions computed in the kernel
+/// it joins become register reads. Among several, it joins the one it reads most from (then
+/// the last), so a layer norm's output joins its row statistics, not its column sums.
+fn fuse(kernels: Vec<LProgram>, shapes: &[Shape]) -> Vec<LProgram> {
+    let mut out: Vec<LProgram> = Vec::new();
+    // Per fused kernel, the tensors its reductions write, in phase order.
+    let mut made: Vec<Vec<usize>> = Vec::new();
+    for k in kernels {
+        let target = k.target;
+        for mut phase in k.phases {
+            let reads: Vec<usize> = phase.ops.iter().filter_map(|op| if let LOp::Load(t, ..) = op { Some(*t) } else { None }).collect();
+            let from = |g: usize| reads.iter().filter(|t| made[g].contains(t)).count();
+            // It may not run before a kernel that computes what it reads.
+            let after = reads.iter().filter_map(|t| made.iter().position(|m| m.contains(t))).max().unwrap_or(0);
+            let fits = |g: &LProgram| match phase.reduce {
+                Some(_) => g.target == target,
+                None => refines(&shapes[phase.domain], &shapes[g.target]),
+            };
+            let join = (after..out.len()).filter(|&g| fits(&out[g])).max_by_key(|&g| (from(g), g));
+            let g = match join {
+                Some(g) => g,
+                None => {
+                    out.push(LProgram { rank: k.rank, shapes: 0, target, phases: Vec::new(), cooperative: false });
+                    made.push(Vec::new());
+                    out.len() - 1
+                }
+            };
+            for op in &mut phase.ops {
+                if let LOp::Load(t, ..) = *op {
+                    if let Some(i) = made[g].iter().position(|&m| m == t) {
+                        *op = LOp::Result(i);
+                    }
+                }
+            }
+            if let Some((_, _, t)) = phase.reduce {
+                made[g].push(t);
+            }
+            out[g].phases.push(phase);
+        }
+    }
+    for k in &mut out {
+        k.cooperative = k.phases.iter().any(|p| p.domain != k.target);
+    }
+    out
+}
+
 /// Reductions shorter than this fold in one unit each: a cube of mostly idle units and its
 /// barriers would cost more than they save.
 pub const COOPERATIVE_MIN: usize = 64;
 
-/// The kernel to launch for reductions of `per_value` elements each: cooperative from
-/// `cooperative_min` elements on.
+/// The kernel to launch when its longest phase covers `per_value` elements per target
+/// element: cooperative from `cooperative_min` elements on.
 pub fn launched(k: &LProgram, per_value: usize, cooperative_min: usize) -> LProgram {
     let mut k = k.clone();
     k.cooperative &= per_value >= cooperative_min;
@@ -252,7 +314,8 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperat
         if count == 0 {
             continue;
         }
-        let k = launched(k, sizes[k.domain] / count, cooperative_min);
+        let per_value = k.phases.iter().map(|p| sizes[p.domain] / count).max().unwrap_or(1);
+        let k = launched(k, per_value, cooperative_min);
         let cubes = if k.cube_per_value() { count } else { count.div_ceil(BLOCK) };
         let x = cubes.min(65_535);
         let y = cubes.div_ceil(x);

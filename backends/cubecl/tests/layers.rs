@@ -224,3 +224,20 @@ fn cooperative_and_per_unit_reductions_agree() {
         }
     }
 }
+
+#[test]
+fn phases_over_the_same_elements_share_a_kernel() {
+    // (layer, program, kernels): a forward whose statistics and output cover the same rows or
+    // channels is one kernel; a backward adds one for the parameter gradients (summed over
+    // rows, not along them).
+    let reg = registry();
+    for (name, pass, want) in [("layer_norm", 0, 1), ("rms_norm", 0, 1), ("batch_norm", 0, 1), ("group_norm", 0, 1), ("layer_norm", 2, 2), ("rms_norm", 2, 2)] {
+        let entry = reg.get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train, eval, train_backward, eval_backward } = &entry.programs else { unreachable!() };
+        let prog = [train, eval, train_backward, eval_backward][pass];
+        let plan = normforge_cubecl::plan(&entry, prog).unwrap();
+        let phases: Vec<usize> = plan.kernels.iter().map(|k| k.phases.len()).collect();
+        assert_eq!(plan.kernels.len(), want, "{name} pass {pass}: phases per kernel {phases:?}");
+        assert!(plan.kernels[0].phases.len() >= 2, "{name} pass {pass}: nothing fused ({phases:?})");
+    }
+}
