@@ -61,7 +61,7 @@ fn main() {
 
     let mut failed = 0;
     for r in &rules {
-        match check::against_reference(&gpu, &r.entry, &[1, 7, 256, 1000, 4097, 192], 10) {
+        match guarded(|| check::against_reference(&gpu, &r.entry, &[1, 7, 256, 1000, 4097, 192], 10)) {
             Ok(err) if err < 1e-5 => emit(format!(r#"{{"check":"{}","rel_err":{err:e},"ok":true}}"#, r.name)),
             Ok(err) => {
                 failed += 1;
@@ -73,7 +73,7 @@ fn main() {
 
     for r in reg.list(None).into_iter().filter(|r| r.entry.kind != normforge_dsl::ir::Kind::Optimizer) {
         let shape: Vec<i64> = if r.entry.axes.len() == 2 { vec![8, 3, 1000] } else { vec![4, 8, 30, 30] };
-        match layer_against_torch(&gpu, &reg, &r.name, &shape) {
+        match guarded(|| layer_against_torch(&gpu, &reg, &r.name, &shape)) {
             Ok(err) if err < 1e-4 => emit(format!(r#"{{"check":"{}","shape":{shape:?},"rel_err":{err:e},"ok":true}}"#, r.name)),
             Ok(err) => {
                 failed += 1;
@@ -103,31 +103,28 @@ fn main() {
     // state read once, parameter and state written once.
     for (name, bytes) in [("adamw", 28.0), ("lion", 20.0), ("lamb", 28.0), ("adam", 28.0), ("sgd", 20.0)] {
         let Some(r) = rules.iter().find(|r| r.name == name) else { continue };
-        let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(s.as_slice(), (Kind::Float, dev)).set_requires_grad(true)).collect();
-        let n: usize = vars.iter().map(Tensor::numel).sum();
-        let arena = Arena::adopt(&mut vars).expect("the parameter set fits one arena");
-        tch::no_grad(|| {
-            let _ = arena.g.shallow_clone().normal_(0.0, 1.0);
+        let line = guarded(|| -> Result<String, String> {
+            let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(s.as_slice(), (Kind::Float, dev)).set_requires_grad(true)).collect();
+            let n: usize = vars.iter().map(Tensor::numel).sum();
+            let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
+            tch::no_grad(|| {
+                let _ = arena.g.shallow_clone().normal_(0.0, 1.0);
+            });
+            let start = Instant::now();
+            let mut opt = CudaOptimizer::new(gpu.clone(), r.entry.clone(), &[], Dtype::F32).map_err(|e| e.to_string())?;
+            opt.step(&arena).map_err(|e| e.to_string())?;
+            tch::Cuda::synchronize(0);
+            let first = start.elapsed().as_secs_f64();
+            let ms = time_ms(50, || opt.step(&arena).expect("step"));
+            let gbps = bytes * n as f64 / ms / 1e6;
+            Ok(format!(
+                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{}}}"#,
+                vars.len(),
+                gbps / copy_gbps,
+                opt.launches_per_step()
+            ))
         });
-        let start = Instant::now();
-        let mut opt = match CudaOptimizer::new(gpu.clone(), r.entry.clone(), &[], Dtype::F32) {
-            Ok(o) => o,
-            Err(e) => {
-                emit(format!(r#"{{"op":"{name}_step","skipped":{:?}}}"#, e.to_string()));
-                continue;
-            }
-        };
-        opt.step(&arena).expect("first step");
-        tch::Cuda::synchronize(0);
-        let first = start.elapsed().as_secs_f64();
-        let ms = time_ms(50, || opt.step(&arena).expect("step"));
-        let gbps = bytes * n as f64 / ms / 1e6;
-        emit(format!(
-            r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{}}}"#,
-            vars.len(),
-            gbps / copy_gbps,
-            opt.launches_per_step()
-        ));
+        emit(line.unwrap_or_else(|e| format!(r#"{{"op":"{name}_step","error":{e:?}}}"#)));
     }
     for (name, shape, kind) in [
         ("layer_norm", vec![16384i64, 4096], Kind::Float),
@@ -138,31 +135,33 @@ fn main() {
         ("dyt", vec![16384, 4096], Kind::BFloat16),
         ("evonorm_s0", vec![32, 256, 56, 56], Kind::Float),
     ] {
-        let vs = nn::VarStore::new(dev);
-        let hp = if name == "evonorm_s0" { vec![("groups", 32.0)] } else { vec![] };
-        let mut spec = reg.layer(name).expect("std layer");
-        for (k, v) in &hp {
-            spec = spec.hparam(k, *v);
-        }
-        let layer = spec.build(&vs.root(), &shape).expect("layer");
-        let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(&reg, name), layer.hparams().to_vec()).expect("kernels");
-        let layer = layer.with_kernels(Arc::new(kernels));
-        let x = Tensor::randn(shape.as_slice(), (kind, dev)).set_requires_grad(true);
-        let gy = Tensor::randn(shape.as_slice(), (kind, dev));
-        let bytes = x.numel() as f64 * x.kind().elt_size_in_bytes() as f64;
-        let fwd = time_ms(20, || {
-            let _ = tch::no_grad(|| layer.try_forward_t(&x, true).expect("forward"));
+        let line = guarded(|| -> Result<String, String> {
+            let vs = nn::VarStore::new(dev);
+            let mut spec = reg.layer(name).map_err(|e| e.0)?;
+            if name == "evonorm_s0" {
+                spec = spec.hparam("groups", 32.0);
+            }
+            let layer = spec.build(&vs.root(), &shape).map_err(|e| e.0)?;
+            let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(&reg, name), layer.hparams().to_vec()).map_err(|e| e.0)?;
+            let layer = layer.with_kernels(Arc::new(kernels));
+            let x = Tensor::randn(shape.as_slice(), (kind, dev)).set_requires_grad(true);
+            let gy = Tensor::randn(shape.as_slice(), (kind, dev));
+            let bytes = x.numel() as f64 * x.kind().elt_size_in_bytes() as f64;
+            let fwd = time_ms(20, || {
+                let _ = tch::no_grad(|| layer.try_forward_t(&x, true).expect("forward"));
+            });
+            let both = time_ms(20, || {
+                let y = layer.try_forward_t(&x, true).expect("forward");
+                normforge_tch::shim::backward_with_grad(&y, &gy).expect("backward");
+            });
+            let (f, b) = (2.0 * bytes / fwd / 1e6, 5.0 * bytes / both / 1e6);
+            Ok(format!(
+                r#"{{"op":"{name}","impl":"normforge","shape":{shape:?},"dtype":"{kind:?}","fwd_ms":{fwd:.4},"fwd_GBps":{f:.1},"fwd_of_copy":{:.3},"fwd_bwd_ms":{both:.4},"fwd_bwd_GBps":{b:.1},"fwd_bwd_of_copy":{:.3}}}"#,
+                f / copy_gbps,
+                b / copy_gbps
+            ))
         });
-        let both = time_ms(20, || {
-            let y = layer.try_forward_t(&x, true).expect("forward");
-            normforge_tch::shim::backward_with_grad(&y, &gy).expect("backward");
-        });
-        let (f, b) = (2.0 * bytes / fwd / 1e6, 5.0 * bytes / both / 1e6);
-        emit(format!(
-            r#"{{"op":"{name}","impl":"normforge","shape":{shape:?},"dtype":"{kind:?}","fwd_ms":{fwd:.4},"fwd_GBps":{f:.1},"fwd_of_copy":{:.3},"fwd_bwd_ms":{both:.4},"fwd_bwd_GBps":{b:.1},"fwd_bwd_of_copy":{:.3}}}"#,
-            f / copy_gbps,
-            b / copy_gbps
-        ));
+        emit(line.unwrap_or_else(|e| format!(r#"{{"op":"{name}","dtype":"{kind:?}","error":{e:?}}}"#)));
     }
     if let Some(dir) = out {
         let _ = std::fs::create_dir_all(&dir);
@@ -171,6 +170,15 @@ fn main() {
     if failed > 0 {
         eprintln!("gpu_check: {failed} rule(s) disagree with the reference backend");
         std::process::exit(1);
+    }
+}
+
+/// Run one check or timing; a panic (tch panics on libtorch errors) or an error becomes a
+/// message, so one failure does not stop the rest of the run.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())),
     }
 }
 
