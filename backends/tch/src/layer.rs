@@ -117,11 +117,11 @@ impl DslLayer {
     }
 }
 
-/// The entry's train or eval program.
-pub fn program(entry: &Entry, train: bool) -> &Program {
+/// A layer's train or eval program (`DslLayer::new` refuses optimizers).
+fn program(entry: &Entry, train: bool) -> &Program {
     match &entry.programs {
         Programs::Layer { train: t, eval, .. } => if train { t } else { eval },
-        Programs::Optimizer { step } => step,
+        Programs::Optimizer { .. } => unreachable!("DslLayer::new refuses optimizers"),
     }
 }
 
