@@ -120,6 +120,34 @@ pub const BLOCK: usize = 256;
 /// Units per cube of `combine_kernel` (one per tensor).
 pub const COMBINE_BLOCK: u32 = 64;
 
+/// Where a step's tensors are and how big: what every runtime launching the step kernels needs.
+#[derive(Clone, Copy, Debug)]
+pub struct StepSizes {
+    /// Elements in the padded layout.
+    pub n: usize,
+    /// State slots (`s` holds slot k at `k * n`).
+    pub slots: usize,
+    pub scalars: usize,
+    pub cubes: usize,
+    pub tensors: usize,
+    /// Result slots per tensor (the row length of `partial` and `red`).
+    pub results: usize,
+}
+
+impl StepSizes {
+    /// The lengths of `step_kernel`'s buffers, in parameter order.
+    pub fn step(&self) -> [usize; 7] {
+        let r = self.results.max(1);
+        [self.n, self.n, self.slots * self.n, self.scalars, 3 * self.cubes + 3, self.cubes.max(1) * r, self.tensors.max(1) * r]
+    }
+
+    /// The lengths of `combine_kernel`'s buffers, in parameter order.
+    pub fn combine(&self) -> [usize; 3] {
+        let r = self.results.max(1);
+        [self.cubes.max(1) * r, 2 * self.tensors, self.tensors * r]
+    }
+}
+
 /// Update element `CUBE_POS * BLOCK + UNIT_POS` of the flat parameter buffer `p` (all tensors
 /// of one launch back to back, each padded to whole cubes) and of each state (`s` holds state
 /// k at `k * len(p) + i`, stored as `S`, computed in f32). Launched with exactly one cube of `BLOCK` units per block of

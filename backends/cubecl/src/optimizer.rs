@@ -3,7 +3,7 @@
 //! padded to whole cubes so a cube never straddles two.
 
 use crate::compile::{compile, Compiled};
-use crate::kernel::{combine_kernel, step_kernel, KProgram, BLOCK, COMBINE_BLOCK};
+use crate::kernel::{combine_kernel, step_kernel, KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
 use crate::plan::{plan, run, Plan, Source, COOPERATIVE_MIN};
 use crate::{unfused, Dtype, Error};
 use normforge_dsl::bind;
@@ -224,21 +224,22 @@ impl CubeOptimizer {
 
     fn launch(&self, kernel: &KProgram, scalars: &Handle, n_scalars: usize, red: &Handle, flat: &Flat, slots: usize) {
         let st = self.state.as_ref().expect("state exists before a launch");
-        let n = flat.len();
-        let r = kernel.slots.max(1);
+        let tensors = flat.sizes.len();
+        let sizes = StepSizes { n: flat.len(), slots, scalars: n_scalars, cubes: flat.cubes, tensors, results: kernel.slots };
+        let [np, ng, ns, nsc, nbl, npa, nre] = sizes.step();
         // SAFETY: the grid has one cube of BLOCK units per entry of `blocks`, so every element
         // index is below `n`; states are addressed as `j * n + i` with `j < slots`, partials and
         // results by cube and tensor index times `r`; the lengths passed are the buffers'.
         unsafe {
             let (cc, cd) = (CubeCount::Static(flat.cubes as u32, 1, 1), CubeDim::new_1d(BLOCK as u32));
             let (p, g, s, sc, bl, pa, re) = (
-                BufferArg::from_raw_parts(flat.p.clone(), n),
-                BufferArg::from_raw_parts(flat.g.clone(), n),
-                BufferArg::from_raw_parts(st.s.clone(), slots * n),
-                BufferArg::from_raw_parts(scalars.clone(), n_scalars),
-                BufferArg::from_raw_parts(flat.blocks.clone(), 3 * flat.cubes + 3),
-                BufferArg::from_raw_parts(st.partial.clone(), flat.cubes.max(1) * r),
-                BufferArg::from_raw_parts(red.clone(), flat.sizes.len().max(1) * r),
+                BufferArg::from_raw_parts(flat.p.clone(), np),
+                BufferArg::from_raw_parts(flat.g.clone(), ng),
+                BufferArg::from_raw_parts(st.s.clone(), ns),
+                BufferArg::from_raw_parts(scalars.clone(), nsc),
+                BufferArg::from_raw_parts(flat.blocks.clone(), nbl),
+                BufferArg::from_raw_parts(st.partial.clone(), npa),
+                BufferArg::from_raw_parts(red.clone(), nre),
             );
             let c = &self.client;
             match self.state_dtype {
@@ -247,16 +248,16 @@ impl CubeOptimizer {
                 Dtype::BF16 => step_kernel::launch_unchecked::<half::bf16>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone()),
             }
             if !kernel.accums.is_empty() {
-                let tensors = flat.sizes.len();
+                let [npa, nra, nre] = sizes.combine();
                 combine_kernel::launch_unchecked(
                     &self.client,
                     CubeCount::Static(tensors.div_ceil(COMBINE_BLOCK as usize) as u32, 1, 1),
                     CubeDim::new_1d(COMBINE_BLOCK),
-                    BufferArg::from_raw_parts(st.partial.clone(), flat.cubes.max(1) * r),
-                    BufferArg::from_raw_parts(flat.ranges.clone(), 2 * tensors),
-                    BufferArg::from_raw_parts(red.clone(), tensors * r),
+                    BufferArg::from_raw_parts(st.partial.clone(), npa),
+                    BufferArg::from_raw_parts(flat.ranges.clone(), nra),
+                    BufferArg::from_raw_parts(red.clone(), nre),
                     kernel.accums.clone(),
-                    r,
+                    kernel.slots.max(1),
                 );
             }
         }

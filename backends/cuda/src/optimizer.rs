@@ -6,7 +6,7 @@
 use crate::arena::Arena;
 use crate::driver::{self, Gpu, Kernel};
 use normforge_cubecl::emit::{self, Lang};
-use normforge_cubecl::kernel::{KProgram, BLOCK, COMBINE_BLOCK};
+use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
 use normforge_cubecl::{compile, Compiled, Dtype};
 use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs};
 use std::sync::Arc;
@@ -119,11 +119,16 @@ impl CudaOptimizer {
             phases
                 .iter()
                 .map(|ph| {
-                    let pr = ph.program.slots.max(1);
-                    let scalars = prog.scalars(&self.hparams, 0.0).len();
-                    let lens = [n, n, slots * n, scalars, 3 * arena.cubes + 3, arena.cubes.max(1) * pr, arena.sizes.len().max(1) * pr];
-                    let combine = ph.combine.as_ref().map(|_| upload(&driver::info(&[arena.cubes.max(1) * pr, 2 * arena.sizes.len(), arena.sizes.len() * pr]), arena.device));
-                    (upload(&driver::info(&lens), arena.device), combine)
+                    let sizes = StepSizes {
+                        n,
+                        slots,
+                        scalars: prog.scalars(&self.hparams, 0.0).len(),
+                        cubes: arena.cubes,
+                        tensors: arena.sizes.len(),
+                        results: ph.program.slots,
+                    };
+                    let combine = ph.combine.as_ref().map(|_| upload(&driver::info(&sizes.combine()), arena.device));
+                    (upload(&driver::info(&sizes.step()), arena.device), combine)
                 })
                 .collect()
         };
