@@ -12,7 +12,7 @@ use normforge_cubecl::kernel::{LProgram, BLOCK};
 use normforge_cubecl::{layout, plan, Dtype, Plan, Source, COOPERATIVE_MIN};
 use normforge_dsl::bind;
 use normforge_dsl::ir::{Entry, Programs, Target};
-use normforge_tch::layer::split_inputs;
+use normforge_tch::layer::{input_grads, saved_inputs, split_inputs};
 use normforge_tch::{Error, LayerKernels};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -121,13 +121,12 @@ impl LayerKernels for CudaLayerKernels {
         };
         let out = self.run(&self.plans[if train { 0 } else { 1 }], x, &data)?;
         let y = pick(&out, Target::Y)?.reshape(x.size()).to_kind(x.kind());
-        let before: Vec<Tensor> = buffers.iter().map(Tensor::copy).collect();
+        let saved = saved_inputs(x, params, buffers);
         for (i, buf) in buffers.iter().enumerate() {
             if let Ok(new) = pick(&out, Target::Buffer(i as u32)) {
                 buf.shallow_clone().copy_(&new.reshape(buf.size()));
             }
         }
-        let saved = std::iter::once(x.shallow_clone()).chain(params.iter().map(Tensor::shallow_clone)).chain(before).collect();
         Ok((y, saved))
     }
 
@@ -142,11 +141,8 @@ impl LayerKernels for CudaLayerKernels {
             _ => None,
         };
         let out = self.run(&self.plans[if train { 2 } else { 3 }], x, &data)?;
-        let mut grads = vec![Some(pick(&out, Target::GradInput)?.reshape(x.size()).to_kind(x.kind()))];
-        for (i, p) in params.iter().enumerate() {
-            grads.push(pick(&out, Target::GradParam(i as u32)).ok().map(|g| g.reshape(p.size()).to_kind(p.kind())));
-        }
-        grads.extend(buffers.iter().map(|_| None));
-        Ok(grads)
+        let gx = pick(&out, Target::GradInput)?.reshape(x.size()).to_kind(x.kind());
+        let gparams = params.iter().enumerate().map(|(i, p)| pick(&out, Target::GradParam(i as u32)).ok().map(|g| g.reshape(p.size()).to_kind(p.kind()))).collect();
+        Ok(input_grads(gx, gparams, buffers.len()))
     }
 }

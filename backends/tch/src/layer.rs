@@ -156,6 +156,19 @@ pub fn split_inputs<'t>(entry: &Entry, inputs: &'t [Tensor]) -> Result<(&'t Tens
     }
 }
 
+/// What a layer's forward saves for its backward, in the order of [`split_inputs`]: the input
+/// and parameters as they are, the buffers as the forward found them (copies: call it before
+/// the forward updates them).
+pub fn saved_inputs(x: &Tensor, params: &[Tensor], buffers: &[Tensor]) -> Vec<Tensor> {
+    std::iter::once(x.shallow_clone()).chain(params.iter().map(Tensor::shallow_clone)).chain(buffers.iter().map(Tensor::copy)).collect()
+}
+
+/// A layer's backward result in the order of [`split_inputs`]: the input's gradient, the
+/// parameters', none for the buffers.
+pub fn input_grads(x: Tensor, params: Vec<Option<Tensor>>, buffers: usize) -> Vec<Option<Tensor>> {
+    std::iter::once(Some(x)).chain(params).chain(std::iter::repeat_with(|| None).take(buffers)).collect()
+}
+
 /// The DSL's own backward: the forward lowered without a tape, the derived backward program
 /// lowered for the gradients.
 struct Derived {
@@ -166,10 +179,8 @@ struct Derived {
 impl LayerKernels for Derived {
     fn forward(&self, inputs: &[Tensor], train: bool) -> Result<(Tensor, Vec<Tensor>), Error> {
         let (x, params, buffers) = split_inputs(&self.entry, inputs)?;
-        // Backward reads the buffers as the forward found them.
-        let before: Vec<Tensor> = buffers.iter().map(|b| b.copy()).collect();
+        let saved = saved_inputs(x, params, buffers);
         let y = forward(&self.entry, &self.hparams, x, params, buffers, train)?;
-        let saved = std::iter::once(x.shallow_clone()).chain(params.iter().map(Tensor::shallow_clone)).chain(before).collect();
         Ok((y, saved))
     }
 
@@ -184,16 +195,16 @@ impl LayerKernels for Derived {
         let leaves = Leaves { input: Some(x), grad_output: Some(grad_y), params, buffers, ..Leaves::default() };
         let vals = low.run(prog, &leaves)?;
         let full = normforge_dsl::ir::Shape::full(self.entry.axes.len());
-        let mut grads = vec![Some(low.output(prog, &vals, Target::GradInput, &full)?.to_kind(x.kind()))];
+        let gx = low.output(prog, &vals, Target::GradInput, &full)?.to_kind(x.kind());
+        let mut gparams = Vec::new();
         for (i, (d, p)) in self.entry.params.iter().zip(params).enumerate() {
             let g = match prog.output(Target::GradParam(i as u32)) {
                 Some(_) => Some(low.output(prog, &vals, Target::GradParam(i as u32), &d.shape)?.to_kind(p.kind())),
                 None => None,
             };
-            grads.push(g);
+            gparams.push(g);
         }
-        grads.extend(buffers.iter().map(|_| None));
-        Ok(grads)
+        Ok(input_grads(gx, gparams, buffers.len()))
     }
 }
 
