@@ -120,6 +120,28 @@ pub const BLOCK: usize = 256;
 /// Units per cube of `combine_kernel` (one per tensor).
 pub const COMBINE_BLOCK: u32 = 64;
 
+/// The padded layout of tensors of `sizes` elements, back to back, each padded to whole cubes:
+/// per cube its tensor, first element and length (`blocks`), per tensor its first cube and cube
+/// count (`ranges`), and the cube count. Neither table is empty (not every runtime allows an
+/// empty binding).
+pub fn padded_layout(sizes: &[usize]) -> (Vec<u32>, Vec<u32>, usize) {
+    let cubes: usize = sizes.iter().map(|n| n.div_ceil(BLOCK)).sum();
+    let (mut blocks, mut ranges) = (Vec::with_capacity(3 * cubes + 3), Vec::with_capacity(2 * sizes.len() + 2));
+    let mut first = 0usize;
+    for (t, &n) in sizes.iter().enumerate() {
+        let count = n.div_ceil(BLOCK);
+        for _ in 0..count {
+            blocks.extend([t as u32, (first * BLOCK) as u32, n as u32]);
+        }
+        ranges.extend([first as u32, count as u32]);
+        first += count;
+    }
+    blocks.extend([0, 0, 0]);
+    ranges.extend([0, 0]);
+    ranges.truncate(2 * sizes.len().max(1));
+    (blocks, ranges, cubes)
+}
+
 /// Where a step's tensors are and how big: what every runtime launching the step kernels needs.
 #[derive(Clone, Copy, Debug)]
 pub struct StepSizes {

@@ -3,7 +3,7 @@
 //! padded to whole cubes so a cube never straddles two.
 
 use crate::compile::{compile, Compiled};
-use crate::kernel::{combine_kernel, step_kernel, KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
+use crate::kernel::{combine_kernel, padded_layout, step_kernel, KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
 use crate::plan::{plan, run, Plan, Source, COOPERATIVE_MIN};
 use crate::{unfused, Dtype, Error};
 use normforge_dsl::bind;
@@ -153,28 +153,17 @@ impl CubeOptimizer {
         }
         // Shapes the rule cannot bind are refused here, before anything runs.
         self.step_prog.host_values(&self.entry, &self.hparams, &shapes)?;
-        let cubes: usize = sizes.iter().map(|n| n.div_ceil(BLOCK)).sum();
+        let (blocks, ranges, cubes) = padded_layout(&sizes);
         if cubes > MAX_CUBES {
             return Err(Error(format!("{} elements exceed one launch of this backend ({} padded)", sizes.iter().sum::<usize>(), MAX_CUBES * BLOCK)));
         }
         let (mut p, mut g) = (vec![0f32; cubes * BLOCK], vec![0f32; cubes * BLOCK]);
-        let (mut blocks, mut ranges) = (Vec::with_capacity(3 * cubes + 3), Vec::with_capacity(2 * sizes.len()));
-        let mut first = 0;
-        for (t, (pt, gt)) in params.iter().zip(grads).enumerate() {
-            let start = first * BLOCK;
+        let mut start = 0;
+        for (pt, gt) in params.iter().zip(grads) {
             p[start..start + pt.len()].copy_from_slice(pt);
             g[start..start + gt.len()].copy_from_slice(gt);
-            let count = pt.len().div_ceil(BLOCK);
-            for _ in 0..count {
-                blocks.extend([t as u32, start as u32, pt.len() as u32]);
-            }
-            ranges.extend([first as u32, count as u32]);
-            first += count;
+            start += pt.len().div_ceil(BLOCK) * BLOCK;
         }
-        // Never an empty binding: not every runtime allows one.
-        blocks.extend([0, 0, 0]);
-        ranges.extend([0, 0]);
-        ranges.truncate(2 * sizes.len().max(1));
         let up = |v: &[f32]| self.client.create_from_slice(f32::as_bytes(v));
         let blocks = self.client.create_from_slice(u32::as_bytes(&blocks));
         let ranges = self.client.create_from_slice(u32::as_bytes(&ranges));

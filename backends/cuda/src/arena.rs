@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 /// Units per cube of the step kernels.
 pub use normforge_cubecl::kernel::BLOCK;
+use normforge_cubecl::kernel::padded_layout;
 
 pub struct Arena {
     pub p: Tensor,
@@ -45,24 +46,10 @@ impl Arena {
         }
         let sizes: Vec<usize> = vars.iter().map(|v| v.numel()).collect();
         let shapes: Vec<Vec<usize>> = vars.iter().map(|v| v.size().iter().map(|&d| d as usize).collect()).collect();
-        let cubes: usize = sizes.iter().map(|n| n.div_ceil(BLOCK)).sum();
+        let (blocks, ranges, cubes) = padded_layout(&sizes);
         if (cubes * BLOCK) as u64 > u32::MAX as u64 / 4 {
             return Err(ArenaError(format!("{} elements exceed the 32-bit indexing of the step kernels", cubes * BLOCK)));
         }
-        let (mut blocks, mut ranges) = (Vec::with_capacity(3 * cubes + 3), Vec::with_capacity(2 * sizes.len() + 2));
-        let mut first = 0usize;
-        for (t, &n) in sizes.iter().enumerate() {
-            let count = n.div_ceil(BLOCK);
-            for _ in 0..count {
-                blocks.extend([t as u32, (first * BLOCK) as u32, n as u32]);
-            }
-            ranges.extend([first as u32, count as u32]);
-            first += count;
-        }
-        // Never an empty binding.
-        blocks.extend([0, 0, 0]);
-        ranges.extend([0, 0]);
-        ranges.truncate(2 * sizes.len().max(1));
         let bits = |v: &[u32]| Tensor::from_slice(&v.iter().map(|&x| x as i32).collect::<Vec<_>>()).to_device(device);
         let opts = (Kind::Float, device);
         let p = Tensor::zeros([(cubes * BLOCK).max(1) as i64], opts);
