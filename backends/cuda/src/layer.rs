@@ -51,8 +51,16 @@ impl CudaLayerKernels {
         Ok(kernel)
     }
 
-    /// Run one plan: every output, by target, flat.
-    fn run(&self, plan: &Plan, x: &Tensor, data: &dyn Fn(Source) -> Option<Tensor>) -> Result<Vec<(Target, Tensor)>, Error> {
+    /// Run one plan on the input `x` (and, for a backward, the output gradient `gy`): every
+    /// output, by target, flat.
+    fn run(&self, plan: &Plan, x: &Tensor, gy: Option<&Tensor>, params: &[Tensor], buffers: &[Tensor]) -> Result<Vec<(Target, Tensor)>, Error> {
+        let data = |src: Source| match src {
+            Source::Input => Some(x),
+            Source::GradOutput => gy,
+            Source::Param(i) => params.get(i as usize),
+            Source::Buffer(i) => buffers.get(i as usize),
+            _ => None,
+        };
         let dev = x.device();
         if dev != Device::Cuda(self.gpu.ordinal()) {
             return Err(Error(format!("the input is on {dev:?}, these kernels run on cuda:{}", self.gpu.ordinal())));
@@ -113,13 +121,7 @@ fn pick(out: &[(Target, Tensor)], target: Target) -> Result<&Tensor, Error> {
 impl LayerKernels for CudaLayerKernels {
     fn forward(&self, inputs: &[Tensor], train: bool) -> Result<(Tensor, Vec<Tensor>), Error> {
         let (x, params, buffers) = split_inputs(&self.entry, inputs)?;
-        let data = |src: Source| match src {
-            Source::Input => Some(x.shallow_clone()),
-            Source::Param(i) => params.get(i as usize).map(Tensor::shallow_clone),
-            Source::Buffer(i) => buffers.get(i as usize).map(Tensor::shallow_clone),
-            _ => None,
-        };
-        let out = self.run(&self.plans[if train { 0 } else { 1 }], x, &data)?;
+        let out = self.run(&self.plans[if train { 0 } else { 1 }], x, None, params, buffers)?;
         let y = pick(&out, Target::Y)?.reshape(x.size()).to_kind(x.kind());
         let saved = saved_inputs(x, params, buffers);
         for (i, buf) in buffers.iter().enumerate() {
@@ -133,14 +135,7 @@ impl LayerKernels for CudaLayerKernels {
     fn backward(&self, saved: &[Tensor], grad_y: &Tensor, train: bool) -> Result<Vec<Option<Tensor>>, Error> {
         let (x, params, buffers) = split_inputs(&self.entry, saved)?;
         let gy = grad_y.to_kind(x.kind()).contiguous();
-        let data = |src: Source| match src {
-            Source::Input => Some(x.shallow_clone()),
-            Source::GradOutput => Some(gy.shallow_clone()),
-            Source::Param(i) => params.get(i as usize).map(Tensor::shallow_clone),
-            Source::Buffer(i) => buffers.get(i as usize).map(Tensor::shallow_clone),
-            _ => None,
-        };
-        let out = self.run(&self.plans[if train { 2 } else { 3 }], x, &data)?;
+        let out = self.run(&self.plans[if train { 2 } else { 3 }], x, Some(&gy), params, buffers)?;
         let gx = pick(&out, Target::GradInput)?.reshape(x.size()).to_kind(x.kind());
         let gparams = params.iter().enumerate().map(|(i, p)| pick(&out, Target::GradParam(i as u32)).ok().map(|g| g.reshape(p.size()).to_kind(p.kind()))).collect();
         Ok(input_grads(gx, gparams, buffers.len()))
