@@ -229,8 +229,7 @@ fn info(name: &str, plugins: &PluginArgs) -> Result<bool, String> {
     let reg = registry(plugins)?;
     let r = reg.get(name).map_err(|e| e.render())?;
     let e = &r.entry;
-    let axes: Vec<String> = e.axes.iter().map(|a| a.display_name()).collect();
-    println!("{} ({} {}({}[{}]))", r.name, e.kind.keyword(), e.name, e.input, axes.join(", "));
+    println!("{} ({} {}({}))", r.name, e.kind.keyword(), e.name, text::input_text(e));
     println!("  origin:    {}", r.origin);
     for (k, v) in [("paper", &e.meta.paper), ("reference", &e.meta.reference), ("version", &e.meta.version), ("doc", &e.meta.doc)] {
         if let Some(v) = v {

@@ -2,6 +2,7 @@
 //! `tests/fixtures` were produced by `tools/fixtures/make_fixtures.py` from the packages
 //! named in each file's `reference` field (e.g. `torch==2.11.0 torch.optim.AdamW`); every
 //! failure message repeats that field. All comparisons are in f64, relative error < 1e-6.
+//! Update rules are also run through libtorch (`DslOptimizer`) against the same fixtures.
 
 mod common;
 
@@ -140,6 +141,32 @@ fn check_optimizer(entry: &str, source: &str) {
             for (i, (p, t)) in params.iter().zip(&c.tensors).enumerate() {
                 close(&format!("{ctx}: tensor {i} {:?} after step {}", t.shape, step + 1), &p.data, &t.p[step]);
             }
+        }
+        check_optimizer_on_tch(&e, c, &ctx);
+    }
+}
+
+/// One fixture case through libtorch: the rule lowered to libtorch operations on f64 variables,
+/// gradients set by `loss.backward()` of `sum(p * g)`.
+fn check_optimizer_on_tch(e: &std::sync::Arc<normforge::Entry>, c: &OptCase, ctx: &str) {
+    use normforge::tch::{nn::VarStore, Device, Kind, Tensor as T};
+    let dims = |t: &OptTensor| t.shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
+    let mut vs = VarStore::new(Device::Cpu);
+    vs.set_kind(Kind::Double);
+    let vars: Vec<T> =
+        c.tensors.iter().enumerate().map(|(i, t)| vs.root().var_copy(&format!("p{i:02}"), &T::from_slice(&t.p0).reshape(dims(t)))).collect();
+    let mut opt = normforge::torch::DslOptimizer::new(e.clone(), &vs, &overrides(&c.hyper)).unwrap_or_else(|err| panic!("{ctx} on tch: {err}"));
+    for step in 0..c.steps {
+        let loss = vars
+            .iter()
+            .zip(&c.tensors)
+            .map(|(v, t)| (v * T::from_slice(&t.grads[step]).reshape(dims(t))).sum(Kind::Double))
+            .fold(T::zeros([], (Kind::Double, Device::Cpu)), |a, b| a + b);
+        let report = opt.backward_step(&loss).unwrap_or_else(|err| panic!("{ctx} on tch: {err}"));
+        assert!(matches!(report, normforge::torch::StepReport::Applied { .. }), "{ctx} on tch: {report:?}");
+        for (i, (v, t)) in vars.iter().zip(&c.tensors).enumerate() {
+            let got = Vec::<f64>::try_from(v.flatten(0, -1)).unwrap();
+            close(&format!("{ctx} on tch: tensor {i} {:?} after step {}", t.shape, step + 1), &got, &t.p[step]);
         }
     }
 }
@@ -327,6 +354,11 @@ fn spectral_norm_matches_torch() {
 #[test]
 fn batch_channel_norm_matches_torch() {
     check_layer("batch_channel_norm", "torch==2.11.0");
+}
+
+#[test]
+fn muon_matches_torch() {
+    check_optimizer("muon", "torch==2.11.0");
 }
 
 /// Every entry of the standard library has a fixture from a reference implementation.

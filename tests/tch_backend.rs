@@ -352,6 +352,43 @@ fn parameter_groups_take_their_own_hyper_parameters() {
     assert!(matches!(r, StepReport::Applied { clipped: true, grad_norm: Some(n) } if (n - 30.0).abs() < 1e-3), "{r:?}");
 }
 
+/// Muon's usual set-up: it takes the matrices, AdamW the rest. Given a vector, it refuses
+/// with the reason and moves nothing.
+#[test]
+fn muon_takes_the_matrices_beside_adamw() {
+    normforge::tch::manual_seed(8);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w = (vs.root() / "linear").var_copy("weight", &randn(&[5, 3], Kind::Float));
+    let b = (vs.root() / "linear").var_copy("bias", &randn(&[5], Kind::Float));
+    let reg = common::registry();
+    let muon = reg.optimizer("muon").unwrap().hparam("lr", 0.02).hparam("weight_decay", 0.0);
+    let mut matrices = muon.build_selected(&vs, |_, t| t.dim() == 2).unwrap();
+    let mut rest = reg.optimizer("adamw").unwrap().hparam("lr", 0.01).build_selected(&vs, |_, t| t.dim() != 2).unwrap();
+    assert_eq!(matrices.groups()[0].param_names(), ["linear.weight"]);
+    assert_eq!(rest.groups()[0].param_names(), ["linear.bias"]);
+    let (w0, b0) = (w.copy(), b.copy());
+    let x = randn(&[4, 3], Kind::Float);
+    let loss = || (x.matmul(&w.tr()) + &b).square().sum(Kind::Float);
+    loss().backward();
+    // The update Muon applies is orthogonalized: its singular values lie near 1 (the quintic
+    // iteration lands in about [0.7, 1.2]), whatever the gradient's were.
+    let g = w.grad().copy();
+    assert!(matches!(matrices.step().unwrap(), StepReport::Applied { .. }));
+    assert!(matches!(rest.step().unwrap(), StepReport::Applied { .. }));
+    let update = (&w0 - &w) / (0.02 * (5.0f64 / 3.0).sqrt());
+    let gram = update.tr().matmul(&update).to_kind(Kind::Double);
+    let sv: Vec<f64> = Vec::<f64>::try_from(Tensor::linalg_eigvalsh(&gram, "L")).unwrap().iter().map(|e| e.sqrt()).collect();
+    assert!(sv.iter().all(|s| (0.6..1.3).contains(s)), "singular values of the update {sv:?} (of the gradient: {g:?})");
+    assert!(f64::try_from((&b - &b0).abs().sum(Kind::Double)).unwrap() > 0.0, "AdamW moved the bias");
+    // A vector is not a matrix: an error naming it, and nothing changed.
+    let mut wrong = muon.build(&vs).unwrap();
+    loss().backward();
+    let before = bits(&[w.copy(), b.copy()]);
+    let e = wrong.step().unwrap_err();
+    assert!(e.0.contains("linear.bias") && e.0.contains("[o, i]"), "{e}");
+    assert_eq!(bits(&[w.copy(), b.copy()]), before);
+}
+
 #[test]
 fn buffers_and_parameters_are_saved_with_the_var_store() {
     normforge::tch::manual_seed(8);

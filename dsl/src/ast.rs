@@ -71,6 +71,16 @@ pub struct Attr {
 pub struct Input {
     pub name: Ident,
     pub axes: Vec<AxisDecl>,
+    /// `with j = o`: axes the input lacks, each as long as one it has.
+    pub twins: Vec<TwinDecl>,
+    pub span: Span,
+}
+
+/// `j = o`: axis `j`, of the same length as the input's axis `o`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TwinDecl {
+    pub name: Ident,
+    pub of: Ident,
     pub span: Span,
 }
 
@@ -153,6 +163,8 @@ pub enum StmtKind {
     Return(Expr),
     /// `if c {..} else if c2 {..} else {..}`, flattened so long chains need no recursion.
     If { branches: Vec<(Expr, Block)>, otherwise: Option<Block> },
+    /// `repeat n { .. }`: the block n times in a row.
+    Repeat { count: u32, count_span: Span, body: Block },
 }
 
 #[derive(Clone, Debug, PartialEq)]

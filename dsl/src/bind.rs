@@ -13,10 +13,11 @@ pub struct AxisBinding {
 }
 
 pub fn bind_axes(axes: &[Axis], shape: &[usize], what: &str) -> Result<AxisBinding, String> {
-    let fixed = axes.iter().filter(|a| !a.variadic).count();
-    let has_variadic = axes.iter().any(|a| a.variadic);
+    let own = || axes.iter().filter(|a| a.twin.is_none());
+    let fixed = own().filter(|a| !a.variadic).count();
+    let has_variadic = own().any(|a| a.variadic);
     if shape.len() < fixed || (!has_variadic && shape.len() != fixed) {
-        let names: Vec<String> = axes.iter().map(Axis::display_name).collect();
+        let names: Vec<String> = own().map(Axis::display_name).collect();
         return Err(format!("{what} has shape {shape:?}, which does not match the declared axes [{}]", names.join(", ")));
     }
     let var_len = shape.len() - fixed;
@@ -24,8 +25,14 @@ pub fn bind_axes(axes: &[Axis], shape: &[usize], what: &str) -> Result<AxisBindi
     let mut k = 0;
     for a in axes {
         let n = if a.variadic { var_len } else { 1 };
-        dims.push(shape[k..k + n].to_vec());
-        k += n;
+        match a.twin {
+            // Twins follow the input's axes, so their origin is bound already.
+            Some(o) => dims.push(dims.get(o as usize).cloned().unwrap_or_default()),
+            None => {
+                dims.push(shape[k..k + n].to_vec());
+                k += n;
+            }
+        }
     }
     let extents = dims.iter().map(|d| d.iter().product()).collect();
     Ok(AxisBinding { dims, extents })
@@ -94,9 +101,14 @@ pub fn dims_of(shape: &Shape, b: &AxisBinding, hparams: &[f64]) -> Result<Vec<us
 }
 
 /// A parameter with fewer dims than an update rule names (a scalar under `p[o, r...]`) is
-/// viewed with leading unit dims, as `view(1, -1)` would in PyTorch.
+/// viewed with leading unit dims, as `view(1, -1)` would in PyTorch. Rules that name only fixed
+/// axes (`p[o, i]`, a matrix rule) take exactly that many dims: nothing is padded.
 pub fn param_view(entry: &Entry, shape: &[usize]) -> Vec<usize> {
-    let fixed = entry.axes.iter().filter(|a| !a.variadic).count();
+    let own = || entry.axes.iter().filter(|a| a.twin.is_none());
+    if !own().any(|a| a.variadic) {
+        return shape.to_vec();
+    }
+    let fixed = own().filter(|a| !a.variadic).count();
     let mut v = vec![1; fixed.saturating_sub(shape.len())];
     v.extend_from_slice(shape);
     v

@@ -148,6 +148,23 @@ impl Builder {
         self.add(Op::Expand(a), to.clone(), ty)
     }
 
+    /// `a` with axes `i` and `j` exchanged (their lengths must agree); a no-op when `a` is
+    /// constant along both.
+    pub fn swap(&mut self, a: NodeId, i: usize, j: usize) -> NodeId {
+        let mut shape = self.shape(a).clone();
+        if shape.0[i] == Extent::One && shape.0[j] == Extent::One {
+            return a;
+        }
+        if let Op::Swap(inner, x, y) = self.node(a).op {
+            if (x as usize, y as usize) == (i.min(j), i.max(j)) {
+                return inner;
+            }
+        }
+        shape.0.swap(i, j);
+        let ty = self.ty(a);
+        self.add(Op::Swap(a, i.min(j) as u32, i.max(j) as u32), shape, ty)
+    }
+
     /// Keep only what `outputs` need, renumbered in order.
     pub fn finish(self, outputs: Vec<Output>) -> Program {
         let mut live = vec![false; self.nodes.len()];
@@ -173,6 +190,7 @@ impl Builder {
                 Op::Select(c, x, y) => Op::Select(remap[c as usize], remap[x as usize], remap[y as usize]),
                 Op::Reduce(r, a) => Op::Reduce(r, remap[a as usize]),
                 Op::Expand(a) => Op::Expand(remap[a as usize]),
+                Op::Swap(a, i, j) => Op::Swap(remap[a as usize], i, j),
                 op => op,
             };
             remap[i] = nodes.len() as NodeId;

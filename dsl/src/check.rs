@@ -38,7 +38,11 @@ pub fn check_file(file: &ast::File) -> Result<Vec<Entry>, Diagnostics> {
 pub const FUNCTIONS: &[&str] = &[
     "sqrt", "rsqrt", "exp", "log", "tanh", "sigmoid", "sign", "abs", "relu", "softplus", "stop_gradient", "min", "max", "pow", "lerp",
     "clamp", "select", "sum", "mean", "var", "std", "rms", "norm", "size", "rank",
+    "swap",
 ];
+
+/// The most times `repeat` unrolls its block (torch's Muon allows fewer than 100 iterations).
+const MAX_REPEAT: u32 = 100;
 
 const ATTRIBUTES: &[&str] = &["paper", "doc", "reference", "version", "alias"];
 
@@ -164,12 +168,40 @@ impl<'a> Checker<'a> {
                             errors.push(err(n.span, "an axis cannot have the input's name", "rename this axis"));
                         }
                     }
-                    axes.push(Axis { name: a.name.as_ref().map(|n| n.name.clone()), variadic: a.variadic });
+                    axes.push(Axis { name: a.name.as_ref().map(|n| n.name.clone()), variadic: a.variadic, twin: None });
                     spans.push(a.span);
+                }
+                for t in &inp.twins {
+                    if item.kind != ItemKind::Optimizer {
+                        errors.push(
+                            err(t.span, "axes beyond the input's (`with`) are for update rules", "not in a layer")
+                                .note("the derived backward pass does not handle them yet"),
+                        );
+                        continue;
+                    }
+                    let taken = axes.iter().position(|x: &Axis| x.name.as_deref() == Some(t.name.name.as_str()));
+                    if let Some(j) = taken {
+                        errors.push(
+                            err(t.name.span, format!("axis `{}` is declared twice", t.name.name), "declared again")
+                                .related(spans[j], "first declared here"),
+                        );
+                        continue;
+                    }
+                    match inp.axes.iter().position(|a| a.name.as_ref().is_some_and(|n| n.name == t.of.name)) {
+                        Some(o) if !inp.axes[o].variadic => {
+                            axes.push(Axis { name: Some(t.name.name.clone()), variadic: false, twin: Some(o as u32) });
+                            spans.push(t.span);
+                        }
+                        Some(_) => errors.push(err(t.of.span, format!("`{}` is variadic; a twin takes the length of one dim", t.of.name), "variadic axis")),
+                        None => errors.push(
+                            err(t.of.span, format!("no axis named `{}`", t.of.name), "not an axis of the input")
+                                .note(format!("`{} = <axis>` takes its length from one of the input's axes", t.name.name)),
+                        ),
+                    }
                 }
                 (inp.name.name.clone(), axes, spans)
             }
-            (None, _) => ("p".to_string(), vec![Axis { name: None, variadic: true }], vec![item.name.span]),
+            (None, _) => ("p".to_string(), vec![Axis { name: None, variadic: true, twin: None }], vec![item.name.span]),
         };
         let hparams = hparams(item, &axes, &input_name, &mut errors);
         if !errors.is_empty() {
@@ -232,6 +264,10 @@ impl<'a> Checker<'a> {
                     return None;
                 }
             };
+            if self.axes[i].twin.is_some() {
+                self.report(err(n.span, format!("`{}` is not an axis of the input; declared tensors vary along the input's axes", n.name), "a `with` axis"));
+                return None;
+            }
             if let Some((j, prev)) = last {
                 if i < j {
                     self.report(err(n.span, format!("axes must follow the input's order: `{}` comes before `{}`", n.name, prev.name), "out of order"));
@@ -255,7 +291,7 @@ impl<'a> Checker<'a> {
         // Only hyper-parameters (and, for optimizer state, `p`) are visible to initialisers.
         env.names.retain(|_, (bind, _, _)| matches!(bind, Binding::HParam(..) | Binding::Input));
         if self.is_optimizer() {
-            let p = b.leaf(Op::Input, Shape::full(self.axes.len()));
+            let p = b.leaf(Op::Input, input_shape(&self.axes));
             env.names.get_mut(&self.input_name).unwrap().2 = Some(p);
         } else {
             env.names.retain(|_, (bind, _, _)| !matches!(bind, Binding::Input));
@@ -296,7 +332,7 @@ impl<'a> Checker<'a> {
                     Some(s) => s,
                     None => continue,
                 },
-                None if *kind == DeclKind::State => Shape::full(self.axes.len()),
+                None if *kind == DeclKind::State => input_shape(&self.axes),
                 None => Shape::scalar(self.axes.len()),
             };
             std::mem::swap(&mut self.b, &mut b);
@@ -384,7 +420,7 @@ impl<'a> Checker<'a> {
         self.b = Builder::new(self.axes.len());
         self.train = train;
         let mut env = self.base_env();
-        let full = Shape::full(self.axes.len());
+        let full = input_shape(&self.axes);
         let input = self.b.leaf(Op::Input, full.clone());
         env.names.get_mut(&self.input_name).unwrap().2 = Some(input);
         if self.is_optimizer() {
@@ -506,6 +542,24 @@ impl<'a> Checker<'a> {
                     let is_last = k + 1 == block.stmts.len();
                     returned = self.if_stmt(stmt.span, branches, otherwise.as_ref(), env, is_last);
                 }
+                StmtKind::Repeat { count, count_span, body } => {
+                    if !(1..=MAX_REPEAT).contains(count) {
+                        self.report(err(*count_span, format!("`repeat` runs its block 1 to {MAX_REPEAT} times"), "out of range"));
+                        continue;
+                    }
+                    // Each pass lowers the same code: report its errors once.
+                    let reporting = self.reporting;
+                    for _ in 0..*count {
+                        let flow = self.block(body, env, false);
+                        self.reporting = false;
+                        if flow.returned.is_some() {
+                            self.reporting = reporting;
+                            self.report(err(stmt.span, "`return` inside `repeat`", "not allowed").note("return after the loop"));
+                            break;
+                        }
+                    }
+                    self.reporting = reporting;
+                }
             }
         }
         // Names declared inside this block go out of scope; mutable values keep their updates.
@@ -524,7 +578,7 @@ impl<'a> Checker<'a> {
         let target_shape = match binding {
             Binding::Buffer(i) => self.buffers[i as usize].shape.clone(),
             Binding::State(i) => self.states[i as usize].shape.clone(),
-            Binding::Input | Binding::Grad if self.is_optimizer() => Shape::full(self.axes.len()),
+            Binding::Input | Binding::Grad if self.is_optimizer() => input_shape(&self.axes),
             Binding::Input => {
                 self.report(err(name.span, format!("`{}` is the layer's input and cannot be assigned", name.name), "read-only").note("bind a new name with `let`"));
                 return;
@@ -796,6 +850,9 @@ impl<'a> Checker<'a> {
         if matches!(name, "size" | "rank") {
             return self.size_or_rank(name, &pos, span);
         }
+        if name == "swap" {
+            return self.swap(&pos, span, env);
+        }
         let arity = match name {
             "lerp" | "clamp" | "select" => 3,
             "pow" => 2,
@@ -876,6 +933,47 @@ impl<'a> Checker<'a> {
             },
             _ => unreachable!("every function in FUNCTIONS is handled"),
         }
+    }
+
+    /// `swap(a, o, j)`: `a` with two axes of one length exchanged (a transpose).
+    fn swap(&mut self, pos: &[&Expr], span: ast::Span, env: &mut Env) -> Option<NodeId> {
+        if pos.len() != 3 {
+            self.report(err(span, format!("`swap` takes a value and two axes, found {} arguments", pos.len()), "expected 3 arguments"));
+            return None;
+        }
+        let mut axes = [0usize; 2];
+        for (k, p) in pos[1..].iter().enumerate() {
+            let ExprKind::Name(n) = &p.kind else {
+                self.report(err(p.span, "`swap` takes axis names after the value", "not an axis"));
+                return None;
+            };
+            match self.axis_index(&ast::Ident { name: n.clone(), span: p.span }) {
+                Ok(i) => axes[k] = i,
+                Err(d) => {
+                    self.report(d);
+                    return None;
+                }
+            }
+        }
+        let [i, j] = axes;
+        let origin = |a| Axis::origin(&self.axes, a);
+        if i == j || origin(i) != origin(j) {
+            let (a, b) = (self.axes[i].display_name(), self.axes[j].display_name());
+            let why = if i == j { format!("`{a}` is named twice") } else { format!("`{a}` and `{b}` may differ in length") };
+            self.report(err(span, format!("`swap` exchanges two axes of one length: {why}"), "cannot swap").note("declare an axis of another's length with `with j = o` after the input's axes"));
+            return None;
+        }
+        let a = self.expr(pos[0], env)?;
+        if self.b.ty(a) != Type::Float {
+            self.report(err(pos[0].span, "argument 1 of `swap` must be a number", "wrong type"));
+            return None;
+        }
+        let shape = self.b.shape(a);
+        if [i, j].iter().any(|&k| matches!(shape.0[k], Extent::Grouped(_))) {
+            self.report(err(pos[0].span, "`swap` exchanges whole axes; this value is grouped along one of them", "grouped"));
+            return None;
+        }
+        Some(self.b.swap(a, i, j))
     }
 
     /// `size(d, c / groups)`: elements per reduction; `rank(s)`: run-time dims of axes.
@@ -976,7 +1074,12 @@ impl<'a> Checker<'a> {
     ) -> Option<NodeId> {
         let reduced = match over {
             Some((refs, _)) => self.reduced_shape(refs)?,
-            None if self.is_optimizer() => Shape::full(self.axes.len()),
+            // The whole value: the input's axes and the twins it varies along.
+            None if self.is_optimizer() => {
+                let along = self.b.shape(arg).clone();
+                let whole = self.axes.iter().zip(&along.0).map(|(a, e)| if a.twin.is_none() || *e != Extent::One { Extent::Full } else { Extent::One });
+                Shape(whole.collect())
+            }
             None => {
                 self.report(err(span, format!("`{name}` in a {} needs `over`", self.item.kind.keyword()), "which axes?").note(format!("e.g. `{name}(x, over d)`")));
                 return None;

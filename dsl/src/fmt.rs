@@ -142,7 +142,9 @@ impl Formatter<'_> {
                     (None, _) => "...".into(),
                 })
                 .collect();
-            elems.push((inp.span, format!("{}[{}]", inp.name.name, axes.join(", "))));
+            let twins: Vec<String> = inp.twins.iter().map(|t| format!("{} = {}", t.name.name, t.of.name)).collect();
+            let with = if twins.is_empty() { String::new() } else { format!(" with {}", twins.join(", ")) };
+            elems.push((inp.span, format!("{}[{}]{with}", inp.name.name, axes.join(", "))));
         }
         for h in &item.hparams {
             elems.push((h.span, hparam_text(h)));
@@ -222,6 +224,7 @@ impl Formatter<'_> {
             StmtKind::Assign { name, value } => (format!("{} = ", name.name), value),
             StmtKind::Return(e) => ("return ".to_string(), e),
             StmtKind::If { .. } => return self.if_stmt(st, indent),
+            StmtKind::Repeat { count, body, .. } => return format!("repeat {count} {}", self.block(body, indent)),
         };
         let line = format!("{head}{}", expr(value));
         match &value.kind {

@@ -52,9 +52,18 @@ pub struct Axis {
     /// `None` for the anonymous batch axes `...`.
     pub name: Option<String>,
     pub variadic: bool,
+    /// `with j = o`: an axis the input lacks, as long as the input's axis at this index. Twins
+    /// follow the input's axes, so a value varying along one is e.g. a Gram matrix `p p^T`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin: Option<u32>,
 }
 
 impl Axis {
+    /// The input's axis this one takes its length from (itself, for the input's own axes).
+    pub fn origin(axes: &[Axis], i: usize) -> usize {
+        axes[i].twin.map_or(i, |o| o as usize)
+    }
+
     pub fn display_name(&self) -> String {
         match (&self.name, self.variadic) {
             (Some(n), true) => format!("{n}..."),
@@ -62,6 +71,17 @@ impl Axis {
             (None, _) => "...".into(),
         }
     }
+}
+
+impl Entry {
+    /// The input's shape: every axis of the input, none of its twins.
+    pub fn input_shape(&self) -> Shape {
+        input_shape(&self.axes)
+    }
+}
+
+pub fn input_shape(axes: &[Axis]) -> Shape {
+    Shape(axes.iter().map(|a| if a.twin.is_some() { Extent::One } else { Extent::Full }).collect())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -373,12 +393,15 @@ pub enum Op {
     Reduce(ReduceOp, NodeId),
     /// Broadcast the argument up to this node's shape.
     Expand(NodeId),
+    /// The argument with two axes of the same length exchanged: `swap(a, o, j)` reads
+    /// `a[.., o = j', .., j = o', ..]`, so `sum(p * swap(p, o, j), over i)` is `p p^T`.
+    Swap(NodeId, u32, u32),
 }
 
 impl Op {
     pub fn args(&self) -> Vec<NodeId> {
         match *self {
-            Op::Unary(_, a) | Op::Reduce(_, a) | Op::Expand(a) => vec![a],
+            Op::Unary(_, a) | Op::Reduce(_, a) | Op::Expand(a) | Op::Swap(a, ..) => vec![a],
             Op::Binary(_, a, b) => vec![a, b],
             Op::Select(c, a, b) => vec![c, a, b],
             _ => vec![],

@@ -18,6 +18,7 @@ pub mod ir;
 pub mod parser;
 pub mod suggest;
 pub mod text;
+pub mod uniform;
 
 pub use diag::{Diagnostic, Diagnostics};
 

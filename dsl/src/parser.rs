@@ -130,7 +130,10 @@ fn rule_name(r: Rule) -> &'static str {
         Rule::lbracket => "`[` or `(`",
         Rule::rbracket => "`]` or `)`",
         Rule::block => "`{`",
-        Rule::stmt | Rule::decl | Rule::let_stmt | Rule::return_stmt | Rule::if_stmt | Rule::assign => "a statement",
+        Rule::stmt | Rule::decl | Rule::let_stmt | Rule::return_stmt | Rule::if_stmt | Rule::repeat_stmt | Rule::assign => {
+            "a statement"
+        }
+        Rule::twins | Rule::twin => "`with j = o`",
         Rule::decl_kind => "`param`, `buffer` or `state`",
         Rule::else_if | Rule::else_block => "`else`",
         Rule::shape => "a shape",
@@ -284,7 +287,20 @@ fn input(p: Pair<Rule>) -> Input {
     let span = span_of(&p);
     let mut it = p.into_inner();
     let name = ident(it.next().unwrap());
+    let mut twins = Vec::new();
     let axes = it
+        .filter(|a| {
+            if a.as_rule() != Rule::twins {
+                return true;
+            }
+            for t in a.clone().into_inner() {
+                let tspan = span_of(&t);
+                let mut names = t.into_inner().map(ident);
+                let (name, of) = (names.next().unwrap(), names.next().unwrap());
+                twins.push(TwinDecl { name, of, span: tspan });
+            }
+            false
+        })
         .map(|a| {
             let aspan = span_of(&a);
             let mut name = None;
@@ -298,7 +314,7 @@ fn input(p: Pair<Rule>) -> Input {
             AxisDecl { name, variadic, span: aspan }
         })
         .collect();
-    Input { name, axes, span }
+    Input { name, axes, twins, span }
 }
 
 fn hparam(p: Pair<Rule>) -> Result<HParam, Diagnostics> {
@@ -411,6 +427,15 @@ fn stmt(p: Pair<Rule>) -> Result<Stmt, Diagnostics> {
                 }
             }
             StmtKind::If { branches, otherwise }
+        }
+        Rule::repeat_stmt => {
+            let mut it = inner.into_inner();
+            let n = it.next().unwrap();
+            let count_span = span_of(&n);
+            let count = n.as_str().parse().map_err(|_| {
+                Diagnostic::new(count_span, "repeat count out of range", "too large").note("repeat at most 100 times")
+            })?;
+            StmtKind::Repeat { count, count_span, body: block(it.next().unwrap())? }
         }
         r => unreachable!("grammar: unexpected {r:?} in a statement"),
     };

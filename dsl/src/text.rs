@@ -37,10 +37,19 @@ pub fn hparam_text(h: &HParam) -> String {
     s
 }
 
+/// `p[o, i] with j = o`: the input, its axes and their twins.
+pub fn input_text(e: &Entry) -> String {
+    let (own, twins): (Vec<&Axis>, Vec<&Axis>) = e.axes.iter().partition(|a| a.twin.is_none());
+    let own: Vec<String> = own.iter().map(|a| a.display_name()).collect();
+    let twins: Vec<String> =
+        twins.iter().map(|a| format!("{} = {}", a.display_name(), a.twin.map_or("?".into(), |o| e.axes[o as usize].display_name()))).collect();
+    let with = if twins.is_empty() { String::new() } else { format!(" with {}", twins.join(", ")) };
+    format!("{}[{}]{with}", e.input, own.join(", "))
+}
+
 pub fn entry_text(e: &Entry, backward: bool) -> String {
     let mut s = String::new();
-    let axes: Vec<String> = e.axes.iter().map(Axis::display_name).collect();
-    let _ = writeln!(s, "{} {}({}[{}])", e.kind.keyword(), e.name, e.input, axes.join(", "));
+    let _ = writeln!(s, "{} {}({})", e.kind.keyword(), e.name, input_text(e));
     for (k, v) in [("paper", &e.meta.paper), ("reference", &e.meta.reference), ("version", &e.meta.version)] {
         if let Some(v) = v {
             let _ = writeln!(s, "  @{k} {v:?}");
@@ -101,6 +110,7 @@ pub fn program_text(s: &mut String, title: &str, p: &Program, e: &Entry) {
             Op::Select(c, x, y) => format!("select %{c}, %{x}, %{y}"),
             Op::Reduce(r, a) => format!("reduce.{} %{a}", r.name()),
             Op::Expand(a) => format!("expand %{a}"),
+            Op::Swap(a, i, j) => format!("swap %{a}, {}, {}", e.axes[*i as usize].display_name(), e.axes[*j as usize].display_name()),
         };
         let ty = if n.ty == Type::Bool { "bool" } else { "" };
         let _ = writeln!(s, "  %{i} = {op} : {ty}{}", shape_text(&n.shape, &e.axes, &e.hparams));

@@ -6,7 +6,7 @@
 
 use crate::kernel::{BOp, KOp, KProgram, ROp, UOp};
 use crate::Error;
-use normforge_dsl::bind;
+use normforge_dsl::{bind, uniform};
 use normforge_dsl::ir::{Binary, Entry, Extent, Op, Program, ReduceOp, Target, Unary};
 use std::collections::HashMap;
 
@@ -24,15 +24,7 @@ pub(crate) struct Uniforms {
 impl Uniforms {
     /// `leaf` says which other ops (shape queries, in a layer) count as uniform.
     pub fn new(p: &Program, leaf: impl Fn(&Op) -> bool) -> Self {
-        let mut flags = vec![false; p.nodes.len()];
-        for (i, node) in p.nodes.iter().enumerate() {
-            flags[i] = match &node.op {
-                Op::Const(_) | Op::HParam(_) | Op::Step => true,
-                Op::Unary(..) | Op::Binary(..) | Op::Select(..) | Op::Expand(_) => node.op.args().iter().all(|a| flags[*a as usize]),
-                op => leaf(op),
-            };
-        }
-        Uniforms { flags, exported: Vec::new(), index: HashMap::new() }
+        Uniforms { flags: uniform::flags(p, leaf), exported: Vec::new(), index: HashMap::new() }
     }
 
     /// The scalar-buffer entry of a uniform node.
@@ -46,23 +38,7 @@ impl Uniforms {
 
     /// The scalar buffer; `query` answers the shape queries.
     pub fn values(&self, p: &Program, hparams: &[f64], t: f64, query: impl Fn(&Op) -> f64) -> Vec<f32> {
-        let mut val = vec![0f64; p.nodes.len()];
-        for (i, n) in p.nodes.iter().enumerate() {
-            if !self.flags[i] {
-                continue;
-            }
-            let v = |id: &u32| val[*id as usize];
-            val[i] = match &n.op {
-                Op::Const(c) => *c,
-                Op::HParam(h) => hparams[*h as usize],
-                Op::Step => t,
-                Op::Unary(u, a) => u.apply(v(a)),
-                Op::Binary(b, x, y) => b.apply(v(x), v(y)),
-                Op::Select(c, x, y) => if v(c) != 0.0 { v(x) } else { v(y) },
-                Op::Expand(a) => v(a),
-                op => query(op),
-            };
-        }
+        let val = uniform::values(p, &self.flags, hparams, t, query);
         let mut out: Vec<f32> = self.exported.iter().map(|&i| val[i as usize] as f32).collect();
         out.push(0.0); // never empty: not every runtime allows an empty binding
         out
@@ -116,6 +92,9 @@ impl Compiled {
 /// Compile an update rule's program (a step or the state initialiser).
 pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
     let unsupported = |what: &str| Error(format!("`{}`: {what} is not supported by the CubeCL backend yet", entry.name));
+    if entry.axes.iter().any(|a| a.twin.is_some()) {
+        return Err(unsupported(crate::plan::MATRIX_PRODUCT));
+    }
     let n = p.nodes.len();
     let full = |i: u32| p.nodes[i as usize].shape.0.iter().all(|e| *e == Extent::Full);
     let mut uniforms = Uniforms::new(p, |_| false);

@@ -67,8 +67,14 @@ impl Tables {
     }
 }
 
+/// What the CubeCL backend refuses in entries that declare axes with `with`.
+pub(crate) const MATRIX_PRODUCT: &str = "a matrix product (an axis declared with `with`)";
+
 pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
     let unsupported = |what: &str| Error(format!("`{}`: {what} is not supported in a layer by the CubeCL backend", entry.name));
+    if entry.axes.iter().any(|a| a.twin.is_some()) {
+        return Err(unsupported(MATRIX_PRODUCT));
+    }
     let mut uniforms = Uniforms::new(p, |op| matches!(op, Op::Size(_) | Op::Rank(_)));
     // (`Step` is uniform too: `Uniforms` knows it.)
     let n = p.nodes.len();

@@ -72,6 +72,13 @@ fn rules_match_the_reference_over_fifty_tensors() {
 }
 
 #[test]
+fn matrix_rules_are_refused_with_the_reason() {
+    let device = cpu_device().expect("lavapipe (mesa-vulkan-drivers) is installed by scripts/test.sh");
+    let err = CubeOptimizer::new(registry().get("muon").unwrap().entry, &[], &device).err().expect("muon is refused");
+    assert!(err.to_string().contains("matrix product"), "{err}");
+}
+
+#[test]
 fn layers_are_not_optimizers() {
     let reg = registry();
     let device = cpu_device().unwrap();

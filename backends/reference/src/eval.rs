@@ -59,6 +59,34 @@ fn coarse_offsets(fine: &[usize], coarse: &[usize]) -> Vec<usize> {
     out
 }
 
+/// For each element of a value of extents `ext` (row-major), the offset of the element it reads
+/// in the same value with axes `x` and `y` exchanged.
+fn swapped_offsets(ext: &[usize], x: usize, y: usize) -> Vec<usize> {
+    let mut src = ext.to_vec();
+    src.swap(x, y);
+    let mut strides = vec![0usize; src.len()];
+    let mut s = 1;
+    for a in (0..src.len()).rev() {
+        strides[a] = s;
+        s *= src[a];
+    }
+    strides.swap(x, y);
+    let n: usize = ext.iter().product();
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; ext.len()];
+    for _ in 0..n {
+        out.push(idx.iter().zip(&strides).map(|(i, s)| i * s).sum());
+        for a in (0..ext.len()).rev() {
+            idx[a] += 1;
+            if idx[a] < ext[a] {
+                break;
+            }
+            idx[a] = 0;
+        }
+    }
+    out
+}
+
 fn leaf<'a>(v: Option<&'a [f64]>, what: &str) -> Result<&'a [f64]> {
     v.ok_or_else(|| Error(format!("this program reads {what}, which was not supplied")))
 }
@@ -116,6 +144,10 @@ pub fn run(p: &Program, inp: &Inputs) -> Result<Vec<Vec<f64>>> {
                     };
                 }
                 out
+            }
+            Op::Swap(a, x, y) => {
+                let va = &vals[*a as usize];
+                swapped_offsets(&ext, *x as usize, *y as usize).into_iter().map(|o| va[o]).collect()
             }
             Op::Expand(a) => {
                 let offs = coarse_offsets(&ext, &exts[*a as usize]);

@@ -136,7 +136,7 @@ fn forward(entry: &Entry, hparams: &[f64], x: &Tensor, params: &[Tensor], buffer
     let low = Lowering::new(&[prog], &binding, hparams, 0.0, kind, x.device())?;
     let leaves = Leaves { input: Some(x), params, buffers, ..Leaves::default() };
     let vals = low.run(prog, &leaves)?;
-    let y = low.output(prog, &vals, Target::Y, &normforge_dsl::ir::Shape::full(entry.axes.len()))?;
+    let y = low.output(prog, &vals, Target::Y, &entry.input_shape())?;
     for (i, (d, buf)) in entry.buffers.iter().zip(buffers).enumerate() {
         if prog.output(Target::Buffer(i as u32)).is_some() {
             let new = low.output(prog, &vals, Target::Buffer(i as u32), &d.shape)?.detach();
@@ -194,7 +194,7 @@ impl LayerKernels for Derived {
         let low = Lowering::new(&[prog], &binding, &self.hparams, 0.0, float_kind(x.kind()), x.device())?;
         let leaves = Leaves { input: Some(x), grad_output: Some(grad_y), params, buffers, ..Leaves::default() };
         let vals = low.run(prog, &leaves)?;
-        let full = normforge_dsl::ir::Shape::full(self.entry.axes.len());
+        let full = self.entry.input_shape();
         let gx = low.output(prog, &vals, Target::GradInput, &full)?.to_kind(x.kind());
         let mut gparams = Vec::new();
         for (i, (d, p)) in self.entry.params.iter().zip(params).enumerate() {

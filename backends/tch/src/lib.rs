@@ -23,7 +23,7 @@ use normforge_dsl::Entry;
 use normforge_registry::Registry;
 use std::fmt;
 use std::sync::Arc;
-use tch::{nn, Kind};
+use tch::{nn, Kind, Tensor};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Error(pub String);
@@ -138,6 +138,10 @@ impl OptimizerSpec {
     }
     pub fn build(&self, vs: &nn::VarStore) -> Result<DslOptimizer, Error> {
         self.0.build_optimizer(vs)
+    }
+    /// Build over the trainable variables of `vs` that `select` takes ([`DslOptimizer::selected`]).
+    pub fn build_selected(&self, vs: &nn::VarStore, select: impl Fn(&str, &Tensor) -> bool) -> Result<DslOptimizer, Error> {
+        DslOptimizer::selected(self.0.entry.clone(), vs, &self.0.hparams, select)
     }
 }
 

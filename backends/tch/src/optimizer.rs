@@ -6,7 +6,7 @@
 use crate::lower::{Leaves, Lowering};
 use crate::{float_kind, Error};
 use normforge_dsl::bind;
-use normforge_dsl::ir::{Entry, Kind as EntryKind, Program, Programs, Shape, Target};
+use normforge_dsl::ir::{Entry, Kind as EntryKind, Program, Programs, Target};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -55,11 +55,24 @@ pub struct DslOptimizer {
 impl DslOptimizer {
     /// One group holding every trainable variable of `vs`, in name order.
     pub fn new(entry: Arc<Entry>, vs: &nn::VarStore, overrides: &[(String, f64)]) -> Result<Self, Error> {
+        Self::selected(entry, vs, overrides, |_, _| true)
+    }
+
+    /// One group holding the trainable variables of `vs` that `select` takes (by name and
+    /// tensor), so that two rules can share a model: Muon for the 2-D weights
+    /// (`|_, t| t.dim() == 2`), AdamW for the rest.
+    pub fn selected(
+        entry: Arc<Entry>,
+        vs: &nn::VarStore,
+        overrides: &[(String, f64)],
+        select: impl Fn(&str, &Tensor) -> bool,
+    ) -> Result<Self, Error> {
         if entry.kind != EntryKind::Optimizer {
             return Err(Error(format!("`{}` is a {}, not an optimizer", entry.name, entry.kind.keyword())));
         }
         let hparams = normforge_dsl::hyper::resolve(&entry, overrides)?;
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut vars: Vec<(String, Tensor)> =
+            vs.variables().into_iter().filter(|(n, t)| t.requires_grad() && select(n, t)).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let slots = vars.into_iter().map(|(name, var)| Slot { name, var, step: 0, states: None }).collect();
         Ok(DslOptimizer { entry, groups: vec![Group { hparams, slots }], max_grad_norm: None, skip_nonfinite: true })
@@ -217,14 +230,14 @@ impl DslOptimizer {
         };
         let leaves = Leaves { input: Some(&s.var), grad: Some(grad), states: &states, ..Leaves::default() };
         let vals = low.run(prog, &leaves)?;
-        let p = low.output(prog, &vals, Target::P, &Shape::full(self.entry.axes.len()))?.reshape(s.var.size()).to_kind(s.var.kind());
+        let p = low.output(prog, &vals, Target::P, &self.entry.input_shape())?.reshape(s.var.size()).to_kind(s.var.kind());
         let new_states = self
             .entry
             .states
             .iter()
             .enumerate()
             .map(|(k, d)| match prog.output(Target::State(k as u32)) {
-                Some(_) => Ok(low.output(prog, &vals, Target::State(k as u32), &d.shape)?.to_kind(s.var.kind())),
+                Some(node) => Ok(kept(low.output(prog, &vals, Target::State(k as u32), &d.shape)?.to_kind(s.var.kind()), prog, node)),
                 None => Ok(states[k].shallow_clone()),
             })
             .collect::<Result<_, Error>>()?;
@@ -238,7 +251,13 @@ impl DslOptimizer {
             .states
             .iter()
             .enumerate()
-            .map(|(k, d)| Ok(low.output(init, &vals, Target::State(k as u32), &d.shape)?.to_kind(s.var.kind())))
+            .map(|(k, d)| {
+                let t = low.output(init, &vals, Target::State(k as u32), &d.shape)?.to_kind(s.var.kind());
+                Ok(match init.output(Target::State(k as u32)) {
+                    Some(node) => kept(t, init, node),
+                    None => t,
+                })
+            })
             .collect()
     }
 
@@ -297,5 +316,16 @@ impl DslOptimizer {
     /// The step count and state of parameter `name`, if it has taken a step.
     pub fn state_of(&self, name: &str) -> Option<(i64, &[Tensor])> {
         self.groups.iter().flat_map(|g| &g.slots).find(|s| s.name == name).and_then(|s| s.states.as_deref().map(|st| (s.step, st)))
+    }
+}
+
+/// A state tensor to keep until the next step: a copy where it may view the gradient (zeroed
+/// before the next backward) or the parameter (overwritten by this step), as Adan's and
+/// DiffGrad's previous gradient would.
+fn kept(t: Tensor, prog: &Program, node: u32) -> Tensor {
+    if crate::lower::may_alias_leaf(prog, node) {
+        t.copy()
+    } else {
+        t
     }
 }

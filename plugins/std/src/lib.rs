@@ -47,6 +47,7 @@ std_specs!(
     "diffgrad.nf",
     "spectral_norm.nf",
     "batch_channel_norm.nf",
+    "muon.nf",
 );
 
 /// Call once from a program that uses the standard library so the linker keeps this crate

@@ -1,0 +1,47 @@
+//! Values that are one number for the whole run of a program (hyper-parameters, the step, shape
+//! queries where a backend knows them, and arithmetic on those): backends compute them on the
+//! host in f64, once, instead of per element, and may pick a `select`'s branch before running it.
+
+use crate::ir::{Op, Program};
+
+/// Per node, whether it is uniform. `leaf` says which other ops count as uniform (shape
+/// queries, for a backend that runs one tensor at a time).
+pub fn flags(p: &Program, leaf: impl Fn(&Op) -> bool) -> Vec<bool> {
+    let mut flags = vec![false; p.nodes.len()];
+    for (i, node) in p.nodes.iter().enumerate() {
+        flags[i] = match &node.op {
+            Op::Const(_) | Op::HParam(_) | Op::Step => true,
+            Op::Unary(..) | Op::Binary(..) | Op::Select(..) | Op::Expand(_) => node.op.args().iter().all(|a| flags[*a as usize]),
+            op => leaf(op),
+        };
+    }
+    flags
+}
+
+/// The value of every uniform node (0 elsewhere); `query` answers the leaves `flags` admitted.
+pub fn values(p: &Program, flags: &[bool], hparams: &[f64], step: f64, query: impl Fn(&Op) -> f64) -> Vec<f64> {
+    let mut val = vec![0f64; p.nodes.len()];
+    for (i, n) in p.nodes.iter().enumerate() {
+        if !flags[i] {
+            continue;
+        }
+        let v = |id: &u32| val[*id as usize];
+        val[i] = match &n.op {
+            Op::Const(c) => *c,
+            Op::HParam(h) => hparams[*h as usize],
+            Op::Step => step,
+            Op::Unary(u, a) => u.apply(v(a)),
+            Op::Binary(b, x, y) => b.apply(v(x), v(y)),
+            Op::Select(c, x, y) => {
+                if v(c) != 0.0 {
+                    v(x)
+                } else {
+                    v(y)
+                }
+            }
+            Op::Expand(a) => v(a),
+            op => query(op),
+        };
+    }
+    val
+}

@@ -1,0 +1,6 @@
+optimizer none() {
+    repeat 0 {
+        g = 2 * g
+    }
+    p = p - g
+}

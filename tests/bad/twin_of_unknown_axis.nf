@@ -1,0 +1,3 @@
+optimizer gram(p[o, i] with j = q) {
+    p = p - g
+}
