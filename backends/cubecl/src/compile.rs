@@ -7,7 +7,7 @@
 use crate::kernel::{BOp, KOp, KProgram, ROp, UOp};
 use crate::Error;
 use normforge_dsl::{bind, uniform};
-use normforge_dsl::ir::{Binary, Entry, Extent, Op, Program, ReduceOp, Target, Unary};
+use normforge_dsl::ir::{Binary, Entry, Op, Program, ReduceOp, Target, Unary};
 use std::collections::HashMap;
 
 /// The nodes whose value is the same for every element (functions of hyper-parameters, the step
@@ -92,11 +92,9 @@ impl Compiled {
 /// Compile an update rule's program (a step or the state initialiser).
 pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
     let unsupported = |what: &str| Error(format!("`{}`: {what} is not supported by the CubeCL backend yet", entry.name));
-    if entry.axes.iter().any(|a| a.twin.is_some()) {
-        return Err(unsupported(crate::plan::MATRIX_PRODUCT));
-    }
     let n = p.nodes.len();
-    let full = |i: u32| p.nodes[i as usize].shape.0.iter().all(|e| *e == Extent::Full);
+    let input = entry.input_shape();
+    let full = |i: u32| p.nodes[i as usize].shape == input;
     let mut uniforms = Uniforms::new(p, |_| false);
     let uniform = uniforms.flags.clone();
     let mut level = vec![0usize; n];
@@ -121,7 +119,7 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
                     return Err(unsupported("a per-axis reduction"));
                 }
             }
-            Op::Size(s) if !s.0.iter().all(|e| *e == Extent::Full) => {
+            Op::Size(s) if *s != input => {
                 slot[i] = slots;
                 slots += 1;
                 host.push((i as u32, slot[i]));

@@ -32,6 +32,10 @@ pub struct Plan {
     pub kernels: Vec<LProgram>,
     /// The shape table.
     pub shapes: Vec<Shape>,
+    /// Per shape-table entry, the axis order loads read it in: `perms[k][a]` is the kernel's
+    /// axis that the tensor's axis `a` follows (the identity but where `swap` reads a tensor
+    /// transposed).
+    pub perms: Vec<Vec<usize>>,
     /// The tensor table: where each comes from, its shape's index, and whether it lives in the
     /// storage-typed `io` arena (input, output and their gradients) or the f32 `work` one.
     pub tensors: Vec<(Source, usize, bool)>,
@@ -43,13 +47,19 @@ pub struct Plan {
 
 struct Tables {
     shapes: Vec<Shape>,
+    perms: Vec<Vec<usize>>,
     tensors: Vec<(Source, usize, bool)>,
 }
 
 impl Tables {
     fn shape(&mut self, s: &Shape) -> usize {
-        self.shapes.iter().position(|x| x == s).unwrap_or_else(|| {
+        self.view(s, &(0..s.0.len()).collect::<Vec<_>>())
+    }
+    /// A shape read in the axis order `perm` (see [`Plan::perms`]).
+    fn view(&mut self, s: &Shape, perm: &[usize]) -> usize {
+        (0..self.shapes.len()).find(|&k| self.shapes[k] == *s && self.perms[k] == perm).unwrap_or_else(|| {
             self.shapes.push(s.clone());
+            self.perms.push(perm.to_vec());
             self.shapes.len() - 1
         })
     }
@@ -60,76 +70,97 @@ impl Tables {
             self.tensors.len() - 1
         })
     }
-    fn load(&mut self, src: Source, s: &Shape) -> LOp {
+    fn load(&mut self, src: Source, s: &Shape, perm: &[usize]) -> LOp {
         let io = matches!(src, Source::Input | Source::GradOutput);
         let t = self.tensor(src, s, io);
-        LOp::Load(t, self.shape(s), self.tensors[t].2)
+        LOp::Load(t, self.view(s, perm), self.tensors[t].2)
     }
 }
 
-/// What the CubeCL backend refuses in entries that declare axes with `with`.
-pub(crate) const MATRIX_PRODUCT: &str = "a matrix product (an axis declared with `with`)";
-
 pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
     let unsupported = |what: &str| Error(format!("`{}`: {what} is not supported in a layer by the CubeCL backend", entry.name));
-    if entry.axes.iter().any(|a| a.twin.is_some()) {
-        return Err(unsupported(MATRIX_PRODUCT));
-    }
     let mut uniforms = Uniforms::new(p, |op| matches!(op, Op::Size(_) | Op::Rank(_)));
     // (`Step` is uniform too: `Uniforms` knows it.)
     let n = p.nodes.len();
     let materialized: Vec<bool> = (0..n).map(|i| !uniforms.flags[i] && matches!(p.nodes[i].op, Op::Reduce(..))).collect();
-    let mut t = Tables { shapes: Vec::new(), tensors: Vec::new() };
+    let mut t = Tables { shapes: Vec::new(), perms: Vec::new(), tensors: Vec::new() };
     let rank = entry.axes.len();
     let mut kernels = Vec::new();
 
-    // The ops computing `roots` from tensors and scalars; returns their registers.
+    // The ops computing `roots` from tensors and scalars; returns their registers. A node is
+    // computed once per axis order it is needed in: under `swap(a, o, j)`, `a`'s loads read
+    // their tensors with `o` and `j` exchanged (a view, no copy).
+    let identity: Vec<usize> = (0..rank).collect();
     let build = |roots: &[u32], t: &mut Tables, uniforms: &mut Uniforms| -> Result<(Vec<LOp>, Vec<usize>), Error> {
-        let mut needed = vec![false; n];
+        let leaf = |i: usize, uniforms: &Uniforms| uniforms.flags[i] || materialized[i];
+        // Uniform values are one number in every order.
+        let order = |a: u32, perm: &[usize], uniforms: &Uniforms| if uniforms.flags[a as usize] { identity.clone() } else { perm.to_vec() };
+        let mut needed: Vec<Vec<Vec<usize>>> = vec![Vec::new(); n];
+        let need = |needed: &mut Vec<Vec<Vec<usize>>>, a: u32, perm: Vec<usize>| {
+            if !needed[a as usize].contains(&perm) {
+                needed[a as usize].push(perm);
+            }
+        };
         for &r in roots {
-            needed[r as usize] = true;
+            need(&mut needed, r, order(r, &identity, uniforms));
         }
         for i in (0..n).rev() {
-            if needed[i] && !uniforms.flags[i] && !materialized[i] {
-                for a in p.nodes[i].op.args() {
-                    needed[a as usize] = true;
+            if leaf(i, uniforms) {
+                continue;
+            }
+            for perm in needed[i].clone() {
+                match p.nodes[i].op {
+                    Op::Swap(a, x, y) => {
+                        let mut q = perm.clone();
+                        q.swap(x as usize, y as usize);
+                        need(&mut needed, a, order(a, &q, uniforms));
+                    }
+                    ref op => op.args().into_iter().for_each(|a| need(&mut needed, a, order(a, &perm, uniforms))),
                 }
             }
         }
         let mut ops = Vec::new();
-        let mut reg = vec![usize::MAX; n];
+        let mut reg: std::collections::HashMap<(u32, Vec<usize>), usize> = Default::default();
         for (i, node) in p.nodes.iter().enumerate() {
-            if !needed[i] {
-                continue;
-            }
-            let load = |src: Source, t: &mut Tables| t.load(src, &node.shape);
-            let op = if uniforms.flags[i] {
-                LOp::Scalar(uniforms.export(i as u32))
-            } else if materialized[i] {
-                load(Source::Node(i as u32), t)
-            } else {
-                match &node.op {
-                    Op::Input => load(Source::Input, t),
-                    Op::GradOutput => load(Source::GradOutput, t),
-                    Op::Param(k) => load(Source::Param(*k), t),
-                    Op::Buffer(k) => load(Source::Buffer(*k), t),
-                    Op::Grad => load(Source::Grad, t),
-                    Op::State(k) => load(Source::State(*k), t),
-                    Op::Expand(a) => {
-                        // Broadcasting is free: a load reads where the element falls.
-                        reg[i] = reg[*a as usize];
-                        continue;
+            for perm in &needed[i] {
+                let at = |a: &u32, q: &[usize]| reg[&(*a, order(*a, q, uniforms))];
+                let load = |src: Source, t: &mut Tables| t.load(src, &node.shape, perm);
+                let op = if uniforms.flags[i] {
+                    LOp::Scalar(uniforms.export(i as u32))
+                } else if materialized[i] {
+                    load(Source::Node(i as u32), t)
+                } else {
+                    match &node.op {
+                        Op::Input => load(Source::Input, t),
+                        Op::GradOutput => load(Source::GradOutput, t),
+                        Op::Param(k) => load(Source::Param(*k), t),
+                        Op::Buffer(k) => load(Source::Buffer(*k), t),
+                        Op::Grad => load(Source::Grad, t),
+                        Op::State(k) => load(Source::State(*k), t),
+                        Op::Expand(a) => {
+                            // Broadcasting is free: a load reads where the element falls.
+                            let r = at(a, perm);
+                            reg.insert((i as u32, perm.clone()), r);
+                            continue;
+                        }
+                        Op::Swap(a, x, y) => {
+                            let mut q = perm.clone();
+                            q.swap(*x as usize, *y as usize);
+                            let r = at(a, &q);
+                            reg.insert((i as u32, perm.clone()), r);
+                            continue;
+                        }
+                        Op::Unary(u, a) => LOp::Unary(unary(*u), at(a, perm)),
+                        Op::Binary(b, x, y) => LOp::Binary(binary(*b), at(x, perm), at(y, perm)),
+                        Op::Select(c, x, y) => LOp::Select(at(c, perm), at(x, perm), at(y, perm)),
+                        other => return Err(unsupported(&format!("{other:?}"))),
                     }
-                    Op::Unary(u, a) => LOp::Unary(unary(*u), reg[*a as usize]),
-                    Op::Binary(b, x, y) => LOp::Binary(binary(*b), reg[*x as usize], reg[*y as usize]),
-                    Op::Select(c, x, y) => LOp::Select(reg[*c as usize], reg[*x as usize], reg[*y as usize]),
-                    other => return Err(unsupported(&format!("{other:?}"))),
-                }
-            };
-            ops.push(op);
-            reg[i] = ops.len() - 1;
+                };
+                ops.push(op);
+                reg.insert((i as u32, perm.clone()), ops.len() - 1);
+            }
         }
-        Ok((ops, roots.iter().map(|&r| reg[r as usize]).collect()))
+        Ok((ops, roots.iter().map(|r| reg[&(*r, order(*r, &identity, uniforms))]).collect()))
     };
 
     for (i, node) in p.nodes.iter().enumerate() {
@@ -177,11 +208,11 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         let phase = LPhase { domain: target, ops, reduce: None, stores };
         kernels.push(LProgram { rank, shapes: 0, target, phases: vec![phase], cooperative: false });
     }
-    let mut kernels = fuse(kernels, &t.shapes);
+    let mut kernels = fuse(kernels, &t.shapes, &t.tensors);
     for k in &mut kernels {
         k.shapes = t.shapes.len();
     }
-    Ok(Plan { kernels, shapes: t.shapes, tensors: t.tensors, outputs, program: p.clone(), uniforms })
+    Ok(Plan { kernels, shapes: t.shapes, perms: t.perms, tensors: t.tensors, outputs, program: p.clone(), uniforms })
 }
 
 /// Whether a tensor of shape `fine` splits into the elements of shape `coarse` (per axis:
@@ -199,7 +230,7 @@ fn refines(fine: &Shape, coarse: &Shape) -> bool {
 /// once everything it reads is computed by then; loads of reductions computed in the kernel
 /// it joins become register reads. Among several, it joins the one it reads most from (then
 /// the last), so a layer norm's output joins its row statistics, not its column sums.
-fn fuse(kernels: Vec<LProgram>, shapes: &[Shape]) -> Vec<LProgram> {
+fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, bool)]) -> Vec<LProgram> {
     let mut out: Vec<LProgram> = Vec::new();
     // Per fused kernel, the tensors its reductions write, in phase order.
     let mut made: Vec<Vec<usize>> = Vec::new();
@@ -208,8 +239,14 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape]) -> Vec<LProgram> {
         for mut phase in k.phases {
             let reads: Vec<usize> = phase.ops.iter().filter_map(|op| if let LOp::Load(t, ..) = op { Some(*t) } else { None }).collect();
             let from = |g: usize| reads.iter().filter(|t| made[g].contains(t)).count();
-            // It may not run before a kernel that computes what it reads.
-            let after = reads.iter().filter_map(|t| made.iter().position(|m| m.contains(t))).max().unwrap_or(0);
+            // It may not run before a kernel that computes what it reads, nor inside one whose
+            // results it reads transposed: those are other cubes' values.
+            let transposed = |t: usize| phase.ops.iter().any(|op| matches!(*op, LOp::Load(u, s, _) if u == t && s != tensors[t].1));
+            let after = reads
+                .iter()
+                .filter_map(|&t| made.iter().position(|m| m.contains(&t)).map(|g| g + usize::from(transposed(t))))
+                .max()
+                .unwrap_or(0);
             let fits = |g: &LProgram| match phase.reduce {
                 Some(_) => g.target == target,
                 None => refines(&shapes[phase.domain], &shapes[g.target]),
@@ -224,8 +261,9 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape]) -> Vec<LProgram> {
                 }
             };
             for op in &mut phase.ops {
-                if let LOp::Load(t, ..) = *op {
-                    if let Some(i) = made[g].iter().position(|&m| m == t) {
+                // A transposed read (`swap`) is another element's value: it stays a load.
+                if let LOp::Load(t, s, _) = *op {
+                    if let Some(i) = made[g].iter().position(|&m| m == t && s == tensors[t].1) {
                         *op = LOp::Result(i);
                     }
                 }
@@ -286,7 +324,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperat
     let mut meta: Vec<u32> = Vec::new();
     let mut sizes = Vec::new();
     let too_big = || Error("a tensor of this layer call exceeds 2^32 values".into());
-    for s in &plan.shapes {
+    for (s, perm) in plan.shapes.iter().zip(&plan.perms) {
         let outer = bind::extents(s, b, hparams).map_err(Error)?;
         let inner: Vec<usize> = outer.iter().zip(&b.extents).map(|(&o, &e)| if o == 0 { 0 } else { e / o }).collect();
         let mut stride = vec![0usize; rank];
@@ -296,8 +334,15 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperat
             acc *= outer[a];
         }
         sizes.push(acc);
-        for v in outer.iter().chain(&inner).chain(&stride) {
-            meta.push(u32::try_from(*v).map_err(|_| too_big())?);
+        // Read in `perm`'s order: the kernel's axis `perm[a]` walks the tensor's axis `a`.
+        let mut from = vec![0usize; rank];
+        for (a, &k) in perm.iter().enumerate() {
+            from[k] = a;
+        }
+        for table in [&outer, &inner, &stride] {
+            for &a in &from {
+                meta.push(u32::try_from(table[a]).map_err(|_| too_big())?);
+            }
         }
     }
     let (mut io_len, mut work_len) = (0usize, 0usize);

@@ -71,11 +71,36 @@ fn rules_match_the_reference_over_fifty_tensors() {
     }
 }
 
+/// Muon's Gram matrices read the iterate transposed (`swap`): per tensor, tall, wide and square,
+/// and tall and wide among themselves in one step.
 #[test]
-fn matrix_rules_are_refused_with_the_reason() {
+fn muon_matches_the_reference_on_matrices() {
     let device = cpu_device().expect("lavapipe (mesa-vulkan-drivers) is installed by scripts/test.sh");
-    let err = CubeOptimizer::new(registry().get("muon").unwrap().entry, &[], &device).err().expect("muon is refused");
-    assert!(err.to_string().contains("matrix product"), "{err}");
+    let entry = registry().get("muon").unwrap().entry;
+    let h = [("lr".to_string(), 0.02), ("nesterov".to_string(), 1.0)];
+    let mut ours = CubeOptimizer::new(entry.clone(), &h, &device).unwrap();
+    assert!(!ours.fused(), "matrix products run tensor by tensor");
+    let mut oracle = Optimizer::new(entry.clone(), &h).unwrap();
+    let shapes: Vec<Vec<usize>> = vec![vec![9, 4], vec![4, 9], vec![7, 7], vec![1, 5], vec![33, 70]];
+    let sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
+    let mut p32: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| values(i as u64 + 7, n).iter().map(|&x| x as f32).collect()).collect();
+    let mut p64: Vec<Tensor> = p32.iter().zip(&shapes).map(|(v, s)| Tensor::new(s.clone(), v.iter().map(|&x| x as f64).collect()).unwrap()).collect();
+    for step in 0..4u64 {
+        let g32: Vec<Vec<f32>> =
+            sizes.iter().enumerate().map(|(i, &n)| values(500 * (step + 1) + i as u64, n).iter().map(|&x| x as f32).collect()).collect();
+        let gt: Vec<Tensor> = g32.iter().zip(&shapes).map(|(v, s)| Tensor::new(s.clone(), v.iter().map(|&x| x as f64).collect()).unwrap()).collect();
+        ours.step_shaped(&mut p32, &g32, shapes.clone()).unwrap();
+        oracle.step(&mut p64, &gt).unwrap();
+        for (k, (a, b)) in p32.iter().zip(&p64).enumerate() {
+            let e = rel(a, &b.data);
+            assert!(e < 1e-5, "muon: tensor {k} {:?} after step {}: relative error {e:e}", shapes[k], step + 1);
+        }
+    }
+    // A vector is not a matrix: refused, nothing moved.
+    let mut vector = vec![vec![0.5f32; 9]];
+    let err = ours.step_shaped(&mut vector, &[vec![0.1; 9]], vec![vec![9]]).unwrap_err();
+    assert!(err.to_string().contains("[o, i]"), "{err}");
+    assert_eq!(vector, [vec![0.5f32; 9]]);
 }
 
 #[test]

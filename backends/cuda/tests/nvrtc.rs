@@ -37,9 +37,6 @@ fn every_std_kernel_compiles_for_hopper() {
     let (mut modules, mut slowest) = (0, std::time::Duration::ZERO);
     for r in reg.list(None) {
         let e = &r.entry;
-        if e.axes.iter().any(|a| a.twin.is_some()) {
-            continue; // matrix rules: not on the CubeCL backend (tests/kernels.rs checks the refusal)
-        }
         let passes: &[&str] =
             if e.kind == Kind::Optimizer { &["step", "init"] } else { &["forward", "backward", "forward-eval", "backward-eval"] };
         for &pass in passes {
