@@ -41,10 +41,13 @@ impl Dtype {
         })
     }
 
-    /// Refuse a type the device cannot keep in buffers (lavapipe has no bf16).
-    pub fn check(self, client: &cubecl::client::Client) -> Result<(), Error> {
-        if client.properties().supports_type(self.elem()) {
-            Ok(())
+    /// How this type is kept on the device; an error where it cannot be.
+    pub fn held_on(self, client: &cubecl::client::Client) -> Result<Held, Error> {
+        let props = client.properties();
+        if props.supports_type(self.elem()) {
+            Ok(Held::Native(self))
+        } else if self == Dtype::BF16 && props.supports_type(Dtype::F32.elem()) {
+            Ok(Held::Bf16InF32)
         } else {
             Err(Error(format!("this device cannot store {self:?} (it has no such buffers)")))
         }
@@ -75,6 +78,54 @@ impl Dtype {
                 Dtype::F16 => f16::from_f32(*x).to_f32(),
                 Dtype::BF16 => bf16::from_f32(*x).to_f32(),
             }
+        }
+    }
+}
+
+/// How a storage type is kept on one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// In buffers of its own type.
+    Native(Dtype),
+    /// bf16 where the device has no bf16 buffers (lavapipe: WGSL has no bf16 type): f32 words
+    /// holding bf16 values. The host uploads bf16 values and the kernels round every value they
+    /// store to bf16 (to nearest, ties to even), so every number is the one bf16 storage would
+    /// hold; only the memory is twice.
+    Bf16InF32,
+}
+
+impl Held {
+    /// Bytes per value on the device.
+    pub fn size(self) -> usize {
+        match self {
+            Held::Native(d) => d.size(),
+            Held::Bf16InF32 => 4,
+        }
+    }
+
+    /// The kernel's storage type, and whether its stores round to bf16.
+    pub fn kernel_type(self) -> (Dtype, bool) {
+        match self {
+            Held::Native(d) => (d, false),
+            Held::Bf16InF32 => (Dtype::F32, true),
+        }
+    }
+
+    pub fn encode(self, v: &[f32]) -> Vec<u8> {
+        match self {
+            Held::Native(d) => d.encode(v),
+            Held::Bf16InF32 => {
+                let mut r = v.to_vec();
+                Dtype::BF16.round(&mut r);
+                Dtype::F32.encode(&r)
+            }
+        }
+    }
+
+    pub fn decode(self, b: &[u8]) -> Vec<f32> {
+        match self {
+            Held::Native(d) => d.decode(b),
+            Held::Bf16InF32 => Dtype::F32.decode(b),
         }
     }
 }

@@ -99,6 +99,7 @@ fn step_source<S: Float>(props: &Arc<DeviceProperties>, phase: &KProgram, lang: 
         b(),
         b(),
         phase.clone(),
+        false,
     );
     source_of(&kernel, lang)
 }
@@ -115,6 +116,7 @@ fn layer_source<F: Float>(props: &Arc<DeviceProperties>, prog: &LProgram, lang: 
         b(),
         b(),
         prog.clone(),
+        false,
     );
     source_of(&kernel, lang)
 }

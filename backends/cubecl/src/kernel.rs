@@ -185,6 +185,7 @@ pub fn step_kernel<S: Float>(
     partial: &mut [f32],
     red: &[f32],
     #[comptime] prog: KProgram,
+    #[comptime] round_bf16: bool,
 ) {
     let n = p.len();
     let b = CUBE_POS;
@@ -228,7 +229,7 @@ pub fn step_kernel<S: Float>(
                 r.push(r[a]);
             }
             KOp::StoreState(j, a) => {
-                s[j * n + i] = S::cast_from(r[a]);
+                s[j * n + i] = S::cast_from(stored(r[a], round_bf16));
                 r.push(r[a]);
             }
         }
@@ -387,7 +388,14 @@ impl LProgram {
 /// the axis length), the axis elements per value (`inner`), and the row-major stride; then
 /// each tensor's offset in its arena.
 #[cube(launch_unchecked, create_dummy_kernel)]
-pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scalars: &[f32], #[comptime] prog: LProgram) {
+pub fn layer_kernel<F: Float>(
+    io: &mut [F],
+    work: &mut [f32],
+    meta: &[u32],
+    scalars: &[f32],
+    #[comptime] prog: LProgram,
+    #[comptime] round_bf16: bool,
+) {
     let rank = comptime! { prog.rank };
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let tgt = comptime! { 3 * prog.rank * prog.target };
@@ -500,7 +508,7 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
                         off += idx[q] / meta[dom + rank + a] as usize * meta[dom + 2 * rank + a] as usize;
                     }
                     if comptime! { in_io } {
-                        io[off] = F::cast_from(r[v]);
+                        io[off] = F::cast_from(stored(r[v], round_bf16));
                     } else {
                         work[off] = r[v];
                     }
@@ -538,5 +546,18 @@ pub fn layer_kernel<F: Float>(io: &mut [F], work: &mut [f32], meta: &[u32], scal
             }
             res.push(acc);
         }
+    }
+}
+
+/// A value as storage keeps it: itself, or (bf16 held in f32 words, see `dtype::Held`) rounded
+/// to the nearest bf16, ties to even, as a conversion to bf16 would. NaN stays NaN.
+#[cube]
+fn stored(v: f32, #[comptime] round_bf16: bool) -> f32 {
+    if comptime! { round_bf16 } {
+        let bits = u32::reinterpret(v);
+        let rounded = f32::reinterpret((bits + 0x7FFFu32 + ((bits >> 16u32) & 1u32)) & 0xFFFF_0000u32);
+        select(v != v, v, rounded)
+    } else {
+        v
     }
 }

@@ -55,7 +55,7 @@ impl CubeLayer {
     /// and statistics stay f32, and so does all arithmetic). Values cross the API as f32,
     /// rounded to `dtype` on the way in.
     pub fn with_storage(mut self, dtype: Dtype) -> Result<Self, Error> {
-        dtype.check(&self.client)?;
+        dtype.held_on(&self.client)?;
         self.storage = dtype;
         Ok(self)
     }

@@ -7,9 +7,10 @@
 //! ones) and the outputs computed from them; extents are run-time data, so one compiled
 //! kernel serves every input shape.
 //!
-//! Checked on lavapipe against the reference backend: every std layer (forward, backward, f32
-//! and f16 storage) and every update rule (those with per-axis reductions, AdamP's
-//! per-channel projection, tensor by tensor). Not yet: bf16 on lavapipe — see ARCHITECTURE.md.
+//! Checked on lavapipe against the reference backend: every std layer (forward, backward, f32,
+//! f16 and bf16 storage — bf16 held in f32 words there, as WGSL has no bf16: `Held`) and every
+//! update rule (those with per-axis reductions or matrix products, AdamP's per-channel
+//! projection or Muon's Gram matrices, tensor by tensor).
 
 mod compile;
 mod dtype;
@@ -21,7 +22,7 @@ mod plan;
 mod unfused;
 
 pub use compile::{compile, Compiled};
-pub use dtype::Dtype;
+pub use dtype::{Dtype, Held};
 pub use normforge_dsl::Error;
 pub use layer::{CubeLayer, Gradients};
 pub use optimizer::{CubeOptimizer, Flat};

@@ -5,7 +5,7 @@
 use crate::compile::{compile, Compiled};
 use crate::kernel::{combine_kernel, padded_layout, step_kernel, KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
 use crate::plan::{plan, run, Plan, Source, COOPERATIVE_MIN};
-use crate::{unfused, Dtype, Error};
+use crate::{unfused, Dtype, Error, Held};
 use normforge_dsl::bind;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
@@ -69,6 +69,8 @@ pub struct CubeOptimizer {
     state: Option<State>,
     /// What the state is stored in on the device.
     state_dtype: Dtype,
+    /// How the device keeps it.
+    state_held: Held,
     step: u64,
 }
 
@@ -88,7 +90,7 @@ impl CubeOptimizer {
             },
         };
         let kernels = step_prog.phases.clone();
-        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), state: None, state_dtype: Dtype::F32, step: 0 })
+        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), state: None, state_dtype: Dtype::F32, state_held: Held::Native(Dtype::F32), step: 0 })
     }
 
     /// The same rule launched one kernel per operation, intermediates through memory: the
@@ -114,7 +116,7 @@ impl CubeOptimizer {
     /// Keep the state (moments, momentum buffers…) in `dtype`; it is computed in f32 and rounded
     /// where it is stored. Set it before the first step.
     pub fn with_state_dtype(mut self, dtype: Dtype) -> Result<Self, Error> {
-        dtype.check(&self.client)?;
+        self.state_held = dtype.held_on(&self.client)?;
         if self.state.is_some() || self.per_tensor.as_ref().is_some_and(|p| !p.states.is_empty()) {
             return Err(Error("the state dtype is chosen before the first step".into()));
         }
@@ -203,7 +205,7 @@ impl CubeOptimizer {
                 }
                 let r = self.step_prog.slots().max(1);
                 let zeros = |k: usize| self.client.create_from_slice(f32::as_bytes(&vec![0f32; k]));
-                let s = self.client.create_from_slice(&self.state_dtype.encode(&vec![0f32; slots * flat.len()]));
+                let s = self.client.create_from_slice(&self.state_held.encode(&vec![0f32; slots * flat.len()]));
                 let partial = zeros(flat.cubes.max(1) * r);
                 self.state = Some(State { sizes: flat.sizes.clone(), s, partial });
                 Ok(true)
@@ -231,10 +233,11 @@ impl CubeOptimizer {
                 BufferArg::from_raw_parts(red.clone(), nre),
             );
             let c = &self.client;
-            match self.state_dtype {
-                Dtype::F32 => step_kernel::launch_unchecked::<f32>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone()),
-                Dtype::F16 => step_kernel::launch_unchecked::<half::f16>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone()),
-                Dtype::BF16 => step_kernel::launch_unchecked::<half::bf16>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone()),
+            let (ty, round) = self.state_held.kernel_type();
+            match ty {
+                Dtype::F32 => step_kernel::launch_unchecked::<f32>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone(), round),
+                Dtype::F16 => step_kernel::launch_unchecked::<half::f16>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone(), round),
+                Dtype::BF16 => step_kernel::launch_unchecked::<half::bf16>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone(), round),
             }
             if !kernel.accums.is_empty() {
                 let [npa, nra, nre] = sizes.combine();

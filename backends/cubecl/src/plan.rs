@@ -390,7 +390,7 @@ pub(crate) fn run<'a>(
     cooperative_min: usize,
     data: &dyn Fn(Source) -> Option<&'a [f32]>,
 ) -> Result<Vec<(Target, Vec<f32>)>, Error> {
-    io.check(client)?;
+    let held = io.held_on(client)?;
     let lay = layout(plan, b, hparams, step, cooperative_min)?;
     // Two arenas: `io` in the storage type, `work` in f32.
     let (mut io_arena, mut work) = (vec![0f32; lay.io_len], vec![0f32; lay.work_len]);
@@ -412,11 +412,11 @@ pub(crate) fn run<'a>(
     }
     // A binding past the adapter's limit does not run: refuse it here.
     let limit = client.properties().memory.max_page_size;
-    if (io_arena.len() * io.size()).max(work.len() * 4) as u64 > limit {
+    if (io_arena.len() * held.size()).max(work.len() * 4) as u64 > limit {
         return Err(Error(format!("this call needs more than the adapter's largest buffer ({limit} bytes)")));
     }
     let (meta, scalars) = (&lay.meta, &lay.scalars);
-    let io_h = client.create_from_slice(&io.encode(&io_arena));
+    let io_h = client.create_from_slice(&held.encode(&io_arena));
     let work_h = client.create_from_slice(f32::as_bytes(&work));
     let meta_h = client.create_from_slice(u32::as_bytes(meta));
     let sc = client.create_from_slice(f32::as_bytes(scalars));
@@ -432,15 +432,16 @@ pub(crate) fn run<'a>(
                 BufferArg::from_raw_parts(meta_h.clone(), meta.len()),
                 BufferArg::from_raw_parts(sc.clone(), scalars.len()),
             );
-            match io {
-                Dtype::F32 => layer_kernel::launch_unchecked::<f32>(client, cc, cd, io_arg(), w, m, s, k.clone()),
-                Dtype::F16 => layer_kernel::launch_unchecked::<half::f16>(client, cc, cd, io_arg(), w, m, s, k.clone()),
-                Dtype::BF16 => layer_kernel::launch_unchecked::<half::bf16>(client, cc, cd, io_arg(), w, m, s, k.clone()),
+            let (ty, round) = held.kernel_type();
+            match ty {
+                Dtype::F32 => layer_kernel::launch_unchecked::<f32>(client, cc, cd, io_arg(), w, m, s, k.clone(), round),
+                Dtype::F16 => layer_kernel::launch_unchecked::<half::f16>(client, cc, cd, io_arg(), w, m, s, k.clone(), round),
+                Dtype::BF16 => layer_kernel::launch_unchecked::<half::bf16>(client, cc, cd, io_arg(), w, m, s, k.clone(), round),
             }
         }
     }
     let read = |h: cubecl::server::Handle| client.read_one(h).map_err(|e| Error(format!("reading back: {e:?}")));
-    let (io_out, work_out) = (io.decode(&read(io_h)?), f32::from_bytes(&read(work_h)?).to_vec());
+    let (io_out, work_out) = (held.decode(&read(io_h)?), f32::from_bytes(&read(work_h)?).to_vec());
     Ok(plan
         .outputs
         .iter()
