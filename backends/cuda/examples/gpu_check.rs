@@ -1,6 +1,7 @@
 //! The GPU check, in one run on a CUDA machine (scripts/gpu-check.sh builds nothing there: it
 //! runs this binary, built on a CPU machine, then ../shared/tools/gpu_peers.py):
-//! 1. correctness: every fused std rule on CUDA tensors against the reference backend, 10 steps;
+//! 1. correctness: every std rule on CUDA tensors (fused, or tensor by tensor) against the
+//!    reference backend, 10 steps (Muon on matrices);
 //!    every std layer through our CUDA kernels (forward, derived backward, as one autograd node)
 //!    against the same layer lowered to libtorch's own CUDA ops and differentiated by autograd;
 //! 2. speed: each rule's step over the parameter set of gpu_peers.py (212 fp32 tensors: 12 of
@@ -60,8 +61,12 @@ fn main() {
     let rules: Vec<_> = reg.list(None).into_iter().filter(|r| r.entry.kind == normforge_dsl::ir::Kind::Optimizer).collect();
 
     let mut failed = 0;
+    let vectors: Vec<Vec<usize>> = [1, 7, 256, 1000, 4097, 192].iter().map(|&n| vec![n]).collect();
+    // Matrix rules (Muon) take matrices: tall, wide, square, and long rows.
+    let matrices: Vec<Vec<usize>> = vec![vec![9, 4], vec![4, 9], vec![7, 7], vec![33, 70], vec![64, 300]];
     for r in &rules {
-        match guarded(|| check::against_reference(&gpu, &r.entry, &[1, 7, 256, 1000, 4097, 192], 10)) {
+        let shapes = if r.entry.axes.iter().any(|a| a.twin.is_some()) { &matrices } else { &vectors };
+        match guarded(|| check::against_reference(&gpu, &r.entry, shapes, 10)) {
             Ok(err) if err < 1e-5 => emit(format!(r#"{{"check":"{}","rel_err":{err:e},"ok":true}}"#, r.name)),
             Ok(err) => {
                 failed += 1;
@@ -101,7 +106,8 @@ fn main() {
     shapes.extend(vec![vec![4096]; 196]);
     // Bytes each rule must move per element at the least: every parameter, gradient and
     // state read once, parameter and state written once.
-    for (name, bytes) in [("adamw", 28.0), ("lion", 20.0), ("lamb", 28.0), ("adam", 28.0), ("sgd", 20.0)] {
+    // AdamP runs tensor by tensor on this path (not fused across tensors yet): timed all the same.
+    for (name, bytes) in [("adamw", 28.0), ("lion", 20.0), ("lamb", 28.0), ("adamp", 28.0), ("adam", 28.0), ("sgd", 20.0)] {
         let Some(r) = rules.iter().find(|r| r.name == name) else { continue };
         let line = guarded(|| -> Result<String, String> {
             let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(s.as_slice(), (Kind::Float, dev)).set_requires_grad(true)).collect();
@@ -118,10 +124,11 @@ fn main() {
             let ms = time_ms(50, || opt.step(&arena).expect("step"));
             let gbps = bytes * n as f64 / ms / 1e6;
             Ok(format!(
-                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{}}}"#,
+                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{},"fused":{}}}"#,
                 vars.len(),
                 gbps / copy_gbps,
-                opt.launches_per_step()
+                opt.launches_per_step(),
+                opt.fused()
             ))
         });
         emit(line.unwrap_or_else(|e| format!(r#"{{"op":"{name}_step","error":{e:?}}}"#)));

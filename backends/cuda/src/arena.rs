@@ -73,6 +73,12 @@ impl Arena {
         Ok(Arena { p, g, blocks: bits(&blocks), ranges: bits(&ranges), sizes, shapes, cubes, device })
     }
 
+    /// Tensor `k`'s elements in `flat` (`p` or `g`), flat: a view.
+    pub fn tensor(&self, flat: &Tensor, k: usize) -> Tensor {
+        let first: usize = self.sizes[..k].iter().map(|n| n.div_ceil(BLOCK) * BLOCK).sum();
+        flat.narrow(0, first as i64, self.sizes[k] as i64)
+    }
+
     /// Elements in the padded layout.
     pub fn len(&self) -> usize {
         self.cubes * BLOCK

@@ -1,5 +1,5 @@
-//! Correctness on a GPU, shared by the tests and the GPU check binary: a fused rule on CUDA
-//! tensors against the reference backend (f64) over several steps.
+//! Correctness on a GPU, shared by the tests and the GPU check binary: a rule on CUDA tensors
+//! (fused, or tensor by tensor) against the reference backend (f64) over several steps.
 
 use crate::{Arena, CudaOptimizer, Gpu};
 use normforge_cubecl::Dtype;
@@ -12,20 +12,23 @@ fn host(t: &Tensor) -> Result<Vec<f64>, String> {
     Ok(v.into_iter().map(f64::from).collect())
 }
 
-/// Run `steps` steps of `entry` on parameters of `sizes` with random gradients, on the GPU and
+/// Run `steps` steps of `entry` on parameters of `shapes` with random gradients, on the GPU and
 /// in the reference backend; the largest relative error over the tensors (max |diff| / max
 /// |reference|). `Err` for a rule the CUDA path refuses or a failed launch.
-pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, sizes: &[usize], steps: usize) -> Result<f64, String> {
+pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize) -> Result<f64, String> {
     let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Dtype::F32).map_err(|e| e.to_string())?;
     let mut oracle = normforge_reference::Optimizer::new(entry.clone(), &[]).map_err(|e| e.0)?;
     let dev = Device::Cuda(gpu.ordinal());
     tch::manual_seed(7);
-    let mut vars: Vec<Tensor> = sizes.iter().map(|&n| Tensor::randn([n as i64], (Kind::Float, dev)).set_requires_grad(true)).collect();
-    let as_ref = |t: &Tensor| -> Result<normforge_reference::Tensor, String> { normforge_reference::Tensor::new(vec![t.numel()], host(t)?).map_err(|e| e.0) };
+    let dims = |s: &[usize]| s.iter().map(|&d| d as i64).collect::<Vec<_>>();
+    let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
+    let as_ref = |t: &Tensor| -> Result<normforge_reference::Tensor, String> {
+        normforge_reference::Tensor::new(t.size().iter().map(|&d| d as usize).collect(), host(t)?).map_err(|e| e.0)
+    };
     let mut want = vars.iter().map(as_ref).collect::<Result<Vec<_>, _>>()?;
     let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
     for _ in 0..steps {
-        let grads: Vec<Tensor> = sizes.iter().map(|&n| Tensor::randn([n as i64], (Kind::Float, Device::Cpu))).collect();
+        let grads: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, Device::Cpu))).collect();
         tch::no_grad(|| {
             for (v, g) in vars.iter().zip(&grads) {
                 v.grad().copy_(g);

@@ -10,6 +10,7 @@ pub mod driver;
 pub mod layer;
 pub mod nvrtc;
 pub mod optimizer;
+pub mod plans;
 
 pub use arena::Arena;
 pub use driver::Gpu;

@@ -1,14 +1,18 @@
 //! An update rule on tch's CUDA tensors: the CubeCL step kernels (every tensor in one launch per
 //! phase, per-tensor reductions as partial reduce + combine), compiled by NVRTC, launched on the
 //! flat arena's device pointers on torch's current stream. Hyper-parameters and the step count
-//! travel in a small scalar buffer, so changing them never recompiles.
+//! travel in a small scalar buffer, so changing them never recompiles. Rules the step kernels
+//! cannot fuse (per-axis reductions: AdamP, SGDP; matrix products: Muon) run tensor by tensor
+//! through the layer kernels of their plans (`plans`), as on the CubeCL runtime.
 
 use crate::arena::Arena;
 use crate::driver::{self, Gpu, Kernel};
+use crate::plans::{kind_of, pick, PlanKernels};
 use normforge_cubecl::emit::{self, Lang};
 use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
-use normforge_cubecl::{compile, Compiled, Dtype};
-use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs};
+use normforge_cubecl::{compile, plan, Compiled, Dtype, Plan, Source};
+use normforge_dsl::bind;
+use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target};
 use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
@@ -47,15 +51,18 @@ pub struct CudaOptimizer {
     gpu: Arc<Gpu>,
     entry: Arc<Entry>,
     pub hparams: Vec<f64>,
-    step_prog: Compiled,
-    init_prog: Compiled,
-    steps: Vec<Phase>,
-    inits: Vec<Phase>,
+    path: Path,
     state_dtype: Dtype,
-    bound: Option<Bound>,
     step: u64,
     /// Compile (or cache) and load time of every kernel, at construction.
     pub prepared_in: Duration,
+}
+
+enum Path {
+    /// Every tensor in one launch per phase.
+    Fused { step_prog: Compiled, init_prog: Compiled, steps: Vec<Phase>, inits: Vec<Phase>, bound: Option<Bound> },
+    /// Tensor by tensor through the layer kernels; per tensor its state tensors.
+    PerTensor { step: Plan, init: Plan, kernels: PlanKernels, states: Vec<Vec<Tensor>> },
 }
 
 impl CudaOptimizer {
@@ -66,26 +73,31 @@ impl CudaOptimizer {
         }
         let hparams = normforge_dsl::hyper::resolve(&entry, overrides)?;
         let Programs::Optimizer { step } = &entry.programs else { unreachable!("checked above") };
-        let step_prog = compile(&entry, step).map_err(|e| {
-            Error::Rule(format!("`{}` is not fused on the CUDA path yet (per-axis reductions run tensor by tensor): {}", entry.name, e.0))
-        })?;
-        let init_prog = compile(&entry, &entry.init)?;
         let start = std::time::Instant::now();
-        let steps = phases(&gpu, &step_prog, state_dtype)?;
-        let inits = phases(&gpu, &init_prog, state_dtype)?;
-        Ok(CudaOptimizer {
-            gpu,
-            entry,
-            hparams,
-            step_prog,
-            init_prog,
-            steps,
-            inits,
-            state_dtype,
-            bound: None,
-            step: 0,
-            prepared_in: start.elapsed(),
-        })
+        let path = match compile(&entry, step) {
+            Ok(step_prog) => {
+                let init_prog = compile(&entry, &entry.init)?;
+                let steps = phases(&gpu, &step_prog, state_dtype)?;
+                let inits = phases(&gpu, &init_prog, state_dtype)?;
+                Path::Fused { step_prog, init_prog, steps, inits, bound: None }
+            }
+            Err(fused) => {
+                let plans = plan(&entry, step).and_then(|s| Ok((s, plan(&entry, &entry.init)?)));
+                let (step, init) = plans.map_err(|e| Error::Rule(format!("`{}` cannot run on the CUDA path: {}; {}", entry.name, fused.0, e.0)))?;
+                let kernels = PlanKernels::new(gpu.clone());
+                for p in [&step, &init] {
+                    kernels.prepare(p, Dtype::F32).map_err(|e| Error::Rule(e.0))?;
+                }
+                Path::PerTensor { step, init, kernels, states: Vec::new() }
+            }
+        };
+        Ok(CudaOptimizer { gpu, entry, hparams, path, state_dtype, step: 0, prepared_in: start.elapsed() })
+    }
+
+    /// Whether every tensor goes through the same launches (false for rules that run tensor
+    /// by tensor).
+    pub fn fused(&self) -> bool {
+        matches!(self.path, Path::Fused { .. })
     }
 
     pub fn entry(&self) -> &Entry {
@@ -96,24 +108,19 @@ impl CudaOptimizer {
         Ok(normforge_dsl::hyper::set(&self.entry, &mut self.hparams, name, v)?)
     }
 
-    /// Kernel launches per step.
+    /// Kernel launches per step; per tensor for a rule that runs tensor by tensor.
     pub fn launches_per_step(&self) -> usize {
-        self.steps.iter().map(|p| 1 + p.combine.is_some() as usize).sum()
+        match &self.path {
+            Path::Fused { steps, .. } => steps.iter().map(|p| 1 + p.combine.is_some() as usize).sum(),
+            Path::PerTensor { step, .. } => step.kernels.len(),
+        }
     }
 
-    fn bind(&mut self, arena: &Arena) -> Result<(), Error> {
-        if arena.device != Device::Cuda(self.gpu.ordinal()) {
-            return Err(Error::Rule(format!("the parameters are on {:?}, this optimizer runs on cuda:{}", arena.device, self.gpu.ordinal())));
-        }
+    fn bind(&self, arena: &Arena, step_prog: &Compiled, init_prog: &Compiled, steps: &[Phase], inits: &[Phase]) -> Bound {
         let slots = self.entry.states.len().max(1);
         let n = arena.len();
-        let r = self.step_prog.slots().max(1).max(self.init_prog.slots().max(1));
-        let kind = match self.state_dtype {
-            Dtype::F32 => Kind::Float,
-            Dtype::F16 => Kind::Half,
-            Dtype::BF16 => Kind::BFloat16,
-        };
-        let state = Tensor::zeros([(slots * n) as i64], (kind, arena.device));
+        let r = step_prog.slots().max(1).max(init_prog.slots().max(1));
+        let state = Tensor::zeros([(slots * n) as i64], (kind_of(self.state_dtype), arena.device));
         let partial = Tensor::zeros([(arena.cubes.max(1) * r) as i64], (Kind::Float, arena.device));
         let infos = |prog: &Compiled, phases: &[Phase]| -> Vec<(Tensor, Option<Tensor>)> {
             phases
@@ -132,9 +139,8 @@ impl CudaOptimizer {
                 })
                 .collect()
         };
-        let (step_infos, init_infos) = (infos(&self.step_prog, &self.steps), infos(&self.init_prog, &self.inits));
-        self.bound = Some(Bound { state, partial, infos: step_infos, init_infos });
-        Ok(())
+        let (infos, init_infos) = (infos(step_prog, steps), infos(init_prog, inits));
+        Bound { state, partial, infos, init_infos }
     }
 
     /// One step over every tensor of `arena` (its gradients as backpropagation left them):
@@ -144,22 +150,83 @@ impl CudaOptimizer {
         if arena.is_empty() {
             return Ok(());
         }
-        let first = self.bound.is_none();
-        if first {
-            self.bind(arena)?;
+        if arena.device != Device::Cuda(self.gpu.ordinal()) {
+            return Err(Error::Rule(format!("the parameters are on {:?}, this optimizer runs on cuda:{}", arena.device, self.gpu.ordinal())));
         }
         let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal())
             .ok_or_else(|| Error::Rule("libtorch's CUDA support is not loaded (normforge_tch::load_cuda)".into()))?;
-        if first {
-            self.run(&self.init_prog, &self.inits, true, arena, stream)?;
+        if !self.fused() {
+            return self.step_per_tensor(arena);
         }
-        self.step += 1;
-        self.run(&self.step_prog, &self.steps, false, arena, stream)
+        let Path::Fused { step_prog, init_prog, steps, inits, bound } = &self.path else { unreachable!("fused") };
+        let first = bound.is_none();
+        if first {
+            let b = self.bind(arena, step_prog, init_prog, steps, inits);
+            if let Path::Fused { bound, .. } = &mut self.path {
+                *bound = Some(b);
+            }
+        }
+        let Path::Fused { step_prog, init_prog, steps, inits, bound: Some(b) } = &self.path else { unreachable!("bound above") };
+        if first {
+            self.run(b, init_prog, inits, true, arena, stream, 0.0)?;
+        }
+        let t = self.step + 1;
+        self.run(b, step_prog, steps, false, arena, stream, t as f64)?;
+        self.step = t;
+        Ok(())
     }
 
-    fn run(&self, prog: &Compiled, phases: &[Phase], init: bool, arena: &Arena, stream: *mut std::ffi::c_void) -> Result<(), Error> {
-        let b = self.bound.as_ref().expect("bound before a run");
-        let scalars = upload_f32(&prog.scalars(&self.hparams, self.step as f64), arena.device);
+    /// A rule that runs tensor by tensor: every binding is checked before anything runs; the
+    /// first step computes each tensor's initial state.
+    fn step_per_tensor(&mut self, arena: &Arena) -> Result<(), Error> {
+        let Programs::Optimizer { step: program } = &self.entry.programs else { unreachable!("an optimizer") };
+        let mut bindings = Vec::new();
+        for (k, s) in arena.shapes.iter().enumerate() {
+            let b = bind::bind_axes(&self.entry.axes, &bind::param_view(&self.entry, s), &format!("parameter {k}")).map_err(Error::Rule)?;
+            bind::check_program(program, &b, &self.hparams).map_err(Error::Rule)?;
+            bindings.push(b);
+        }
+        let (t, hparams, entry, state_kind) = (self.step as f64 + 1.0, &self.hparams, &self.entry, kind_of(self.state_dtype));
+        let Path::PerTensor { step, init, kernels, states } = &mut self.path else { unreachable!("per tensor") };
+        if !states.is_empty() && states.len() != bindings.len() {
+            return Err(Error::Rule(format!("the arena holds {} tensors, the state {}", bindings.len(), states.len())));
+        }
+        let rule = |e: normforge_tch::Error| Error::Rule(e.0);
+        if states.is_empty() {
+            for (k, b) in bindings.iter().enumerate() {
+                let p = arena.tensor(&arena.p, k);
+                let out = kernels.run(init, b, hparams, 0.0, Dtype::F32, &|src| (src == Source::Input).then_some(&p)).map_err(rule)?;
+                let st = (0..entry.states.len() as u32).map(|i| Ok(pick(&out, Target::State(i)).map_err(rule)?.to_kind(state_kind).copy()));
+                states.push(st.collect::<Result<_, Error>>()?);
+            }
+        }
+        for (k, b) in bindings.iter().enumerate() {
+            let (p, g, st) = (arena.tensor(&arena.p, k), arena.tensor(&arena.g, k), &states[k]);
+            let data = |src: Source| match src {
+                Source::Input => Some(&p),
+                Source::Grad => Some(&g),
+                Source::State(i) => st.get(i as usize),
+                _ => None,
+            };
+            let out = kernels.run(step, b, hparams, t, Dtype::F32, &data).map_err(rule)?;
+            // The stream runs these after the kernels that read p and the state.
+            tch::no_grad(|| -> Result<(), Error> {
+                p.shallow_clone().copy_(&pick(&out, Target::P).map_err(rule)?.reshape(p.size()));
+                for (i, s) in st.iter().enumerate() {
+                    if let Ok(v) = pick(&out, Target::State(i as u32)) {
+                        s.shallow_clone().copy_(&v.reshape(s.size()));
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        self.step += 1;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, b: &Bound, prog: &Compiled, phases: &[Phase], init: bool, arena: &Arena, stream: *mut std::ffi::c_void, t: f64) -> Result<(), Error> {
+        let scalars = upload_f32(&prog.scalars(&self.hparams, t), arena.device);
         let red = upload_f32(&prog.host_values(&self.entry, &self.hparams, &arena.shapes)?, arena.device);
         let ptr = |t: &Tensor| t.data_ptr() as u64;
         let infos = if init { &b.init_infos } else { &b.infos };

@@ -110,6 +110,9 @@ fn the_arena_makes_parameters_views_and_gradients_accumulate_in_place() {
     let mut arena = Arena::adopt(&mut vars).unwrap();
     assert_eq!(arena.sizes, vec![3, 300]);
     assert_eq!(arena.cubes, 1 + 2);
+    // Each tensor's own elements, as the per-tensor path reads them: views of the flat buffers.
+    assert_eq!(Vec::<f32>::try_from(arena.tensor(&arena.p, 1)).unwrap(), (0..300).map(|i| i as f32).collect::<Vec<_>>());
+    assert_eq!(arena.tensor(&arena.g, 0).data_ptr(), arena.g.data_ptr());
     // Values moved in: tensor 1 starts at the second cube.
     assert_eq!(f64::try_from(arena.p.get(1)).unwrap(), 2.0);
     assert_eq!(f64::try_from(arena.p.get(256 + 299)).unwrap(), 299.0);
@@ -139,10 +142,10 @@ fn the_arena_refuses_mixed_tensors_and_changes_nothing() {
     assert_eq!(a.data_ptr(), before, "the first parameter was not moved");
 }
 
-/// The GPU half: skipped, visibly, without a GPU; on one, a fused rule on CUDA tensors follows
-/// the reference backend for 10 steps (the GPU check script runs these with a GPU).
+/// The GPU half: skipped, visibly, without a GPU; on one, every rule on CUDA tensors (fused or
+/// tensor by tensor) follows the reference backend for 10 steps (the GPU check script runs these with a GPU).
 #[test]
-fn fused_rules_on_cuda_tensors_follow_the_reference_backend() {
+fn rules_on_cuda_tensors_follow_the_reference_backend() {
     let gpu = match Gpu::open(0, None) {
         Ok(g) if normforge_tch::load_cuda() => std::sync::Arc::new(g),
         Ok(_) => panic!("a CUDA device without libtorch CUDA support"),
@@ -153,14 +156,15 @@ fn fused_rules_on_cuda_tensors_follow_the_reference_backend() {
     };
     normforge_std::link();
     let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let vectors: Vec<Vec<usize>> = [1, 7, 256, 1000, 4097, 192].iter().map(|&n| vec![n]).collect();
+    let matrices: Vec<Vec<usize>> = vec![vec![9, 4], vec![4, 9], vec![7, 7], vec![33, 70]];
     for r in reg.list(None) {
-        if r.entry.kind != EntryKind::Optimizer || compile(&r.entry, match &r.entry.programs {
-            Programs::Optimizer { step } => step,
-            Programs::Layer { .. } => unreachable!(),
-        }).is_err() {
+        if r.entry.kind != EntryKind::Optimizer {
             continue;
         }
-        let err = normforge_cuda::check::against_reference(&gpu, &r.entry, &[1, 7, 256, 1000, 4097, 192], 10).unwrap_or_else(|e| panic!("{}: {e}", r.name));
+        // Every rule: fused, or tensor by tensor (AdamP, SGDP, Muon); Muon takes matrices.
+        let shapes = if r.entry.axes.iter().any(|a| a.twin.is_some()) { &matrices } else { &vectors };
+        let err = normforge_cuda::check::against_reference(&gpu, &r.entry, shapes, 10).unwrap_or_else(|e| panic!("{}: {e}", r.name));
         assert!(err < 1e-5, "{}: relative error {err:e} after 10 steps", r.name);
         eprintln!("{}: 10 steps match the reference on {} ({}), relative error {err:.1e}", r.name, gpu.name(), gpu.arch());
     }
