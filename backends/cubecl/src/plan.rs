@@ -10,6 +10,7 @@ use crate::kernel::{layer_kernel, LOp, LPhase, LProgram, BLOCK};
 use crate::{Dtype, Error};
 use cubecl::prelude::*;
 use normforge_dsl::bind::{self, AxisBinding};
+use normforge_dsl::uniform;
 use normforge_dsl::ir::{Entry, Extent, Op, Program, Shape, Target};
 
 /// Where a tensor of the arena comes from.
@@ -354,15 +355,21 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperat
         *arena += sizes[shape];
     }
     u32::try_from(io_len.max(work_len)).map_err(|_| too_big())?;
-    let scalars = plan.uniforms.values(&plan.program, hparams, step, |op| match op {
+    let query = |op: &Op| match op {
         Op::Size(s) => bind::size(s, b, hparams) as f64,
         Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f64,
         _ => unreachable!("only shape queries"),
-    });
+    };
+    let scalars = plan.uniforms.values(&plan.program, hparams, step, &query);
+    let needed = needed_nodes(plan, &uniform::values(&plan.program, &plan.uniforms.flags, hparams, step, &query));
     let mut launches = Vec::new();
     for k in &plan.kernels {
         let count = sizes[k.target];
-        if count == 0 {
+        // A kernel whose every result only a branch not taken reads (known from this call's
+        // hyper-parameters and shapes: Muon's wide or tall form) is not launched; what reads
+        // it still runs the select, which drops the (zero) value.
+        let used = |ph: &LPhase| !ph.stores.is_empty() || ph.reduce.is_some_and(|(_, _, t)| matches!(plan.tensors[t].0, Source::Node(i) if needed[i as usize]));
+        if count == 0 || !k.phases.iter().any(used) {
             continue;
         }
         let per_value = k.phases.iter().map(|p| sizes[p.domain] / count).max().unwrap_or(1);
@@ -373,6 +380,26 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperat
         launches.push((k, (x as u32, y as u32, 1)));
     }
     Ok(Layout { meta, sizes, offsets, io_len, work_len, scalars, launches })
+}
+
+/// The nodes the outputs read, through a `select` only along the branch its condition takes
+/// where that is known before the run (`value`, for the uniform nodes).
+fn needed_nodes(plan: &Plan, value: &[f64]) -> Vec<bool> {
+    let p = &plan.program;
+    let mut needed = vec![false; p.nodes.len()];
+    for o in &p.outputs {
+        needed[o.node as usize] = true;
+    }
+    for i in (0..p.nodes.len()).rev() {
+        if !needed[i] {
+            continue;
+        }
+        match p.nodes[i].op {
+            Op::Select(c, x, y) if plan.uniforms.flags[c as usize] => needed[if value[c as usize] != 0.0 { x } else { y } as usize] = true,
+            ref op => op.args().into_iter().for_each(|a| needed[a as usize] = true),
+        }
+    }
+    needed
 }
 
 /// Run a plan on the device: `data` gives the tensors it reads (the rest it computes); `io`

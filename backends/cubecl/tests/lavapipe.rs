@@ -6,6 +6,7 @@ mod common;
 
 use common::{registry, rel, values};
 use normforge_cubecl::{cpu_device, CubeOptimizer, Dtype};
+use normforge_dsl::ir::Programs;
 use normforge_reference::{Optimizer, Tensor};
 
 const ELEMENTWISE: &[(&str, f64)] = &[
@@ -80,6 +81,15 @@ fn muon_matches_the_reference_on_matrices() {
     let h = [("lr".to_string(), 0.02), ("nesterov".to_string(), 1.0)];
     let mut ours = CubeOptimizer::new(entry.clone(), &h, &device).unwrap();
     assert!(!ours.fused(), "matrix products run tensor by tensor");
+    // Only the form the shape takes is launched: a wide matrix skips the tall form's products.
+    let Programs::Optimizer { step } = &entry.programs else { unreachable!() };
+    let plan = normforge_cubecl::plan(&entry, step).unwrap();
+    let hp = normforge_dsl::hyper::resolve(&entry, &h).unwrap();
+    for shape in [[4, 9], [9, 4]] {
+        let b = normforge_dsl::bind::bind_axes(&entry.axes, &shape, "p").unwrap();
+        let launched = normforge_cubecl::layout(&plan, &b, &hp, 1.0, normforge_cubecl::COOPERATIVE_MIN).unwrap().launches.len();
+        assert!(launched < plan.kernels.len(), "{shape:?}: {launched} of {} kernels launched", plan.kernels.len());
+    }
     let mut oracle = Optimizer::new(entry.clone(), &h).unwrap();
     let shapes: Vec<Vec<usize>> = vec![vec![9, 4], vec![4, 9], vec![7, 7], vec![1, 5], vec![33, 70]];
     let sizes: Vec<usize> = shapes.iter().map(|s| s.iter().product()).collect();
