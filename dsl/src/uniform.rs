@@ -2,7 +2,7 @@
 //! queries where a backend knows them, and arithmetic on those): backends compute them on the
 //! host in f64, once, instead of per element, and may pick a `select`'s branch before running it.
 
-use crate::ir::{Op, Program};
+use crate::ir::{NodeId, Op, Program};
 
 /// Per node, whether it is uniform. `leaf` says which other ops count as uniform (shape
 /// queries, for a backend that runs one tensor at a time).
@@ -44,4 +44,24 @@ pub fn values(p: &Program, flags: &[bool], hparams: &[f64], step: f64, query: im
         };
     }
     val
+}
+
+/// The nodes the outputs read, through a `select` whose condition is uniform only along the
+/// branch `value` says it takes. `reads(i)` is what node `i` reads: its arguments, unless a
+/// backend computes it otherwise.
+pub fn needed(p: &Program, flags: &[bool], value: &[f64], reads: impl Fn(usize) -> Vec<NodeId>) -> Vec<bool> {
+    let mut needed = vec![false; p.nodes.len()];
+    for o in &p.outputs {
+        needed[o.node as usize] = true;
+    }
+    for i in (0..p.nodes.len()).rev() {
+        if !needed[i] {
+            continue;
+        }
+        match p.nodes[i].op {
+            Op::Select(c, x, y) if flags[c as usize] => needed[if value[c as usize] != 0.0 { x } else { y } as usize] = true,
+            _ => reads(i).into_iter().for_each(|a| needed[a as usize] = true),
+        }
+    }
+    needed
 }

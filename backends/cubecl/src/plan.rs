@@ -361,7 +361,8 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperat
         _ => unreachable!("only shape queries"),
     };
     let scalars = plan.uniforms.values(&plan.program, hparams, step, &query);
-    let needed = needed_nodes(plan, &uniform::values(&plan.program, &plan.uniforms.flags, hparams, step, &query));
+    let (p, flags) = (&plan.program, &plan.uniforms.flags);
+    let needed = uniform::needed(p, flags, &uniform::values(p, flags, hparams, step, &query), |i| p.nodes[i].op.args());
     let mut launches = Vec::new();
     for k in &plan.kernels {
         let count = sizes[k.target];
@@ -380,26 +381,6 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperat
         launches.push((k, (x as u32, y as u32, 1)));
     }
     Ok(Layout { meta, sizes, offsets, io_len, work_len, scalars, launches })
-}
-
-/// The nodes the outputs read, through a `select` only along the branch its condition takes
-/// where that is known before the run (`value`, for the uniform nodes).
-fn needed_nodes(plan: &Plan, value: &[f64]) -> Vec<bool> {
-    let p = &plan.program;
-    let mut needed = vec![false; p.nodes.len()];
-    for o in &p.outputs {
-        needed[o.node as usize] = true;
-    }
-    for i in (0..p.nodes.len()).rev() {
-        if !needed[i] {
-            continue;
-        }
-        match p.nodes[i].op {
-            Op::Select(c, x, y) if plan.uniforms.flags[c as usize] => needed[if value[c as usize] != 0.0 { x } else { y } as usize] = true,
-            ref op => op.args().into_iter().for_each(|a| needed[a as usize] = true),
-        }
-    }
-    needed
 }
 
 /// Run a plan on the device: `data` gives the tensors it reads (the rest it computes); `io`

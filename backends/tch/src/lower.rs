@@ -144,20 +144,11 @@ impl<'a> Lowering<'a> {
             _ => unreachable!("only shape queries are admitted"),
         });
         let contracted = contracted_products(p);
-        let mut needed = vec![false; n];
-        for o in &p.outputs {
-            needed[o.node as usize] = true;
-        }
-        for i in (0..n).rev() {
-            if !needed[i] {
-                continue;
-            }
-            match p.nodes[i].op {
-                Op::Select(c, x, y) if known[c as usize] => needed[if value[c as usize] != 0.0 { x } else { y } as usize] = true,
-                Op::Reduce(ReduceOp::Sum, a) if contracted[a as usize] => p.nodes[a as usize].op.args().iter().for_each(|&x| needed[x as usize] = true),
-                ref op => op.args().iter().for_each(|&a| needed[a as usize] = true),
-            }
-        }
+        // A contracted sum reads its product's factors, not the product.
+        let needed = uniform::needed(p, &known, &value, |i| match p.nodes[i].op {
+            Op::Reduce(ReduceOp::Sum, a) if contracted[a as usize] => p.nodes[a as usize].op.args(),
+            ref op => op.args(),
+        });
         let mut vals: Vec<Tensor> = Vec::with_capacity(n);
         for (i, node) in p.nodes.iter().enumerate() {
             let t = match node.op {
