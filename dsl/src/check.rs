@@ -474,7 +474,7 @@ impl<'a> Checker<'a> {
             match &stmt.kind {
                 StmtKind::Decl { kind, name, shape, .. } => {
                     if !top {
-                        self.report(err(stmt.span, format!("`{}` declarations belong at the top level of the body, not inside `if`", kind.keyword()), "move this out of the `if`"));
+                        self.report(err(stmt.span, format!("`{}` declarations belong at the top level of the body, not inside `if` or `repeat`", kind.keyword()), "move this to the top level"));
                         continue;
                     }
                     if !self.declared_ok.contains(&stmt.span.start) {
