@@ -389,6 +389,36 @@ fn muon_takes_the_matrices_beside_adamw() {
     assert_eq!(bits(&[w.copy(), b.copy()]), before);
 }
 
+/// Matrix products on libtorch run as `einsum` contractions that drop unit dims: rows and
+/// columns of length one, and a 1x1 matrix, against the reference backend (f64, 3 steps).
+#[test]
+fn muon_on_degenerate_matrices_matches_the_reference() {
+    normforge::tch::manual_seed(9);
+    let entry = common::registry().get("muon").unwrap().entry;
+    let h = [("lr".to_string(), 0.05)];
+    let shapes: [&[i64]; 5] = [&[1, 5], &[5, 1], &[1, 1], &[3, 8], &[8, 3]];
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    vs.set_kind(Kind::Double);
+    let vars: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| vs.root().var_copy(&format!("p{i}"), &Tensor::randn(*s, (Kind::Double, Device::Cpu)))).collect();
+    let to_ref = |t: &Tensor| {
+        reference::Tensor::new(t.size().iter().map(|&d| d as usize).collect(), Vec::<f64>::try_from(t.flatten(0, -1)).unwrap()).unwrap()
+    };
+    let mut want: Vec<reference::Tensor> = vars.iter().map(to_ref).collect();
+    let mut ours = DslOptimizer::new(entry.clone(), &vs, &h).unwrap();
+    let mut oracle = reference::Optimizer::new(entry, &h).unwrap();
+    for _ in 0..3 {
+        let gs: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(*s, (Kind::Double, Device::Cpu))).collect();
+        let loss = vars.iter().zip(&gs).map(|(v, g)| (v * g).sum(Kind::Double)).fold(Tensor::zeros([], (Kind::Double, Device::Cpu)), |a, b| a + b);
+        assert!(matches!(ours.backward_step(&loss).unwrap(), StepReport::Applied { .. }));
+        oracle.step(&mut want, &gs.iter().map(to_ref).collect::<Vec<_>>()).unwrap();
+        for (k, (v, w)) in vars.iter().zip(&want).enumerate() {
+            let got = Vec::<f64>::try_from(v.flatten(0, -1)).unwrap();
+            let e = common::rel_err(&got, &w.data);
+            assert!(e < 1e-10, "muon {:?}: relative error {e:e} against the reference", shapes[k]);
+        }
+    }
+}
+
 #[test]
 fn buffers_and_parameters_are_saved_with_the_var_store() {
     normforge::tch::manual_seed(8);
