@@ -111,11 +111,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
             }
             for perm in needed[i].clone() {
                 match p.nodes[i].op {
-                    Op::Swap(a, x, y) => {
-                        let mut q = perm.clone();
-                        q.swap(x as usize, y as usize);
-                        need(&mut needed, a, order(a, &q, uniforms));
-                    }
+                    Op::Swap(a, x, y) => need(&mut needed, a, order(a, &swapped(&perm, x, y), uniforms)),
                     ref op => op.args().into_iter().for_each(|a| need(&mut needed, a, order(a, &perm, uniforms))),
                 }
             }
@@ -145,9 +141,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
                             continue;
                         }
                         Op::Swap(a, x, y) => {
-                            let mut q = perm.clone();
-                            q.swap(*x as usize, *y as usize);
-                            let r = at(a, &q);
+                            let r = at(a, &swapped(perm, *x, *y));
                             reg.insert((i as u32, perm.clone()), r);
                             continue;
                         }
@@ -214,6 +208,13 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         k.shapes = t.shapes.len();
     }
     Ok(Plan { kernels, shapes: t.shapes, perms: t.perms, tensors: t.tensors, outputs, program: p.clone(), uniforms })
+}
+
+/// The axis order `swap(a, x, y)` reads `a` in, when it is itself read in `perm`.
+fn swapped(perm: &[usize], x: u32, y: u32) -> Vec<usize> {
+    let mut q = perm.to_vec();
+    q.swap(x as usize, y as usize);
+    q
 }
 
 /// Whether a tensor of shape `fine` splits into the elements of shape `coarse` (per axis:

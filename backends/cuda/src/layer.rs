@@ -11,7 +11,7 @@ use normforge_dsl::ir::{Entry, Programs, Target};
 use normforge_tch::layer::{input_grads, saved_inputs, split_inputs};
 use normforge_tch::{Error, LayerKernels};
 use std::sync::Arc;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 pub struct CudaLayerKernels {
     entry: Arc<Entry>,
@@ -40,10 +40,7 @@ impl CudaLayerKernels {
             Source::Buffer(i) => buffers.get(i as usize),
             _ => None,
         };
-        let ordinal = self.kernels.gpu().ordinal();
-        if x.device() != Device::Cuda(ordinal) {
-            return Err(Error(format!("the input is on {:?}, these kernels run on cuda:{ordinal}", x.device())));
-        }
+        // (`PlanKernels::run` checks that every tensor it reads is on its GPU.)
         let io = match x.kind() {
             Kind::Float => Dtype::F32,
             Kind::BFloat16 => Dtype::BF16,

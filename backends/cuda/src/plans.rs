@@ -40,10 +40,6 @@ impl PlanKernels {
         PlanKernels { gpu, kernels: Mutex::new(HashMap::new()) }
     }
 
-    pub fn gpu(&self) -> &Arc<Gpu> {
-        &self.gpu
-    }
-
     /// Compile (or load from the cache) every kernel `plan` may launch, in both forms of its
     /// reductions, so the first run pays no compile time.
     pub fn prepare(&self, plan: &Plan, io: Dtype) -> Result<(), Error> {
