@@ -174,6 +174,16 @@ fn the_cuda_stream_is_unavailable_without_cuda() {
 }
 
 #[test]
+fn a_pinned_upload_without_cuda_is_an_error_not_an_abort() {
+    if normforge::torch::load_cuda() {
+        eprintln!("skipped: CUDA is available here (the GPU check uploads through it)");
+        return;
+    }
+    let e = shim::upload_pinned(&[1, 2, 3], 0).unwrap_err();
+    assert!(!e.0.is_empty());
+}
+
+#[test]
 fn backward_with_a_given_output_gradient() {
     let x = Tensor::from_slice(&[1.0f64, 2.0, 3.0]).set_requires_grad(true);
     let y = x.square();

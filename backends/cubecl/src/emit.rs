@@ -115,6 +115,8 @@ fn layer_source<F: Float>(props: &Arc<DeviceProperties>, prog: &LProgram, lang: 
         b(),
         b(),
         b(),
+        b(),
+        b(),
         prog.clone(),
         false,
     );

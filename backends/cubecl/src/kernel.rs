@@ -322,13 +322,24 @@ fn binary(#[comptime] op: BOp, x: f32, y: f32) -> f32 {
     }
 }
 
+/// Where a layer kernel finds a tensor. The input and the output gradient (a rule's parameter
+/// and gradient) are buffers of their own, the caller's memory read in place; what the kernels
+/// write lives in the `io` arena (outputs in the storage type) or the f32 `work` arena.
+#[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Buf {
+    Input,
+    GradOutput,
+    Io,
+    Work,
+}
+
 /// One instruction of a layer kernel; operands are indices of earlier instructions.
 #[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
 pub enum LOp {
     /// Tensor `t` (its offset is in the tensor table) of shape `s`, read where the current
-    /// element of the domain falls in it (broadcast along its single or grouped axes); from the
-    /// storage-typed `io` arena if the flag is set, else from the f32 `work` arena.
-    Load(usize, usize, bool),
+    /// element of the domain falls in it (broadcast along its single or grouped axes), from
+    /// the buffer it lives in.
+    Load(usize, usize, Buf),
     /// The `i`-th reduction of an earlier phase of this kernel, for this target element.
     Result(usize),
     Scalar(usize),
@@ -382,13 +393,16 @@ impl LProgram {
     }
 }
 
-/// `io` holds the input, output and their gradients in the storage type `F`; `work` holds
-/// parameters, buffers and reductions in f32; all arithmetic is f32. `meta` holds, per shape
+/// `x` and `dy` are the input and the output gradient (a rule's parameter and gradient) in the
+/// storage type `F`, read in place; `io` holds the outputs in `F`; `work` holds parameters,
+/// buffers and reductions in f32; all arithmetic is f32. `meta` holds, per shape
 /// `k` (at `3 * rank * k`): per axis its extent in that shape (`outer`: 1, the group count, or
 /// the axis length), the axis elements per value (`inner`), and the row-major stride; then
 /// each tensor's offset in its arena.
 #[cube(launch_unchecked, create_dummy_kernel)]
 pub fn layer_kernel<F: Float>(
+    x: &[F],
+    dy: &[F],
     io: &mut [F],
     work: &mut [f32],
     meta: &[u32],
@@ -462,7 +476,7 @@ pub fn layer_kernel<F: Float>(
             for k in 0..prog.phases[ph].ops.len() {
                 let op = comptime! { prog.phases[ph].ops[k].clone() };
                 match op {
-                    LOp::Load(t, s, in_io) => {
+                    LOp::Load(t, s, buf) => {
                         let sb = comptime! { 3 * prog.rank * s };
                         let mut off = meta[tbase + t] as usize;
                         #[unroll]
@@ -470,7 +484,11 @@ pub fn layer_kernel<F: Float>(
                             let a = comptime! { rank - 1 - q };
                             off += idx[q] / meta[sb + rank + a] as usize * meta[sb + 2 * rank + a] as usize;
                         }
-                        if comptime! { in_io } {
+                        if comptime! { buf == Buf::Input } {
+                            r.push(f32::cast_from(x[off]));
+                        } else if comptime! { buf == Buf::GradOutput } {
+                            r.push(f32::cast_from(dy[off]));
+                        } else if comptime! { buf == Buf::Io } {
                             r.push(f32::cast_from(io[off]));
                         } else {
                             r.push(work[off]);

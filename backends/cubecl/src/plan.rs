@@ -6,12 +6,12 @@
 //! a kernel serves every input shape and group count.
 
 use crate::compile::{binary, reduce, unary, Uniforms};
-use crate::kernel::{layer_kernel, LOp, LPhase, LProgram, BLOCK};
+use crate::kernel::{layer_kernel, Buf, LOp, LPhase, LProgram, BLOCK};
 use crate::{Dtype, Error};
 use cubecl::prelude::*;
 use normforge_dsl::bind::{self, AxisBinding};
-use normforge_dsl::uniform;
 use normforge_dsl::ir::{Entry, Extent, Op, Program, Shape, Target};
+use normforge_dsl::uniform;
 
 /// Where a tensor of the arena comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,9 +37,8 @@ pub struct Plan {
     /// axis that the tensor's axis `a` follows (the identity but where `swap` reads a tensor
     /// transposed).
     pub perms: Vec<Vec<usize>>,
-    /// The tensor table: where each comes from, its shape's index, and whether it lives in the
-    /// storage-typed `io` arena (input, output and their gradients) or the f32 `work` one.
-    pub tensors: Vec<(Source, usize, bool)>,
+    /// The tensor table: where each comes from, its shape's index, and the buffer it lives in.
+    pub tensors: Vec<(Source, usize, Buf)>,
     /// Which tensor holds each output.
     pub outputs: Vec<(Target, usize)>,
     pub(crate) program: Program,
@@ -49,7 +48,7 @@ pub struct Plan {
 struct Tables {
     shapes: Vec<Shape>,
     perms: Vec<Vec<usize>>,
-    tensors: Vec<(Source, usize, bool)>,
+    tensors: Vec<(Source, usize, Buf)>,
 }
 
 impl Tables {
@@ -64,16 +63,21 @@ impl Tables {
             self.shapes.len() - 1
         })
     }
-    fn tensor(&mut self, src: Source, s: &Shape, io: bool) -> usize {
+    fn tensor(&mut self, src: Source, s: &Shape, buf: Buf) -> usize {
         let sh = self.shape(s);
         self.tensors.iter().position(|(x, ..)| *x == src).unwrap_or_else(|| {
-            self.tensors.push((src, sh, io));
+            self.tensors.push((src, sh, buf));
             self.tensors.len() - 1
         })
     }
     fn load(&mut self, src: Source, s: &Shape, perm: &[usize]) -> LOp {
-        let io = matches!(src, Source::Input | Source::GradOutput);
-        let t = self.tensor(src, s, io);
+        // A rule's parameter and gradient take the input's and the output gradient's places.
+        let buf = match src {
+            Source::Input => Buf::Input,
+            Source::GradOutput | Source::Grad => Buf::GradOutput,
+            _ => Buf::Work,
+        };
+        let t = self.tensor(src, s, buf);
         LOp::Load(t, self.view(s, perm), self.tensors[t].2)
     }
 }
@@ -164,7 +168,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         }
         let Op::Reduce(r, a) = &node.op else { unreachable!() };
         let (ops, regs) = build(&[*a], &mut t, &mut uniforms)?;
-        let out = t.tensor(Source::Node(i as u32), &node.shape, false);
+        let out = t.tensor(Source::Node(i as u32), &node.shape, Buf::Work);
         let domain = t.shape(&p.nodes[*a as usize].shape);
         let target = t.shape(&node.shape);
         let phase = LPhase { domain, ops, reduce: Some((reduce(*r), regs[0], out)), stores: Vec::new() };
@@ -179,7 +183,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         // The output and the input gradient are stored in the storage type; reductions, which
         // may be loaded again, stay f32.
         let io = !materialized && matches!(o.target, Target::Y | Target::GradInput);
-        outputs.push((o.target, t.tensor(Source::Node(o.node), &node.shape, io)));
+        outputs.push((o.target, t.tensor(Source::Node(o.node), &node.shape, if io { Buf::Io } else { Buf::Work })));
         if !materialized {
             match by_shape.iter_mut().find(|(s, _)| *s == node.shape) {
                 Some((_, v)) if v.contains(&o.node) => {}
@@ -197,7 +201,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
             .zip(regs)
             .map(|(&nd, r)| {
                 let tensor = t.tensors.iter().position(|(x, ..)| *x == Source::Node(nd)).expect("outputs have tensors");
-                (tensor, r, t.tensors[tensor].2)
+                (tensor, r, t.tensors[tensor].2 == Buf::Io)
             })
             .collect();
         let phase = LPhase { domain: target, ops, reduce: None, stores };
@@ -232,7 +236,7 @@ fn refines(fine: &Shape, coarse: &Shape) -> bool {
 /// once everything it reads is computed by then; loads of reductions computed in the kernel
 /// it joins become register reads. Among several, it joins the one it reads most from (then
 /// the last), so a layer norm's output joins its row statistics, not its column sums.
-fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, bool)]) -> Vec<LProgram> {
+fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf)]) -> Vec<LProgram> {
     let mut out: Vec<LProgram> = Vec::new();
     // Per fused kernel, the tensors its reductions write, in phase order.
     let mut made: Vec<Vec<usize>> = Vec::new();
@@ -294,15 +298,16 @@ pub fn launched(k: &LProgram, per_value: usize, cooperative_min: usize) -> LProg
     k
 }
 
-/// A plan bound to one call's shapes: what any runtime needs to run it. Tensors live in two
-/// arenas, `io` (storage type) and `work` (f32), at `offsets`.
+/// A plan bound to one call's shapes: what any runtime needs to run it. The input and the
+/// output gradient are their own buffers; what the kernels write and the rest they read live in
+/// two arenas, `io` (storage type) and `work` (f32), at `offsets`.
 #[derive(Clone, Debug)]
 pub struct Layout {
     /// Per shape: extents, elements per value and strides per axis; then each tensor's offset.
     pub meta: Vec<u32>,
     /// Elements of each shape of the shape table.
     pub sizes: Vec<usize>,
-    /// Each tensor's offset in its arena.
+    /// Each tensor's offset in its buffer.
     pub offsets: Vec<usize>,
     pub io_len: usize,
     pub work_len: usize,
@@ -349,13 +354,18 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperat
     }
     let (mut io_len, mut work_len) = (0usize, 0usize);
     let mut offsets = Vec::new();
-    for &(_, shape, in_io) in &plan.tensors {
-        let arena = if in_io { &mut io_len } else { &mut work_len };
-        offsets.push(*arena);
-        meta.push(u32::try_from(*arena).map_err(|_| too_big())?);
-        *arena += sizes[shape];
+    for &(_, shape, buf) in &plan.tensors {
+        let mut own = 0;
+        let end = match buf {
+            Buf::Io => &mut io_len,
+            Buf::Work => &mut work_len,
+            Buf::Input | Buf::GradOutput => &mut own,
+        };
+        offsets.push(*end);
+        meta.push(u32::try_from(*end).map_err(|_| too_big())?);
+        *end += sizes[shape];
     }
-    u32::try_from(io_len.max(work_len)).map_err(|_| too_big())?;
+    u32::try_from(sizes.iter().fold(io_len.max(work_len), |a, &b| a.max(b))).map_err(|_| too_big())?;
     let query = |op: &Op| match op {
         Op::Size(s) => bind::size(s, b, hparams) as f64,
         Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f64,
@@ -401,51 +411,72 @@ pub(crate) fn run<'a>(
 ) -> Result<Vec<(Target, Vec<f32>)>, Error> {
     let held = io.held_on(client)?;
     let lay = layout(plan, b, hparams, step, cooperative_min)?;
-    // Two arenas: `io` in the storage type, `work` in f32.
+    // The input and the output gradient as buffers of their own; two arenas: `io` in the
+    // storage type, `work` in f32.
+    let (mut x, mut dy) = (Vec::new(), Vec::new());
     let (mut io_arena, mut work) = (vec![0f32; lay.io_len], vec![0f32; lay.work_len]);
-    for (t, &(src, _, in_io)) in plan.tensors.iter().enumerate() {
-        let arena = if in_io { &mut io_arena } else { &mut work };
+    for (t, &(src, _, buf)) in plan.tensors.iter().enumerate() {
         let (off, len) = (lay.offsets[t], lay.len(plan, t));
         match data(src) {
             Some(d) if d.len() != len => return Err(Error(format!("{src:?} has {} values, the layer expects {len}", d.len()))),
-            Some(d) => arena[off..off + len].copy_from_slice(d),
+            Some(d) => match buf {
+                Buf::Input => x = d.to_vec(),
+                Buf::GradOutput => dy = d.to_vec(),
+                Buf::Io => io_arena[off..off + len].copy_from_slice(d),
+                Buf::Work => work[off..off + len].copy_from_slice(d),
+            },
             None if matches!(src, Source::Node(_)) => {}
             None => return Err(Error(format!("{src:?} is missing"))),
         }
     }
     // Never an empty binding: not every runtime allows one.
-    for arena in [&mut io_arena, &mut work] {
-        if arena.is_empty() {
-            arena.push(0.0);
+    for buffer in [&mut x, &mut dy, &mut io_arena, &mut work] {
+        if buffer.is_empty() {
+            buffer.push(0.0);
         }
     }
     // A binding past the adapter's limit does not run: refuse it here.
     let limit = client.properties().memory.max_page_size;
-    if (io_arena.len() * held.size()).max(work.len() * 4) as u64 > limit {
+    let storage = x.len().max(dy.len()).max(io_arena.len());
+    if (storage * held.size()).max(work.len() * 4) as u64 > limit {
         return Err(Error(format!("this call needs more than the adapter's largest buffer ({limit} bytes)")));
     }
     let (meta, scalars) = (&lay.meta, &lay.scalars);
+    let x_h = client.create_from_slice(&held.encode(&x));
+    let dy_h = client.create_from_slice(&held.encode(&dy));
     let io_h = client.create_from_slice(&held.encode(&io_arena));
     let work_h = client.create_from_slice(f32::as_bytes(&work));
     let meta_h = client.create_from_slice(u32::as_bytes(meta));
     let sc = client.create_from_slice(f32::as_bytes(scalars));
-    for (k, (x, y, _)) in &lay.launches {
-        let (cc, cd) = (CubeCount::Static(*x, *y, 1), CubeDim::new_1d(BLOCK as u32));
-        let io_arg = || unsafe { BufferArg::from_raw_parts(io_h.clone(), io_arena.len()) };
+    for (k, (gx, gy, _)) in &lay.launches {
+        let (cc, cd) = (CubeCount::Static(*gx, *gy, 1), CubeDim::new_1d(BLOCK as u32));
+        let (ty, round) = held.kernel_type();
         // SAFETY: units (or cubes) past the target's size do nothing; every offset is a
         // tensor's offset plus an index below its size (the meta table is built from the same
-        // shapes), so inside its arena, whose length is passed.
+        // shapes), so inside its buffer, whose length is passed.
         unsafe {
-            let (w, m, s) = (
-                BufferArg::from_raw_parts(work_h.clone(), work.len()),
-                BufferArg::from_raw_parts(meta_h.clone(), meta.len()),
-                BufferArg::from_raw_parts(sc.clone(), scalars.len()),
-            );
-            let (ty, round) = held.kernel_type();
+            let arg = |h: &cubecl::server::Handle, len: usize| BufferArg::from_raw_parts(h.clone(), len);
+            macro_rules! launch {
+                ($f:ty) => {
+                    layer_kernel::launch_unchecked::<$f>(
+                        client,
+                        cc,
+                        cd,
+                        arg(&x_h, x.len()),
+                        arg(&dy_h, dy.len()),
+                        arg(&io_h, io_arena.len()),
+                        arg(&work_h, work.len()),
+                        arg(&meta_h, meta.len()),
+                        arg(&sc, scalars.len()),
+                        k.clone(),
+                        round,
+                    )
+                };
+            }
             match ty {
-                Dtype::F32 => layer_kernel::launch_unchecked::<f32>(client, cc, cd, io_arg(), w, m, s, k.clone(), round),
-                Dtype::F16 => layer_kernel::launch_unchecked::<half::f16>(client, cc, cd, io_arg(), w, m, s, k.clone(), round),
-                Dtype::BF16 => layer_kernel::launch_unchecked::<half::bf16>(client, cc, cd, io_arg(), w, m, s, k.clone(), round),
+                Dtype::F32 => launch!(f32),
+                Dtype::F16 => launch!(half::f16),
+                Dtype::BF16 => launch!(half::bf16),
             }
         }
     }
@@ -455,9 +486,8 @@ pub(crate) fn run<'a>(
         .outputs
         .iter()
         .map(|&(target, t)| {
-            let in_io = plan.tensors[t].2;
             let (off, len) = (lay.offsets[t], lay.len(plan, t));
-            let arena = if in_io { &io_out } else { &work_out };
+            let arena = if plan.tensors[t].2 == Buf::Io { &io_out } else { &work_out };
             (target, arena[off..off + len].to_vec())
         })
         .collect())

@@ -1,7 +1,8 @@
 //! Layers on tch's CUDA tensors: the CubeCL layer kernels (forward, and the DSL's derived
 //! backward) launched through the driver (`plans`), as the two halves of a custom autograd
 //! function (`normforge_tch::LayerKernels`), so `loss.backward()` runs our backward kernels.
-//! Each call copies the input into its arena; outputs are views.
+//! Each call reads the input (and the output gradient) in place; outputs are views of the
+//! arena the kernels wrote.
 
 use crate::driver::Gpu;
 use crate::plans::{pick, PlanKernels};

@@ -11,6 +11,7 @@ pub mod layer;
 pub mod nvrtc;
 pub mod optimizer;
 pub mod plans;
+pub mod upload;
 
 pub use arena::Arena;
 pub use driver::Gpu;

@@ -1,13 +1,15 @@
 //! An update rule on tch's CUDA tensors: the CubeCL step kernels (every tensor in one launch per
 //! phase, per-tensor reductions as partial reduce + combine), compiled by NVRTC, launched on the
 //! flat arena's device pointers on torch's current stream. Hyper-parameters and the step count
-//! travel in a small scalar buffer, so changing them never recompiles. Rules the step kernels
+//! travel in a small scalar buffer (copied from pinned memory, queued on the stream, so a step
+//! never waits for the last), so changing them never recompiles. Rules the step kernels
 //! cannot fuse (per-axis reductions: AdamP, SGDP; matrix products: Muon) run tensor by tensor
 //! through the layer kernels of their plans (`plans`), as on the CubeCL runtime.
 
 use crate::arena::Arena;
 use crate::driver::{self, Gpu, Kernel};
 use crate::plans::{kind_of, pick, PlanKernels};
+use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
 use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
 use normforge_cubecl::{compile, plan, Compiled, Dtype, Plan, Source};
@@ -226,19 +228,21 @@ impl CudaOptimizer {
 
     #[allow(clippy::too_many_arguments)]
     fn run(&self, b: &Bound, prog: &Compiled, phases: &[Phase], init: bool, arena: &Arena, stream: *mut std::ffi::c_void, t: f64) -> Result<(), Error> {
-        let scalars = upload_f32(&prog.scalars(&self.hparams, t), arena.device);
-        let red = upload_f32(&prog.host_values(&self.entry, &self.hparams, &arena.shapes)?, arena.device);
+        // This step's scalars and the per-tensor values known on the host: one copy, queued.
+        let values =
+            upload::pack(&[&words(&prog.scalars(&self.hparams, t)), &words(&prog.host_values(&self.entry, &self.hparams, &arena.shapes)?)], arena.device);
+        let (scalars, red) = (values.ptr(0), values.ptr(1));
         let ptr = |t: &Tensor| t.data_ptr() as u64;
         let infos = if init { &b.init_infos } else { &b.infos };
         for (ph, (info, cinfo)) in phases.iter().zip(infos) {
-            let bufs = [ptr(&arena.p), ptr(&arena.g), ptr(&b.state), ptr(&scalars), ptr(&arena.blocks), ptr(&b.partial), ptr(&red)];
+            let bufs = [ptr(&arena.p), ptr(&arena.g), ptr(&b.state), scalars, ptr(&arena.blocks), ptr(&b.partial), red];
             // SAFETY: every buffer lives on this device until the stream has run the launch
             // (torch's caching allocator reuses freed memory only in stream order); the info
             // gives each buffer's true length; one cube per entry of `blocks`.
             unsafe { self.gpu.launch(&ph.step, (arena.cubes as u32, 1, 1), BLOCK as u32, &bufs, ptr(info), stream)? };
             if let (Some(k), Some(ci)) = (&ph.combine, cinfo) {
                 let tensors = arena.sizes.len();
-                let bufs = [ptr(&b.partial), ptr(&arena.ranges), ptr(&red)];
+                let bufs = [ptr(&b.partial), ptr(&arena.ranges), red];
                 // SAFETY: as above; one unit per tensor, 64 per cube.
                 unsafe { self.gpu.launch(k, (tensors.div_ceil(COMBINE_BLOCK as usize) as u32, 1, 1), COMBINE_BLOCK, &bufs, ptr(ci), stream)? };
             }
@@ -264,12 +268,4 @@ fn phases(gpu: &Gpu, prog: &Compiled, state: Dtype) -> Result<Vec<Phase>, Error>
         out.push(Phase { program: p.clone(), step, combine });
     }
     Ok(out)
-}
-
-fn upload(bytes: &[u8], device: Device) -> Tensor {
-    Tensor::from_slice(bytes).to_device(device)
-}
-
-fn upload_f32(v: &[f32], device: Device) -> Tensor {
-    Tensor::from_slice(v).to_device(device)
 }

@@ -1,13 +1,15 @@
 //! CubeCL plans (the layer kernels) on tch's CUDA tensors: what layers run, and update rules
 //! that run tensor by tensor (per-axis reductions, matrix products).
 //!
-//! Each run lays its tensors out in two device arenas, as the CubeCL runtime does: `io` in the
-//! storage dtype (a layer's input, output and their gradients; a rule's parameter) and `work` in
-//! f32 (everything else). Filling them costs a copy of what the plan reads; outputs are views.
+//! A run reads the input and the output gradient (a rule's parameter and gradient) in place and
+//! lays the rest out in two device arenas, as the CubeCL runtime does: `io` in the storage
+//! dtype (the output, the input gradient) and `work` in f32 (parameters, buffers, states,
+//! reductions: small for a layer). Outputs are views of the arenas.
 
 use crate::driver::{self, Gpu, Kernel};
+use crate::upload::{words, Cache};
 use normforge_cubecl::emit::{layer_unit, Lang};
-use normforge_cubecl::kernel::{LProgram, BLOCK};
+use normforge_cubecl::kernel::{Buf, LProgram, BLOCK};
 use normforge_cubecl::{launched, layout, Dtype, Plan, Source, COOPERATIVE_MIN};
 use normforge_dsl::bind::AxisBinding;
 use normforge_dsl::ir::Target;
@@ -29,15 +31,21 @@ pub fn kind_of(d: Dtype) -> Kind {
     }
 }
 
+/// Buffers a layer kernel takes (then its `info_st`): the input, the output gradient, the `io`
+/// and `work` arenas, the shape table, the scalars.
+pub const LAYER_BUFFERS: usize = 6;
+
 /// Layer kernels compiled for one GPU, each once per storage dtype.
 pub struct PlanKernels {
     gpu: Arc<Gpu>,
     kernels: Mutex<HashMap<(LProgram, Dtype), Kernel>>,
+    /// The tables of recent calls, on the device.
+    uploads: Cache,
 }
 
 impl PlanKernels {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        PlanKernels { gpu, kernels: Mutex::new(HashMap::new()) }
+        PlanKernels { gpu, kernels: Mutex::new(HashMap::new()), uploads: Cache::default() }
     }
 
     /// Compile (or load from the cache) every kernel `plan` may launch, in both forms of its
@@ -63,7 +71,9 @@ impl PlanKernels {
     }
 
     /// Run `plan` bound to `b` on this GPU, on torch's current stream: `data` gives the tensors
-    /// it reads (on this GPU); every output comes back, by target, flat.
+    /// it reads (on this GPU); every output comes back, by target, flat. The input and the
+    /// output gradient (a rule's parameter and gradient) are read in place where they are
+    /// contiguous and of the storage type; outputs are views of the arena the kernels wrote.
     #[allow(clippy::too_many_arguments)]
     pub fn run<'a>(
         &self,
@@ -76,41 +86,49 @@ impl PlanKernels {
     ) -> Result<Vec<(Target, Tensor)>, Error> {
         let dev = Device::Cuda(self.gpu.ordinal());
         let lay = layout(plan, b, hparams, step, COOPERATIVE_MIN)?;
-        let io_arena = Tensor::zeros([lay.io_len.max(1) as i64], (kind_of(io), dev));
+        // Every output element is written by a launch: the `io` arena needs no clearing.
+        let io_arena = Tensor::empty([lay.io_len.max(1) as i64], (kind_of(io), dev));
         let work = Tensor::zeros([lay.work_len.max(1) as i64], (Kind::Float, dev));
-        for (t, &(src, _, in_io)) in plan.tensors.iter().enumerate() {
+        let (mut x, mut dy) = (None, None);
+        for (t, &(src, _, buf)) in plan.tensors.iter().enumerate() {
             let (off, len) = (lay.offsets[t] as i64, lay.len(plan, t) as i64);
             match data(src) {
                 Some(d) if d.numel() as i64 != len => return Err(Error(format!("{src:?} has {} values, the plan expects {len}", d.numel()))),
                 Some(d) if d.device() != dev => return Err(Error(format!("{src:?} is on {:?}, these kernels run on cuda:{}", d.device(), self.gpu.ordinal()))),
-                Some(d) => {
-                    let arena = if in_io { &io_arena } else { &work };
-                    arena.narrow(0, off, len).copy_(&d.reshape([-1]));
-                }
+                Some(d) => match buf {
+                    // (No copy unless `d` is strided or of another dtype.)
+                    Buf::Input => x = Some(d.reshape([-1]).to_kind(kind_of(io)).contiguous()),
+                    Buf::GradOutput => dy = Some(d.reshape([-1]).to_kind(kind_of(io)).contiguous()),
+                    Buf::Io => _ = io_arena.narrow(0, off, len).copy_(&d.reshape([-1])),
+                    Buf::Work => _ = work.narrow(0, off, len).copy_(&d.reshape([-1])),
+                },
                 None if matches!(src, Source::Node(_)) => {}
                 None => return Err(Error(format!("{src:?} is missing"))),
             }
         }
-        let meta = Tensor::from_slice(&lay.meta.iter().map(|&v| v as i32).collect::<Vec<_>>()).to_device(dev);
-        let scalars = Tensor::from_slice(&lay.scalars).to_device(dev);
-        let info = Tensor::from_slice(&driver::info(&[io_arena.numel(), work.numel(), lay.meta.len(), lay.scalars.len()])).to_device(dev);
+        // A plan that reads no input or gradient still binds a buffer there (never read).
+        let x = x.unwrap_or_else(|| io_arena.shallow_clone());
+        let dy = dy.unwrap_or_else(|| io_arena.shallow_clone());
+        let lengths: [usize; LAYER_BUFFERS] = [x.numel(), dy.numel(), io_arena.numel(), work.numel(), lay.meta.len(), lay.scalars.len()];
+        let tables = self.uploads.pack(vec![words(&lay.meta), words(&lay.scalars), driver::info(&lengths)], dev);
         let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal()).ok_or_else(|| Error("libtorch's CUDA support is not loaded".into()))?;
         let ptr = |t: &Tensor| t.data_ptr() as u64;
         for (k, grid) in &lay.launches {
             let kernel = self.kernel(k, io)?;
-            let bufs = [ptr(&io_arena), ptr(&work), ptr(&meta), ptr(&scalars)];
-            // SAFETY: the arenas hold every tensor at the offsets of `meta` (built from the
-            // same layout), the info gives their lengths, units or cubes past the target's size
-            // do nothing; all four live until the stream has run the launch (torch's allocator
+            let bufs: [u64; LAYER_BUFFERS] = [ptr(&x), ptr(&dy), ptr(&io_arena), ptr(&work), tables.ptr(0), tables.ptr(1)];
+            // SAFETY: the input and gradient are contiguous tensors of the storage type and
+            // the arenas hold every other tensor at the offsets of `meta` (built from the same
+            // layout); the info gives every length; units or cubes past the target's size do
+            // nothing; all of them live until the stream has run the launch (torch's allocator
             // reuses memory in stream order).
-            unsafe { self.gpu.launch(&kernel, *grid, BLOCK as u32, &bufs, ptr(&info), stream) }.map_err(err)?;
+            unsafe { self.gpu.launch(&kernel, *grid, BLOCK as u32, &bufs, tables.ptr(2), stream) }.map_err(err)?;
         }
         Ok(plan
             .outputs
             .iter()
             .map(|&(target, t)| {
                 let (off, len) = (lay.offsets[t] as i64, lay.len(plan, t) as i64);
-                let arena = if plan.tensors[t].2 { &io_arena } else { &work };
+                let arena = if plan.tensors[t].2 == Buf::Io { &io_arena } else { &work };
                 (target, arena.narrow(0, off, len))
             })
             .collect())

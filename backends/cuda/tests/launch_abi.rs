@@ -7,6 +7,7 @@
 use normforge_cubecl::emit::{self, Lang};
 use normforge_cubecl::kernel::BLOCK;
 use normforge_cubecl::{compile, Dtype};
+use normforge_cuda::plans::LAYER_BUFFERS;
 use normforge_cuda::{driver, Arena, Gpu};
 use normforge_dsl::ir::{Kind as EntryKind, Programs};
 use tch::{Kind, Tensor};
@@ -18,6 +19,14 @@ fn signature(src: &str) -> (usize, usize) {
     let buffers = sig.matches("__restrict__").count() - 1; // the last is the info pointer
     let meta = src.split("static_meta[").nth(1).map_or(0, |r| r[..r.find(']').unwrap()].parse().unwrap());
     (buffers, meta)
+}
+
+/// The pointer types of a kernel's parameters, in order (`float const*`).
+fn parameter_types(src: &str) -> Vec<String> {
+    let start = src.find("__global__").unwrap();
+    let sig = &src[start..start + src[start..].find('{').unwrap()];
+    let list = &sig[sig.rfind("](").map_or_else(|| sig.rfind('(').unwrap(), |i| i + 1) + 1..sig.rfind(')').unwrap()];
+    list.split(", ").map(|p| p[..p.find(" const __restrict__").unwrap()].to_string()).collect()
 }
 
 #[test]
@@ -72,8 +81,15 @@ fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
                     assert_eq!(unit.shared_bytes, want, "{}: layer kernel shared memory", r.name);
                     assert_eq!(src.contains("extern __shared__"), want > 0, "{}: shared declaration", r.name);
                     let (buffers, meta) = signature(&src);
-                    assert_eq!(buffers, 4, "{}: layer kernel buffers", r.name);
-                    assert_eq!(meta * 4, driver::info(&[1; 4]).len(), "{}: layer kernel info", r.name);
+                    assert_eq!(buffers, LAYER_BUFFERS, "{}: layer kernel buffers", r.name);
+                    // In the order `PlanKernels::run` passes them: the input and the output
+                    // gradient read-only in the storage type, the arenas, then the tables.
+                    // (CubeCL makes an arena a kernel does not write `const` too.)
+                    let types = parameter_types(&src);
+                    let elements: Vec<&str> = types.iter().map(|t| t.split([' ', '*']).next().unwrap()).collect();
+                    assert_eq!(elements, ["float", "float", "float", "float", "uint32_t", "float", "info_st"], "{}: layer kernel parameters", r.name);
+                    assert!(types[..2].iter().all(|t| t == "float const*"), "{}: the input and gradient are written: {types:?}", r.name);
+                    assert_eq!(meta * 4, driver::info(&[1; LAYER_BUFFERS]).len(), "{}: layer kernel info", r.name);
                     if let (Some(c), false) = (&nvrtc, launched.cooperative) {
                         c.compile(&src).unwrap_or_else(|e| panic!("{}: {e}", r.name));
                     }
@@ -117,7 +133,9 @@ fn the_arena_makes_parameters_views_and_gradients_accumulate_in_place() {
     assert_eq!(f64::try_from(arena.p.get(1)).unwrap(), 2.0);
     assert_eq!(f64::try_from(arena.p.get(256 + 299)).unwrap(), 299.0);
     // Writing the flat buffer changes the parameters.
-    tch::no_grad(|| { let _ = arena.p.shallow_clone().g_mul_scalar_(2.0); });
+    tch::no_grad(|| {
+        let _ = arena.p.shallow_clone().g_mul_scalar_(2.0);
+    });
     assert_eq!(Vec::<f32>::try_from(&vars[0]).unwrap(), vec![2.0, 4.0, 6.0]);
     // Backpropagation lands in the flat gradient buffer, twice = accumulated.
     for _ in 0..2 {

@@ -183,4 +183,21 @@ int nf_current_cuda_stream(int device, void** out) {
     }
 }
 
+// `n` bytes copied to CUDA device `device` from pinned host memory, queued on torch's current
+// stream without waiting for it (torch's host allocator keeps the pinned block until the copy
+// has run). Null with an error message (free with nf_free) where memory cannot be pinned.
+at::Tensor* nf_upload_pinned(const uint8_t* bytes, size_t n, int device, char** err) {
+    try {
+        auto host = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+        std::memcpy(host.data_ptr(), bytes, n);
+        auto dev = c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+        return new at::Tensor(host.to(at::TensorOptions().device(dev), /*non_blocking=*/true));
+    } catch (const c10::Error& e) {
+        *err = copy_message(e.what_without_backtrace());
+    } catch (const std::exception& e) {
+        *err = copy_message(e.what());
+    }
+    return nullptr;
+}
+
 }  // extern "C"

@@ -1,6 +1,6 @@
 //! What tch cannot reach, through `cpp/shim.cpp` (C++ built with `cc` against libtorch's
-//! headers): custom autograd functions, torch's current CUDA stream, a variable's gradient
-//! tensor, backpropagation from a given output gradient.
+//! headers): custom autograd functions, torch's current CUDA stream, copies to the device from
+//! pinned memory, a variable's gradient tensor, backpropagation from a given output gradient.
 //!
 //! Custom autograd functions: a forward and a backward we compute ourselves, recorded on
 //! libtorch's tape as one node, so `loss.backward()` calls our backward (the DSL's derived
@@ -47,6 +47,7 @@ extern "C" {
     fn nf_set_grad(var: *mut C_tensor, grad: *const C_tensor) -> *mut c_char;
     fn nf_backward_with_grad(y: *const C_tensor, gy: *const C_tensor) -> *mut c_char;
     fn nf_current_cuda_stream(device: i32, out: *mut *mut c_void) -> i32;
+    fn nf_upload_pinned(bytes: *const u8, n: usize, device: i32, err: *mut *mut c_char) -> *mut C_tensor;
 }
 
 /// `y = kernels.forward(inputs)`, recorded so that backpropagating through `y` calls
@@ -77,6 +78,22 @@ pub fn current_cuda_stream(device: usize) -> Option<*mut c_void> {
     let mut s = std::ptr::null_mut();
     // SAFETY: writes `s` on success only; failures are reported, not thrown.
     (unsafe { nf_current_cuda_stream(d, &mut s) } == 0).then_some(s)
+}
+
+/// `bytes` on CUDA device `device`, copied from pinned host memory on torch's current stream
+/// without waiting for the work queued there (a copy from pageable memory waits); an error
+/// where libtorch cannot pin memory (no CUDA support loaded).
+pub fn upload_pinned(bytes: &[u8], device: usize) -> Result<Tensor, Error> {
+    let d = i32::try_from(device).map_err(|_| Error(format!("no CUDA device {device}")))?;
+    let mut err: *mut c_char = std::ptr::null_mut();
+    // SAFETY: `bytes` is read during the call only; the shim returns a `new` tensor or sets `err`.
+    let t = unsafe { nf_upload_pinned(bytes.as_ptr(), bytes.len(), d, &mut err) };
+    if t.is_null() {
+        // SAFETY: a null result comes with a malloc'd message (or none, if malloc failed).
+        return Err(Error(unsafe { take_message(err) }));
+    }
+    // SAFETY: a fresh `new at::Tensor`, ours to own.
+    Ok(unsafe { Tensor::from_ptr(t) })
 }
 
 /// Backpropagate from `y` with `grad_y` as its gradient (PyTorch's `y.backward(grad_y)`).
@@ -151,14 +168,7 @@ unsafe extern "C" fn forward_cb(data: *mut c_void, train: bool, inputs: *mut *mu
     })
 }
 
-unsafe extern "C" fn backward_cb(
-    data: *mut c_void,
-    train: bool,
-    saved: *mut *mut C_tensor,
-    n: usize,
-    grad_y: *mut C_tensor,
-    sink: *mut Sink,
-) -> i32 {
+unsafe extern "C" fn backward_cb(data: *mut c_void, train: bool, saved: *mut *mut C_tensor, n: usize, grad_y: *mut C_tensor, sink: *mut Sink) -> i32 {
     let k = &*(data as *const Data);
     let saved = take(saved, n);
     // The shim calls back only with a defined gradient.
