@@ -333,6 +333,17 @@ pub enum Buf {
     Work,
 }
 
+/// What a shape is along one axis (`ir::Extent` without its group count), fixed when the plan
+/// is made: the kernel skips the index arithmetic it makes trivial — a broadcast axis adds
+/// nothing to an offset, a full one needs no division — leaving integer divisions, the costly
+/// part of addressing on a GPU, to grouped axes and the reduced extent.
+#[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum AxisKind {
+    One,
+    Grouped,
+    Full,
+}
+
 /// One instruction of a layer kernel; operands are indices of earlier instructions.
 #[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
 pub enum LOp {
@@ -376,6 +387,8 @@ pub struct LProgram {
     pub rank: usize,
     /// Shapes in the shape table.
     pub shapes: usize,
+    /// Per shape-table entry, per kernel axis (in the axis order it is read in), its kind.
+    pub kinds: Vec<Vec<AxisKind>>,
     pub target: usize,
     pub phases: Vec<LPhase>,
     /// One cube per target element (launched with one cube per target element).
@@ -435,9 +448,13 @@ pub fn layer_kernel<F: Float>(
     #[unroll]
     for k in 0..rank {
         let a = comptime! { rank - 1 - k };
-        let e = meta[tgt + a] as usize;
-        oi.push(rem % e);
-        rem /= e;
+        if comptime! { prog.kinds[prog.target][a] == AxisKind::One } {
+            oi.push(0usize);
+        } else {
+            let e = meta[tgt + a] as usize;
+            oi.push(rem % e);
+            rem /= e;
+        }
     }
     let mut sh = Shared::<[f32]>::new_slice(BLOCK);
     // The reductions of earlier phases, for this target element.
@@ -450,7 +467,12 @@ pub fn layer_kernel<F: Float>(
             loops = 1;
             #[unroll]
             for a in 0..rank {
-                loops *= (meta[dom + a] / meta[tgt + a]) as usize;
+                let (dk, tk) = comptime! { (prog.kinds[prog.phases[ph].domain][a], prog.kinds[prog.target][a]) };
+                if comptime! { tk == AxisKind::One } {
+                    loops *= meta[dom + a] as usize;
+                } else if comptime! { spreads(dk, tk) } {
+                    loops *= (meta[dom + a] / meta[tgt + a]) as usize;
+                }
             }
         }
         let mut acc = 0.0f32;
@@ -458,6 +480,8 @@ pub fn layer_kernel<F: Float>(
             let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
             acc = identity(op);
         }
+        // Axes along which one target element covers several domain elements.
+        let spread = comptime! { (0..prog.rank).filter(|&a| spreads(prog.kinds[prog.phases[ph].domain][a], prog.kinds[prog.target][a])).count() };
         let mut j = first;
         while j < loops {
             // The first input element of this domain element, per axis.
@@ -466,10 +490,31 @@ pub fn layer_kernel<F: Float>(
             #[unroll]
             for k in 0..rank {
                 let a = comptime! { rank - 1 - k };
-                let per = (meta[dom + a] / meta[tgt + a]) as usize;
-                let ja = jr % per;
-                jr /= per;
-                idx.push((oi[k] * per + ja) * meta[dom + rank + a] as usize);
+                let (dk, tk) = comptime! { (prog.kinds[prog.phases[ph].domain][a], prog.kinds[prog.target][a]) };
+                if comptime! { dk == AxisKind::One } {
+                    // (One along the domain: one along the target too.)
+                    idx.push(0usize);
+                } else if comptime! { !spreads(dk, tk) } {
+                    // Full along both: the same index.
+                    idx.push(oi[k]);
+                } else {
+                    let mut per = meta[dom + a] as usize;
+                    if comptime! { tk != AxisKind::One } {
+                        per /= meta[tgt + a] as usize;
+                    }
+                    // The only axis a value spreads along (a row, a column) takes `j` whole.
+                    let mut ja = jr;
+                    if comptime! { spread > 1 } {
+                        ja = jr % per;
+                        jr /= per;
+                    }
+                    let at = oi[k] * per + ja;
+                    if comptime! { dk == AxisKind::Full } {
+                        idx.push(at);
+                    } else {
+                        idx.push(at * meta[dom + rank + a] as usize);
+                    }
+                }
             }
             let mut r = Sequence::<f32>::new();
             #[unroll]
@@ -482,7 +527,7 @@ pub fn layer_kernel<F: Float>(
                         #[unroll]
                         for q in 0..rank {
                             let a = comptime! { rank - 1 - q };
-                            off += idx[q] / meta[sb + rank + a] as usize * meta[sb + 2 * rank + a] as usize;
+                            off += offset_along(idx[q], meta, comptime! { sb + rank + a }, comptime! { sb + 2 * rank + a }, comptime! { prog.kinds[s][a] });
                         }
                         if comptime! { buf == Buf::Input } {
                             r.push(f32::cast_from(x[off]));
@@ -523,7 +568,7 @@ pub fn layer_kernel<F: Float>(
                     #[unroll]
                     for q in 0..rank {
                         let a = comptime! { rank - 1 - q };
-                        off += idx[q] / meta[dom + rank + a] as usize * meta[dom + 2 * rank + a] as usize;
+                        off += offset_along(idx[q], meta, comptime! { dom + rank + a }, comptime! { dom + 2 * rank + a }, comptime! { prog.kinds[prog.phases[ph].domain][a] });
                     }
                     if comptime! { in_io } {
                         io[off] = F::cast_from(stored(r[v], round_bf16));
@@ -565,6 +610,26 @@ pub fn layer_kernel<F: Float>(
             res.push(acc);
         }
     }
+}
+
+/// Whether a target element of kind `target` along an axis covers more than one element of a
+/// domain of kind `domain` there (at run time it may still cover one: a group of one).
+pub fn spreads(domain: AxisKind, target: AxisKind) -> bool {
+    domain != AxisKind::One && !(domain == AxisKind::Full && target == AxisKind::Full)
+}
+
+/// How far along one axis of a shape the domain index `i` lies (`meta[inner]`, `meta[stride]`:
+/// the shape's elements per value and stride there): nothing where the shape is broadcast, `i`
+/// strides where it is full, else its group's.
+#[cube]
+fn offset_along(i: usize, meta: &[u32], #[comptime] inner: usize, #[comptime] stride: usize, #[comptime] kind: AxisKind) -> usize {
+    let mut off = 0usize;
+    if comptime! { kind == AxisKind::Full } {
+        off = i * meta[stride] as usize;
+    } else if comptime! { kind == AxisKind::Grouped } {
+        off = i / meta[inner] as usize * meta[stride] as usize;
+    }
+    off
 }
 
 /// A value as storage keeps it: itself, or (bf16 held in f32 words, see `dtype::Held`) rounded

@@ -6,7 +6,7 @@
 //! a kernel serves every input shape and group count.
 
 use crate::compile::{binary, reduce, unary, Uniforms};
-use crate::kernel::{layer_kernel, Buf, LOp, LPhase, LProgram, BLOCK};
+use crate::kernel::{layer_kernel, AxisKind, Buf, LOp, LPhase, LProgram, BLOCK};
 use crate::{Dtype, Error};
 use cubecl::prelude::*;
 use normforge_dsl::bind::{self, AxisBinding};
@@ -172,7 +172,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         let domain = t.shape(&p.nodes[*a as usize].shape);
         let target = t.shape(&node.shape);
         let phase = LPhase { domain, ops, reduce: Some((reduce(*r), regs[0], out)), stores: Vec::new() };
-        kernels.push(LProgram { rank, shapes: 0, target, phases: vec![phase], cooperative: true });
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: true });
     }
     // Outputs that are reductions are already in their tensors; the rest, by shape.
     let mut outputs = Vec::new();
@@ -205,13 +205,29 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
             })
             .collect();
         let phase = LPhase { domain: target, ops, reduce: None, stores };
-        kernels.push(LProgram { rank, shapes: 0, target, phases: vec![phase], cooperative: false });
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors);
+    let kinds: Vec<Vec<AxisKind>> = t.shapes.iter().zip(&t.perms).map(|(s, perm)| axis_kinds(s, perm)).collect();
     for k in &mut kernels {
         k.shapes = t.shapes.len();
+        k.kinds = kinds.clone();
     }
     Ok(Plan { kernels, shapes: t.shapes, perms: t.perms, tensors: t.tensors, outputs, program: p.clone(), uniforms })
+}
+
+/// Per kernel axis, the kind of the tensor axis a view in the order `perm` reads there (the
+/// order of its entries in `meta`, see [`layout`]).
+fn axis_kinds(s: &Shape, perm: &[usize]) -> Vec<AxisKind> {
+    let mut kinds = vec![AxisKind::One; perm.len()];
+    for (a, &k) in perm.iter().enumerate() {
+        kinds[k] = match s.0[a] {
+            Extent::One => AxisKind::One,
+            Extent::Grouped(_) => AxisKind::Grouped,
+            Extent::Full => AxisKind::Full,
+        };
+    }
+    kinds
 }
 
 /// The axis order `swap(a, x, y)` reads `a` in, when it is itself read in `perm`.
@@ -261,7 +277,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             let g = match join {
                 Some(g) => g,
                 None => {
-                    out.push(LProgram { rank: k.rank, shapes: 0, target, phases: Vec::new(), cooperative: false });
+                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false });
                     made.push(Vec::new());
                     out.len() - 1
                 }

@@ -102,3 +102,51 @@ fn a_bad_kernel_is_an_error_with_nvrtcs_log() {
     let text = err.to_string();
     assert!(matches!(err, Error::Compile { .. }) && text.contains("compute_90") && text.contains("undefined_name"), "{text}");
 }
+
+/// The integer divisions of a PTX listing that lie inside a loop (between a label and a branch
+/// back to it).
+fn divisions_in_loops(ptx: &str) -> Vec<String> {
+    let lines: Vec<&str> = ptx.lines().map(str::trim).collect();
+    let label_at = |name: &str| lines.iter().position(|l| l.strip_suffix(':') == Some(name));
+    let mut inside = vec![false; lines.len()];
+    for (k, l) in lines.iter().enumerate() {
+        if let Some(target) = l.strip_prefix("@").and_then(|r| r.split_once(" bra")).map(|(_, t)| t).or_else(|| l.strip_prefix("bra")) {
+            let target = target.trim_start_matches(".uni").trim().trim_end_matches(';');
+            if let Some(start) = label_at(target).filter(|&s| s < k) {
+                inside[start..=k].iter_mut().for_each(|x| *x = true);
+            }
+        }
+    }
+    lines.iter().zip(inside).filter(|(l, i)| *i && (l.starts_with("div.u") || l.starts_with("rem.u") || l.starts_with("div.s") || l.starts_with("rem.s"))).map(|(l, _)| l.to_string()).collect()
+}
+
+/// A row of a layer norm or an RMS norm is addressed without integer division (on a GPU the
+/// costly part of each element's work; the shape's kind along each axis is fixed when the plan
+/// is made, so full and broadcast axes need none): every kernel, forward and backward.
+#[test]
+fn row_kernels_divide_nowhere_inside_their_loops() {
+    let Some(nvrtc) = compiler(None) else { return };
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let mut checked = 0;
+    for name in ["layer_norm", "rms_norm"] {
+        let e = reg.get(name).unwrap().entry;
+        for pass in ["forward", "backward"] {
+            for unit in normforge_cubecl::emit_units(&e, pass, Dtype::BF16, Lang::Cuda).unwrap() {
+                let ptx = nvrtc.compile(&unit.source).unwrap().ptx;
+                assert!(ptx.contains("bra"), "{name} {pass}: no loop found");
+                let found = divisions_in_loops(&ptx);
+                assert!(found.is_empty(), "{name} {pass}: {found:?}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 4);
+}
+
+#[test]
+fn a_division_in_a_loop_is_found() {
+    let ptx = "mov.u32 %r1, 0;\n$L__BB0_1:\ndiv.u32 %r2, %r3, %r4;\nadd.s32 %r1, %r1, 1;\n@%p1 bra $L__BB0_1;\nrem.u32 %r5, %r6, %r7;\n";
+    assert_eq!(divisions_in_loops(ptx), vec!["div.u32 %r2, %r3, %r4;"]);
+    assert!(divisions_in_loops("$L__BB0_1:\nadd.s32 %r1, %r1, 1;\n@%p1 bra $L__BB0_1;\ndiv.u32 %r2, %r3, %r4;\n").is_empty());
+}
