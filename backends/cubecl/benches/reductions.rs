@@ -4,7 +4,7 @@
 //! norm. Forward + backward in training, fp32. A bench binary, not a test:
 //! `cargo bench -p normforge-cubecl --bench reductions`; prints a Markdown table.
 
-use normforge_cubecl::{cpu_device, CubeLayer};
+use normforge_cubecl::{cpu_device, CubeLayer, Launch};
 use normforge_registry::Registry;
 use std::time::Instant;
 
@@ -30,7 +30,8 @@ fn main() {
         let gy: Vec<f32> = (0..n).map(|i| ((i * 104729) % 997) as f32 / 500.0 - 1.0).collect();
         let mut ms = Vec::new();
         for coop in [true, false] {
-            let mut l = CubeLayer::new(entry.clone(), &h, &shape, &device).expect("layer").with_cooperative_reductions(coop);
+            let launch = if coop { Launch::default() } else { Launch::per_unit() };
+            let mut l = CubeLayer::new(entry.clone(), &h, &shape, &device).expect("layer").with_launch(launch).expect("launch");
             let mut call = || {
                 l.forward(&x, &shape, true).expect("forward");
                 l.backward(&x, &gy, &shape, true).expect("backward");

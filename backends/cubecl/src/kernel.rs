@@ -391,8 +391,12 @@ pub struct LProgram {
     pub kinds: Vec<Vec<AxisKind>>,
     pub target: usize,
     pub phases: Vec<LPhase>,
-    /// One cube per target element (launched with one cube per target element).
+    /// A cube per target element, or per `values_per_cube` neighbouring ones (launched with
+    /// that many fewer cubes than target elements).
     pub cooperative: bool,
+    /// With `cooperative`: the neighbouring target elements a cube takes (a power of two
+    /// dividing `BLOCK`), so that a warp reads a row across columns, not down one column.
+    pub values_per_cube: usize,
 }
 
 impl LProgram {
@@ -427,19 +431,22 @@ pub fn layer_kernel<F: Float>(
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let tgt = comptime! { 3 * prog.rank * prog.target };
     let coop = comptime! { prog.cooperative };
+    let per_cube = comptime! { prog.values_per_cube };
     let mut count = 1usize;
     #[unroll]
     for a in 0..rank {
         count *= meta[tgt + a] as usize;
     }
-    // The target element: this cube's (cooperative), else this unit's.
+    // The target element: this unit's, or (cooperative) one of this cube's `per_cube`
+    // neighbours, which the cube's units share out in lanes: unit `u` serves value `u %
+    // per_cube` in lane `u / per_cube`, so the units of a warp read side by side.
     let mut o = ABSOLUTE_POS;
     let mut first = 0usize;
     let mut step = 1usize;
     if comptime! { coop } {
-        o = CUBE_POS;
-        first = UNIT_POS as usize;
-        step = CUBE_DIM as usize;
+        o = CUBE_POS * per_cube + UNIT_POS as usize % per_cube;
+        first = UNIT_POS as usize / per_cube;
+        step = CUBE_DIM as usize / per_cube;
     }
     let active = o < count;
     // This element of the target, per axis (last axis first).
@@ -584,25 +591,27 @@ pub fn layer_kernel<F: Float>(
             if comptime! { coop } {
                 // Every unit takes part (the barriers are outside any branch); cubes past the
                 // last value fold identities and store nothing.
+                // The lanes of each value fold pairwise (strides stay multiples of
+                // `per_cube`, so a unit only meets its own value's lanes).
                 let u = UNIT_POS as usize;
                 sh[u] = acc;
                 sync_cube();
-                let mut stride = CUBE_DIM / 2;
-                while stride > 0 {
-                    if UNIT_POS < stride {
-                        sh[u] = fold(op, sh[u], sh[u + stride as usize]);
+                let mut stride = CUBE_DIM as usize / 2;
+                while stride >= per_cube {
+                    if u < stride {
+                        sh[u] = fold(op, sh[u], sh[u + stride]);
                     }
                     sync_cube();
                     stride /= 2;
                 }
-                acc = sh[0];
+                acc = sh[u % per_cube];
                 // Everyone has read the result before the next reduction reuses `sh`.
                 sync_cube();
             }
-            // One unit writes it: the cube's first (cooperative), else each its own.
+            // One unit writes it: the value's first lane (cooperative), else each its own.
             let mut writes = active;
             if comptime! { coop } {
-                writes = active && UNIT_POS == 0;
+                writes = active && (UNIT_POS as usize) < per_cube;
             }
             if writes {
                 work[meta[tbase + t] as usize + o] = acc;

@@ -2,7 +2,7 @@
 //! derived backward, each a short sequence of layer kernels over one arena buffer that holds
 //! every tensor of the call.
 
-use crate::plan::{plan, run, Plan, Source, COOPERATIVE_MIN};
+use crate::plan::{plan, run, Launch, Plan, Source};
 use crate::{Dtype, Error};
 use normforge_dsl::bind::{self, AxisBinding};
 use normforge_dsl::ir::{Entry, Kind, Programs, Target};
@@ -24,8 +24,7 @@ pub struct CubeLayer {
     pub buffers: Vec<Vec<f32>>,
     /// What the input, output and their gradients are stored in on the device.
     storage: Dtype,
-    /// Reductions of at least this many elements per value run a cube per value.
-    cooperative_min: usize,
+    launch: Launch,
     client: cubecl::client::Client,
 }
 
@@ -40,7 +39,7 @@ impl CubeLayer {
         let Programs::Layer { train, eval, train_backward, eval_backward } = &entry.programs else { unreachable!("checked above") };
         let plans = [plan(&entry, train)?, plan(&entry, eval)?, plan(&entry, train_backward)?, plan(&entry, eval_backward)?];
         let init = plan(&entry, &entry.init)?;
-        let mut layer = CubeLayer { entry, hparams, plans, params: Vec::new(), buffers: Vec::new(), storage: Dtype::F32, cooperative_min: COOPERATIVE_MIN, client: device.client() };
+        let mut layer = CubeLayer { entry, hparams, plans, params: Vec::new(), buffers: Vec::new(), storage: Dtype::F32, launch: Launch::default(), client: device.client() };
         let b = layer.bind(input_shape, "the input", false)?;
         let out = layer.execute(&init, &b, None, None)?;
         let take = |target: fn(u32) -> Target, n: usize| -> Result<Vec<Vec<f32>>, Error> {
@@ -60,11 +59,13 @@ impl CubeLayer {
         Ok(self)
     }
 
-    /// With `false`, every reduction folds in one unit per value, however long: the baseline
-    /// the layer benchmark compares the cooperative reductions with.
-    pub fn with_cooperative_reductions(mut self, on: bool) -> Self {
-        self.cooperative_min = if on { COOPERATIVE_MIN } else { usize::MAX };
-        self
+    /// Launch the kernels so (`Launch::per_unit()`: every reduction folds in one unit per
+    /// value, however long — the baseline the layer benchmark compares the cooperative
+    /// reductions with).
+    pub fn with_launch(mut self, launch: Launch) -> Result<Self, Error> {
+        launch.check()?;
+        self.launch = launch;
+        Ok(self)
     }
 
     pub fn entry(&self) -> &Entry {
@@ -97,7 +98,7 @@ impl CubeLayer {
             Source::Buffer(i) => self.buffers.get(i as usize).map(Vec::as_slice),
             _ => None,
         };
-        run(&self.client, plan, b, &self.hparams, 0.0, self.storage, self.cooperative_min, &data)
+        run(&self.client, plan, b, &self.hparams, 0.0, self.storage, &self.launch, &data)
     }
 
     /// The output for `x` (of `shape`); in training mode the buffers take their new values.

@@ -26,7 +26,7 @@ pub use dtype::{Dtype, Held};
 pub use normforge_dsl::Error;
 pub use layer::{CubeLayer, Gradients};
 pub use optimizer::{CubeOptimizer, Flat};
-pub use plan::{launched, layout, plan, Layout, Plan, Source, COOPERATIVE_MIN};
+pub use plan::{launched, layout, plan, Launch, Layout, Plan, Source, COOPERATIVE_MIN};
 
 use normforge_dsl::ir::{Entry, Programs};
 

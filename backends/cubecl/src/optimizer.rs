@@ -4,7 +4,7 @@
 
 use crate::compile::{compile, Compiled};
 use crate::kernel::{combine_kernel, padded_layout, step_kernel, KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
-use crate::plan::{plan, run, Plan, Source, COOPERATIVE_MIN};
+use crate::plan::{plan, run, Launch, Plan, Source};
 use crate::{unfused, Dtype, Error, Held};
 use normforge_dsl::bind;
 use cubecl::prelude::*;
@@ -333,7 +333,7 @@ impl CubeOptimizer {
         if states.is_empty() {
             for (p, b) in params.iter().zip(&bindings) {
                 let data = |src: Source| if src == Source::Input { Some(p.as_slice()) } else { None };
-                let out = run(&self.client, &pt.init, b, &self.hparams, 0.0, Dtype::F32, COOPERATIVE_MIN, &data)?;
+                let out = run(&self.client, &pt.init, b, &self.hparams, 0.0, Dtype::F32, &Launch::default(), &data)?;
                 states.push((0..n_states as u32).map(|i| pick(&out, Target::State(i))).collect::<Result<_, _>>()?);
             }
         }
@@ -347,7 +347,7 @@ impl CubeOptimizer {
                 Source::State(i) => st.get(i as usize).map(Vec::as_slice),
                 _ => None,
             };
-            let out = run(&self.client, &pt.step, b, &self.hparams, t, Dtype::F32, COOPERATIVE_MIN, &data)?;
+            let out = run(&self.client, &pt.step, b, &self.hparams, t, Dtype::F32, &Launch::default(), &data)?;
             new_params.push(pick(&out, Target::P)?);
             states[k] = (0..n_states as u32).map(|i| pick(&out, Target::State(i))).collect::<Result<_, _>>()?;
             // Stored in the state dtype, as the fused kernels store it.

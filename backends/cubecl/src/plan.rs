@@ -172,7 +172,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         let domain = t.shape(&p.nodes[*a as usize].shape);
         let target = t.shape(&node.shape);
         let phase = LPhase { domain, ops, reduce: Some((reduce(*r), regs[0], out)), stores: Vec::new() };
-        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: true });
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: true, values_per_cube: 1 });
     }
     // Outputs that are reductions are already in their tensors; the rest, by shape.
     let mut outputs = Vec::new();
@@ -205,7 +205,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
             })
             .collect();
         let phase = LPhase { domain: target, ops, reduce: None, stores };
-        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false });
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1 });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors);
     let kinds: Vec<Vec<AxisKind>> = t.shapes.iter().zip(&t.perms).map(|(s, perm)| axis_kinds(s, perm)).collect();
@@ -277,7 +277,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             let g = match join {
                 Some(g) => g,
                 None => {
-                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false });
+                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1 });
                     made.push(Vec::new());
                     out.len() - 1
                 }
@@ -306,11 +306,48 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
 /// barriers would cost more than they save.
 pub const COOPERATIVE_MIN: usize = 64;
 
-/// The kernel to launch when its longest phase covers `per_value` elements per target
-/// element: cooperative from `cooperative_min` elements on.
-pub fn launched(k: &LProgram, per_value: usize, cooperative_min: usize) -> LProgram {
+/// How a plan's kernels are launched: tuning, never meaning (every choice computes the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Launch {
+    /// Reductions of at least this many elements per value run a cube per value; shorter ones
+    /// a unit per value.
+    pub cooperative_min: usize,
+    /// A cooperative reduction whose values lie side by side in memory (columns: a layer norm's
+    /// parameter gradients) gives each cube this many of them, so a warp reads along a row
+    /// instead of down a column; a power of two dividing `BLOCK` (1: a value per cube).
+    pub columns: usize,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8 }
+    }
+}
+
+impl Launch {
+    /// Every reduction in one unit per value.
+    pub fn per_unit() -> Self {
+        Launch { cooperative_min: usize::MAX, ..Launch::default() }
+    }
+
+    /// Refuse what the kernels cannot run.
+    pub fn check(&self) -> Result<(), Error> {
+        if !(self.columns.is_power_of_two() && self.columns <= BLOCK) {
+            return Err(Error(format!("columns per cube must be a power of two up to {BLOCK}, not {}", self.columns)));
+        }
+        Ok(())
+    }
+}
+
+/// The kernel to launch when its longest phase covers `per_value` elements per target element
+/// and its target is `last` long along the last axis: cooperative from `cooperative_min`
+/// elements on, taking `columns` values per cube where they are neighbours in memory (the
+/// target full along the last axis) and there are at least that many.
+pub fn launched(k: &LProgram, per_value: usize, last: usize, launch: &Launch) -> LProgram {
     let mut k = k.clone();
-    k.cooperative &= per_value >= cooperative_min;
+    k.cooperative &= per_value >= launch.cooperative_min;
+    let neighbours = k.kinds.get(k.target).and_then(|a| a.last()) == Some(&AxisKind::Full);
+    k.values_per_cube = if k.cooperative && neighbours && last >= launch.columns { launch.columns } else { 1 };
     k
 }
 
@@ -340,9 +377,9 @@ impl Layout {
     }
 }
 
-/// Bind a plan to shapes: reductions of at least `cooperative_min` elements per value run a
-/// cube per value.
-pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperative_min: usize) -> Result<Layout, Error> {
+/// Bind a plan to shapes, its kernels launched as `launch` says.
+pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: &Launch) -> Result<Layout, Error> {
+    launch.check()?;
     let rank = b.extents.len();
     let mut meta: Vec<u32> = Vec::new();
     let mut sizes = Vec::new();
@@ -401,8 +438,9 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperat
             continue;
         }
         let per_value = k.phases.iter().map(|p| sizes[p.domain] / count).max().unwrap_or(1);
-        let k = launched(k, per_value, cooperative_min);
-        let cubes = if k.cube_per_value() { count } else { count.div_ceil(BLOCK) };
+        let last = if rank == 0 { 1 } else { meta[3 * rank * k.target + rank - 1] as usize };
+        let k = launched(k, per_value, last, launch);
+        let cubes = if k.cube_per_value() { count.div_ceil(k.values_per_cube) } else { count.div_ceil(BLOCK) };
         let x = cubes.min(65_535);
         let y = cubes.div_ceil(x);
         launches.push((k, (x as u32, y as u32, 1)));
@@ -411,9 +449,8 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, cooperat
 }
 
 /// Run a plan on the device: `data` gives the tensors it reads (the rest it computes); `io`
-/// is the storage type of the input, output and their gradients; reductions of at least
-/// `cooperative_min` elements per value run a cube per value. Every output comes back, by
-/// target, in f32.
+/// is the storage type of the input, output and their gradients; `launch` shapes the launches.
+/// Every output comes back, by target, in f32.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run<'a>(
     client: &cubecl::client::Client,
@@ -422,11 +459,11 @@ pub(crate) fn run<'a>(
     hparams: &[f64],
     step: f64,
     io: Dtype,
-    cooperative_min: usize,
+    launch: &Launch,
     data: &dyn Fn(Source) -> Option<&'a [f32]>,
 ) -> Result<Vec<(Target, Vec<f32>)>, Error> {
     let held = io.held_on(client)?;
-    let lay = layout(plan, b, hparams, step, cooperative_min)?;
+    let lay = layout(plan, b, hparams, step, launch)?;
     // The input and the output gradient as buffers of their own; two arenas: `io` in the
     // storage type, `work` in f32.
     let (mut x, mut dy) = (Vec::new(), Vec::new());

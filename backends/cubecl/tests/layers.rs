@@ -5,7 +5,7 @@
 mod common;
 
 use common::{registry, rel, values};
-use normforge_cubecl::{cpu_device, CubeLayer, Dtype, Held};
+use normforge_cubecl::{cpu_device, CubeLayer, Dtype, Held, Launch};
 use normforge_reference::{Layer, Tensor};
 
 fn f32s(v: &[f64]) -> Vec<f32> {
@@ -212,28 +212,60 @@ fn every_std_layer_is_covered() {
 }
 
 #[test]
-fn cooperative_and_per_unit_reductions_agree() {
-    // Long reductions run a cube per value (above); the per-unit fold is the short-reduction
-    // path and the benchmark's baseline: both give the same statistics on long reductions too.
+fn every_launch_shape_gives_the_same_results() {
+    // Long reductions run a cube per value, or per few neighbouring values where they are
+    // columns (a layer norm's parameter gradients: 300 rows summed per column), in lanes; the
+    // per-unit fold is the short-reduction path and the benchmark's baseline. All agree on long
+    // reductions, including a last cube only partly filled (40 columns, 32 per cube) and
+    // columns too few to share a cube (7).
     let device = cpu_device().unwrap();
-    for (name, shape) in [("layer_norm", vec![4, 1000]), ("batch_norm", vec![2, 4, 4097]), ("group_norm", vec![2, 4, 300])] {
+    let launches = [
+        Launch::default(),
+        Launch { columns: 1, ..Launch::default() },
+        Launch { columns: 32, ..Launch::default() },
+        Launch { columns: 256, ..Launch::default() },
+        Launch::per_unit(),
+    ];
+    let cases = [
+        ("layer_norm", vec![4, 1000]),
+        ("layer_norm", vec![300, 40]),
+        ("rms_norm", vec![130, 19]),
+        ("dyt", vec![100, 7]),
+        ("batch_norm", vec![2, 4, 4097]),
+        ("group_norm", vec![2, 4, 300]),
+    ];
+    // The column form is what runs for a layer norm's parameter gradients over 40 columns.
+    let entry = registry().get("layer_norm").unwrap().entry;
+    let normforge_dsl::ir::Programs::Layer { train_backward, .. } = &entry.programs else { unreachable!() };
+    let plan = normforge_cubecl::plan(&entry, train_backward).unwrap();
+    let b = normforge_dsl::bind::bind_axes(&entry.axes, &[300, 40], "x").unwrap();
+    let hp = normforge_dsl::hyper::resolve(&entry, &[]).unwrap();
+    for (launch, want) in [(launches[0], 8), (launches[1], 1), (launches[2], 32), (launches[3], 1)] {
+        let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &launch).unwrap();
+        let widest = lay.launches.iter().map(|(k, _)| k.values_per_cube).max();
+        assert_eq!(widest, Some(want), "{launch:?}");
+    }
+    for (name, shape) in cases {
         let entry = registry().get(name).unwrap().entry;
         let h: Vec<(String, f64)> = if name == "group_norm" { vec![("groups".into(), 2.0)] } else { vec![] };
         let n: usize = shape.iter().product();
         let x = f32s(&values(11, n).iter().map(|v| 3.0 * v + 1.0).collect::<Vec<_>>());
         let gy = f32s(&values(12, n));
         let mut out = Vec::new();
-        for coop in [true, false] {
-            let mut l = CubeLayer::new(entry.clone(), &h, &shape, &device).unwrap().with_cooperative_reductions(coop);
+        for launch in launches {
+            let mut l = CubeLayer::new(entry.clone(), &h, &shape, &device).unwrap().with_launch(launch).unwrap();
             let y = l.forward(&x, &shape, true).unwrap();
             let g = l.backward(&x, &gy, &shape, true).unwrap();
             out.push((y, g, l.buffers.clone()));
         }
-        let (a, b) = (&out[0], &out[1]);
-        assert!(rel(&a.0, &f64s(&b.0)) < 1e-5, "{name}: outputs differ");
-        assert!(rel(&a.1.input, &f64s(&b.1.input)) < 1e-4, "{name}: input gradients differ");
-        for (p, q) in a.1.params.iter().zip(&b.1.params).chain(a.2.iter().zip(&b.2)) {
-            assert!(rel(p, &f64s(q)) < 1e-5, "{name}: parameter gradients or buffers differ");
+        let a = &out[0];
+        for (b, launch) in out[1..].iter().zip(&launches[1..]) {
+            let what = format!("{name} {shape:?} {launch:?}");
+            assert!(rel(&a.0, &f64s(&b.0)) < 1e-5, "{what}: outputs differ");
+            assert!(rel(&a.1.input, &f64s(&b.1.input)) < 1e-4, "{what}: input gradients differ");
+            for (p, q) in a.1.params.iter().zip(&b.1.params).chain(a.2.iter().zip(&b.2)) {
+                assert!(rel(p, &f64s(q)) < 1e-5, "{what}: parameter gradients or buffers differ");
+            }
         }
     }
 }

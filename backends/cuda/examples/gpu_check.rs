@@ -148,24 +148,37 @@ fn main() {
             if name == "evonorm_s0" {
                 spec = spec.hparam("groups", 32.0);
             }
-            let layer = spec.build(&vs.root(), &shape).map_err(|e| e.0)?;
-            let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(&reg, name), layer.hparams().to_vec()).map_err(|e| e.0)?;
-            let layer = layer.with_kernels(Arc::new(kernels));
             let x = Tensor::randn(shape.as_slice(), (kind, dev)).set_requires_grad(true);
             let gy = Tensor::randn(shape.as_slice(), (kind, dev));
             let bytes = x.numel() as f64 * x.kind().elt_size_in_bytes() as f64;
-            let fwd = time_ms(20, || {
-                let _ = tch::no_grad(|| layer.try_forward_t(&x, true).expect("forward"));
-            });
-            let both = time_ms(20, || {
-                let y = layer.try_forward_t(&x, true).expect("forward");
-                normforge_tch::shim::backward_with_grad(&y, &gy).expect("backward");
-            });
-            let (f, b) = (2.0 * bytes / fwd / 1e6, 5.0 * bytes / both / 1e6);
+            // Column sums (parameter gradients) with 8 neighbouring columns per cube (the
+            // default, timed first), then 1 and 32, for the record; the forward has no column sums.
+            let mut fwd = f64::NAN;
+            let mut both = Vec::new();
+            for columns in [8, 1, 32] {
+                let layer = spec.build(&(vs.root() / format!("columns{columns}")), &shape).map_err(|e| e.0)?;
+                let launch = normforge_cubecl::Launch { columns, ..Default::default() };
+                let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(&reg, name), layer.hparams().to_vec()).and_then(|k| k.with_launch(launch)).map_err(|e| e.0)?;
+                let layer = layer.with_kernels(Arc::new(kernels));
+                if fwd.is_nan() {
+                    fwd = time_ms(20, || {
+                        let _ = tch::no_grad(|| layer.try_forward_t(&x, true).expect("forward"));
+                    });
+                }
+                let ms = time_ms(20, || {
+                    let y = layer.try_forward_t(&x, true).expect("forward");
+                    normforge_tch::shim::backward_with_grad(&y, &gy).expect("backward");
+                });
+                both.push((columns, ms));
+            }
+            let by_columns: Vec<String> = both.iter().map(|(c, ms)| format!(r#""{c}":{ms:.4}"#)).collect();
+            let (f, b) = (2.0 * bytes / fwd / 1e6, 5.0 * bytes / both[0].1 / 1e6);
             Ok(format!(
-                r#"{{"op":"{name}","impl":"normforge","shape":{shape:?},"dtype":"{kind:?}","fwd_ms":{fwd:.4},"fwd_GBps":{f:.1},"fwd_of_copy":{:.3},"fwd_bwd_ms":{both:.4},"fwd_bwd_GBps":{b:.1},"fwd_bwd_of_copy":{:.3}}}"#,
+                r#"{{"op":"{name}","impl":"normforge","shape":{shape:?},"dtype":"{kind:?}","fwd_ms":{fwd:.4},"fwd_GBps":{f:.1},"fwd_of_copy":{:.3},"fwd_bwd_ms":{:.4},"fwd_bwd_GBps":{b:.1},"fwd_bwd_of_copy":{:.3},"fwd_bwd_ms_by_columns":{{{}}}}}"#,
                 f / copy_gbps,
-                b / copy_gbps
+                both[0].1,
+                b / copy_gbps,
+                by_columns.join(",")
             ))
         });
         emit(line.unwrap_or_else(|e| format!(r#"{{"op":"{name}","dtype":"{kind:?}","error":{e:?}}}"#)));

@@ -31,6 +31,12 @@ impl CudaLayerKernels {
         Ok(CudaLayerKernels { entry, hparams, plans, kernels: PlanKernels::new(gpu) })
     }
 
+    /// Launch the kernels so (tuning: the GPU check compares several).
+    pub fn with_launch(mut self, launch: normforge_cubecl::Launch) -> Result<Self, Error> {
+        self.kernels = self.kernels.with_launch(launch)?;
+        Ok(self)
+    }
+
     /// Run one plan on the input `x` (and, for a backward, the output gradient `gy`): every
     /// output, by target, flat.
     fn run(&self, plan: &Plan, x: &Tensor, gy: Option<&Tensor>, params: &[Tensor], buffers: &[Tensor]) -> Result<Vec<(Target, Tensor)>, Error> {

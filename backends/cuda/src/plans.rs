@@ -10,7 +10,7 @@ use crate::driver::{self, Gpu, Kernel};
 use crate::upload::{words, Cache};
 use normforge_cubecl::emit::{layer_unit, Lang};
 use normforge_cubecl::kernel::{Buf, LProgram, BLOCK};
-use normforge_cubecl::{launched, layout, Dtype, Plan, Source, COOPERATIVE_MIN};
+use normforge_cubecl::{launched, layout, Dtype, Launch, Plan, Source};
 use normforge_dsl::bind::AxisBinding;
 use normforge_dsl::ir::Target;
 use normforge_tch::Error;
@@ -41,19 +41,27 @@ pub struct PlanKernels {
     kernels: Mutex<HashMap<(LProgram, Dtype), Kernel>>,
     /// The tables of recent calls, on the device.
     uploads: Cache,
+    launch: Launch,
 }
 
 impl PlanKernels {
     pub fn new(gpu: Arc<Gpu>) -> Self {
-        PlanKernels { gpu, kernels: Mutex::new(HashMap::new()), uploads: Cache::default() }
+        PlanKernels { gpu, kernels: Mutex::new(HashMap::new()), uploads: Cache::default(), launch: Launch::default() }
     }
 
-    /// Compile (or load from the cache) every kernel `plan` may launch, in both forms of its
+    /// Launch the kernels so (tuning: the GPU check compares several).
+    pub fn with_launch(mut self, launch: Launch) -> Result<Self, Error> {
+        launch.check()?;
+        self.launch = launch;
+        Ok(self)
+    }
+
+    /// Compile (or load from the cache) every kernel `plan` may launch, in every form of its
     /// reductions, so the first run pays no compile time.
     pub fn prepare(&self, plan: &Plan, io: Dtype) -> Result<(), Error> {
         for k in &plan.kernels {
-            for per_value in [1, usize::MAX] {
-                self.kernel(&launched(k, per_value, COOPERATIVE_MIN), io)?;
+            for (per_value, last) in [(1, 1), (usize::MAX, 1), (usize::MAX, usize::MAX)] {
+                self.kernel(&launched(k, per_value, last, &self.launch), io)?;
             }
         }
         Ok(())
@@ -85,7 +93,7 @@ impl PlanKernels {
         data: &dyn Fn(Source) -> Option<&'a Tensor>,
     ) -> Result<Vec<(Target, Tensor)>, Error> {
         let dev = Device::Cuda(self.gpu.ordinal());
-        let lay = layout(plan, b, hparams, step, COOPERATIVE_MIN)?;
+        let lay = layout(plan, b, hparams, step, &self.launch)?;
         // Every output element is written by a launch: the `io` arena needs no clearing.
         let io_arena = Tensor::empty([lay.io_len.max(1) as i64], (kind_of(io), dev));
         let work = Tensor::zeros([lay.work_len.max(1) as i64], (Kind::Float, dev));

@@ -72,9 +72,10 @@ fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
         for prog in [train, eval, train_backward, eval_backward] {
             let plan = normforge_cubecl::plan(&r.entry, prog).unwrap();
             for k in &plan.kernels {
-                // Short reductions fold per unit, long ones per cube: both are launched.
-                for per_value in [1, 1 << 20] {
-                    let launched = normforge_cubecl::launched(k, per_value, normforge_cubecl::COOPERATIVE_MIN);
+                // Short reductions fold per unit, long ones per cube (or per few neighbouring
+                // columns): all are launched.
+                for (per_value, last) in [(1, 1), (1 << 20, 1), (1 << 20, 1 << 20)] {
+                    let launched = normforge_cubecl::launched(k, per_value, last, &normforge_cubecl::Launch::default());
                     let unit = emit::layer_unit(&launched, Dtype::F32, Lang::Cuda).unwrap();
                     let src = unit.source;
                     let want = if launched.cube_per_value() && launched.reductions() > 0 { BLOCK * 4 } else { 0 };
