@@ -148,6 +148,13 @@ fn loss_with_grads(vars: &[Tensor], gs: &[Tensor]) -> Tensor {
 }
 
 fn trajectory_matches(name: &str, hparams: &[(&str, f64)], theirs: impl OptimizerConfig) {
+    let lr = hparams.iter().find(|(k, _)| *k == "lr").unwrap().1;
+    trajectory_follows(name, hparams, |vs| theirs.build(vs, lr).unwrap());
+}
+
+/// 20 steps of the DSL rule `name` and of the optimizer `theirs` builds, from the same values
+/// with the same gradients.
+fn trajectory_follows(name: &str, hparams: &[(&str, f64)], theirs: impl FnOnce(&nn::VarStore) -> nn::Optimizer) {
     normforge::tch::manual_seed(4);
     let shapes: [&[i64]; 3] = [&[4, 3], &[7], &[2, 3, 5]];
     let (vs_a, vs_b) = twin_stores(&shapes);
@@ -156,8 +163,7 @@ fn trajectory_matches(name: &str, hparams: &[(&str, f64)], theirs: impl Optimize
         spec = spec.hparam(k, *v);
     }
     let mut ours = spec.build(&vs_a).unwrap();
-    let lr = hparams.iter().find(|(k, _)| *k == "lr").unwrap().1;
-    let mut reference = theirs.build(&vs_b, lr).unwrap();
+    let mut reference = theirs(&vs_b);
     let (va, vb) = (sorted_vars(&vs_a), sorted_vars(&vs_b));
     for step in 1..=20 {
         let gs: Vec<Tensor> = shapes.iter().map(|s| randn(s, Kind::Float)).collect();
@@ -198,6 +204,70 @@ fn adamw_matches_tch() {
         &[("lr", 0.02), ("beta1", 0.85), ("beta2", 0.99), ("eps", 1e-6), ("weight_decay", 0.2)],
         nn::AdamW { beta1: 0.85, beta2: 0.99, wd: 0.2, eps: 1e-6, amsgrad: false },
     );
+}
+
+/// `builtins` (the GPU check's second oracle) maps each rule's hyper-parameters onto libtorch's
+/// own optimizer: away from every default, the trajectories agree.
+#[test]
+fn libtorch_builtin_optimizers_follow_the_rules() {
+    let cases: [(&str, &[(&str, f64)]); 5] = [
+        ("sgd", &[("lr", 0.05), ("momentum", 0.9), ("dampening", 0.1), ("weight_decay", 0.01)]),
+        ("sgd", &[("lr", 0.05), ("momentum", 0.8), ("nesterov", 1.0)]),
+        ("adam", &[("lr", 0.02), ("beta1", 0.8), ("beta2", 0.99), ("eps", 1e-6), ("weight_decay", 0.1)]),
+        ("amsgrad", &[("lr", 0.02), ("beta1", 0.85), ("beta2", 0.9), ("eps", 1e-6), ("weight_decay", 0.05)]),
+        ("adamw", &[("lr", 0.02), ("beta1", 0.85), ("beta2", 0.99), ("eps", 1e-6), ("weight_decay", 0.2)]),
+    ];
+    for (name, hparams) in cases {
+        let entry = common::registry().get(name).unwrap().entry;
+        let overrides: Vec<(String, f64)> = hparams.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let resolved = normforge::dsl::hyper::resolve(&entry, &overrides).unwrap();
+        trajectory_follows(name, hparams, |vs| normforge::torch::builtins::optimizer(&entry, &resolved, vs).expect("a built-in").unwrap());
+    }
+    for name in normforge::torch::builtins::OPTIMIZERS {
+        assert!(cases.iter().any(|c| c.0 == name), "{name} untested");
+    }
+    let lion = common::registry().get("lion").unwrap().entry;
+    assert!(normforge::torch::builtins::optimizer(&lion, &[], &nn::VarStore::new(Device::Cpu)).is_none());
+}
+
+/// Likewise for layers: output, input and parameter gradients, and batch norm's running
+/// statistics, with hyper-parameters away from their defaults.
+#[test]
+fn libtorch_builtin_layers_follow_the_layers() {
+    normforge::tch::manual_seed(8);
+    let cases: [(&str, &[(&str, f64)], [i64; 3]); 5] = [
+        ("layer_norm", &[("eps", 1e-2)], [3, 4, 9]),
+        ("rms_norm", &[("eps", 1e-2)], [3, 4, 9]),
+        ("group_norm", &[("groups", 2.0), ("eps", 1e-2)], [3, 4, 9]),
+        ("instance_norm", &[("eps", 1e-2)], [3, 4, 9]),
+        ("batch_norm", &[("eps", 1e-2), ("momentum", 0.3)], [3, 4, 9]),
+    ];
+    for (name, hparams, shape) in cases {
+        let entry = common::registry().get(name).unwrap().entry;
+        for train in [true, false] {
+            let (_vs, layer) = dsl_layer(name, hparams, &shape, Kind::Float);
+            let buffers: Vec<Tensor> = layer.buffers().iter().map(Tensor::copy).collect();
+            let x = randn(&shape, Kind::Float) * 2.0 + 0.5;
+            let gy = randn(&shape, Kind::Float);
+            let ours = grads(|x| layer.forward_t(x, train), &x, layer.params(), &gy);
+            let builtin = |x: &Tensor| normforge::torch::builtins::layer(&entry, layer.hparams(), x, layer.params(), &buffers, train).expect("a built-in").unwrap();
+            let theirs = grads(builtin, &x, layer.params(), &gy);
+            let what = format!("{name} (train={train})");
+            assert_close(&format!("{what} y"), &ours.0, &theirs.0, 1e-5);
+            assert_close(&format!("{what} grad x"), &ours.1, &theirs.1, 1e-4);
+            for (k, (a, b)) in ours.2.iter().zip(&theirs.2).enumerate() {
+                assert_close(&format!("{what} grad param {k}"), a, b, 1e-4);
+            }
+            for (a, b) in layer.buffers().iter().zip(&buffers) {
+                assert_close(&format!("{what} buffer"), a, b, 1e-5);
+            }
+        }
+    }
+    for name in normforge::torch::builtins::LAYERS {
+        assert!(cases.iter().any(|c| c.0 == name), "{name} untested");
+    }
+    let dyt = common::registry().get("dyt").unwrap().entry;
+    assert!(normforge::torch::builtins::layer(&dyt, &[], &randn(&[2, 3], Kind::Float), &[], &[], true).is_none());
 }
 
 #[test]

@@ -1,13 +1,17 @@
 //! The GPU check, in one run on a CUDA machine (scripts/gpu-check.sh builds nothing there: it
 //! runs this binary, built on a CPU machine, then ../shared/tools/gpu_peers.py):
 //! 1. correctness: every std rule on CUDA tensors (fused, or tensor by tensor) against the
-//!    reference backend, 10 steps (Muon on matrices);
+//!    reference backend, 10 steps (Muon on matrices), and against libtorch's C++ optimizer on
+//!    the same GPU where it has one (SGD, Adam, AMSGrad, AdamW);
 //!    every std layer through our CUDA kernels (forward, derived backward, as one autograd node)
-//!    against the same layer lowered to libtorch's own CUDA ops and differentiated by autograd;
+//!    against the same layer lowered to libtorch's own CUDA ops and differentiated by autograd,
+//!    and against libtorch's built-in where it has one (layer, RMS, group, instance and batch
+//!    norm): forward within 1e-5, gradients within 1e-4;
 //! 2. speed: each rule's step over the parameter set of gpu_peers.py (212 fp32 tensors: 12 of
 //!    4096x4096, 4 of 4096x1024, 196 of 4096), as a fraction of the device-to-device copy
 //!    bandwidth measured in the same run, and each rule's first-step compile time; the layers
-//!    of gpu_peers.py (forward counted as 2 passes over x, forward + backward as 5).
+//!    of gpu_peers.py (forward counted as 2 passes over x, forward + backward as 5), forward +
+//!    backward also with 1 and 32 columns per cube in the parameter gradients' column sums.
 //!
 //! Prints a table; with an output directory, also one JSON line per figure in `normforge.jsonl`.
 
@@ -74,15 +78,29 @@ fn main() {
             }
             Err(e) => emit(format!(r#"{{"check":"{}","skipped":{:?}}}"#, r.name, e)),
         }
+        // And against libtorch's own optimizer (C++ torch::optim) on the same GPU, where it has one.
+        match guarded(|| check::against_builtin(&gpu, &r.entry, shapes, 10).transpose()) {
+            Ok(None) => {}
+            Ok(Some(err)) => {
+                failed += usize::from(err >= 1e-5);
+                emit(format!(r#"{{"check":"{}","against":"torch","rel_err":{err:e},"ok":{}}}"#, r.name, err < 1e-5))
+            }
+            Err(e) => {
+                failed += 1;
+                emit(format!(r#"{{"check":"{}","against":"torch","error":{:?}}}"#, r.name, e))
+            }
+        }
     }
 
     for r in reg.list(None).into_iter().filter(|r| r.entry.kind != normforge_dsl::ir::Kind::Optimizer) {
         let shape: Vec<i64> = if r.entry.axes.len() == 2 { vec![8, 3, 1000] } else { vec![4, 8, 30, 30] };
         match guarded(|| layer_against_torch(&gpu, &reg, &r.name, &shape)) {
-            Ok(err) if err < 1e-4 => emit(format!(r#"{{"check":"{}","shape":{shape:?},"rel_err":{err:e},"ok":true}}"#, r.name)),
-            Ok(err) => {
-                failed += 1;
-                emit(format!(r#"{{"check":"{}","shape":{shape:?},"rel_err":{err:e},"ok":false}}"#, r.name))
+            Ok(errs) => {
+                // Forward < 1e-5, gradients < 1e-4, against the lowering and the built-in.
+                let ok = errs.iter().all(|e| e.forward < 1e-5 && e.backward < 1e-4);
+                failed += usize::from(!ok);
+                let each: Vec<String> = errs.iter().map(|e| format!(r#""{}":{{"fwd":{:e},"bwd":{:e}}}"#, e.against, e.forward, e.backward)).collect();
+                emit(format!(r#"{{"check":"{}","shape":{shape:?},"rel_err":{{{}}},"ok":{ok}}}"#, r.name, each.join(",")))
             }
             Err(e) => {
                 failed += 1;
@@ -206,10 +224,18 @@ fn layer_entry(reg: &normforge_registry::Registry, name: &str) -> Arc<normforge_
     reg.get(name).expect("std layer").entry.clone()
 }
 
+/// The largest relative errors of our kernels' output (and buffers) and gradients against one
+/// oracle.
+struct LayerErrors {
+    against: &'static str,
+    forward: f64,
+    backward: f64,
+}
+
 /// A layer through our CUDA kernels against the same layer lowered to libtorch's CUDA ops (its
-/// autograd giving the gradients): the largest relative error of output and gradients, over
-/// training and evaluation.
-fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name: &str, shape: &[i64]) -> Result<f64, String> {
+/// autograd giving the gradients) and against libtorch's built-in where it has one: the largest
+/// relative errors, over training and evaluation.
+fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name: &str, shape: &[i64]) -> Result<Vec<LayerErrors>, String> {
     let dev = Device::Cuda(gpu.ordinal());
     let build = |vs: &nn::VarStore| -> Result<DslLayer, String> {
         let mut spec = reg.layer(name).map_err(|e| e.0)?;
@@ -221,7 +247,8 @@ fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name:
     let (vs_a, vs_b) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
     let theirs = build(&vs_a)?;
     let ours = build(&vs_b)?;
-    let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(reg, name), ours.hparams().to_vec()).map_err(|e| e.0)?;
+    let entry = layer_entry(reg, name);
+    let kernels = CudaLayerKernels::new(gpu.clone(), entry.clone(), ours.hparams().to_vec()).map_err(|e| e.0)?;
     let ours = ours.with_kernels(Arc::new(kernels));
     tch::manual_seed(3);
     tch::no_grad(|| {
@@ -235,28 +262,40 @@ fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name:
         let d = f64::try_from((a - b).abs().max().to_kind(Kind::Double)).unwrap_or(f64::NAN);
         d / f64::try_from(b.abs().max().to_kind(Kind::Double)).unwrap_or(f64::NAN).max(1e-30)
     };
-    let mut worst = 0f64;
+    // Output, buffers after the call (forward); input and parameter gradients (backward).
+    let run = |f: &dyn Fn(&Tensor) -> Result<Tensor, String>, params: &[Tensor], buffers: &[Tensor], x: &Tensor, gy: &Tensor| -> Result<(Vec<Tensor>, Vec<Tensor>), String> {
+        let xi = x.detach().set_requires_grad(true);
+        for p in params {
+            p.shallow_clone().zero_grad();
+        }
+        let y = f(&xi)?;
+        (&y * gy).sum(Kind::Float).f_backward().map_err(|e| e.to_string())?;
+        let mut fwd = vec![y.detach()];
+        fwd.extend(buffers.iter().map(Tensor::copy));
+        let mut bwd = vec![xi.grad()];
+        bwd.extend(params.iter().map(|p| p.grad().copy()));
+        Ok((fwd, bwd))
+    };
+    let worst = |a: &[Tensor], b: &[Tensor]| a.iter().zip(b).filter(|(a, b)| a.defined() && b.defined()).map(|(a, b)| rel(a, b)).fold(0f64, f64::max);
+    let mut errs = vec![LayerErrors { against: "lowered", forward: 0.0, backward: 0.0 }];
     for train in [true, false] {
         let x = Tensor::randn(shape, (Kind::Float, dev)) * 2.0 + 0.3;
         let gy = Tensor::randn(shape, (Kind::Float, dev));
-        let mut results = Vec::new();
-        for layer in [&theirs, &ours] {
-            let xi = x.detach().set_requires_grad(true);
-            for p in layer.params() {
-                p.shallow_clone().zero_grad();
+        // The built-in updates copies of the buffers as they were before our call.
+        let before: Vec<Tensor> = ours.buffers().iter().map(Tensor::copy).collect();
+        let o = run(&|x| ours.try_forward_t(x, train).map_err(|e| e.0), ours.params(), ours.buffers(), &x, &gy)?;
+        let t = run(&|x| theirs.try_forward_t(x, train).map_err(|e| e.0), theirs.params(), theirs.buffers(), &x, &gy)?;
+        errs[0].forward = errs[0].forward.max(worst(&o.0, &t.0));
+        errs[0].backward = errs[0].backward.max(worst(&o.1, &t.1));
+        let builtin = |x: &Tensor| normforge_tch::builtins::layer(&entry, ours.hparams(), x, ours.params(), &before, train).map(|r| r.map_err(|e| e.0));
+        if normforge_tch::builtins::LAYERS.contains(&name) {
+            let b = run(&|x| builtin(x).unwrap_or_else(|| Err("no built-in".into())), ours.params(), &before, &x, &gy)?;
+            if errs.len() == 1 {
+                errs.push(LayerErrors { against: "torch", forward: 0.0, backward: 0.0 });
             }
-            let y = layer.try_forward_t(&xi, train).map_err(|e| e.0)?;
-            (&y * &gy).sum(Kind::Float).f_backward().map_err(|e| e.to_string())?;
-            let mut r = vec![y.detach(), xi.grad()];
-            r.extend(layer.params().iter().map(|p| p.grad().copy()));
-            r.extend(layer.buffers().iter().map(Tensor::copy));
-            results.push(r);
-        }
-        for (a, b) in results[1].iter().zip(&results[0]) {
-            if a.defined() && b.defined() {
-                worst = worst.max(rel(a, b));
-            }
+            errs[1].forward = errs[1].forward.max(worst(&o.0, &b.0));
+            errs[1].backward = errs[1].backward.max(worst(&o.1, &b.1));
         }
     }
-    Ok(worst)
+    Ok(errs)
 }

@@ -1,5 +1,6 @@
 //! Correctness on a GPU, shared by the tests and the GPU check binary: a rule on CUDA tensors
-//! (fused, or tensor by tensor) against the reference backend (f64) over several steps.
+//! (fused, or tensor by tensor) against the reference backend (f64), and against libtorch's own
+//! optimizer where it has one, over several steps.
 
 use crate::{Arena, CudaOptimizer, Gpu};
 use normforge_cubecl::Dtype;
@@ -45,4 +46,46 @@ pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize
         worst = worst.max(got.iter().zip(&w.data).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale);
     }
     Ok(worst)
+}
+
+/// As [`against_reference`], against libtorch's own optimizer on the same GPU
+/// (`normforge_tch::builtins`); `None` for a rule libtorch lacks.
+pub fn against_builtin(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize) -> Option<Result<f64, String>> {
+    let dev = Device::Cuda(gpu.ordinal());
+    let hparams = normforge_dsl::hyper::resolve(entry, &[]).ok()?;
+    let vs = tch::nn::VarStore::new(dev);
+    let mut theirs = match normforge_tch::builtins::optimizer(entry, &hparams, &vs)? {
+        Ok(o) => o,
+        Err(e) => return Some(Err(e.0)),
+    };
+    let mut run = || -> Result<f64, String> {
+        let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Dtype::F32).map_err(|e| e.to_string())?;
+        tch::manual_seed(11);
+        let dims = |s: &[usize]| s.iter().map(|&d| d as i64).collect::<Vec<_>>();
+        let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
+        let twins: Vec<Tensor> = vars.iter().enumerate().map(|(i, v)| vs.root().var_copy(&format!("p{i}"), v)).collect();
+        let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
+        for _ in 0..steps {
+            let grads: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev))).collect();
+            tch::no_grad(|| {
+                for (v, g) in vars.iter().zip(&grads) {
+                    v.grad().copy_(g);
+                }
+            });
+            // Theirs get the same gradients by backpropagation: d/dt sum(t * g) = g.
+            theirs.zero_grad();
+            let loss = twins.iter().zip(&grads).map(|(t, g)| (t * g).sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, dev)), |a, b| a + b);
+            loss.f_backward().map_err(|e| e.to_string())?;
+            opt.step(&arena).map_err(|e| e.to_string())?;
+            theirs.step();
+        }
+        let mut worst = 0f64;
+        for (v, t) in vars.iter().zip(&twins) {
+            let (got, want) = (host(v)?, host(t)?);
+            let scale = want.iter().map(|b| b.abs()).fold(1e-30, f64::max);
+            worst = worst.max(got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale);
+        }
+        Ok(worst)
+    };
+    Some(run())
 }

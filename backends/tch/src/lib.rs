@@ -8,6 +8,7 @@
 //! let mut opt = registry.optimizer("adamw")?.hparam("lr", 1e-3).build(&vs)?;
 //! ```
 
+pub mod builtins;
 pub mod shim;
 pub mod layer;
 pub mod lower;
