@@ -25,6 +25,16 @@ pub enum Source {
     State(u32),
     /// A value the kernels compute: a reduction, or an output.
     Node(u32),
+    /// The first stage of reduction `Node(i)` to a single value: one partial value per index
+    /// of one axis, so that many cubes share the work.
+    Partial(u32),
+}
+
+impl Source {
+    /// Whether the kernels compute it (no caller supplies it).
+    pub fn computed(self) -> bool {
+        matches!(self, Source::Node(_) | Source::Partial(_))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -169,10 +179,30 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         let Op::Reduce(r, a) = &node.op else { unreachable!() };
         let (ops, regs) = build(&[*a], &mut t, &mut uniforms)?;
         let out = t.tensor(Source::Node(i as u32), &node.shape, Buf::Work);
-        let domain = t.shape(&p.nodes[*a as usize].shape);
+        let arg = &p.nodes[*a as usize].shape;
+        let domain = t.shape(arg);
         let target = t.shape(&node.shape);
-        let phase = LPhase { domain, ops, reduce: Some((reduce(*r), regs[0], out)), stores: Vec::new() };
-        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: true, values_per_cube: 1 });
+        let reduction = |domain, ops, value, out, target| LProgram {
+            rank,
+            shapes: 0,
+            kinds: Vec::new(),
+            target,
+            phases: vec![LPhase { domain, ops, reduce: Some((reduce(*r), value, out)), stores: Vec::new() }],
+            cooperative: true,
+            values_per_cube: 1,
+        };
+        match two_stage(arg, &node.shape) {
+            // A single value from several axes: first a partial value per index of one of them
+            // (a cube each), then one cube folds those.
+            Some(mid) => {
+                let part = t.tensor(Source::Partial(i as u32), &mid, Buf::Work);
+                let mid_shape = t.shape(&mid);
+                kernels.push(reduction(domain, ops, regs[0], part, mid_shape));
+                let load = t.load(Source::Partial(i as u32), &mid, &identity);
+                kernels.push(reduction(mid_shape, vec![load], 0, out, target));
+            }
+            None => kernels.push(reduction(domain, ops, regs[0], out, target)),
+        }
     }
     // Outputs that are reductions are already in their tensors; the rest, by shape.
     let mut outputs = Vec::new();
@@ -214,6 +244,20 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         k.kinds = kinds.clone();
     }
     Ok(Plan { kernels, shapes: t.shapes, perms: t.perms, tensors: t.tensors, outputs, program: p.clone(), uniforms })
+}
+
+/// Whether every axis of `s` is broadcast: a single value.
+fn single(s: &Shape) -> bool {
+    s.0.iter().all(|e| *e == Extent::One)
+}
+
+/// The middle shape of a reduction of `arg` to a single value `out` in two stages, where `arg`
+/// spans several axes one of which is full: that axis kept, the rest reduced (a partial value
+/// per index, folded by a second stage). `None` where one stage is all there is to do.
+fn two_stage(arg: &Shape, out: &Shape) -> Option<Shape> {
+    let spans = arg.0.iter().filter(|e| **e != Extent::One).count();
+    let keep = arg.0.iter().position(|e| *e == Extent::Full)?;
+    (single(out) && spans >= 2).then(|| Shape(arg.0.iter().enumerate().map(|(a, e)| if a == keep { e.clone() } else { Extent::One }).collect()))
 }
 
 /// Per kernel axis, the kind of the tensor axis a view in the order `perm` reads there (the
@@ -269,9 +313,10 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
                 .filter_map(|&t| made.iter().position(|m| m.contains(&t)).map(|g| g + usize::from(transposed(t))))
                 .max()
                 .unwrap_or(0);
+            // (Elementwise work never joins a kernel of a single value: that is one cube.)
             let fits = |g: &LProgram| match phase.reduce {
                 Some(_) => g.target == target,
-                None => refines(&shapes[phase.domain], &shapes[g.target]),
+                None => refines(&shapes[phase.domain], &shapes[g.target]) && (!single(&shapes[g.target]) || single(&shapes[phase.domain])),
             };
             let join = (after..out.len()).filter(|&g| fits(&out[g])).max_by_key(|&g| (from(g), g));
             let g = match join {
@@ -433,7 +478,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
         // A kernel whose every result only a branch not taken reads (known from this call's
         // hyper-parameters and shapes: Muon's wide or tall form) is not launched; what reads
         // it still runs the select, which drops the (zero) value.
-        let used = |ph: &LPhase| !ph.stores.is_empty() || ph.reduce.is_some_and(|(_, _, t)| matches!(plan.tensors[t].0, Source::Node(i) if needed[i as usize]));
+        let used = |ph: &LPhase| !ph.stores.is_empty() || ph.reduce.is_some_and(|(_, _, t)| matches!(plan.tensors[t].0, Source::Node(i) | Source::Partial(i) if needed[i as usize]));
         if count == 0 || !k.phases.iter().any(used) {
             continue;
         }
@@ -478,7 +523,7 @@ pub(crate) fn run<'a>(
                 Buf::Io => io_arena[off..off + len].copy_from_slice(d),
                 Buf::Work => work[off..off + len].copy_from_slice(d),
             },
-            None if matches!(src, Source::Node(_)) => {}
+            None if src.computed() => {}
             None => return Err(Error(format!("{src:?} is missing"))),
         }
     }

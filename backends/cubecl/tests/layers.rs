@@ -271,6 +271,33 @@ fn every_launch_shape_gives_the_same_results() {
 }
 
 #[test]
+fn single_values_are_folded_by_many_cubes() {
+    // A kernel computing a single value runs as one cube: it may fold values along one axis
+    // (partials), never read a whole tensor or write one (a DyT's scalar gradient over a
+    // 16384x4096 input was one cube's work).
+    use normforge_dsl::ir::{Extent, Programs};
+    let mut split = 0;
+    for r in registry().list(None) {
+        let programs: Vec<&normforge_dsl::ir::Program> = match &r.entry.programs {
+            Programs::Layer { train, eval, train_backward, eval_backward } => vec![train, eval, train_backward, eval_backward],
+            Programs::Optimizer { step } => vec![step],
+        };
+        for prog in programs {
+            let Ok(plan) = normforge_cubecl::plan(&r.entry, prog) else { continue };
+            let spans = |s: usize| plan.shapes[s].0.iter().filter(|e| **e != Extent::One).count();
+            for k in plan.kernels.iter().filter(|k| spans(k.target) == 0) {
+                for ph in &k.phases {
+                    assert!(spans(ph.domain) <= 1, "{}: a single value folded over {} axes in one cube", r.name, spans(ph.domain));
+                    assert!(ph.reduce.is_some() || spans(ph.domain) == 0, "{}: elementwise work in a single-value kernel", r.name);
+                }
+            }
+            split += plan.tensors.iter().filter(|t| matches!(t.0, normforge_cubecl::Source::Partial(_))).count();
+        }
+    }
+    assert!(split > 0, "no reduction took two stages");
+}
+
+#[test]
 fn phases_over_the_same_elements_share_a_kernel() {
     // (layer, program, kernels): a forward whose statistics and output cover the same rows or
     // channels is one kernel; a backward adds one for the parameter gradients (summed over

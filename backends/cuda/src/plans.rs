@@ -110,7 +110,7 @@ impl PlanKernels {
                     Buf::Io => _ = io_arena.narrow(0, off, len).copy_(&d.reshape([-1])),
                     Buf::Work => _ = work.narrow(0, off, len).copy_(&d.reshape([-1])),
                 },
-                None if matches!(src, Source::Node(_)) => {}
+                None if src.computed() => {}
                 None => return Err(Error(format!("{src:?} is missing"))),
             }
         }
