@@ -10,7 +10,7 @@
 //! Checked on lavapipe against the reference backend: every std layer (forward, backward, f32,
 //! f16 and bf16 storage — bf16 held in f32 words there, as WGSL has no bf16: `Held`) and every
 //! update rule (those with per-axis reductions or matrix products, AdamP's per-channel
-//! projection or Muon's Gram matrices, tensor by tensor).
+//! projection or Muon's Gram matrices, a stack of same-shaped tensors at a time).
 
 mod compile;
 mod dtype;
@@ -19,6 +19,7 @@ pub mod kernel;
 mod layer;
 mod optimizer;
 mod plan;
+mod stack;
 mod unfused;
 
 pub use compile::{compile, Compiled};
@@ -27,6 +28,7 @@ pub use normforge_dsl::Error;
 pub use layer::{CubeLayer, Gradients};
 pub use optimizer::{CubeOptimizer, Flat};
 pub use plan::{launched, layout, plan, Launch, Layout, Plan, Source, COOPERATIVE_MIN};
+pub use stack::{stacks, Stacked};
 
 use normforge_dsl::ir::{Entry, Programs};
 
@@ -48,10 +50,10 @@ pub fn emit(entry: &Entry, pass: &str, dtype: Dtype, lang: emit::Lang) -> Result
 /// as NVRTC takes, one module per kernel).
 pub fn emit_units(entry: &Entry, pass: &str, dtype: Dtype, lang: emit::Lang) -> Result<Vec<emit::Unit>, Error> {
     match (&entry.programs, pass) {
-        // Rules with per-axis reductions run tensor by tensor through layer kernels.
+        // Rules with per-axis reductions run through layer kernels, a stack at a time.
         (Programs::Optimizer { step }, "step") => match compile(entry, step) {
             Ok(c) => emit::program_units(&c, dtype, lang),
-            Err(e) => emit::plan_units(&plan(entry, step).map_err(|_| e)?, Dtype::F32, lang),
+            Err(e) => emit::plan_units(&Stacked::new(entry, step).map_err(|_| e)?.step, Dtype::F32, lang),
         },
         (Programs::Optimizer { .. }, "init") => emit::program_units(&compile(entry, &entry.init)?, dtype, lang),
         (Programs::Optimizer { .. }, _) => Err(Error(format!("`{}` is an optimizer: its passes are `step` and `init`, not `{pass}`", entry.name))),

@@ -4,7 +4,8 @@
 
 use crate::compile::{compile, Compiled};
 use crate::kernel::{combine_kernel, padded_layout, step_kernel, KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
-use crate::plan::{plan, run, Launch, Plan, Source};
+use crate::plan::{run, Launch, Source};
+use crate::stack::{stacks, Stacked};
 use crate::{unfused, Dtype, Error, Held};
 use normforge_dsl::bind;
 use cubecl::prelude::*;
@@ -45,11 +46,10 @@ struct State {
     partial: Handle,
 }
 
-/// Rules with per-axis reductions (AdamP's per-channel projection) run tensor by tensor through
-/// layer kernels, extents bound from each tensor's shape: correct, not fused across tensors.
+/// Rules with per-axis reductions (AdamP's per-channel projection) or matrix products run
+/// through layer kernels, a stack of same-shaped tensors at a time (`stack`).
 struct PerTensor {
-    step: Plan,
-    init: Plan,
+    plans: Stacked,
     /// Per tensor, per state.
     states: Vec<Vec<Vec<f32>>>,
 }
@@ -84,8 +84,8 @@ impl CubeOptimizer {
         let init_prog = compile(&entry, &entry.init)?;
         let (step_prog, per_tensor) = match compile(&entry, step) {
             Ok(c) => (c, None),
-            Err(e) => match (plan(&entry, step), plan(&entry, &entry.init)) {
-                (Ok(step), Ok(init)) => (init_prog.clone(), Some(PerTensor { step, init, states: Vec::new() })),
+            Err(e) => match Stacked::new(&entry, step) {
+                Ok(plans) => (init_prog.clone(), Some(PerTensor { plans, states: Vec::new() })),
                 _ => return Err(e),
             },
         };
@@ -105,10 +105,11 @@ impl CubeOptimizer {
     }
 
     /// Kernel launches per step (a rule's phases and their combines, or the baseline's); per
-    /// tensor for a rule that runs tensor by tensor ([`Self::fused`] is false).
+    /// stack of same-shaped tensors for a rule that runs through layer kernels ([`Self::fused`] is
+    /// false).
     pub fn launches_per_step(&self) -> usize {
         if let Some(pt) = &self.per_tensor {
-            return pt.step.kernels.len();
+            return pt.plans.step.kernels.len();
         }
         self.kernels.iter().map(|k| if k.accums.is_empty() { 1 } else { 2 }).sum()
     }
@@ -125,7 +126,8 @@ impl CubeOptimizer {
     }
 
     /// Whether every tensor of a step goes through the same launches (false for rules with
-    /// per-axis reductions, which run tensor by tensor).
+    /// per-axis reductions or matrix products, which run a stack of same-shaped tensors at a
+    /// time).
     pub fn fused(&self) -> bool {
         self.per_tensor.is_none()
     }
@@ -269,7 +271,7 @@ impl CubeOptimizer {
     /// One step on parameters already on the device; launches only (see [`Self::sync`]).
     pub fn step_flat(&mut self, flat: &Flat) -> Result<(), Error> {
         if self.per_tensor.is_some() {
-            return Err(Error(format!("`{}` runs tensor by tensor: use `step` or `step_shaped`", self.entry.name)));
+            return Err(Error(format!("`{}` runs through layer kernels: use `step` or `step_shaped`", self.entry.name)));
         }
         if flat.cubes == 0 {
             return Ok(());
@@ -315,43 +317,69 @@ impl CubeOptimizer {
         }
         let pt = self.per_tensor.as_ref().expect("per-tensor rule");
         // Everything is checked and computed before anything is written back.
-        let mut bindings = Vec::new();
         for (k, ((p, g), s)) in params.iter().zip(grads).zip(shapes).enumerate() {
             if g.len() != p.len() || s.iter().product::<usize>() != p.len() {
                 return Err(Error(format!("parameter {k}: its gradient and shape must have {} values", p.len())));
             }
-            let b = bind::bind_axes(&self.entry.axes, s, &format!("parameter {k}")).map_err(Error)?;
-            bind::check_program(&pt.step.program, &b, &self.hparams).map_err(Error)?;
-            bindings.push(b);
+            bind::bind_axes(&self.entry.axes, s, &format!("parameter {k}")).map_err(Error)?;
+        }
+        // Same-shaped neighbours run as one stack.
+        let runs = stacks(shapes, |_| true);
+        let mut bindings = Vec::new();
+        for r in &runs {
+            bindings.push(pt.plans.bind(r.len(), &shapes[r.start], &self.hparams, &format!("parameters {}..{}", r.start, r.end))?);
         }
         let resized = pt.states.len() != params.len() || pt.states.iter().zip(params.iter()).any(|(st, p)| st.iter().any(|v| v.len() != p.len()));
         if !pt.states.is_empty() && resized {
             return Err(Error("the parameters changed sizes since the first step".into()));
         }
         let n_states = self.entry.states.len();
+        // A stack's output, cut back into its tensors.
+        let split = |r: &std::ops::Range<usize>, v: Vec<f32>| -> Vec<Vec<f32>> {
+            let mut at = 0;
+            r.clone()
+                .map(|k| {
+                    at += params[k].len();
+                    v[at - params[k].len()..at].to_vec()
+                })
+                .collect()
+        };
         let mut states = pt.states.clone();
         if states.is_empty() {
-            for (p, b) in params.iter().zip(&bindings) {
+            states = vec![Vec::new(); params.len()];
+            for (r, b) in runs.iter().zip(&bindings) {
+                let p = concat(r, |k| &params[k]);
                 let data = |src: Source| if src == Source::Input { Some(p.as_slice()) } else { None };
-                let out = run(&self.client, &pt.init, b, &self.hparams, 0.0, Dtype::F32, &Launch::default(), &data)?;
-                states.push((0..n_states as u32).map(|i| pick(&out, Target::State(i))).collect::<Result<_, _>>()?);
+                let out = run(&self.client, &pt.plans.init, b, &self.hparams, 0.0, Dtype::F32, &Launch::default(), &data)?;
+                for i in 0..n_states as u32 {
+                    for (k, v) in r.clone().zip(split(r, pick(&out, Target::State(i))?)) {
+                        states[k].push(v);
+                    }
+                }
             }
         }
         let t = (self.step + 1) as f64;
-        let mut new_params = Vec::new();
-        for (k, b) in bindings.iter().enumerate() {
-            let st = &states[k];
+        let mut new_params = vec![Vec::new(); params.len()];
+        for (r, b) in runs.iter().zip(&bindings) {
+            let (p, g) = (concat(r, |k| &params[k]), concat(r, |k| &grads[k]));
+            let st: Vec<Vec<f32>> = (0..n_states).map(|i| concat(r, |k| &states[k][i])).collect();
             let data = |src: Source| match src {
-                Source::Input => Some(params[k].as_slice()),
-                Source::Grad => Some(grads[k].as_slice()),
+                Source::Input => Some(p.as_slice()),
+                Source::Grad => Some(g.as_slice()),
                 Source::State(i) => st.get(i as usize).map(Vec::as_slice),
                 _ => None,
             };
-            let out = run(&self.client, &pt.step, b, &self.hparams, t, Dtype::F32, &Launch::default(), &data)?;
-            new_params.push(pick(&out, Target::P)?);
-            states[k] = (0..n_states as u32).map(|i| pick(&out, Target::State(i))).collect::<Result<_, _>>()?;
-            // Stored in the state dtype, as the fused kernels store it.
-            states[k].iter_mut().for_each(|v| self.state_dtype.round(v));
+            let out = run(&self.client, &pt.plans.step, b, &self.hparams, t, Dtype::F32, &Launch::default(), &data)?;
+            for (k, v) in r.clone().zip(split(r, pick(&out, Target::P)?)) {
+                new_params[k] = v;
+            }
+            for i in 0..n_states {
+                for (k, mut v) in r.clone().zip(split(r, pick(&out, Target::State(i as u32))?)) {
+                    // Stored in the state dtype, as the fused kernels store it.
+                    self.state_dtype.round(&mut v);
+                    states[k][i] = v;
+                }
+            }
         }
         for (p, v) in params.iter_mut().zip(new_params) {
             *p = v;
@@ -360,6 +388,11 @@ impl CubeOptimizer {
         self.step += 1;
         Ok(())
     }
+}
+
+/// The tensors of a stack, one after another.
+fn concat<'a>(r: &std::ops::Range<usize>, each: impl Fn(usize) -> &'a [f32]) -> Vec<f32> {
+    r.clone().flat_map(|k| each(k).iter().copied()).collect()
 }
 
 fn pick(out: &[(Target, Vec<f32>)], t: Target) -> Result<Vec<f32>, Error> {

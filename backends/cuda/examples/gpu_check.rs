@@ -1,6 +1,6 @@
 //! The GPU check, in one run on a CUDA machine (scripts/gpu-check.sh builds nothing there: it
 //! runs this binary, built on a CPU machine, then ../shared/tools/gpu_peers.py):
-//! 1. correctness: every std rule on CUDA tensors (fused, or tensor by tensor) against the
+//! 1. correctness: every std rule on CUDA tensors (fused, or through layer kernels) against the
 //!    reference backend, 10 steps (Muon on matrices), and against libtorch's C++ optimizer on
 //!    the same GPU where it has one (SGD, Adam, AMSGrad, AdamW);
 //!    every std layer through our CUDA kernels (forward, derived backward, as one autograd node)
@@ -124,7 +124,8 @@ fn main() {
     shapes.extend(vec![vec![4096]; 196]);
     // Bytes each rule must move per element at the least: every parameter, gradient and
     // state read once, parameter and state written once.
-    // AdamP runs tensor by tensor on this path (not fused across tensors yet): timed all the same.
+    // AdamP runs through layer kernels, a stack of same-shaped tensors at a time (three stacks
+    // here): timed all the same.
     for (name, bytes) in [("adamw", 28.0), ("lion", 20.0), ("lamb", 28.0), ("adamp", 28.0), ("adam", 28.0), ("sgd", 20.0)] {
         let Some(r) = rules.iter().find(|r| r.name == name) else { continue };
         let line = guarded(|| -> Result<String, String> {

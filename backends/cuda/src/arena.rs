@@ -75,8 +75,21 @@ impl Arena {
 
     /// Tensor `k`'s elements in `flat` (`p` or `g`), flat: a view.
     pub fn tensor(&self, flat: &Tensor, k: usize) -> Tensor {
-        let first: usize = self.sizes[..k].iter().map(|n| n.div_ceil(BLOCK) * BLOCK).sum();
-        flat.narrow(0, first as i64, self.sizes[k] as i64)
+        self.stack(flat, k..k + 1)
+    }
+
+    /// Whether tensor `k` follows tensor `k - 1` with no padding between them (that one fills
+    /// whole cubes), so the two can be read as one stack.
+    pub fn joins(&self, k: usize) -> bool {
+        k > 0 && self.sizes[k - 1] % BLOCK == 0
+    }
+
+    /// The elements of tensors `r` in `flat`, one after another: a view. Every tensor but the
+    /// last must fill whole cubes ([`Self::joins`]).
+    pub fn stack(&self, flat: &Tensor, r: std::ops::Range<usize>) -> Tensor {
+        debug_assert!((r.start + 1..r.end).all(|k| self.joins(k)));
+        let first: usize = self.sizes[..r.start].iter().map(|n| n.div_ceil(BLOCK) * BLOCK).sum();
+        flat.narrow(0, first as i64, self.sizes[r].iter().sum::<usize>() as i64)
     }
 
     /// Elements in the padded layout.

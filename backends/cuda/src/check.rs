@@ -1,5 +1,5 @@
 //! Correctness on a GPU, shared by the tests and the GPU check binary: a rule on CUDA tensors
-//! (fused, or tensor by tensor) against the reference backend (f64), and against libtorch's own
+//! (fused, or through layer kernels) against the reference backend (f64), and against libtorch's own
 //! optimizer where it has one, over several steps.
 
 use crate::{Arena, CudaOptimizer, Gpu};

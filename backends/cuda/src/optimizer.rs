@@ -3,7 +3,8 @@
 //! flat arena's device pointers on torch's current stream. Hyper-parameters and the step count
 //! travel in a small scalar buffer (copied from pinned memory, queued on the stream, so a step
 //! never waits for the last), so changing them never recompiles. Rules the step kernels
-//! cannot fuse (per-axis reductions: AdamP, SGDP; matrix products: Muon) run tensor by tensor
+//! cannot fuse (per-axis reductions: AdamP, SGDP; matrix products: Muon) run a stack of
+//! same-shaped tensors at a time
 //! through the layer kernels of their plans (`plans`), as on the CubeCL runtime.
 
 use crate::arena::Arena;
@@ -12,7 +13,7 @@ use crate::plans::{kind_of, pick, PlanKernels};
 use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
 use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
-use normforge_cubecl::{compile, plan, Compiled, Dtype, Plan, Source};
+use normforge_cubecl::{compile, stacks, Compiled, Dtype, Source, Stacked};
 use normforge_dsl::bind;
 use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target};
 use std::sync::Arc;
@@ -63,8 +64,9 @@ pub struct CudaOptimizer {
 enum Path {
     /// Every tensor in one launch per phase.
     Fused { step_prog: Compiled, init_prog: Compiled, steps: Vec<Phase>, inits: Vec<Phase>, bound: Option<Bound> },
-    /// Tensor by tensor through the layer kernels; per tensor its state tensors.
-    PerTensor { step: Plan, init: Plan, kernels: PlanKernels, states: Vec<Vec<Tensor>> },
+    /// Through the layer kernels, a stack of same-shaped tensors at a time; per stack its state
+    /// tensors.
+    PerTensor { plans: Stacked, kernels: PlanKernels, states: Vec<Vec<Tensor>> },
 }
 
 impl CudaOptimizer {
@@ -84,13 +86,12 @@ impl CudaOptimizer {
                 Path::Fused { step_prog, init_prog, steps, inits, bound: None }
             }
             Err(fused) => {
-                let plans = plan(&entry, step).and_then(|s| Ok((s, plan(&entry, &entry.init)?)));
-                let (step, init) = plans.map_err(|e| Error::Rule(format!("`{}` cannot run on the CUDA path: {}; {}", entry.name, fused.0, e.0)))?;
+                let plans = Stacked::new(&entry, step).map_err(|e| Error::Rule(format!("`{}` cannot run on the CUDA path: {}; {}", entry.name, fused.0, e.0)))?;
                 let kernels = PlanKernels::new(gpu.clone());
-                for p in [&step, &init] {
+                for p in [&plans.step, &plans.init] {
                     kernels.prepare(p, Dtype::F32).map_err(|e| Error::Rule(e.0))?;
                 }
-                Path::PerTensor { step, init, kernels, states: Vec::new() }
+                Path::PerTensor { plans, kernels, states: Vec::new() }
             }
         };
         Ok(CudaOptimizer { gpu, entry, hparams, path, state_dtype, step: 0, prepared_in: start.elapsed() })
@@ -110,11 +111,12 @@ impl CudaOptimizer {
         Ok(normforge_dsl::hyper::set(&self.entry, &mut self.hparams, name, v)?)
     }
 
-    /// Kernel launches per step; per tensor for a rule that runs tensor by tensor.
+    /// Kernel launches per step; per stack of same-shaped tensors for a rule that runs through
+    /// layer kernels.
     pub fn launches_per_step(&self) -> usize {
         match &self.path {
             Path::Fused { steps, .. } => steps.iter().map(|p| 1 + p.combine.is_some() as usize).sum(),
-            Path::PerTensor { step, .. } => step.kernels.len(),
+            Path::PerTensor { plans, .. } => plans.step.kernels.len(),
         }
     }
 
@@ -178,39 +180,40 @@ impl CudaOptimizer {
         Ok(())
     }
 
-    /// A rule that runs tensor by tensor: every binding is checked before anything runs; the
-    /// first step computes each tensor's initial state.
+    /// A rule that runs through layer kernels, a stack of same-shaped neighbours at a time
+    /// (read in place from the arena): every binding is checked before anything runs; the
+    /// first step computes each stack's initial state.
     fn step_per_tensor(&mut self, arena: &Arena) -> Result<(), Error> {
-        let Programs::Optimizer { step: program } = &self.entry.programs else { unreachable!("an optimizer") };
-        let mut bindings = Vec::new();
-        for (k, s) in arena.shapes.iter().enumerate() {
-            let b = bind::bind_axes(&self.entry.axes, &bind::param_view(&self.entry, s), &format!("parameter {k}")).map_err(Error::Rule)?;
-            bind::check_program(program, &b, &self.hparams).map_err(Error::Rule)?;
-            bindings.push(b);
-        }
+        let runs = stacks(&arena.shapes, |k| arena.joins(k));
         let (t, hparams, entry, state_kind) = (self.step as f64 + 1.0, &self.hparams, &self.entry, kind_of(self.state_dtype));
-        let Path::PerTensor { step, init, kernels, states } = &mut self.path else { unreachable!("per tensor") };
-        if !states.is_empty() && states.len() != bindings.len() {
-            return Err(Error::Rule(format!("the arena holds {} tensors, the state {}", bindings.len(), states.len())));
+        let Path::PerTensor { plans, kernels, states } = &mut self.path else { unreachable!("per tensor") };
+        let mut bindings = Vec::new();
+        for r in &runs {
+            let shape = bind::param_view(entry, &arena.shapes[r.start]);
+            bindings.push(plans.bind(r.len(), &shape, hparams, &format!("parameters {}..{}", r.start, r.end))?);
+        }
+        let sizes = |r: &std::ops::Range<usize>| arena.sizes[r.clone()].iter().sum::<usize>() as i64;
+        if !states.is_empty() && (states.len() != runs.len() || states.iter().zip(&runs).any(|(st, r)| st.iter().any(|s| s.numel() as i64 != sizes(r)))) {
+            return Err(Error::Rule("the parameters changed since the first step".into()));
         }
         let rule = |e: normforge_tch::Error| Error::Rule(e.0);
         if states.is_empty() {
-            for (k, b) in bindings.iter().enumerate() {
-                let p = arena.tensor(&arena.p, k);
-                let out = kernels.run(init, b, hparams, 0.0, Dtype::F32, &|src| (src == Source::Input).then_some(&p)).map_err(rule)?;
+            for (r, b) in runs.iter().zip(&bindings) {
+                let p = arena.stack(&arena.p, r.clone());
+                let out = kernels.run(&plans.init, b, hparams, 0.0, Dtype::F32, &|src| (src == Source::Input).then_some(&p)).map_err(rule)?;
                 let st = (0..entry.states.len() as u32).map(|i| Ok(pick(&out, Target::State(i)).map_err(rule)?.to_kind(state_kind).copy()));
                 states.push(st.collect::<Result<_, Error>>()?);
             }
         }
-        for (k, b) in bindings.iter().enumerate() {
-            let (p, g, st) = (arena.tensor(&arena.p, k), arena.tensor(&arena.g, k), &states[k]);
+        for ((r, b), st) in runs.iter().zip(&bindings).zip(states.iter()) {
+            let (p, g) = (arena.stack(&arena.p, r.clone()), arena.stack(&arena.g, r.clone()));
             let data = |src: Source| match src {
                 Source::Input => Some(&p),
                 Source::Grad => Some(&g),
                 Source::State(i) => st.get(i as usize),
                 _ => None,
             };
-            let out = kernels.run(step, b, hparams, t, Dtype::F32, &data).map_err(rule)?;
+            let out = kernels.run(&plans.step, b, hparams, t, Dtype::F32, &data).map_err(rule)?;
             // The stream runs these after the kernels that read p and the state.
             tch::no_grad(|| -> Result<(), Error> {
                 p.shallow_clone().copy_(&pick(&out, Target::P).map_err(rule)?.reshape(p.size()));

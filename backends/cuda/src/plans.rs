@@ -1,5 +1,6 @@
 //! CubeCL plans (the layer kernels) on tch's CUDA tensors: what layers run, and update rules
-//! that run tensor by tensor (per-axis reductions, matrix products).
+//! that run through them (per-axis reductions, matrix products), a stack of same-shaped
+//! tensors at a time.
 //!
 //! A run reads the input and the output gradient (a rule's parameter and gradient) in place and
 //! lays the rest out in two device arenas, as the CubeCL runtime does: `io` in the storage

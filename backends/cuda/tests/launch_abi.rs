@@ -162,7 +162,7 @@ fn the_arena_refuses_mixed_tensors_and_changes_nothing() {
 }
 
 /// The GPU half: skipped, visibly, without a GPU; on one, every rule on CUDA tensors (fused or
-/// tensor by tensor) follows the reference backend for 10 steps (the GPU check script runs these with a GPU).
+/// through layer kernels) follows the reference backend for 10 steps (the GPU check script runs these with a GPU).
 #[test]
 fn rules_on_cuda_tensors_follow_the_reference_backend() {
     let gpu = match Gpu::open(0, None) {
@@ -181,10 +181,27 @@ fn rules_on_cuda_tensors_follow_the_reference_backend() {
         if r.entry.kind != EntryKind::Optimizer {
             continue;
         }
-        // Every rule: fused, or tensor by tensor (AdamP, SGDP, Muon); Muon takes matrices.
+        // Every rule: fused, or through layer kernels (AdamP, SGDP, Muon); Muon takes matrices.
         let shapes = if r.entry.axes.iter().any(|a| a.twin.is_some()) { &matrices } else { &vectors };
         let err = normforge_cuda::check::against_reference(&gpu, &r.entry, shapes, 10).unwrap_or_else(|e| panic!("{}: {e}", r.name));
         assert!(err < 1e-5, "{}: relative error {err:e} after 10 steps", r.name);
         eprintln!("{}: 10 steps match the reference on {} ({}), relative error {err:.1e}", r.name, gpu.name(), gpu.arch());
     }
+}
+
+#[test]
+fn same_shaped_tensors_that_fill_whole_cubes_read_as_one_stack() {
+    // 256 values fill a cube: the next tensor follows it directly; 3 values do not.
+    let mut vars: Vec<Tensor> = [256i64, 256, 256, 3, 3]
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| Tensor::full([n], k as f64, (Kind::Float, tch::Device::Cpu)).set_requires_grad(true))
+        .collect();
+    let arena = Arena::adopt(&mut vars).unwrap();
+    let joins: Vec<bool> = (0..5).map(|k| arena.joins(k)).collect();
+    assert_eq!(joins, [false, true, true, true, false]);
+    assert_eq!(normforge_cubecl::stacks(&arena.shapes, |k| arena.joins(k)), vec![0..3, 3..4, 4..5]);
+    let stack = Vec::<f32>::try_from(arena.stack(&arena.p, 0..3)).unwrap();
+    assert_eq!(stack, (0..768).map(|i| (i / 256) as f32).collect::<Vec<_>>());
+    assert_eq!(Vec::<f32>::try_from(arena.stack(&arena.p, 4..5)).unwrap(), vec![4.0; 3]);
 }
