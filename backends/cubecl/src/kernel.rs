@@ -415,7 +415,7 @@ impl LProgram {
 /// buffers and reductions in f32; all arithmetic is f32. `meta` holds, per shape
 /// `k` (at `3 * rank * k`): per axis its extent in that shape (`outer`: 1, the group count, or
 /// the axis length), the axis elements per value (`inner`), and the row-major stride; then
-/// each tensor's offset in its arena.
+/// each tensor's offset in its buffer (0 for `x` and `dy`).
 #[cube(launch_unchecked, create_dummy_kernel)]
 pub fn layer_kernel<F: Float>(
     x: &[F],

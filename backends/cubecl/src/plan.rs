@@ -93,6 +93,12 @@ impl Tables {
 }
 
 pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
+    plan_stacked(entry, p, 0)
+}
+
+/// As [`plan`], for a program whose first `lead` axes index the tensors of a stack: what is
+/// one value of each tensor counts as a single value (`single`).
+pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Plan, Error> {
     let unsupported = |what: &str| Error(format!("`{}`: {what} is not supported in a layer by the CubeCL backend", entry.name));
     let mut uniforms = Uniforms::new(p, |op| matches!(op, Op::Size(_) | Op::Rank(_)));
     // (`Step` is uniform too: `Uniforms` knows it.)
@@ -191,9 +197,9 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
             cooperative: true,
             values_per_cube: 1,
         };
-        match two_stage(arg, &node.shape) {
-            // A single value from several axes: first a partial value per index of one of them
-            // (a cube each), then one cube folds those.
+        match two_stage(arg, &node.shape, lead) {
+            // Several axes folded: first a partial value per index of one of them, then a
+            // fold of those.
             Some(mid) => {
                 let part = t.tensor(Source::Partial(i as u32), &mid, Buf::Work);
                 let mid_shape = t.shape(&mid);
@@ -237,7 +243,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
         let phase = LPhase { domain: target, ops, reduce: None, stores };
         kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1 });
     }
-    let mut kernels = fuse(kernels, &t.shapes, &t.tensors);
+    let mut kernels = fuse(kernels, &t.shapes, &t.tensors, lead);
     let kinds: Vec<Vec<AxisKind>> = t.shapes.iter().zip(&t.perms).map(|(s, perm)| axis_kinds(s, perm)).collect();
     for k in &mut kernels {
         k.shapes = t.shapes.len();
@@ -246,18 +252,20 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
     Ok(Plan { kernels, shapes: t.shapes, perms: t.perms, tensors: t.tensors, outputs, program: p.clone(), uniforms })
 }
 
-/// Whether every axis of `s` is broadcast: a single value.
-fn single(s: &Shape) -> bool {
-    s.0.iter().all(|e| *e == Extent::One)
+/// Whether `s` is a single value of each tensor: broadcast along every axis but the first
+/// `lead`, which index the tensors of a stack (`stack`).
+fn single(s: &Shape, lead: usize) -> bool {
+    s.0[lead..].iter().all(|e| *e == Extent::One)
 }
 
-/// The middle shape of a reduction of `arg` to a single value `out` in two stages, where `arg`
-/// spans several axes one of which is full: that axis kept, the rest reduced (a partial value
-/// per index, folded by a second stage). `None` where one stage is all there is to do.
-fn two_stage(arg: &Shape, out: &Shape) -> Option<Shape> {
-    let spans = arg.0.iter().filter(|e| **e != Extent::One).count();
-    let keep = arg.0.iter().position(|e| *e == Extent::Full)?;
-    (single(out) && spans >= 2).then(|| Shape(arg.0.iter().enumerate().map(|(a, e)| if a == keep { e.clone() } else { Extent::One }).collect()))
+/// The middle shape of a reduction of `arg` to a single value (of each tensor) `out` in two
+/// stages, where `arg` spans several axes one of which is full: that axis kept (a partial value
+/// per index), the rest reduced, then a fold of the partials. `None` where one stage is all
+/// there is to do.
+fn two_stage(arg: &Shape, out: &Shape, lead: usize) -> Option<Shape> {
+    let spans = arg.0[lead..].iter().filter(|e| **e != Extent::One).count();
+    let keep = lead + arg.0[lead..].iter().position(|e| *e == Extent::Full)?;
+    (single(out, lead) && spans >= 2).then(|| Shape(out.0.iter().enumerate().map(|(a, e)| if a == keep { Extent::Full } else { e.clone() }).collect()))
 }
 
 /// Per kernel axis, the kind of the tensor axis a view in the order `perm` reads there (the
@@ -296,7 +304,7 @@ fn refines(fine: &Shape, coarse: &Shape) -> bool {
 /// once everything it reads is computed by then; loads of reductions computed in the kernel
 /// it joins become register reads. Among several, it joins the one it reads most from (then
 /// the last), so a layer norm's output joins its row statistics, not its column sums.
-fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf)]) -> Vec<LProgram> {
+fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf)], lead: usize) -> Vec<LProgram> {
     let mut out: Vec<LProgram> = Vec::new();
     // Per fused kernel, the tensors its reductions write, in phase order.
     let mut made: Vec<Vec<usize>> = Vec::new();
@@ -316,7 +324,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             // (Elementwise work never joins a kernel of a single value: that is one cube.)
             let fits = |g: &LProgram| match phase.reduce {
                 Some(_) => g.target == target,
-                None => refines(&shapes[phase.domain], &shapes[g.target]) && (!single(&shapes[g.target]) || single(&shapes[phase.domain])),
+                None => refines(&shapes[phase.domain], &shapes[g.target]) && (!single(&shapes[g.target], lead) || single(&shapes[phase.domain], lead)),
             };
             let join = (after..out.len()).filter(|&g| fits(&out[g])).max_by_key(|&g| (from(g), g));
             let g = match join {

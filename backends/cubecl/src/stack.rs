@@ -4,7 +4,7 @@
 //! a stack while each tensor keeps its own reductions. A model's 196 bias vectors of one length
 //! are then one stack, not 196 rounds of launches.
 
-use crate::plan::{plan, Plan};
+use crate::plan::{plan_stacked, Plan};
 use crate::Error;
 use normforge_dsl::bind::{self, AxisBinding};
 use normforge_dsl::ir::{Axis, Entry, Extent, Op, Program, Shape};
@@ -47,7 +47,7 @@ impl Stacked {
         for a in &mut e.axes[1..] {
             a.twin = a.twin.map(|t| t + 1);
         }
-        Ok(Stacked { step: plan(&e, &stacked_program(step))?, init: plan(&e, &stacked_program(&entry.init))?, entry: e })
+        Ok(Stacked { step: plan_stacked(&e, &stacked_program(step), 1)?, init: plan_stacked(&e, &stacked_program(&entry.init), 1)?, entry: e })
     }
 
     /// The binding of a stack of `count` tensors of `shape` (checked against the rule's
