@@ -2,7 +2,7 @@
 //! derived backward, each a short sequence of layer kernels over one arena buffer that holds
 //! every tensor of the call.
 
-use crate::plan::{plan, run, Launch, Plan, Source};
+use crate::plan::{layout, plan, run, Launch, Plan, Source};
 use crate::{Dtype, Error};
 use normforge_dsl::bind::{self, AxisBinding};
 use normforge_dsl::ir::{Entry, Kind, Programs, Target};
@@ -98,7 +98,7 @@ impl CubeLayer {
             Source::Buffer(i) => self.buffers.get(i as usize).map(Vec::as_slice),
             _ => None,
         };
-        run(&self.client, plan, b, &self.hparams, 0.0, self.storage, &self.launch, &data)
+        run(&self.client, plan, &layout(plan, b, &self.hparams, 0.0, &self.launch)?, self.storage, &data)
     }
 
     /// The output for `x` (of `shape`); in training mode the buffers take their new values.

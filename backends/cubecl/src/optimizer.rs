@@ -4,7 +4,7 @@
 
 use crate::compile::{compile, Compiled};
 use crate::kernel::{combine_kernel, padded_layout, step_kernel, KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
-use crate::plan::{run, Launch, Source};
+use crate::plan::{layout, run, Launch, Source};
 use crate::stack::{stacks, Stacked};
 use crate::{unfused, Dtype, Error, Held};
 use normforge_dsl::bind;
@@ -350,7 +350,8 @@ impl CubeOptimizer {
             for (r, b) in runs.iter().zip(&bindings) {
                 let p = concat(r, |k| &params[k]);
                 let data = |src: Source| if src == Source::Input { Some(p.as_slice()) } else { None };
-                let out = run(&self.client, &pt.plans.init, b, &self.hparams, 0.0, Dtype::F32, &Launch::default(), &data)?;
+                let lay = layout(&pt.plans.init, b, &self.hparams, 0.0, &Launch::default())?;
+                let out = run(&self.client, &pt.plans.init, &lay, Dtype::F32, &data)?;
                 for i in 0..n_states as u32 {
                     for (k, v) in r.clone().zip(split(r, pick(&out, Target::State(i))?)) {
                         states[k].push(v);
@@ -369,7 +370,14 @@ impl CubeOptimizer {
                 Source::State(i) => st.get(i as usize).map(Vec::as_slice),
                 _ => None,
             };
-            let out = run(&self.client, &pt.plans.step, b, &self.hparams, t, Dtype::F32, &Launch::default(), &data)?;
+            // Odd steps read each state where the last step wrote it, as the CUDA path does with
+            // its arena kept between steps (here the host places the values either way, so a
+            // rule whose states cannot swap simply does not).
+            let mut lay = layout(&pt.plans.step, b, &self.hparams, t, &Launch::default())?;
+            if self.step % 2 == 1 {
+                lay.swap_states(&pt.plans.step);
+            }
+            let out = run(&self.client, &pt.plans.step, &lay, Dtype::F32, &data)?;
             for (k, v) in r.clone().zip(split(r, pick(&out, Target::P)?)) {
                 new_params[k] = v;
             }

@@ -428,6 +428,34 @@ impl Layout {
     pub fn len(&self, plan: &Plan, t: usize) -> usize {
         self.sizes[plan.tensors[t].1]
     }
+
+    /// Exchange where each state is read and where its new value is written, so that a caller
+    /// keeping the `work` arena from one step to the next finds the new state where the next
+    /// step reads it, on alternate steps, with nothing copied. All or nothing: false (and no
+    /// change) where some state and its output do not both live in `work` with one length.
+    pub fn swap_states(&mut self, plan: &Plan) -> bool {
+        let pairs: Vec<Option<(usize, usize)>> = plan
+            .tensors
+            .iter()
+            .enumerate()
+            .filter_map(|(t, &(src, ..))| if let Source::State(i) = src { Some((t, i)) } else { None })
+            .map(|(t, i)| {
+                let out = plan.outputs.iter().find(|(target, _)| *target == Target::State(i))?.1;
+                let work = |t: usize| plan.tensors[t].2 == Buf::Work;
+                (work(t) && work(out) && out != t && self.len(plan, t) == self.len(plan, out)).then_some((t, out))
+            })
+            .collect();
+        if pairs.iter().any(Option::is_none) {
+            return false;
+        }
+        let rank = plan.perms.first().map_or(0, Vec::len);
+        let base = 3 * rank * plan.shapes.len();
+        for (a, b) in pairs.into_iter().flatten() {
+            self.offsets.swap(a, b);
+            self.meta.swap(base + a, base + b);
+        }
+        true
+    }
 }
 
 /// Bind a plan to shapes, its kernels launched as `launch` says.
@@ -501,22 +529,11 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
     Ok(Layout { meta, sizes, offsets, io_len, work_len, scalars, launches })
 }
 
-/// Run a plan on the device: `data` gives the tensors it reads (the rest it computes); `io`
-/// is the storage type of the input, output and their gradients; `launch` shapes the launches.
-/// Every output comes back, by target, in f32.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run<'a>(
-    client: &cubecl::client::Client,
-    plan: &Plan,
-    b: &AxisBinding,
-    hparams: &[f64],
-    step: f64,
-    io: Dtype,
-    launch: &Launch,
-    data: &dyn Fn(Source) -> Option<&'a [f32]>,
-) -> Result<Vec<(Target, Vec<f32>)>, Error> {
+/// Run a plan bound to one call's shapes (`lay`) on the device: `data` gives the tensors it
+/// reads (the rest it computes); `io` is the storage type of the input, output and their
+/// gradients. Every output comes back, by target, in f32.
+pub(crate) fn run<'a>(client: &cubecl::client::Client, plan: &Plan, lay: &Layout, io: Dtype, data: &dyn Fn(Source) -> Option<&'a [f32]>) -> Result<Vec<(Target, Vec<f32>)>, Error> {
     let held = io.held_on(client)?;
-    let lay = layout(plan, b, hparams, step, launch)?;
     // The input and the output gradient as buffers of their own; two arenas: `io` in the
     // storage type, `work` in f32.
     let (mut x, mut dy) = (Vec::new(), Vec::new());

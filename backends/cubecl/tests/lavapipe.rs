@@ -276,6 +276,34 @@ fn state_dtype_is_selectable() {
 }
 
 #[test]
+fn stacked_rules_swap_where_their_states_are_read_and_written() {
+    // The CUDA path keeps a stack's work arena between steps and swaps, on alternate steps,
+    // where each state is read and where its new value goes: no state is copied. The rules
+    // above run their odd steps swapped; here, that every such rule can swap, and that a swap
+    // exchanges the offsets (twice: back where it started).
+    let reg = registry();
+    let mut swapped = 0;
+    for r in reg.list(None) {
+        let Programs::Optimizer { step } = &r.entry.programs else { continue };
+        if normforge_cubecl::compile(&r.entry, step).is_ok() {
+            continue;
+        }
+        let plans = normforge_cubecl::Stacked::new(&r.entry, step).unwrap();
+        let hp = normforge_dsl::hyper::resolve(&r.entry, &[]).unwrap();
+        let b = plans.bind(3, &[6, 6], &hp, "p").unwrap();
+        let lay = normforge_cubecl::layout(&plans.step, &b, &hp, 1.0, &normforge_cubecl::Launch::default()).unwrap();
+        let mut other = lay.clone();
+        assert!(other.swap_states(&plans.step), "{}: states cannot swap", r.name);
+        assert_ne!(other.offsets, lay.offsets, "{}", r.name);
+        assert_ne!(other.meta, lay.meta, "{}", r.name);
+        assert!(other.swap_states(&plans.step));
+        assert_eq!((other.offsets, other.meta), (lay.offsets, lay.meta), "{}", r.name);
+        swapped += 1;
+    }
+    assert!(swapped >= 3, "adamp, sgdp, muon");
+}
+
+#[test]
 fn every_std_rule_is_covered() {
     for r in registry().list(None) {
         if r.entry.kind == normforge_dsl::ir::Kind::Optimizer {

@@ -64,9 +64,9 @@ pub struct CudaOptimizer {
 enum Path {
     /// Every tensor in one launch per phase.
     Fused { step_prog: Compiled, init_prog: Compiled, steps: Vec<Phase>, inits: Vec<Phase>, bound: Option<Bound> },
-    /// Through the layer kernels, a stack of same-shaped tensors at a time; per stack its state
-    /// tensors.
-    PerTensor { plans: Stacked, kernels: PlanKernels, states: Vec<Vec<Tensor>> },
+    /// Through the layer kernels, a stack of same-shaped tensors at a time; per stack its work
+    /// arena, which holds its states.
+    PerTensor { plans: Stacked, kernels: PlanKernels, works: Vec<Tensor> },
 }
 
 impl CudaOptimizer {
@@ -91,7 +91,7 @@ impl CudaOptimizer {
                 for p in [&plans.step, &plans.init] {
                     kernels.prepare(p, Dtype::F32).map_err(|e| Error::Rule(e.0))?;
                 }
-                Path::PerTensor { plans, kernels, states: Vec::new() }
+                Path::PerTensor { plans, kernels, works: Vec::new() }
             }
         };
         Ok(CudaOptimizer { gpu, entry, hparams, path, state_dtype, step: 0, prepared_in: start.elapsed() })
@@ -181,45 +181,69 @@ impl CudaOptimizer {
     }
 
     /// A rule that runs through layer kernels, a stack of same-shaped neighbours at a time
-    /// (read in place from the arena): every binding is checked before anything runs; the
-    /// first step computes each stack's initial state.
+    /// (read in place from the arena): every binding is checked before anything runs. Each
+    /// stack keeps its work arena between steps and its states in it, read on alternate steps
+    /// from where the last step wrote them (`Layout::swap_states`), so no state is copied; the
+    /// first step computes them.
     fn step_per_tensor(&mut self, arena: &Arena) -> Result<(), Error> {
         let runs = stacks(&arena.shapes, |k| arena.joins(k));
-        let (t, hparams, entry, state_kind) = (self.step as f64 + 1.0, &self.hparams, &self.entry, kind_of(self.state_dtype));
-        let Path::PerTensor { plans, kernels, states } = &mut self.path else { unreachable!("per tensor") };
-        let mut bindings = Vec::new();
+        let (t, odd, hparams, entry, state_kind) = (self.step as f64 + 1.0, self.step % 2 == 1, &self.hparams, &self.entry, kind_of(self.state_dtype));
+        let Path::PerTensor { plans, kernels, works } = &mut self.path else { unreachable!("per tensor") };
+        let rule = |e: normforge_tch::Error| Error::Rule(e.0);
+        let mut bound = Vec::new();
         for r in &runs {
             let shape = bind::param_view(entry, &arena.shapes[r.start]);
-            bindings.push(plans.bind(r.len(), &shape, hparams, &format!("parameters {}..{}", r.start, r.end))?);
+            let b = plans.bind(r.len(), &shape, hparams, &format!("parameters {}..{}", r.start, r.end))?;
+            let lay = kernels.layout(&plans.step, &b, hparams, t).map_err(rule)?;
+            bound.push((b, lay));
         }
-        let sizes = |r: &std::ops::Range<usize>| arena.sizes[r.clone()].iter().sum::<usize>() as i64;
-        if !states.is_empty() && (states.len() != runs.len() || states.iter().zip(&runs).any(|(st, r)| st.iter().any(|s| s.numel() as i64 != sizes(r)))) {
+        if !works.is_empty() && (works.len() != runs.len() || works.iter().zip(&bound).any(|(w, (_, lay))| (w.numel() as usize) < lay.work_len)) {
             return Err(Error::Rule("the parameters changed since the first step".into()));
         }
-        let rule = |e: normforge_tch::Error| Error::Rule(e.0);
-        if states.is_empty() {
-            for (r, b) in runs.iter().zip(&bindings) {
+        // Where each state is read in the unswapped layout (`None`: the step never reads it).
+        let slots = |lay: &normforge_cubecl::Layout| -> Vec<Option<(i64, i64)>> {
+            (0..entry.states.len() as u32)
+                .map(|i| plans.step.tensors.iter().position(|x| x.0 == Source::State(i)))
+                .map(|k| k.map(|k| (lay.offsets[k] as i64, lay.len(&plans.step, k) as i64)))
+                .collect()
+        };
+        let swaps = bound.first().is_some_and(|(_, lay)| lay.clone().swap_states(&plans.step));
+        if works.is_empty() {
+            for (r, (b, lay)) in runs.iter().zip(&bound) {
                 let p = arena.stack(&arena.p, r.clone());
                 let out = kernels.run(&plans.init, b, hparams, 0.0, Dtype::F32, &|src| (src == Source::Input).then_some(&p)).map_err(rule)?;
-                let st = (0..entry.states.len() as u32).map(|i| Ok(pick(&out, Target::State(i)).map_err(rule)?.to_kind(state_kind).copy()));
-                states.push(st.collect::<Result<_, Error>>()?);
+                let work = Tensor::zeros([lay.work_len.max(1) as i64], (Kind::Float, arena.device));
+                for (i, slot) in slots(lay).into_iter().enumerate() {
+                    let Some((off, len)) = slot else { continue };
+                    let v = pick(&out, Target::State(i as u32)).map_err(rule)?;
+                    tch::no_grad(|| work.narrow(0, off, len).copy_(&v.to_kind(state_kind).to_kind(Kind::Float).reshape([-1])));
+                }
+                works.push(work);
             }
         }
-        for ((r, b), st) in runs.iter().zip(&bindings).zip(states.iter()) {
+        for ((r, (_, lay)), work) in runs.iter().zip(bound.iter_mut()).zip(works.iter()) {
+            if odd && swaps {
+                lay.swap_states(&plans.step);
+            }
             let (p, g) = (arena.stack(&arena.p, r.clone()), arena.stack(&arena.g, r.clone()));
             let data = |src: Source| match src {
                 Source::Input => Some(&p),
                 Source::Grad => Some(&g),
-                Source::State(i) => st.get(i as usize),
                 _ => None,
             };
-            let out = kernels.run(&plans.step, b, hparams, t, Dtype::F32, &data).map_err(rule)?;
+            let out = kernels.run_laid(&plans.step, lay, Dtype::F32, &data, Some(work)).map_err(rule)?;
             // The stream runs these after the kernels that read p and the state.
             tch::no_grad(|| -> Result<(), Error> {
                 p.shallow_clone().copy_(&pick(&out, Target::P).map_err(rule)?.reshape(p.size()));
-                for (i, s) in st.iter().enumerate() {
-                    if let Ok(v) = pick(&out, Target::State(i as u32)) {
-                        s.shallow_clone().copy_(&v.reshape(s.size()));
+                for i in 0..entry.states.len() as u32 {
+                    let Ok(v) = pick(&out, Target::State(i)) else { continue };
+                    // Kept in the state dtype's values, as the fused kernels store them.
+                    if state_kind != Kind::Float {
+                        v.shallow_clone().copy_(&v.to_kind(state_kind));
+                    }
+                    // A rule whose states cannot swap copies them back where they are read.
+                    if let (false, Some((off, len))) = (swaps, slots(lay)[i as usize]) {
+                        work.narrow(0, off, len).copy_(v);
                     }
                 }
                 Ok(())

@@ -11,7 +11,7 @@ use crate::driver::{self, Gpu, Kernel};
 use crate::upload::{words, Cache};
 use normforge_cubecl::emit::{layer_unit, Lang};
 use normforge_cubecl::kernel::{Buf, LProgram, BLOCK};
-use normforge_cubecl::{launched, layout, Dtype, Launch, Plan, Source};
+use normforge_cubecl::{launched, layout, Dtype, Launch, Layout, Plan, Source};
 use normforge_dsl::bind::AxisBinding;
 use normforge_dsl::ir::Target;
 use normforge_tch::Error;
@@ -93,11 +93,29 @@ impl PlanKernels {
         io: Dtype,
         data: &dyn Fn(Source) -> Option<&'a Tensor>,
     ) -> Result<Vec<(Target, Tensor)>, Error> {
+        self.run_laid(plan, &self.layout(plan, b, hparams, step)?, io, data, None)
+    }
+
+    /// `plan` bound to `b`, launched as these kernels launch.
+    pub fn layout(&self, plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64) -> Result<Layout, Error> {
+        Ok(layout(plan, b, hparams, step, &self.launch)?)
+    }
+
+    /// As [`Self::run`], bound by `lay`, with a `work` arena the caller keeps between calls
+    /// (at least `lay.work_len` long): the states `data` does not give are read from it where
+    /// `lay` places them — where the last call wrote them, with `Layout::swap_states` on
+    /// alternate calls — so a rule's state is never copied.
+    pub fn run_laid<'a>(&self, plan: &Plan, lay: &Layout, io: Dtype, data: &dyn Fn(Source) -> Option<&'a Tensor>, work: Option<&Tensor>) -> Result<Vec<(Target, Tensor)>, Error> {
         let dev = Device::Cuda(self.gpu.ordinal());
-        let lay = layout(plan, b, hparams, step, &self.launch)?;
-        // Every output element is written by a launch: the `io` arena needs no clearing.
+        // Every output element is written by a launch, so neither arena needs clearing: what
+        // a kernel skipped for a branch not taken leaves is read only by selects that drop it.
         let io_arena = Tensor::empty([lay.io_len.max(1) as i64], (kind_of(io), dev));
-        let work = Tensor::zeros([lay.work_len.max(1) as i64], (Kind::Float, dev));
+        let kept = work.is_some();
+        let work = match work {
+            Some(w) if w.numel() >= lay.work_len && w.device() == dev && w.kind() == Kind::Float => w.shallow_clone(),
+            Some(_) => return Err(Error(format!("a kept work arena must be f32 on cuda:{}, {} values at least", self.gpu.ordinal(), lay.work_len))),
+            None => Tensor::empty([lay.work_len.max(1) as i64], (Kind::Float, dev)),
+        };
         let (mut x, mut dy) = (None, None);
         for (t, &(src, _, buf)) in plan.tensors.iter().enumerate() {
             let (off, len) = (lay.offsets[t] as i64, lay.len(plan, t) as i64);
@@ -112,6 +130,7 @@ impl PlanKernels {
                     Buf::Work => _ = work.narrow(0, off, len).copy_(&d.reshape([-1])),
                 },
                 None if src.computed() => {}
+                None if kept && matches!(src, Source::State(_)) => {}
                 None => return Err(Error(format!("{src:?} is missing"))),
             }
         }
