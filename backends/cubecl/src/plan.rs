@@ -1,9 +1,11 @@
 //! A layer program -> layer kernels. Every reduction is materialized: a phase per reduction,
 //! a cube per reduced value (or, for short reductions, a unit) folding the values it covers;
-//! the elementwise work feeding it is recomputed inside that fold rather than stored. Outputs
-//! of one shape share one elementwise phase. Phases over the same target elements share a
-//! kernel (`fuse`): a layer norm's forward is one kernel. Shapes stay symbolic: extents arrive at run time in the `meta` table, so
-//! a kernel serves every input shape and group count.
+//! the elementwise work feeding it is recomputed inside that fold rather than stored. A single
+//! value folded from several axes takes two stages, so that many cubes share it. Outputs of
+//! one shape share one elementwise phase. Phases over the same target elements share a kernel
+//! (`fuse`): a layer norm's forward is one kernel. Shapes stay symbolic: extents arrive at run
+//! time in the `meta` table, so a kernel serves every input shape and group count; only each
+//! shape's kind per axis (broadcast, grouped, full) is fixed, to spare the kernels divisions.
 
 use crate::compile::{binary, reduce, unary, Uniforms};
 use crate::kernel::{layer_kernel, AxisKind, Buf, LOp, LPhase, LProgram, BLOCK};
