@@ -28,12 +28,14 @@ optimizer adamp(
     let by_channel = multi_dim && max(cos_channel) < delta / sqrt(size(r))
     let by_layer = multi_dim && !by_channel && cos_layer < delta / sqrt(size(o, r))
 
-    let pn_channel = p / (norm(p, over r) + eps)
-    let pn_layer = p / (norm(p) + eps)
+    # pn = p / (norm + eps); sum(pn * perturb) is written sum(p * perturb) / (norm + eps), the same
+    # value, so that it needs no norm first and a kernel folds it beside the norms.
+    let n_channel = norm(p, over r) + eps
+    let n_layer = norm(p) + eps
     let projected = select(
         by_channel,
-        perturb - pn_channel * sum(pn_channel * perturb, over r),
-        select(by_layer, perturb - pn_layer * sum(pn_layer * perturb), perturb),
+        perturb - p / n_channel * (sum(p * perturb, over r) / n_channel),
+        select(by_layer, perturb - p / n_layer * (sum(p * perturb) / n_layer), perturb),
     )
     let wd = select(by_channel || by_layer, wd_ratio, 1)
     p = p * (1 - lr * weight_decay * wd)

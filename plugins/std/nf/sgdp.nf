@@ -24,12 +24,14 @@ optimizer sgdp(
     let multi_dim = rank(r) > 0
     let by_channel = multi_dim && max(cos_channel) < delta / sqrt(size(r))
     let by_layer = multi_dim && !by_channel && cos_layer < delta / sqrt(size(o, r))
-    let pn_channel = p / (norm(p, over r) + eps)
-    let pn_layer = p / (norm(p) + eps)
+    # pn = p / (norm + eps); sum(pn * d) is written sum(p * d) / (norm + eps), the same
+    # value, so that it needs no norm first and a kernel folds it beside the norms.
+    let n_channel = norm(p, over r) + eps
+    let n_layer = norm(p) + eps
     let projected = select(
         by_channel,
-        d - pn_channel * sum(pn_channel * d, over r),
-        select(by_layer, d - pn_layer * sum(pn_layer * d), d),
+        d - p / n_channel * (sum(p * d, over r) / n_channel),
+        select(by_layer, d - p / n_layer * (sum(p * d) / n_layer), d),
     )
     let wd = select(by_channel || by_layer, wd_ratio, 1)
     p = p * (1 - lr * weight_decay * wd / (1 - momentum))
