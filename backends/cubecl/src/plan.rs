@@ -450,8 +450,8 @@ impl Layout {
         if pairs.iter().any(Option::is_none) {
             return false;
         }
-        let rank = plan.perms.first().map_or(0, Vec::len);
-        let base = 3 * rank * plan.shapes.len();
+        // The tensors' offsets end the table.
+        let base = self.meta.len() - self.offsets.len();
         for (a, b) in pairs.into_iter().flatten() {
             self.offsets.swap(a, b);
             self.meta.swap(base + a, base + b);

@@ -13,6 +13,16 @@ fn host(t: &Tensor) -> Result<Vec<f64>, String> {
     Ok(v.into_iter().map(f64::from).collect())
 }
 
+fn dims(s: &[usize]) -> Vec<i64> {
+    s.iter().map(|&d| d as i64).collect()
+}
+
+/// max |got - want| / max |want| of one tensor.
+fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    let scale = want.iter().map(|b| b.abs()).fold(1e-30, f64::max);
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale
+}
+
 /// Run `steps` steps of `entry` on parameters of `shapes` with random gradients, on the GPU and
 /// in the reference backend; the largest relative error over the tensors (max |diff| / max
 /// |reference|). `Err` for a rule the CUDA path refuses or a failed launch.
@@ -21,7 +31,6 @@ pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize
     let mut oracle = normforge_reference::Optimizer::new(entry.clone(), &[]).map_err(|e| e.0)?;
     let dev = Device::Cuda(gpu.ordinal());
     tch::manual_seed(7);
-    let dims = |s: &[usize]| s.iter().map(|&d| d as i64).collect::<Vec<_>>();
     let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
     let as_ref = |t: &Tensor| -> Result<normforge_reference::Tensor, String> {
         normforge_reference::Tensor::new(t.size().iter().map(|&d| d as usize).collect(), host(t)?).map_err(|e| e.0)
@@ -41,9 +50,7 @@ pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize
     }
     let mut worst = 0f64;
     for (v, w) in vars.iter().zip(&want) {
-        let got = host(v)?;
-        let scale = w.data.iter().map(|b| b.abs()).fold(1e-30, f64::max);
-        worst = worst.max(got.iter().zip(&w.data).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale);
+        worst = worst.max(rel_err(&host(v)?, &w.data));
     }
     Ok(worst)
 }
@@ -61,7 +68,6 @@ pub fn against_builtin(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>]
     let mut run = || -> Result<f64, String> {
         let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Dtype::F32).map_err(|e| e.to_string())?;
         tch::manual_seed(11);
-        let dims = |s: &[usize]| s.iter().map(|&d| d as i64).collect::<Vec<_>>();
         let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
         let twins: Vec<Tensor> = vars.iter().enumerate().map(|(i, v)| vs.root().var_copy(&format!("p{i}"), v)).collect();
         let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
@@ -81,9 +87,7 @@ pub fn against_builtin(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>]
         }
         let mut worst = 0f64;
         for (v, t) in vars.iter().zip(&twins) {
-            let (got, want) = (host(v)?, host(t)?);
-            let scale = want.iter().map(|b| b.abs()).fold(1e-30, f64::max);
-            worst = worst.max(got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale);
+            worst = worst.max(rel_err(&host(v)?, &host(t)?));
         }
         Ok(worst)
     };

@@ -97,8 +97,8 @@ impl CudaOptimizer {
         Ok(CudaOptimizer { gpu, entry, hparams, path, state_dtype, step: 0, prepared_in: start.elapsed() })
     }
 
-    /// Whether every tensor goes through the same launches (false for rules that run tensor
-    /// by tensor).
+    /// Whether every tensor goes through the same launches (false for rules that run through
+    /// layer kernels, a stack of same-shaped tensors at a time).
     pub fn fused(&self) -> bool {
         matches!(self.path, Path::Fused { .. })
     }
@@ -232,6 +232,7 @@ impl CudaOptimizer {
                 _ => None,
             };
             let out = kernels.run_laid(&plans.step, lay, Dtype::F32, &data, Some(work)).map_err(rule)?;
+            let read_at = slots(lay);
             // The stream runs these after the kernels that read p and the state.
             tch::no_grad(|| -> Result<(), Error> {
                 p.shallow_clone().copy_(&pick(&out, Target::P).map_err(rule)?.reshape(p.size()));
@@ -242,7 +243,7 @@ impl CudaOptimizer {
                         v.shallow_clone().copy_(&v.to_kind(state_kind));
                     }
                     // A rule whose states cannot swap copies them back where they are read.
-                    if let (false, Some((off, len))) = (swaps, slots(lay)[i as usize]) {
+                    if let (false, Some((off, len))) = (swaps, read_at[i as usize]) {
                         work.narrow(0, off, len).copy_(v);
                     }
                 }
