@@ -5,8 +5,8 @@
 //! generic CUDA-class device (32-wide warps, 1024 threads per cube, every scalar type), so
 //! the text is the same on every machine and needs no driver.
 
-use crate::kernel::{combine_kernel, layer_kernel, step_kernel, KProgram, LProgram, BLOCK, COMBINE_BLOCK};
-use crate::{Compiled, Dtype, Error, Plan};
+use crate::kernel::{combine_kernel, layer_kernel, step_kernel, KProgram, LProgram, Reach, BLOCK, COMBINE_BLOCK};
+use crate::{Compiled, Dtype, Error, Fold, Plan};
 use cubecl::ir::{DeviceIdentity, DeviceProperties, HardwareProperties, MemoryDeviceProperties, TargetProperties};
 use cubecl::prelude::*;
 use cubecl::Compiler;
@@ -187,17 +187,31 @@ pub fn program_units(prog: &Compiled, state: Dtype, lang: Lang) -> Result<Vec<Un
 pub fn plan_units(plan: &Plan, io: Dtype, lang: Lang) -> Result<Vec<Unit>, Error> {
     let props = Arc::new(properties());
     let mut units = Vec::new();
-    for (k, prog) in plan.kernels.iter().enumerate() {
+    let describe = |prog: &LProgram| -> String {
         let what: Vec<String> = prog
             .phases
             .iter()
             .map(|p| match p.reduce {
+                Some((op, _, _)) if p.reach == Reach::Across => format!("{op:?} reduction across rows"),
+                Some((op, _, _)) if p.reach != Reach::Element => format!("{op:?} reduction per finer element"),
                 Some((op, _, _)) => format!("{op:?} reduction"),
                 None => format!("elementwise, {} output(s)", p.stores.len()),
             })
             .collect();
-        let what = what.join(", then ");
-        units.push(Unit::new(format!("// kernel {} of {}: {what}\n", k + 1, plan.kernels.len()), layer_kernel_source(&props, prog, io, lang)?));
+        what.join(", then ")
+    };
+    for (k, prog) in plan.kernels.iter().enumerate() {
+        units.push(Unit::new(format!("// kernel {} of {}: {}\n", k + 1, plan.kernels.len(), describe(prog)), layer_kernel_source(&props, prog, io, lang)?));
+    }
+    // What runs instead for rows that fit: shown as launched for rows of 4096 values.
+    if let Some(a) = &plan.across {
+        for (k, prog) in a.kernels.iter().enumerate() {
+            let unroll = if matches!(a.how, Fold::Registers { .. }) { 4096 / BLOCK } else { 0 };
+            let prog = if k == a.row { LProgram { cooperative: true, values_per_cube: 1, unroll, ..prog.clone() } } else { prog.clone() };
+            let rows = if unroll > 0 { " (rows of 4096)" } else { "" };
+            let head = format!("// with column sums inside the row kernel{rows}: kernel {} of {}: {}\n", k + 1, a.kernels.len(), describe(&prog));
+            units.push(Unit::new(head, layer_kernel_source(&props, &prog, io, lang)?));
+        }
     }
     Ok(units)
 }

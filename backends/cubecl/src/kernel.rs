@@ -371,6 +371,26 @@ pub struct LPhase {
     pub reduce: Option<(ROp, usize, usize)>,
     /// `(tensor, register, in io)`.
     pub stores: Vec<(usize, usize, bool)>,
+    /// Which elements the reduction folds into one value.
+    pub reach: Reach,
+}
+
+/// What one value of a reduction phase folds, relative to the kernel's target element. Column
+/// sums run inside a row kernel in either of the two last forms, so that x and dy are read
+/// once for both a layer norm's (or an EvoNorm's) input gradient and its parameter gradients;
+/// a second kernel folds the partials they leave.
+#[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Reach {
+    /// The domain elements of the target element: one value per target element.
+    Element,
+    /// The same position across target elements: a column sum in a row kernel. Each unit keeps
+    /// a partial per position of a row in registers over the cube's block of rows, stored at
+    /// the end as the cube's row of `out`.
+    Across,
+    /// The domain elements of each element of a finer target, shape `s` (a channel of a
+    /// sample inside a group of channels), folded one after another inside the kernel's
+    /// target element; `out` has shape `s`.
+    Finer(usize),
 }
 
 /// A layer kernel over the elements of the `target` shape, running its phases in order for
@@ -397,6 +417,10 @@ pub struct LProgram {
     /// With `cooperative`: the neighbouring target elements a cube takes (a power of two
     /// dividing `BLOCK`), so that a warp reads a row across columns, not down one column.
     pub values_per_cube: usize,
+    /// With `across` phases: the positions of a row each unit keeps a partial for (so a row
+    /// is at most `unroll * BLOCK` long); each cube takes a block of consecutive target
+    /// elements, as many as the launched cube count leaves to each.
+    pub unroll: usize,
 }
 
 impl LProgram {
@@ -407,6 +431,11 @@ impl LProgram {
 
     pub fn reductions(&self) -> usize {
         self.phases.iter().filter(|p| p.reduce.is_some()).count()
+    }
+
+    /// Phases folding across target elements (`Reach::Across`).
+    pub fn across(&self) -> usize {
+        self.phases.iter().filter(|p| p.reach == Reach::Across).count()
     }
 }
 
@@ -430,8 +459,11 @@ pub fn layer_kernel<F: Float>(
     let rank = comptime! { prog.rank };
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let tgt = comptime! { 3 * prog.rank * prog.target };
+    let tgt_shape = comptime! { prog.target };
     let coop = comptime! { prog.cooperative };
     let per_cube = comptime! { prog.values_per_cube };
+    let across = comptime! { prog.across() };
+    let unroll = comptime! { prog.unroll.max(1) };
     let mut count = 1usize;
     #[unroll]
     for a in 0..rank {
@@ -439,186 +471,345 @@ pub fn layer_kernel<F: Float>(
     }
     // The target element: this unit's, or (cooperative) one of this cube's `per_cube`
     // neighbours, which the cube's units share out in lanes: unit `u` serves value `u %
-    // per_cube` in lane `u / per_cube`, so the units of a warp read side by side.
-    let mut o = ABSOLUTE_POS;
+    // per_cube` in lane `u / per_cube`, so the units of a warp read side by side. With
+    // `across` phases, a cube takes a block of `rows` consecutive target elements in turn.
+    let mut o0 = ABSOLUTE_POS;
     let mut first = 0usize;
     let mut step = 1usize;
     if comptime! { coop } {
-        o = CUBE_POS * per_cube + UNIT_POS as usize % per_cube;
+        o0 = CUBE_POS * per_cube + UNIT_POS as usize % per_cube;
         first = UNIT_POS as usize / per_cube;
         step = CUBE_DIM as usize / per_cube;
     }
-    let active = o < count;
-    // This element of the target, per axis (last axis first).
-    let mut oi = Sequence::<usize>::new();
-    let mut rem = o;
+    let mut rows = 1usize;
+    if comptime! { across > 0 } {
+        rows = (count + CUBE_COUNT - 1) / CUBE_COUNT;
+        o0 = CUBE_POS * rows;
+    }
+    // Per `across` phase, this unit's partial for positions `first + m * step` of a row.
+    let mut part = Array::<f32>::new(comptime! { (across * unroll).max(1) });
     #[unroll]
-    for k in 0..rank {
-        let a = comptime! { rank - 1 - k };
-        if comptime! { prog.kinds[prog.target][a] == AxisKind::One } {
-            oi.push(0usize);
-        } else {
-            let e = meta[tgt + a] as usize;
-            oi.push(rem % e);
-            rem /= e;
+    for ph in 0..prog.phases.len() {
+        if comptime! { prog.phases[ph].reach == Reach::Across } {
+            let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
+            let ka = comptime! { prog.phases[..ph].iter().filter(|p| p.reach == Reach::Across).count() };
+            #[unroll]
+            for m in 0..unroll {
+                part[ka * unroll + m] = identity(op);
+            }
         }
     }
     let mut sh = Shared::<[f32]>::new_slice(BLOCK);
-    // The reductions of earlier phases, for this target element.
-    let mut res = Sequence::<f32>::new();
-    #[unroll]
-    for ph in 0..prog.phases.len() {
-        let dom = comptime! { 3 * prog.rank * prog.phases[ph].domain };
-        let mut loops = 0usize;
-        if active {
-            loops = 1;
-            #[unroll]
-            for a in 0..rank {
-                let (dk, tk) = comptime! { (prog.kinds[prog.phases[ph].domain][a], prog.kinds[prog.target][a]) };
-                if comptime! { tk == AxisKind::One } {
-                    loops *= meta[dom + a] as usize;
-                } else if comptime! { spreads(dk, tk) } {
-                    loops *= (meta[dom + a] / meta[tgt + a]) as usize;
-                }
+    let mut row = 0usize;
+    while row < rows {
+        let o = o0 + row;
+        let active = o < count;
+        // This element of the target, per axis (last axis first); the outermost axis it
+        // spans takes what is left whole (below its extent wherever the element is used).
+        let mut oi = Sequence::<usize>::new();
+        let mut rem = o;
+        #[unroll]
+        for k in 0..rank {
+            let a = comptime! { rank - 1 - k };
+            if comptime! { prog.kinds[prog.target][a] == AxisKind::One } {
+                oi.push(0usize);
+            } else if comptime! { prog.kinds[prog.target][..a].iter().all(|k| *k == AxisKind::One) } {
+                oi.push(rem);
+            } else {
+                let e = meta[tgt + a] as usize;
+                oi.push(rem % e);
+                rem /= e;
             }
         }
-        let mut acc = 0.0f32;
-        if comptime! { prog.phases[ph].reduce.is_some() } {
-            let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
-            acc = identity(op);
-        }
-        // Axes along which one target element covers several domain elements.
-        let spread = comptime! { (0..prog.rank).filter(|&a| spreads(prog.kinds[prog.phases[ph].domain][a], prog.kinds[prog.target][a])).count() };
-        let mut j = first;
-        while j < loops {
-            // The first input element of this domain element, per axis.
-            let mut idx = Sequence::<usize>::new();
-            let mut jr = j;
-            #[unroll]
-            for k in 0..rank {
-                let a = comptime! { rank - 1 - k };
-                let (dk, tk) = comptime! { (prog.kinds[prog.phases[ph].domain][a], prog.kinds[prog.target][a]) };
-                if comptime! { dk == AxisKind::One } {
-                    // (One along the domain: one along the target too.)
-                    idx.push(0usize);
-                } else if comptime! { !spreads(dk, tk) } {
-                    // Full along both: the same index.
-                    idx.push(oi[k]);
-                } else {
-                    let mut per = meta[dom + a] as usize;
-                    if comptime! { tk != AxisKind::One } {
-                        per /= meta[tgt + a] as usize;
-                    }
-                    // The only axis a value spreads along (a row, a column) takes `j` whole.
-                    let mut ja = jr;
-                    if comptime! { spread > 1 } {
-                        ja = jr % per;
-                        jr /= per;
-                    }
-                    let at = oi[k] * per + ja;
-                    if comptime! { dk == AxisKind::Full } {
-                        idx.push(at);
-                    } else {
-                        idx.push(at * meta[dom + rank + a] as usize);
+        // The reductions of earlier phases, for this target element.
+        let mut res = Sequence::<f32>::new();
+        #[unroll]
+        for ph in 0..prog.phases.len() {
+            let dom = comptime! { prog.phases[ph].domain };
+            let mut loops = 0usize;
+            if active {
+                loops = domain_len(meta, prog.clone(), dom, tgt_shape);
+            }
+            let reach = comptime! { prog.phases[ph].reach };
+            if comptime! { reach == Reach::Across } {
+                let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
+                let ka = comptime! { prog.phases[..ph].iter().filter(|p| p.reach == Reach::Across).count() };
+                #[unroll]
+                for m in 0..unroll {
+                    let j = first + m * step;
+                    if j < loops {
+                        let v = element::<F>(j, &oi, &res, x, dy, io, work, meta, scalars, prog.clone(), ph, round_bf16);
+                        part[ka * unroll + m] = fold(op, part[ka * unroll + m], v);
                     }
                 }
-            }
-            let mut r = Sequence::<f32>::new();
-            #[unroll]
-            for k in 0..prog.phases[ph].ops.len() {
-                let op = comptime! { prog.phases[ph].ops[k].clone() };
-                match op {
-                    LOp::Load(t, s, buf) => {
-                        let sb = comptime! { 3 * prog.rank * s };
+            } else if comptime! { matches!(reach, Reach::Finer(_)) } {
+                // The finer elements inside this one, each a run of `len` consecutive domain
+                // elements (its own axes are the inner ones: see `plan`), one after another.
+                let fs = comptime! { if let Reach::Finer(f) = reach { f } else { unreachable!() } };
+                let (op, _, t) = comptime! { prog.phases[ph].reduce.unwrap() };
+                let len = domain_len(meta, prog.clone(), dom, fs);
+                let mut subs = 0usize;
+                if active {
+                    subs = loops / len;
+                }
+                let mut sub = 0usize;
+                while sub < subs {
+                    let start = sub * len;
+                    let mut acc = identity(op);
+                    let mut j = start + first;
+                    while j < start + len {
+                        let v = element::<F>(j, &oi, &res, x, dy, io, work, meta, scalars, prog.clone(), ph, round_bf16);
+                        acc = fold(op, acc, v);
+                        j += step;
+                    }
+                    let u = UNIT_POS as usize;
+                    sh[u] = acc;
+                    sync_cube();
+                    let mut stride = CUBE_DIM as usize / 2;
+                    while stride > 0 {
+                        if u < stride {
+                            sh[u] = fold(op, sh[u], sh[u + stride]);
+                        }
+                        sync_cube();
+                        stride /= 2;
+                    }
+                    if u == 0 {
+                        // The finer element's place: where its first domain element falls.
+                        let idx = domain_index(start, &oi, meta, prog.clone(), ph);
+                        let fb = comptime! { 3 * prog.rank * fs };
                         let mut off = meta[tbase + t] as usize;
                         #[unroll]
                         for q in 0..rank {
                             let a = comptime! { rank - 1 - q };
-                            off += offset_along(idx[q], meta, comptime! { sb + rank + a }, comptime! { sb + 2 * rank + a }, comptime! { prog.kinds[s][a] });
+                            off += offset_along(idx[q], meta, comptime! { fb + rank + a }, comptime! { fb + 2 * rank + a }, comptime! { prog.kinds[fs][a] });
                         }
-                        if comptime! { buf == Buf::Input } {
-                            r.push(f32::cast_from(x[off]));
-                        } else if comptime! { buf == Buf::GradOutput } {
-                            r.push(f32::cast_from(dy[off]));
-                        } else if comptime! { buf == Buf::Io } {
-                            r.push(f32::cast_from(io[off]));
-                        } else {
-                            r.push(work[off]);
-                        }
-                    }
-                    LOp::Result(i) => r.push(res[i]),
-                    LOp::Scalar(i) => r.push(scalars[i]),
-                    LOp::Const(bits) => r.push(f32::from_bits(bits)),
-                    LOp::Unary(op, a) => {
-                        let v = unary(op, r[a]);
-                        r.push(v);
-                    }
-                    LOp::Binary(op, a, c) => {
-                        let v = binary(op, r[a], r[c]);
-                        r.push(v);
-                    }
-                    LOp::Select(c, a, b) => {
-                        let v = select(r[c] != 0.0, r[a], r[b]);
-                        r.push(v);
-                    }
-                }
-            }
-            if comptime! { prog.phases[ph].reduce.is_some() } {
-                let (op, v, _) = comptime! { prog.phases[ph].reduce.unwrap() };
-                acc = fold(op, acc, r[v]);
-            } else {
-                #[unroll]
-                for k in 0..prog.phases[ph].stores.len() {
-                    let (t, v, in_io) = comptime! { prog.phases[ph].stores[k] };
-                    // This element's place in a tensor of the domain's shape.
-                    let mut off = meta[tbase + t] as usize;
-                    #[unroll]
-                    for q in 0..rank {
-                        let a = comptime! { rank - 1 - q };
-                        off += offset_along(idx[q], meta, comptime! { dom + rank + a }, comptime! { dom + 2 * rank + a }, comptime! { prog.kinds[prog.phases[ph].domain][a] });
-                    }
-                    if comptime! { in_io } {
-                        io[off] = F::cast_from(stored(r[v], round_bf16));
-                    } else {
-                        work[off] = r[v];
-                    }
-                }
-            }
-            j += step;
-        }
-        if comptime! { prog.phases[ph].reduce.is_some() } {
-            let (op, _, t) = comptime! { prog.phases[ph].reduce.unwrap() };
-            if comptime! { coop } {
-                // Every unit takes part (the barriers are outside any branch); cubes past the
-                // last value fold identities and store nothing.
-                // The lanes of each value fold pairwise (strides stay multiples of
-                // `per_cube`, so a unit only meets its own value's lanes).
-                let u = UNIT_POS as usize;
-                sh[u] = acc;
-                sync_cube();
-                let mut stride = CUBE_DIM as usize / 2;
-                while stride >= per_cube {
-                    if u < stride {
-                        sh[u] = fold(op, sh[u], sh[u + stride]);
+                        work[off] = sh[0];
                     }
                     sync_cube();
-                    stride /= 2;
+                    sub += 1;
                 }
-                acc = sh[u % per_cube];
-                // Everyone has read the result before the next reduction reuses `sh`.
-                sync_cube();
+            } else {
+                let mut acc = 0.0f32;
+                if comptime! { prog.phases[ph].reduce.is_some() } {
+                    let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
+                    acc = identity(op);
+                }
+                let mut j = first;
+                while j < loops {
+                    let v = element::<F>(j, &oi, &res, x, dy, io, work, meta, scalars, prog.clone(), ph, round_bf16);
+                    if comptime! { prog.phases[ph].reduce.is_some() } {
+                        let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
+                        acc = fold(op, acc, v);
+                    }
+                    j += step;
+                }
+                if comptime! { prog.phases[ph].reduce.is_some() } {
+                    let (op, _, t) = comptime! { prog.phases[ph].reduce.unwrap() };
+                    if comptime! { coop } {
+                        // Every unit takes part (the barriers are outside any branch); cubes past
+                        // the last value fold identities and store nothing.
+                        // The lanes of each value fold pairwise (strides stay multiples of
+                        // `per_cube`, so a unit only meets its own value's lanes).
+                        let u = UNIT_POS as usize;
+                        sh[u] = acc;
+                        sync_cube();
+                        let mut stride = CUBE_DIM as usize / 2;
+                        while stride >= per_cube {
+                            if u < stride {
+                                sh[u] = fold(op, sh[u], sh[u + stride]);
+                            }
+                            sync_cube();
+                            stride /= 2;
+                        }
+                        acc = sh[u % per_cube];
+                        // Everyone has read the result before the next reduction reuses `sh`.
+                        sync_cube();
+                    }
+                    // One unit writes it: the value's first lane (cooperative), else each its own.
+                    let mut writes = active;
+                    if comptime! { coop } {
+                        writes = active && (UNIT_POS as usize) < per_cube;
+                    }
+                    if writes {
+                        work[meta[tbase + t] as usize + o] = acc;
+                    }
+                    res.push(acc);
+                }
             }
-            // One unit writes it: the value's first lane (cooperative), else each its own.
-            let mut writes = active;
-            if comptime! { coop } {
-                writes = active && (UNIT_POS as usize) < per_cube;
+        }
+        row += 1;
+    }
+    // Each `across` phase's partials of this cube's block: row `CUBE_POS` of its out tensor,
+    // a row as long as the positions of one target element (cubes without rows store
+    // identities).
+    #[unroll]
+    for ph in 0..prog.phases.len() {
+        if comptime! { prog.phases[ph].reach == Reach::Across } {
+            let (_, _, t) = comptime! { prog.phases[ph].reduce.unwrap() };
+            let ka = comptime! { prog.phases[..ph].iter().filter(|p| p.reach == Reach::Across).count() };
+            let positions = domain_len(meta, prog.clone(), comptime! { prog.phases[ph].domain }, tgt_shape);
+            let base = meta[tbase + t] as usize + CUBE_POS * positions;
+            #[unroll]
+            for m in 0..unroll {
+                let j = first + m * step;
+                if j < positions {
+                    work[base + j] = part[ka * unroll + m];
+                }
             }
-            if writes {
-                work[meta[tbase + t] as usize + o] = acc;
-            }
-            res.push(acc);
         }
     }
+}
+
+/// The elements of shape `domain` that fall in one element of shape `target` (shape-table
+/// indices; `target` coarser).
+#[cube]
+fn domain_len(meta: &[u32], #[comptime] prog: LProgram, #[comptime] domain: usize, #[comptime] target: usize) -> usize {
+    let rank = comptime! { prog.rank };
+    let tgt = comptime! { 3 * prog.rank * target };
+    let dom = comptime! { 3 * prog.rank * domain };
+    let mut loops = 1usize;
+    #[unroll]
+    for a in 0..rank {
+        let (dk, tk) = comptime! { (prog.kinds[domain][a], prog.kinds[target][a]) };
+        if comptime! { tk == AxisKind::One } {
+            loops *= meta[dom + a] as usize;
+        } else if comptime! { spreads(dk, tk) } {
+            loops *= (meta[dom + a] / meta[tgt + a]) as usize;
+        }
+    }
+    loops
+}
+
+/// Where domain element `j` of phase `ph` within the target element at `oi` lies, per axis
+/// (last first): the index along full axes, the first input index of its group along grouped
+/// ones, 0 along broadcast ones.
+#[cube]
+fn domain_index(j: usize, oi: &Sequence<usize>, meta: &[u32], #[comptime] prog: LProgram, #[comptime] ph: usize) -> Sequence<usize> {
+    let rank = comptime! { prog.rank };
+    let tgt = comptime! { 3 * prog.rank * prog.target };
+    let dom = comptime! { 3 * prog.rank * prog.phases[ph].domain };
+    // Axes along which one target element covers several domain elements.
+    let spread = comptime! { (0..prog.rank).filter(|&a| spreads(prog.kinds[prog.phases[ph].domain][a], prog.kinds[prog.target][a])).count() };
+    let mut idx = Sequence::<usize>::new();
+    let mut jr = j;
+    #[unroll]
+    for k in 0..rank {
+        let a = comptime! { rank - 1 - k };
+        let (dk, tk) = comptime! { (prog.kinds[prog.phases[ph].domain][a], prog.kinds[prog.target][a]) };
+        if comptime! { dk == AxisKind::One } {
+            // (One along the domain: one along the target too.)
+            idx.push(0usize);
+        } else if comptime! { !spreads(dk, tk) } {
+            // Full along both: the same index.
+            idx.push(oi[k]);
+        } else {
+            let mut per = meta[dom + a] as usize;
+            if comptime! { tk != AxisKind::One } {
+                per /= meta[tgt + a] as usize;
+            }
+            // The only axis a value spreads along (a row, a column) takes `j` whole.
+            let mut ja = jr;
+            if comptime! { spread > 1 } {
+                ja = jr % per;
+                jr /= per;
+            }
+            let at = oi[k] * per + ja;
+            if comptime! { dk == AxisKind::Full } {
+                idx.push(at);
+            } else {
+                idx.push(at * meta[dom + rank + a] as usize);
+            }
+        }
+    }
+    idx
+}
+
+/// Domain element `j` of phase `ph` within the target element at `oi` (per axis, last
+/// first): its ops run, its stores made; returns the value the phase reduces (0 where it
+/// reduces nothing). `res` holds the reductions of earlier phases.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn element<F: Float>(
+    j: usize,
+    oi: &Sequence<usize>,
+    res: &Sequence<f32>,
+    x: &[F],
+    dy: &[F],
+    io: &mut [F],
+    work: &mut [f32],
+    meta: &[u32],
+    scalars: &[f32],
+    #[comptime] prog: LProgram,
+    #[comptime] ph: usize,
+    #[comptime] round_bf16: bool,
+) -> f32 {
+    let rank = comptime! { prog.rank };
+    let tbase = comptime! { 3 * prog.rank * prog.shapes };
+    let dom = comptime! { 3 * prog.rank * prog.phases[ph].domain };
+    let idx = domain_index(j, oi, meta, prog.clone(), ph);
+    let mut r = Sequence::<f32>::new();
+    #[unroll]
+    for k in 0..prog.phases[ph].ops.len() {
+        let op = comptime! { prog.phases[ph].ops[k].clone() };
+        match op {
+            LOp::Load(t, s, buf) => {
+                let sb = comptime! { 3 * prog.rank * s };
+                let mut off = meta[tbase + t] as usize;
+                #[unroll]
+                for q in 0..rank {
+                    let a = comptime! { rank - 1 - q };
+                    off += offset_along(idx[q], meta, comptime! { sb + rank + a }, comptime! { sb + 2 * rank + a }, comptime! { prog.kinds[s][a] });
+                }
+                if comptime! { buf == Buf::Input } {
+                    r.push(f32::cast_from(x[off]));
+                } else if comptime! { buf == Buf::GradOutput } {
+                    r.push(f32::cast_from(dy[off]));
+                } else if comptime! { buf == Buf::Io } {
+                    r.push(f32::cast_from(io[off]));
+                } else {
+                    r.push(work[off]);
+                }
+            }
+            LOp::Result(i) => r.push(res[i]),
+            LOp::Scalar(i) => r.push(scalars[i]),
+            LOp::Const(bits) => r.push(f32::from_bits(bits)),
+            LOp::Unary(op, a) => {
+                let v = unary(op, r[a]);
+                r.push(v);
+            }
+            LOp::Binary(op, a, c) => {
+                let v = binary(op, r[a], r[c]);
+                r.push(v);
+            }
+            LOp::Select(c, a, b) => {
+                let v = select(r[c] != 0.0, r[a], r[b]);
+                r.push(v);
+            }
+        }
+    }
+    let mut value = 0.0f32;
+    if comptime! { prog.phases[ph].reduce.is_some() } {
+        let (_, v, _) = comptime! { prog.phases[ph].reduce.unwrap() };
+        value = r[v];
+    } else {
+        #[unroll]
+        for k in 0..prog.phases[ph].stores.len() {
+            let (t, v, in_io) = comptime! { prog.phases[ph].stores[k] };
+            // This element's place in a tensor of the domain's shape.
+            let mut off = meta[tbase + t] as usize;
+            #[unroll]
+            for q in 0..rank {
+                let a = comptime! { rank - 1 - q };
+                off += offset_along(idx[q], meta, comptime! { dom + rank + a }, comptime! { dom + 2 * rank + a }, comptime! { prog.kinds[prog.phases[ph].domain][a] });
+            }
+            if comptime! { in_io } {
+                io[off] = F::cast_from(stored(r[v], round_bf16));
+            } else {
+                work[off] = r[v];
+            }
+        }
+    }
+    value
 }
 
 /// Whether a target element of kind `target` along an axis covers more than one element of a

@@ -8,7 +8,7 @@
 //! shape's kind per axis (broadcast, grouped, full) is fixed, to spare the kernels divisions.
 
 use crate::compile::{binary, reduce, unary, Uniforms};
-use crate::kernel::{layer_kernel, AxisKind, Buf, LOp, LPhase, LProgram, BLOCK};
+use crate::kernel::{layer_kernel, spreads, AxisKind, Buf, LOp, LPhase, LProgram, Reach, BLOCK};
 use crate::{Dtype, Error};
 use cubecl::prelude::*;
 use normforge_dsl::bind::{self, AxisBinding};
@@ -30,12 +30,15 @@ pub enum Source {
     /// The first stage of reduction `Node(i)` to a single value: one partial value per index
     /// of one axis, so that many cubes share the work.
     Partial(u32),
+    /// The first stage of the column reduction into tensor `t` when it runs inside a row
+    /// kernel ([`Across`]): per cube of that kernel, a partial value per column.
+    Blocked(u32),
 }
 
 impl Source {
     /// Whether the kernels compute it (no caller supplies it).
     pub fn computed(self) -> bool {
-        matches!(self, Source::Node(_) | Source::Partial(_))
+        matches!(self, Source::Node(_) | Source::Partial(_) | Source::Blocked(_))
     }
 }
 
@@ -53,9 +56,40 @@ pub struct Plan {
     pub tensors: Vec<(Source, usize, Buf)>,
     /// Which tensor holds each output.
     pub outputs: Vec<(Target, usize)>,
+    /// The kernels again, with a column reduction folded inside a row kernel, where the
+    /// program has one that can: what runs for rows that fit ([`layout`] decides).
+    pub across: Option<Across>,
     pub(crate) program: Program,
     pub(crate) uniforms: Uniforms,
 }
+
+/// A plan's kernels with a column reduction's phases moved into a row kernel (a layer norm's
+/// or an EvoNorm's parameter gradients computed where its input gradient is, so x and dy are
+/// read once for both), then a kernel folding the partials they leave.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Across {
+    /// In launch order.
+    pub kernels: Vec<LProgram>,
+    /// Which of them is the row kernel.
+    pub row: usize,
+    pub how: Fold,
+}
+
+/// How a row kernel folds column sums (`kernel::Reach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fold {
+    /// `Reach::Across`: partials in the shape-table entry `shape`, the column sums' shape
+    /// (`columns`: a row's positions) but full along `axis` (the rows), where at run time it
+    /// is as long as the row kernel has cubes.
+    Registers { shape: usize, axis: usize, columns: usize },
+    /// `Reach::Finer`: partials of shape `finer` (per channel of a sample), each folding
+    /// elements of shape `domain`.
+    Finer { finer: usize, domain: usize },
+}
+
+/// The longest row an `across` phase keeps partials for: this many positions per unit (so
+/// as many registers per column reduction).
+pub const MAX_UNROLL: usize = 32;
 
 struct Tables {
     shapes: Vec<Shape>,
@@ -195,9 +229,10 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             shapes: 0,
             kinds: Vec::new(),
             target,
-            phases: vec![LPhase { domain, ops, reduce: Some((reduce(*r), value, out)), stores: Vec::new() }],
+            phases: vec![LPhase { domain, ops, reduce: Some((reduce(*r), value, out)), stores: Vec::new(), reach: Reach::Element }],
             cooperative: true,
             values_per_cube: 1,
+            unroll: 0,
         };
         match two_stage(arg, &node.shape, lead) {
             // Several axes folded: first a partial value per index of one of them, then a
@@ -242,16 +277,120 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
                 (tensor, r, t.tensors[tensor].2 == Buf::Io)
             })
             .collect();
-        let phase = LPhase { domain: target, ops, reduce: None, stores };
-        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1 });
+        let phase = LPhase { domain: target, ops, reduce: None, stores, reach: Reach::Element };
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, unroll: 0 });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors, lead);
+    let mut across = if lead == 0 { across(&kernels, &mut t) } else { None };
     let kinds: Vec<Vec<AxisKind>> = t.shapes.iter().zip(&t.perms).map(|(s, perm)| axis_kinds(s, perm)).collect();
-    for k in &mut kernels {
+    for k in kernels.iter_mut().chain(across.iter_mut().flat_map(|a| a.kernels.iter_mut())) {
         k.shapes = t.shapes.len();
         k.kinds = kinds.clone();
     }
-    Ok(Plan { kernels, shapes: t.shapes, perms: t.perms, tensors: t.tensors, outputs, program: p.clone(), uniforms })
+    Ok(Plan { kernels, shapes: t.shapes, perms: t.perms, tensors: t.tensors, outputs, across, program: p.clone(), uniforms })
+}
+
+/// The first column reduction whose phases can run inside a row kernel: its reads ready when
+/// the row kernel runs (those the row kernel computes become registers), its results read by
+/// nothing from the column kernel to the row kernel, and its shapes of one of two forms:
+/// - `Fold::Registers`: the row kernel's target spans one full axis (rows), along which the
+///   column kernel's domains are full and its target broadcast (and no axis before it spans),
+///   and which the column target matches along every other axis — so a position in a row is a
+///   column (a layer norm);
+/// - `Fold::Finer`: the column sums fold, per row element, over a finer shape — the domain
+///   along the row target's axes, the column target's along the rest — whose elements are
+///   runs of consecutive domain elements of a row element (an EvoNorm's sums per channel of a
+///   sample, inside a group of channels).
+fn across(kernels: &[LProgram], t: &mut Tables) -> Option<Across> {
+    let made_by = |tensor: usize| kernels.iter().position(|k| k.phases.iter().any(|p| p.reduce.is_some_and(|(_, _, o)| o == tensor)));
+    let loads = |k: &LProgram| -> Vec<(usize, usize)> { k.phases.iter().flat_map(|p| &p.ops).filter_map(|op| if let LOp::Load(u, s, _) = *op { Some((u, s)) } else { None }).collect() };
+    let outs = |k: &LProgram| -> Vec<usize> { k.phases.iter().filter_map(|p| p.reduce.map(|(_, _, o)| o)).collect() };
+    let in_order = |s: usize| t.perms[s].iter().enumerate().all(|(a, &k)| a == k);
+    for (c, kc) in kernels.iter().enumerate() {
+        if kc.phases.is_empty() || kc.phases.iter().any(|p| p.reduce.is_none() || p.ops.iter().any(|op| matches!(op, LOp::Result(_)))) {
+            continue;
+        }
+        let t2 = t.shapes[kc.target].clone();
+        for (r, kr) in kernels.iter().enumerate() {
+            if r == c || !kr.cooperative || !in_order(kc.target) || !in_order(kr.target) || kc.phases.iter().any(|p| !in_order(p.domain)) {
+                continue;
+            }
+            let ready = loads(kc).iter().all(|&(u, s)| s == t.tensors[u].1 && made_by(u).is_none_or(|g| g <= r));
+            let unread = kernels[c + 1..=r.max(c)].iter().all(|k| loads(k).iter().all(|(u, _)| !outs(kc).contains(u)));
+            if !(ready && unread) {
+                continue;
+            }
+            let t1 = t.shapes[kr.target].clone();
+            let rank = t1.0.len();
+            let domains: Vec<&Shape> = kc.phases.iter().map(|p| &t.shapes[p.domain]).collect();
+            let spans: Vec<usize> = (0..rank).filter(|&a| t1.0[a] != Extent::One).collect();
+            // The partials' shape and reach, in one of the two forms.
+            let (partial, reach, how) = match spans[..] {
+                [a0] if t1.0[a0] == Extent::Full
+                    && t2.0[..=a0].iter().all(|e| *e == Extent::One)
+                    && domains.iter().all(|d| d.0[a0] == Extent::Full && (0..rank).all(|a| a == a0 || d.0[a] == t2.0[a])) =>
+                {
+                    let mut blocked = t2.clone();
+                    blocked.0[a0] = Extent::Full;
+                    t.shapes.push(blocked);
+                    t.perms.push((0..rank).collect());
+                    let shape = t.shapes.len() - 1;
+                    (shape, Reach::Across, Fold::Registers { shape, axis: a0, columns: kc.target })
+                }
+                _ => {
+                    let d = domains[0].clone();
+                    let finer = Shape((0..rank).map(|a| if t1.0[a] != Extent::One { d.0[a].clone() } else { t2.0[a].clone() }).collect());
+                    // Axes a finer element spans inside a row element, then those it folds.
+                    let outer: Vec<usize> = (0..rank).filter(|&a| finer.0[a] != Extent::One && spreads(kind(&finer.0[a]), kind(&t1.0[a]))).collect();
+                    let inner: Vec<usize> = (0..rank).filter(|&a| finer.0[a] == Extent::One && d.0[a] != Extent::One).collect();
+                    let fits = domains.iter().all(|x| **x == d)
+                        && refines(&d, &finer)
+                        && refines(&finer, &t1)
+                        && refines(&finer, &t2)
+                        && !inner.is_empty()
+                        && outer.iter().all(|&a| finer.0[a] == Extent::Full && inner.iter().all(|&b| a < b));
+                    if !fits {
+                        continue;
+                    }
+                    let shape = t.shape(&finer);
+                    (shape, Reach::Finer(shape), Fold::Finer { finer: shape, domain: kc.phases[0].domain })
+                }
+            };
+            let mut kernels = kernels.to_vec();
+            let kc = kernels.remove(c);
+            let row = if c < r { r - 1 } else { r };
+            // The row kernel's reductions, in the order it keeps them in registers.
+            let made = outs(&kernels[row]);
+            let mut fold = LProgram { phases: Vec::new(), cooperative: true, values_per_cube: 1, unroll: 0, ..kc.clone() };
+            for mut p in kc.phases {
+                for op in &mut p.ops {
+                    if let LOp::Load(u, ..) = *op {
+                        if let Some(i) = made.iter().position(|&m| m == u) {
+                            *op = LOp::Result(i);
+                        }
+                    }
+                }
+                let (f, v, out) = p.reduce.expect("column kernels only reduce");
+                t.tensors.push((Source::Blocked(out as u32), partial, Buf::Work));
+                let partials = t.tensors.len() - 1;
+                p.reduce = Some((f, v, partials));
+                p.reach = reach;
+                kernels[row].phases.push(p);
+                fold.phases.push(LPhase { domain: partial, ops: vec![LOp::Load(partials, partial, Buf::Work)], reduce: Some((f, 0, out)), stores: Vec::new(), reach: Reach::Element });
+            }
+            kernels.insert(row + 1, fold);
+            return Some(Across { kernels, row, how });
+        }
+    }
+    None
+}
+
+fn kind(e: &Extent) -> AxisKind {
+    match e {
+        Extent::One => AxisKind::One,
+        Extent::Grouped(_) => AxisKind::Grouped,
+        Extent::Full => AxisKind::Full,
+    }
 }
 
 /// Whether `s` is a single value of each tensor: broadcast along every axis but the first
@@ -275,11 +414,7 @@ fn two_stage(arg: &Shape, out: &Shape, lead: usize) -> Option<Shape> {
 fn axis_kinds(s: &Shape, perm: &[usize]) -> Vec<AxisKind> {
     let mut kinds = vec![AxisKind::One; perm.len()];
     for (a, &k) in perm.iter().enumerate() {
-        kinds[k] = match s.0[a] {
-            Extent::One => AxisKind::One,
-            Extent::Grouped(_) => AxisKind::Grouped,
-            Extent::Full => AxisKind::Full,
-        };
+        kinds[k] = kind(&s.0[a]);
     }
     kinds
 }
@@ -332,7 +467,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             let g = match join {
                 Some(g) => g,
                 None => {
-                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1 });
+                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, unroll: 0 });
                     made.push(Vec::new());
                     out.len() - 1
                 }
@@ -371,18 +506,25 @@ pub struct Launch {
     /// parameter gradients) gives each cube this many of them, so a warp reads along a row
     /// instead of down a column; a power of two dividing `BLOCK` (1: a value per cube).
     pub columns: usize,
+    /// Where a plan can fold its column sums inside its row kernel ([`Across`]), each cube of
+    /// that kernel takes at least this many rows (the fewer, the more partials to fold after);
+    /// 0: the column sums read the input again in a kernel of their own.
+    pub rows_per_cube: usize,
+    /// At most this many cubes for such a row kernel, each taking more rows if need be (0: no
+    /// limit): on a GPU, as many as it runs at once, so that they end together.
+    pub max_cubes: usize,
 }
 
 impl Default for Launch {
     fn default() -> Self {
-        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8 }
+        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0 }
     }
 }
 
 impl Launch {
-    /// Every reduction in one unit per value.
+    /// Every reduction in one unit per value, each in a kernel of its own.
     pub fn per_unit() -> Self {
-        Launch { cooperative_min: usize::MAX, ..Launch::default() }
+        Launch { cooperative_min: usize::MAX, rows_per_cube: 0, ..Launch::default() }
     }
 
     /// Refuse what the kernels cannot run.
@@ -467,8 +609,37 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
     let mut meta: Vec<u32> = Vec::new();
     let mut sizes = Vec::new();
     let too_big = || Error("a tensor of this layer call exceeds 2^32 values".into());
-    for (s, perm) in plan.shapes.iter().zip(&plan.perms) {
-        let outer = bind::extents(s, b, hparams).map_err(Error)?;
+    let size = |s: usize| bind::extents(&plan.shapes[s], b, hparams).map(|e| e.iter().product::<usize>()).map_err(Error);
+    // Whether the column sums fold inside the row kernel, and for `Fold::Registers` over how
+    // many of its cubes and a row's positions: rows short enough for its registers, and long
+    // enough (or finer elements large enough) for a cube each.
+    let mut across = None;
+    if let Some(a) = plan.across.as_ref().filter(|_| launch.rows_per_cube > 0) {
+        let rows = size(a.kernels[a.row].target)?;
+        match a.how {
+            Fold::Registers { columns, .. } => {
+                let positions = size(columns)?;
+                if rows > 0 && (launch.cooperative_min..=BLOCK * MAX_UNROLL).contains(&positions) {
+                    let cubes = rows.div_ceil(launch.rows_per_cube).min(if launch.max_cubes > 0 { launch.max_cubes } else { usize::MAX });
+                    across = Some((a, cubes.min(65_535), positions));
+                }
+            }
+            Fold::Finer { finer, domain } => {
+                let (f, d) = (size(finer)?, size(domain)?);
+                if f > 0 && d / f >= launch.cooperative_min {
+                    across = Some((a, 0, 0));
+                }
+            }
+        }
+    }
+    for (k, (s, perm)) in plan.shapes.iter().zip(&plan.perms).enumerate() {
+        let mut outer = bind::extents(s, b, hparams).map_err(Error)?;
+        if let Some(Fold::Registers { shape, axis, .. }) = plan.across.as_ref().map(|a| a.how) {
+            if shape == k {
+                // The partials: a row per cube of the row kernel (one if unused).
+                outer[axis] = across.map_or(1, |(_, blocks, _)| blocks.max(1));
+            }
+        }
         let inner: Vec<usize> = outer.iter().zip(&b.extents).map(|(&o, &e)| if o == 0 { 0 } else { e / o }).collect();
         let mut stride = vec![0usize; rank];
         let mut acc = 1;
@@ -510,20 +681,39 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
     let scalars = plan.uniforms.values(&plan.program, hparams, step, &query);
     let (p, flags) = (&plan.program, &plan.uniforms.flags);
     let needed = uniform::needed(p, flags, &uniform::values(p, flags, hparams, step, &query), |i| p.nodes[i].op.args());
+    let needed_tensor = |t: usize| {
+        let t = match plan.tensors[t].0 {
+            Source::Blocked(out) => out as usize,
+            _ => t,
+        };
+        matches!(plan.tensors[t].0, Source::Node(i) | Source::Partial(i) if needed[i as usize])
+    };
     let mut launches = Vec::new();
-    for k in &plan.kernels {
+    let kernels = across.map_or(&plan.kernels, |(a, ..)| &a.kernels);
+    for (i, k) in kernels.iter().enumerate() {
         let count = sizes[k.target];
         // A kernel whose every result only a branch not taken reads (known from this call's
         // hyper-parameters and shapes: Muon's wide or tall form) is not launched; what reads
         // it still runs the select, which drops the (zero) value.
-        let used = |ph: &LPhase| !ph.stores.is_empty() || ph.reduce.is_some_and(|(_, _, t)| matches!(plan.tensors[t].0, Source::Node(i) | Source::Partial(i) if needed[i as usize]));
+        let used = |ph: &LPhase| !ph.stores.is_empty() || ph.reduce.is_some_and(|(_, _, t)| needed_tensor(t));
         if count == 0 || !k.phases.iter().any(used) {
             continue;
         }
         let per_value = k.phases.iter().map(|p| sizes[p.domain] / count).max().unwrap_or(1);
         let last = if rank == 0 { 1 } else { meta[3 * rank * k.target + rank - 1] as usize };
-        let k = launched(k, per_value, last, launch);
-        let cubes = if k.cube_per_value() { count.div_ceil(k.values_per_cube) } else { count.div_ceil(BLOCK) };
+        let (k, cubes) = match across {
+            Some((a, blocks, positions)) if a.row == i && matches!(a.how, Fold::Registers { .. }) => {
+                let unroll = positions.div_ceil(BLOCK).next_power_of_two();
+                (LProgram { cooperative: true, values_per_cube: 1, unroll, ..k.clone() }, blocks)
+            }
+            // A cube per row element, folding its finer elements one after another.
+            Some((a, ..)) if a.row == i => (LProgram { cooperative: true, values_per_cube: 1, ..k.clone() }, count),
+            _ => {
+                let k = launched(k, per_value, last, launch);
+                let cubes = if k.cube_per_value() { count.div_ceil(k.values_per_cube) } else { count.div_ceil(BLOCK) };
+                (k, cubes)
+            }
+        };
         let x = cubes.min(65_535);
         let y = cubes.div_ceil(x);
         launches.push((k, (x as u32, y as u32, 1)));

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{registry, rel, values};
+use normforge_cubecl::kernel::{Buf, LOp, Reach};
 use normforge_cubecl::{cpu_device, CubeLayer, Dtype, Held, Launch};
 use normforge_reference::{Layer, Tensor};
 
@@ -225,14 +226,26 @@ fn every_launch_shape_gives_the_same_results() {
         Launch { columns: 32, ..Launch::default() },
         Launch { columns: 256, ..Launch::default() },
         Launch::per_unit(),
+        Launch { rows_per_cube: 0, ..Launch::default() },
+        Launch { rows_per_cube: 7, ..Launch::default() },
+        Launch { rows_per_cube: 1000, ..Launch::default() },
     ];
+    // Column sums folded inside the row kernel (`rows_per_cube`) from 64 columns on: a last
+    // cube with fewer rows (300 = 9 * 32 + 12, 43 * 7 + 1), cubes with none (4 rows, 7 per
+    // cube), rows longer than a cube's units (257, 1000: two and four positions per unit).
     let cases = [
         ("layer_norm", vec![4, 1000]),
         ("layer_norm", vec![300, 40]),
+        ("layer_norm", vec![300, 100]),
         ("rms_norm", vec![130, 19]),
+        ("rms_norm", vec![130, 257]),
         ("dyt", vec![100, 7]),
+        ("dyt", vec![2, 3, 65]),
         ("batch_norm", vec![2, 4, 4097]),
         ("group_norm", vec![2, 4, 300]),
+        ("group_norm", vec![3, 4, 10]),
+        ("evonorm_s0", vec![3, 4, 100]),
+        ("instance_norm", vec![3, 2, 70]),
     ];
     // The column form is what runs for a layer norm's parameter gradients over 40 columns.
     let entry = registry().get("layer_norm").unwrap().entry;
@@ -247,7 +260,7 @@ fn every_launch_shape_gives_the_same_results() {
     }
     for (name, shape) in cases {
         let entry = registry().get(name).unwrap().entry;
-        let h: Vec<(String, f64)> = if name == "group_norm" { vec![("groups".into(), 2.0)] } else { vec![] };
+        let h = groups(&entry);
         let n: usize = shape.iter().product();
         let x = f32s(&values(11, n).iter().map(|v| 3.0 * v + 1.0).collect::<Vec<_>>());
         let gy = f32s(&values(12, n));
@@ -266,6 +279,56 @@ fn every_launch_shape_gives_the_same_results() {
             for (p, q) in a.1.params.iter().zip(&b.1.params).chain(a.2.iter().zip(&b.2)) {
                 assert!(rel(p, &f64s(q)) < 1e-5, "{what}: parameter gradients or buffers differ");
             }
+        }
+    }
+}
+
+/// Two groups where the layer has them.
+fn groups(entry: &normforge_dsl::ir::Entry) -> Vec<(String, f64)> {
+    if entry.hparams.iter().any(|p| p.name == "groups") {
+        vec![("groups".into(), 2.0)]
+    } else {
+        vec![]
+    }
+}
+
+#[test]
+fn column_sums_fold_inside_the_row_kernel() {
+    // A layer norm's backward reads x and dy in one kernel for the input gradient and the
+    // parameter gradients alike (two more passes over both otherwise), keeping column partials
+    // in registers over a block of rows; an EvoNorm's or a group norm's folds its sums per
+    // channel of a sample inside each group. A second kernel folds the partials. Rows too long
+    // for the registers, or too short for a cube, keep the column kernel.
+    let reads = |lay: &normforge_cubecl::Layout| {
+        lay.launches.iter().filter(|(k, _)| k.phases.iter().flat_map(|p| &p.ops).any(|op| matches!(op, LOp::Load(_, _, Buf::Input)))).count()
+    };
+    let rows = |n: usize| vec![300, n];
+    let channels = |n: usize| vec![4, 8, n];
+    let cases: [(&str, &dyn Fn(usize) -> Vec<usize>, usize, usize); 6] = [
+        ("layer_norm", &rows, 32 * 256 + 1, 40),
+        ("rms_norm", &rows, 32 * 256 + 1, 40),
+        ("dyt", &rows, 32 * 256 + 1, 40),
+        ("evonorm_s0", &channels, 63, 1),
+        ("group_norm", &channels, 63, 1),
+        ("instance_norm", &channels, 63, 1),
+    ];
+    for (name, shape, long, short) in cases {
+        let entry = registry().get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train_backward, .. } = &entry.programs else { unreachable!() };
+        let plan = normforge_cubecl::plan(&entry, train_backward).unwrap();
+        assert!(plan.across.is_some(), "{name}: no column reduction folds inside the row kernel");
+        let hp = normforge_dsl::hyper::resolve(&entry, &groups(&entry)).unwrap();
+        for (shape, launch, want) in [
+            (shape(4096), Launch::default(), 1),
+            (shape(4096), Launch { rows_per_cube: 0, ..Launch::default() }, 2),
+            (shape(long), Launch::default(), 2),
+            (shape(short), Launch::default(), 2),
+        ] {
+            let b = normforge_dsl::bind::bind_axes(&entry.axes, &shape, "x").unwrap();
+            let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &launch).unwrap();
+            assert_eq!(reads(&lay), want, "{name} {shape:?} {launch:?}: kernels reading x");
+            let inside = lay.launches.iter().filter(|(k, _)| k.phases.iter().any(|p| p.reach != Reach::Element)).count();
+            assert_eq!(inside, usize::from(want == 1), "{name} {shape:?}");
         }
     }
 }

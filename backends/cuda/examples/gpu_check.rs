@@ -11,7 +11,10 @@
 //!    4096x4096, 4 of 4096x1024, 196 of 4096), as a fraction of the device-to-device copy
 //!    bandwidth measured in the same run, and each rule's first-step compile time; the layers
 //!    of gpu_peers.py (forward counted as 2 passes over x, forward + backward as 5), forward +
-//!    backward also with 1 and 32 columns per cube in the parameter gradients' column sums.
+//!    backward also launched otherwise: the parameter gradients' column sums in a kernel of
+//!    their own (with 1 or 8 columns per cube) rather than inside the row kernel, whose cubes
+//!    take at least 16 rows (the default) or 64, and number no more than the GPU runs at once
+//!    (the default) or as many as 16 rows each make.
 //!
 //! Prints a table; with an output directory, also one JSON line per figure in `normforge.jsonl`.
 
@@ -173,13 +176,20 @@ fn main() {
             let x = Tensor::randn(shape.as_slice(), (kind, dev)).set_requires_grad(true);
             let gy = Tensor::randn(shape.as_slice(), (kind, dev));
             let bytes = x.numel() as f64 * x.kind().elt_size_in_bytes() as f64;
-            // Column sums (parameter gradients) with 8 neighbouring columns per cube (the
-            // default, timed first), then 1 and 32, for the record; the forward has no column sums.
+            // The default launch first (the figure), then the others, for the record; the
+            // forward has no column sums.
             let mut fwd = f64::NAN;
             let mut both = Vec::new();
-            for columns in [8, 1, 32] {
-                let layer = spec.build(&(vs.root() / format!("columns{columns}")), &shape).map_err(|e| e.0)?;
-                let launch = normforge_cubecl::Launch { columns, ..Default::default() };
+            let default = normforge_cubecl::Launch::default();
+            let launches = [
+                ("default", default),
+                ("rows64", normforge_cubecl::Launch { rows_per_cube: 64, ..default }),
+                ("rows16_many_waves", normforge_cubecl::Launch { max_cubes: 65_535, ..default }),
+                ("column_kernel", normforge_cubecl::Launch { rows_per_cube: 0, ..default }),
+                ("column_kernel_columns1", normforge_cubecl::Launch { rows_per_cube: 0, columns: 1, ..default }),
+            ];
+            for (label, launch) in launches {
+                let layer = spec.build(&(vs.root() / label), &shape).map_err(|e| e.0)?;
                 let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(&reg, name), layer.hparams().to_vec()).and_then(|k| k.with_launch(launch)).map_err(|e| e.0)?;
                 let layer = layer.with_kernels(Arc::new(kernels));
                 if fwd.is_nan() {
@@ -191,16 +201,16 @@ fn main() {
                     let y = layer.try_forward_t(&x, true).expect("forward");
                     normforge_tch::shim::backward_with_grad(&y, &gy).expect("backward");
                 });
-                both.push((columns, ms));
+                both.push((label, ms));
             }
-            let by_columns: Vec<String> = both.iter().map(|(c, ms)| format!(r#""{c}":{ms:.4}"#)).collect();
+            let by_launch: Vec<String> = both.iter().map(|(c, ms)| format!(r#""{c}":{ms:.4}"#)).collect();
             let (f, b) = (2.0 * bytes / fwd / 1e6, 5.0 * bytes / both[0].1 / 1e6);
             Ok(format!(
-                r#"{{"op":"{name}","impl":"normforge","shape":{shape:?},"dtype":"{kind:?}","fwd_ms":{fwd:.4},"fwd_GBps":{f:.1},"fwd_of_copy":{:.3},"fwd_bwd_ms":{:.4},"fwd_bwd_GBps":{b:.1},"fwd_bwd_of_copy":{:.3},"fwd_bwd_ms_by_columns":{{{}}}}}"#,
+                r#"{{"op":"{name}","impl":"normforge","shape":{shape:?},"dtype":"{kind:?}","fwd_ms":{fwd:.4},"fwd_GBps":{f:.1},"fwd_of_copy":{:.3},"fwd_bwd_ms":{:.4},"fwd_bwd_GBps":{b:.1},"fwd_bwd_of_copy":{:.3},"fwd_bwd_ms_by_launch":{{{}}}}}"#,
                 f / copy_gbps,
                 both[0].1,
                 b / copy_gbps,
-                by_columns.join(",")
+                by_launch.join(",")
             ))
         });
         emit(line.unwrap_or_else(|e| format!(r#"{{"op":"{name}","dtype":"{kind:?}","error":{e:?}}}"#)));

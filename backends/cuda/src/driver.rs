@@ -59,6 +59,8 @@ pub struct Gpu {
     compiler: Compiler,
     kernels: Mutex<HashMap<u128, Kernel>>,
     name: String,
+    /// Streaming multiprocessors.
+    sms: u32,
 }
 
 #[derive(Clone, Copy)]
@@ -82,20 +84,22 @@ impl Gpu {
         }
         let dev = result::device::get(ordinal as i32).map_err(driver("cuDeviceGet"))?;
         // SAFETY: `dev` comes from cuDeviceGet.
-        let (major, minor) = unsafe {
+        let (major, minor, sms) = unsafe {
             (
                 result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
                 result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+                result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
             )
         };
         let (major, minor) = (major.map_err(driver("compute capability"))?, minor.map_err(driver("compute capability"))?);
+        let sms = sms.map_err(driver("multiprocessor count"))?.max(1) as u32;
         // SAFETY: `dev` is valid; the primary context is retained for the life of the process,
         // as torch retains it.
         let ctx = unsafe { result::primary_ctx::retain(dev) }.map_err(driver("cuDevicePrimaryCtxRetain"))?;
         let name = result::device::get_name(dev).map_err(driver("cuDeviceGetName"))?;
         let arch = architecture(major, minor);
         let compiler = Compiler::new(arch, Compiler::default_include_dirs(), cache)?;
-        Ok(Gpu { ordinal, ctx: Context(ctx), compiler, kernels: Mutex::new(HashMap::new()), name })
+        Ok(Gpu { ordinal, ctx: Context(ctx), compiler, kernels: Mutex::new(HashMap::new()), name, sms })
     }
 
     pub fn ordinal(&self) -> usize {
@@ -109,6 +113,16 @@ impl Gpu {
 
     pub fn arch(&self) -> &'static str {
         self.compiler.arch()
+    }
+
+    /// How many cubes of `block` units of `kernel` the device runs at once (its registers and
+    /// shared memory allowing): a grid of that many runs in one wave.
+    pub fn resident(&self, kernel: &Kernel, block: u32) -> Result<u32, Error> {
+        self.make_current()?;
+        // SAFETY: a function of a loaded module of this context.
+        let per_sm = unsafe { result::occupancy::max_active_block_per_multiprocessor(kernel.function.0, block as i32, kernel.shared_bytes as usize) }
+            .map_err(driver(&format!("occupancy of {}", kernel.name)))?;
+        Ok(self.sms * per_sm.max(1) as u32)
     }
 
     fn make_current(&self) -> Result<(), Error> {

@@ -194,7 +194,7 @@ impl CudaOptimizer {
         for r in &runs {
             let shape = bind::param_view(entry, &arena.shapes[r.start]);
             let b = plans.bind(r.len(), &shape, hparams, &format!("parameters {}..{}", r.start, r.end))?;
-            let lay = kernels.layout(&plans.step, &b, hparams, t).map_err(rule)?;
+            let lay = kernels.layout(&plans.step, &b, hparams, t, Dtype::F32).map_err(rule)?;
             bound.push((b, lay));
         }
         if !works.is_empty() && (works.len() != runs.len() || works.iter().zip(&bound).any(|(w, (_, lay))| (w.numel() as usize) < lay.work_len)) {

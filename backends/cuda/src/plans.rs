@@ -93,12 +93,24 @@ impl PlanKernels {
         io: Dtype,
         data: &dyn Fn(Source) -> Option<&'a Tensor>,
     ) -> Result<Vec<(Target, Tensor)>, Error> {
-        self.run_laid(plan, &self.layout(plan, b, hparams, step)?, io, data, None)
+        self.run_laid(plan, &self.layout(plan, b, hparams, step, io)?, io, data, None)
     }
 
-    /// `plan` bound to `b`, launched as these kernels launch.
-    pub fn layout(&self, plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64) -> Result<Layout, Error> {
-        Ok(layout(plan, b, hparams, step, &self.launch)?)
+    /// `plan` bound to `b`, launched as these kernels launch (for storage type `io`). A row
+    /// kernel folding column sums, whose cubes each take a block of rows, gets no more cubes
+    /// than the GPU runs at once (unless the launch sets a limit), so none waits for a second
+    /// wave.
+    pub fn layout(&self, plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, io: Dtype) -> Result<Layout, Error> {
+        let lay = layout(plan, b, hparams, step, &self.launch)?;
+        if self.launch.max_cubes > 0 {
+            return Ok(lay);
+        }
+        let Some((k, (x, y, _))) = lay.launches.iter().find(|(k, _)| k.across() > 0) else { return Ok(lay) };
+        let resident = self.gpu.resident(&self.kernel(k, io)?, BLOCK as u32).map_err(err)? as usize;
+        if (*x as usize) * (*y as usize) <= resident {
+            return Ok(lay);
+        }
+        Ok(layout(plan, b, hparams, step, &Launch { max_cubes: resident, ..self.launch })?)
     }
 
     /// As [`Self::run`], bound by `lay`, with a `work` arena the caller keeps between calls

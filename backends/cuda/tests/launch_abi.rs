@@ -5,7 +5,7 @@
 //! no GPU, clear errors instead of launches.
 
 use normforge_cubecl::emit::{self, Lang};
-use normforge_cubecl::kernel::BLOCK;
+use normforge_cubecl::kernel::{LProgram, BLOCK};
 use normforge_cubecl::{compile, Dtype};
 use normforge_cuda::plans::LAYER_BUFFERS;
 use normforge_cuda::{driver, Arena, Gpu};
@@ -71,11 +71,19 @@ fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
         let Programs::Layer { train, eval, train_backward, eval_backward } = &r.entry.programs else { continue };
         for prog in [train, eval, train_backward, eval_backward] {
             let plan = normforge_cubecl::plan(&r.entry, prog).unwrap();
+            // Short reductions fold per unit, long ones per cube (or per few neighbouring
+            // columns): all are launched. So is a row kernel folding column sums too, and the
+            // kernel folding its partials.
+            let launch = normforge_cubecl::Launch::default();
+            let mut kernels: Vec<LProgram> = Vec::new();
             for k in &plan.kernels {
-                // Short reductions fold per unit, long ones per cube (or per few neighbouring
-                // columns): all are launched.
-                for (per_value, last) in [(1, 1), (1 << 20, 1), (1 << 20, 1 << 20)] {
-                    let launched = normforge_cubecl::launched(k, per_value, last, &normforge_cubecl::Launch::default());
+                kernels.extend([(1, 1), (1 << 20, 1), (1 << 20, 1 << 20)].map(|(per_value, last)| normforge_cubecl::launched(k, per_value, last, &launch)));
+            }
+            for (row, k) in plan.across.iter().flat_map(|a| a.kernels.iter().enumerate().map(move |(i, k)| (i == a.row, k))) {
+                kernels.push(if row { LProgram { cooperative: true, values_per_cube: 1, unroll: 16, ..k.clone() } } else { normforge_cubecl::launched(k, 1 << 20, 1 << 20, &launch) });
+            }
+            {
+                for launched in kernels {
                     let unit = emit::layer_unit(&launched, Dtype::F32, Lang::Cuda).unwrap();
                     let src = unit.source;
                     let want = if launched.cube_per_value() && launched.reductions() > 0 { BLOCK * 4 } else { 0 };

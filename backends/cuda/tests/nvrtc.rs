@@ -122,7 +122,8 @@ fn divisions_in_loops(ptx: &str) -> Vec<String> {
 
 /// A row of a layer norm or an RMS norm is addressed without integer division (on a GPU the
 /// costly part of each element's work; the shape's kind along each axis is fixed when the plan
-/// is made, so full and broadcast axes need none): every kernel, forward and backward.
+/// is made, so full and broadcast axes need none), and without local memory: every kernel,
+/// forward and backward, with the column sums in the row kernel or not.
 #[test]
 fn row_kernels_divide_nowhere_inside_their_loops() {
     let Some(nvrtc) = compiler(None) else { return };
@@ -137,6 +138,8 @@ fn row_kernels_divide_nowhere_inside_their_loops() {
                 assert!(ptx.contains("bra"), "{name} {pass}: no loop found");
                 let found = divisions_in_loops(&ptx);
                 assert!(found.is_empty(), "{name} {pass}: {found:?}");
+                // A row kernel folding column sums keeps its partials in registers.
+                assert!(!ptx.contains(".local"), "{name} {pass}: {}local memory", unit.comment);
                 checked += 1;
             }
         }
