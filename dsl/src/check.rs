@@ -783,7 +783,7 @@ impl<'a> Checker<'a> {
                     if t != want {
                         let what = if want == Type::Float { "a number" } else { "a condition" };
                         let found = if t == Type::Float { "a number" } else { "a condition" };
-                        self.report(err(side.span, format!("`{}` needs {what} on each side, found {found}", op.symbol()), format!("{found}")));
+                        self.report(err(side.span, format!("`{}` needs {what} on each side, found {found}", op.symbol()), found.to_string()));
                         return None;
                     }
                 }

@@ -267,9 +267,8 @@ impl Unary {
             }
             Unary::Abs => a.abs(),
             Unary::Relu => {
-                if a > 0.0 {
-                    a
-                } else if a.is_nan() {
+                // NaN stays NaN.
+                if a > 0.0 || a.is_nan() {
                     a
                 } else {
                     0.0

@@ -55,7 +55,7 @@ impl Norm {
         }
         let axes = &spec.0.entry.axes;
         // `x[n, c, s...]` takes NCHW; anything else is given channels last.
-        let channels_last = !(axes.len() == 3 && !axes[0].variadic && !axes[1].variadic && axes[2].variadic);
+        let channels_last = axes.len() != 3 || axes[0].variadic || axes[1].variadic || !axes[2].variadic;
         let sample = if channels_last { [1, SIDE, SIDE, channels] } else { [1, channels, SIDE, SIDE] };
         let layer = spec.build(&path, &sample).map_err(|e| e.to_string())?;
         Ok(Norm { layer, channels_last })

@@ -79,7 +79,7 @@ fn source_of(kernel: &impl cubecl::CubeKernel, lang: Lang) -> Result<Source, Err
             let mut c = cubecl_cpp::shared::CppCompiler::<cubecl_cpp::target::Cuda>::default();
             c.compile(def, &Default::default()).map(|k| Source { shared_bytes: k.shared_memory_size, text: k.source })
         }
-        Lang::Wgsl => cubecl::wgpu::WgslCompiler::default().compile(def, &Default::default()).map(|k| Source { text: k.to_string(), shared_bytes: 0 }),
+        Lang::Wgsl => cubecl::wgpu::WgslCompiler.compile(def, &Default::default()).map(|k| Source { text: k.to_string(), shared_bytes: 0 }),
     };
     out.map_err(|e| Error(format!("generating {lang:?}: {e:?}")))
 }

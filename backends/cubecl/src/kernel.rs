@@ -446,6 +446,7 @@ impl LProgram {
 /// the axis length), the axis elements per value (`inner`), and the row-major stride; then
 /// each tensor's offset in its buffer (0 for `x` and `dy`).
 #[cube(launch_unchecked, create_dummy_kernel)]
+#[allow(clippy::manual_div_ceil)] // (`div_ceil` is not a cube function)
 pub fn layer_kernel<F: Float>(
     x: &[F],
     dy: &[F],
@@ -835,6 +836,7 @@ fn offset_along(i: usize, meta: &[u32], #[comptime] inner: usize, #[comptime] st
 /// A value as storage keeps it: itself, or (bf16 held in f32 words, see `dtype::Held`) rounded
 /// to the nearest bf16, ties to even, as a conversion to bf16 would. NaN stays NaN.
 #[cube]
+#[allow(clippy::eq_op)] // (`v != v`: NaN, in a cube function)
 fn stored(v: f32, #[comptime] round_bf16: bool) -> f32 {
     if comptime! { round_bf16 } {
         let bits = u32::reinterpret(v);

@@ -339,7 +339,7 @@ fn across(kernels: &[LProgram], t: &mut Tables) -> Option<Across> {
                 }
                 _ => {
                     let d = domains[0].clone();
-                    let finer = Shape((0..rank).map(|a| if t1.0[a] != Extent::One { d.0[a].clone() } else { t2.0[a].clone() }).collect());
+                    let finer = Shape((0..rank).map(|a| if t1.0[a] != Extent::One { d.0[a] } else { t2.0[a] }).collect());
                     // Axes a finer element spans inside a row element, then those it folds.
                     let outer: Vec<usize> = (0..rank).filter(|&a| finer.0[a] != Extent::One && spreads(kind(&finer.0[a]), kind(&t1.0[a]))).collect();
                     let inner: Vec<usize> = (0..rank).filter(|&a| finer.0[a] == Extent::One && d.0[a] != Extent::One).collect();
@@ -406,7 +406,7 @@ fn single(s: &Shape, lead: usize) -> bool {
 fn two_stage(arg: &Shape, out: &Shape, lead: usize) -> Option<Shape> {
     let spans = arg.0[lead..].iter().filter(|e| **e != Extent::One).count();
     let keep = lead + arg.0[lead..].iter().position(|e| *e == Extent::Full)?;
-    (single(out, lead) && spans >= 2).then(|| Shape(out.0.iter().enumerate().map(|(a, e)| if a == keep { Extent::Full } else { e.clone() }).collect()))
+    (single(out, lead) && spans >= 2).then(|| Shape(out.0.iter().enumerate().map(|(a, e)| if a == keep { Extent::Full } else { *e }).collect()))
 }
 
 /// Per kernel axis, the kind of the tensor axis a view in the order `perm` reads there (the
@@ -640,7 +640,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
                 outer[axis] = across.map_or(1, |(_, blocks, _)| blocks.max(1));
             }
         }
-        let inner: Vec<usize> = outer.iter().zip(&b.extents).map(|(&o, &e)| if o == 0 { 0 } else { e / o }).collect();
+        let inner: Vec<usize> = outer.iter().zip(&b.extents).map(|(&o, &e)| e.checked_div(o).unwrap_or(0)).collect();
         let mut stride = vec![0usize; rank];
         let mut acc = 1;
         for a in (0..rank).rev() {
@@ -678,9 +678,9 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
         Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f64,
         _ => unreachable!("only shape queries"),
     };
-    let scalars = plan.uniforms.values(&plan.program, hparams, step, &query);
+    let scalars = plan.uniforms.values(&plan.program, hparams, step, query);
     let (p, flags) = (&plan.program, &plan.uniforms.flags);
-    let needed = uniform::needed(p, flags, &uniform::values(p, flags, hparams, step, &query), |i| p.nodes[i].op.args());
+    let needed = uniform::needed(p, flags, &uniform::values(p, flags, hparams, step, query), |i| p.nodes[i].op.args());
     let needed_tensor = |t: usize| {
         let t = match plan.tensors[t].0 {
             Source::Blocked(out) => out as usize,

@@ -304,7 +304,9 @@ fn column_sums_fold_inside_the_row_kernel() {
     };
     let rows = |n: usize| vec![300, n];
     let channels = |n: usize| vec![4, 8, n];
-    let cases: [(&str, &dyn Fn(usize) -> Vec<usize>, usize, usize); 6] = [
+    // (layer, its input shape for a reduced extent, a reduced extent too long, one too short)
+    type Case<'a> = (&'a str, &'a dyn Fn(usize) -> Vec<usize>, usize, usize);
+    let cases: [Case; 6] = [
         ("layer_norm", &rows, 32 * 256 + 1, 40),
         ("rms_norm", &rows, 32 * 256 + 1, 40),
         ("dyt", &rows, 32 * 256 + 1, 40),

@@ -116,7 +116,7 @@ fn main() {
     let x = Tensor::randn([1i64 << 28], (Kind::Float, dev));
     let mut y = x.empty_like();
     let copy_ms = time_ms(50, || {
-        let _ = y.copy_(&x);
+        y.copy_(&x);
     });
     let copy_gbps = 2.0 * (1u64 << 28) as f64 * 4.0 / copy_ms / 1e6;
     emit(format!(r#"{{"op":"copy","impl":"tch","ms":{copy_ms:.4},"GBps":{copy_gbps:.1}}}"#));

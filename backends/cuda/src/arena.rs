@@ -81,7 +81,7 @@ impl Arena {
     /// Whether tensor `k` follows tensor `k - 1` with no padding between them (that one fills
     /// whole cubes), so the two can be read as one stack.
     pub fn joins(&self, k: usize) -> bool {
-        k > 0 && self.sizes[k - 1] % BLOCK == 0
+        k > 0 && self.sizes[k - 1].is_multiple_of(BLOCK)
     }
 
     /// The elements of tensors `r` in `flat`, one after another: a view. Every tensor but the

@@ -197,7 +197,7 @@ impl CudaOptimizer {
             let lay = kernels.layout(&plans.step, &b, hparams, t, Dtype::F32).map_err(rule)?;
             bound.push((b, lay));
         }
-        if !works.is_empty() && (works.len() != runs.len() || works.iter().zip(&bound).any(|(w, (_, lay))| (w.numel() as usize) < lay.work_len)) {
+        if !works.is_empty() && (works.len() != runs.len() || works.iter().zip(&bound).any(|(w, (_, lay))| w.numel() < lay.work_len)) {
             return Err(Error::Rule("the parameters changed since the first step".into()));
         }
         // Where each state is read in the unswapped layout (`None`: the step never reads it).

@@ -138,8 +138,8 @@ impl PlanKernels {
                     // (No copy unless `d` is strided or of another dtype.)
                     Buf::Input => x = Some(d.reshape([-1]).to_kind(kind_of(io)).contiguous()),
                     Buf::GradOutput => dy = Some(d.reshape([-1]).to_kind(kind_of(io)).contiguous()),
-                    Buf::Io => _ = io_arena.narrow(0, off, len).copy_(&d.reshape([-1])),
-                    Buf::Work => _ = work.narrow(0, off, len).copy_(&d.reshape([-1])),
+                    Buf::Io => io_arena.narrow(0, off, len).copy_(&d.reshape([-1])),
+                    Buf::Work => work.narrow(0, off, len).copy_(&d.reshape([-1])),
                 },
                 None if src.computed() => {}
                 None if kept && matches!(src, Source::State(_)) => {}

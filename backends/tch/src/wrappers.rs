@@ -35,7 +35,7 @@ impl Lookahead {
         let report = self.inner.step()?;
         if matches!(report, StepReport::Applied { .. }) {
             self.applied += 1;
-            if self.applied % self.k == 0 {
+            if self.applied.is_multiple_of(self.k) {
                 tch::no_grad(|| -> Result<(), Error> {
                     for (fast, slow) in &mut self.slow {
                         let new_slow = &*slow + (&*fast - &*slow) * self.alpha;
