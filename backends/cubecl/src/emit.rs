@@ -191,11 +191,21 @@ pub fn plan_units(plan: &Plan, io: Dtype, lang: Lang) -> Result<Vec<Unit>, Error
         let what: Vec<String> = prog
             .phases
             .iter()
-            .map(|p| match p.reduce {
-                Some((op, _, _)) if p.reach == Reach::Across => format!("{op:?} reduction across rows"),
-                Some((op, _, _)) if p.reach != Reach::Element => format!("{op:?} reduction per finer element"),
-                Some((op, _, _)) => format!("{op:?} reduction"),
-                None => format!("elementwise, {} output(s)", p.stores.len()),
+            .map(|p| {
+                let mut parts: Vec<String> = p.reduces.iter().map(|(op, _, _)| format!("{op:?}")).collect();
+                if !parts.is_empty() {
+                    let reach = match p.reach {
+                        Reach::Element => "",
+                        Reach::Across => " across rows",
+                        Reach::Finer(_) => " per finer element",
+                    };
+                    let plural = if parts.len() > 1 { "s" } else { "" };
+                    parts = vec![format!("{} reduction{plural}{reach}", parts.join(" + "))];
+                }
+                if !p.stores.is_empty() {
+                    parts.push(format!("elementwise, {} output(s)", p.stores.len()));
+                }
+                parts.join(" and ")
             })
             .collect();
         what.join(", then ")

@@ -361,17 +361,19 @@ pub enum LOp {
 }
 
 /// One pass of a layer kernel over the part of its `domain` shape that falls in the kernel's
-/// target element: a reduction folding register `value` into tensor `out` (of the target's
-/// shape), or stores of registers into tensors of the domain's shape.
+/// target element: reductions, each folding a register into a tensor (of the target's shape,
+/// or as `reach` says), and stores of registers into tensors of the domain's shape — several
+/// of each where they do not wait for one another (`plan::merge`), so a row is walked once
+/// for all of them.
 #[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
 pub struct LPhase {
     pub domain: usize,
     pub ops: Vec<LOp>,
     /// `(fold, value register, out tensor)` (always in `work`: f32).
-    pub reduce: Option<(ROp, usize, usize)>,
+    pub reduces: Vec<(ROp, usize, usize)>,
     /// `(tensor, register, in io)`.
     pub stores: Vec<(usize, usize, bool)>,
-    /// Which elements the reduction folds into one value.
+    /// Which elements the reductions fold into one value.
     pub reach: Reach,
 }
 
@@ -430,13 +432,19 @@ impl LProgram {
     }
 
     pub fn reductions(&self) -> usize {
-        self.phases.iter().filter(|p| p.reduce.is_some()).count()
+        self.phases.iter().map(|p| p.reduces.len()).sum()
     }
 
-    /// Phases folding across target elements (`Reach::Across`).
+    /// Reductions folding across target elements (`Reach::Across`).
     pub fn across(&self) -> usize {
-        self.phases.iter().filter(|p| p.reach == Reach::Across).count()
+        across_before(&self.phases, self.phases.len())
     }
+}
+
+/// The reductions of `phases[..ph]` folding across target elements: where phase `ph`'s
+/// partials start, per position.
+pub fn across_before(phases: &[LPhase], ph: usize) -> usize {
+    phases[..ph].iter().filter(|p| p.reach == Reach::Across).map(|p| p.reduces.len()).sum()
 }
 
 /// `x` and `dy` are the input and the output gradient (a rule's parameter and gradient) in the
@@ -487,16 +495,19 @@ pub fn layer_kernel<F: Float>(
         rows = (count + CUBE_COUNT - 1) / CUBE_COUNT;
         o0 = CUBE_POS * rows;
     }
-    // Per `across` phase, this unit's partial for positions `first + m * step` of a row.
+    // Per `across` reduction, this unit's partial for positions `first + m * step` of a row.
     let mut part = Array::<f32>::new(comptime! { (across * unroll).max(1) });
     #[unroll]
     for ph in 0..prog.phases.len() {
         if comptime! { prog.phases[ph].reach == Reach::Across } {
-            let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
-            let ka = comptime! { prog.phases[..ph].iter().filter(|p| p.reach == Reach::Across).count() };
+            let ka = comptime! { across_before(&prog.phases, ph) };
             #[unroll]
-            for m in 0..unroll {
-                part[ka * unroll + m] = identity(op);
+            for k in 0..prog.phases[ph].reduces.len() {
+                let (op, _, _) = comptime! { prog.phases[ph].reduces[k] };
+                #[unroll]
+                for m in 0..unroll {
+                    part[(ka + k) * unroll + m] = identity(op);
+                }
             }
         }
     }
@@ -532,22 +543,20 @@ pub fn layer_kernel<F: Float>(
                 loops = domain_len(meta, prog.clone(), dom, tgt_shape);
             }
             let reach = comptime! { prog.phases[ph].reach };
+            let nr = comptime! { prog.phases[ph].reduces.len() };
             if comptime! { reach == Reach::Across } {
-                let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
-                let ka = comptime! { prog.phases[..ph].iter().filter(|p| p.reach == Reach::Across).count() };
+                let ka = comptime! { across_before(&prog.phases, ph) };
                 #[unroll]
                 for m in 0..unroll {
                     let j = first + m * step;
                     if j < loops {
-                        let v = element::<F>(j, &oi, &res, x, dy, io, work, meta, scalars, prog.clone(), ph, round_bf16);
-                        part[ka * unroll + m] = fold(op, part[ka * unroll + m], v);
+                        element::<F>(j, &oi, &res, &mut part, x, dy, io, work, meta, scalars, prog.clone(), ph, comptime! { ka * unroll + m }, unroll, round_bf16);
                     }
                 }
             } else if comptime! { matches!(reach, Reach::Finer(_)) } {
                 // The finer elements inside this one, each a run of `len` consecutive domain
                 // elements (its own axes are the inner ones: see `plan`), one after another.
                 let fs = comptime! { if let Reach::Finer(f) = reach { f } else { unreachable!() } };
-                let (op, _, t) = comptime! { prog.phases[ph].reduce.unwrap() };
                 let len = domain_len(meta, prog.clone(), dom, fs);
                 let mut subs = 0usize;
                 if active {
@@ -556,75 +565,56 @@ pub fn layer_kernel<F: Float>(
                 let mut sub = 0usize;
                 while sub < subs {
                     let start = sub * len;
-                    let mut acc = identity(op);
+                    let mut acc = Array::<f32>::new(comptime! { nr.max(1) });
+                    #[unroll]
+                    for k in 0..nr {
+                        let (op, _, _) = comptime! { prog.phases[ph].reduces[k] };
+                        acc[k] = identity(op);
+                    }
                     let mut j = start + first;
                     while j < start + len {
-                        let v = element::<F>(j, &oi, &res, x, dy, io, work, meta, scalars, prog.clone(), ph, round_bf16);
-                        acc = fold(op, acc, v);
+                        element::<F>(j, &oi, &res, &mut acc, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, round_bf16);
                         j += step;
                     }
-                    let u = UNIT_POS as usize;
-                    sh[u] = acc;
-                    sync_cube();
-                    let mut stride = CUBE_DIM as usize / 2;
-                    while stride > 0 {
-                        if u < stride {
-                            sh[u] = fold(op, sh[u], sh[u + stride]);
-                        }
-                        sync_cube();
-                        stride /= 2;
+                    // The finer element's place: where its first domain element falls.
+                    let idx = domain_index(start, &oi, meta, prog.clone(), ph);
+                    let fb = comptime! { 3 * prog.rank * fs };
+                    let mut at = 0usize;
+                    #[unroll]
+                    for q in 0..rank {
+                        let a = comptime! { rank - 1 - q };
+                        at += offset_along(idx[q], meta, comptime! { fb + rank + a }, comptime! { fb + 2 * rank + a }, comptime! { prog.kinds[fs][a] });
                     }
-                    if u == 0 {
-                        // The finer element's place: where its first domain element falls.
-                        let idx = domain_index(start, &oi, meta, prog.clone(), ph);
-                        let fb = comptime! { 3 * prog.rank * fs };
-                        let mut off = meta[tbase + t] as usize;
-                        #[unroll]
-                        for q in 0..rank {
-                            let a = comptime! { rank - 1 - q };
-                            off += offset_along(idx[q], meta, comptime! { fb + rank + a }, comptime! { fb + 2 * rank + a }, comptime! { prog.kinds[fs][a] });
+                    #[unroll]
+                    for k in 0..nr {
+                        let (op, _, t) = comptime! { prog.phases[ph].reduces[k] };
+                        let v = tree(&mut sh, acc[k], op, 1usize);
+                        if UNIT_POS == 0 {
+                            work[meta[tbase + t] as usize + at] = v;
                         }
-                        work[off] = sh[0];
                     }
-                    sync_cube();
                     sub += 1;
                 }
             } else {
-                let mut acc = 0.0f32;
-                if comptime! { prog.phases[ph].reduce.is_some() } {
-                    let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
-                    acc = identity(op);
+                let mut acc = Array::<f32>::new(comptime! { nr.max(1) });
+                #[unroll]
+                for k in 0..nr {
+                    let (op, _, _) = comptime! { prog.phases[ph].reduces[k] };
+                    acc[k] = identity(op);
                 }
                 let mut j = first;
                 while j < loops {
-                    let v = element::<F>(j, &oi, &res, x, dy, io, work, meta, scalars, prog.clone(), ph, round_bf16);
-                    if comptime! { prog.phases[ph].reduce.is_some() } {
-                        let (op, _, _) = comptime! { prog.phases[ph].reduce.unwrap() };
-                        acc = fold(op, acc, v);
-                    }
+                    element::<F>(j, &oi, &res, &mut acc, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, round_bf16);
                     j += step;
                 }
-                if comptime! { prog.phases[ph].reduce.is_some() } {
-                    let (op, _, t) = comptime! { prog.phases[ph].reduce.unwrap() };
+                #[unroll]
+                for k in 0..nr {
+                    let (op, _, t) = comptime! { prog.phases[ph].reduces[k] };
+                    let mut v = acc[k];
                     if comptime! { coop } {
                         // Every unit takes part (the barriers are outside any branch); cubes past
                         // the last value fold identities and store nothing.
-                        // The lanes of each value fold pairwise (strides stay multiples of
-                        // `per_cube`, so a unit only meets its own value's lanes).
-                        let u = UNIT_POS as usize;
-                        sh[u] = acc;
-                        sync_cube();
-                        let mut stride = CUBE_DIM as usize / 2;
-                        while stride >= per_cube {
-                            if u < stride {
-                                sh[u] = fold(op, sh[u], sh[u + stride]);
-                            }
-                            sync_cube();
-                            stride /= 2;
-                        }
-                        acc = sh[u % per_cube];
-                        // Everyone has read the result before the next reduction reuses `sh`.
-                        sync_cube();
+                        v = tree(&mut sh, v, op, per_cube);
                     }
                     // One unit writes it: the value's first lane (cooperative), else each its own.
                     let mut writes = active;
@@ -632,9 +622,9 @@ pub fn layer_kernel<F: Float>(
                         writes = active && (UNIT_POS as usize) < per_cube;
                     }
                     if writes {
-                        work[meta[tbase + t] as usize + o] = acc;
+                        work[meta[tbase + t] as usize + o] = v;
                     }
-                    res.push(acc);
+                    res.push(v);
                 }
             }
         }
@@ -646,19 +636,44 @@ pub fn layer_kernel<F: Float>(
     #[unroll]
     for ph in 0..prog.phases.len() {
         if comptime! { prog.phases[ph].reach == Reach::Across } {
-            let (_, _, t) = comptime! { prog.phases[ph].reduce.unwrap() };
-            let ka = comptime! { prog.phases[..ph].iter().filter(|p| p.reach == Reach::Across).count() };
+            let ka = comptime! { across_before(&prog.phases, ph) };
             let positions = domain_len(meta, prog.clone(), comptime! { prog.phases[ph].domain }, tgt_shape);
-            let base = meta[tbase + t] as usize + CUBE_POS * positions;
             #[unroll]
-            for m in 0..unroll {
-                let j = first + m * step;
-                if j < positions {
-                    work[base + j] = part[ka * unroll + m];
+            for k in 0..prog.phases[ph].reduces.len() {
+                let (_, _, t) = comptime! { prog.phases[ph].reduces[k] };
+                let base = meta[tbase + t] as usize + CUBE_POS * positions;
+                #[unroll]
+                for m in 0..unroll {
+                    let j = first + m * step;
+                    if j < positions {
+                        work[base + j] = part[(ka + k) * unroll + m];
+                    }
                 }
             }
         }
     }
+}
+
+/// Fold each unit's `v` over the cube in shared memory, lanes apart: the units `u` with the
+/// same `u % lanes` fold together (strides stay multiples of `lanes`); every unit gets its
+/// lane's value. Every unit must call it (it holds barriers), and `sh` is free again after.
+#[cube]
+fn tree(sh: &mut Shared<[f32]>, v: f32, #[comptime] op: ROp, #[comptime] lanes: usize) -> f32 {
+    let u = UNIT_POS as usize;
+    sh[u] = v;
+    sync_cube();
+    let mut stride = CUBE_DIM as usize / 2;
+    while stride >= lanes {
+        if u < stride {
+            sh[u] = fold(op, sh[u], sh[u + stride]);
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let out = sh[u % lanes];
+    // Everyone has read the result before the next reduction reuses `sh`.
+    sync_cube();
+    out
 }
 
 /// The elements of shape `domain` that fall in one element of shape `target` (shape-table
@@ -726,14 +741,15 @@ fn domain_index(j: usize, oi: &Sequence<usize>, meta: &[u32], #[comptime] prog: 
 }
 
 /// Domain element `j` of phase `ph` within the target element at `oi` (per axis, last
-/// first): its ops run, its stores made; returns the value the phase reduces (0 where it
-/// reduces nothing). `res` holds the reductions of earlier phases.
+/// first): its ops run, its stores made, the phase's reduction `k` folded into `acc[slot + k *
+/// stride]`. `res` holds the reductions of earlier phases.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn element<F: Float>(
     j: usize,
     oi: &Sequence<usize>,
     res: &Sequence<f32>,
+    acc: &mut Array<f32>,
     x: &[F],
     dy: &[F],
     io: &mut [F],
@@ -742,8 +758,10 @@ fn element<F: Float>(
     scalars: &[f32],
     #[comptime] prog: LProgram,
     #[comptime] ph: usize,
+    #[comptime] slot: usize,
+    #[comptime] stride: usize,
     #[comptime] round_bf16: bool,
-) -> f32 {
+) {
     let rank = comptime! { prog.rank };
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let dom = comptime! { 3 * prog.rank * prog.phases[ph].domain };
@@ -788,11 +806,13 @@ fn element<F: Float>(
             }
         }
     }
-    let mut value = 0.0f32;
-    if comptime! { prog.phases[ph].reduce.is_some() } {
-        let (_, v, _) = comptime! { prog.phases[ph].reduce.unwrap() };
-        value = r[v];
-    } else {
+    #[unroll]
+    for k in 0..prog.phases[ph].reduces.len() {
+        let (op, v, _) = comptime! { prog.phases[ph].reduces[k] };
+        let at = comptime! { slot + k * stride };
+        acc[at] = fold(op, acc[at], r[v]);
+    }
+    {
         #[unroll]
         for k in 0..prog.phases[ph].stores.len() {
             let (t, v, in_io) = comptime! { prog.phases[ph].stores[k] };
@@ -810,7 +830,6 @@ fn element<F: Float>(
             }
         }
     }
-    value
 }
 
 /// Whether a target element of kind `target` along an axis covers more than one element of a

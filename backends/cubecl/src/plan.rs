@@ -229,7 +229,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             shapes: 0,
             kinds: Vec::new(),
             target,
-            phases: vec![LPhase { domain, ops, reduce: Some((reduce(*r), value, out)), stores: Vec::new(), reach: Reach::Element }],
+            phases: vec![LPhase { domain, ops, reduces: vec![(reduce(*r), value, out)], stores: Vec::new(), reach: Reach::Element }],
             cooperative: true,
             values_per_cube: 1,
             unroll: 0,
@@ -277,11 +277,12 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
                 (tensor, r, t.tensors[tensor].2 == Buf::Io)
             })
             .collect();
-        let phase = LPhase { domain: target, ops, reduce: None, stores, reach: Reach::Element };
+        let phase = LPhase { domain: target, ops, reduces: Vec::new(), stores, reach: Reach::Element };
         kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, unroll: 0 });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors, lead);
     let mut across = if lead == 0 { across(&kernels, &mut t) } else { None };
+    kernels.iter_mut().chain(across.iter_mut().flat_map(|a| a.kernels.iter_mut())).for_each(merge);
     let kinds: Vec<Vec<AxisKind>> = t.shapes.iter().zip(&t.perms).map(|(s, perm)| axis_kinds(s, perm)).collect();
     for k in kernels.iter_mut().chain(across.iter_mut().flat_map(|a| a.kernels.iter_mut())) {
         k.shapes = t.shapes.len();
@@ -302,12 +303,11 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
 ///   runs of consecutive domain elements of a row element (an EvoNorm's sums per channel of a
 ///   sample, inside a group of channels).
 fn across(kernels: &[LProgram], t: &mut Tables) -> Option<Across> {
-    let made_by = |tensor: usize| kernels.iter().position(|k| k.phases.iter().any(|p| p.reduce.is_some_and(|(_, _, o)| o == tensor)));
+    let made_by = |tensor: usize| kernels.iter().position(|k| outs(k).contains(&tensor));
     let loads = |k: &LProgram| -> Vec<(usize, usize)> { k.phases.iter().flat_map(|p| &p.ops).filter_map(|op| if let LOp::Load(u, s, _) = *op { Some((u, s)) } else { None }).collect() };
-    let outs = |k: &LProgram| -> Vec<usize> { k.phases.iter().filter_map(|p| p.reduce.map(|(_, _, o)| o)).collect() };
-    let in_order = |s: usize| t.perms[s].iter().enumerate().all(|(a, &k)| a == k);
+        let in_order = |s: usize| t.perms[s].iter().enumerate().all(|(a, &k)| a == k);
     for (c, kc) in kernels.iter().enumerate() {
-        if kc.phases.is_empty() || kc.phases.iter().any(|p| p.reduce.is_none() || p.ops.iter().any(|op| matches!(op, LOp::Result(_)))) {
+        if kc.phases.is_empty() || kc.phases.iter().any(|p| p.reduces.is_empty() || !p.stores.is_empty() || p.ops.iter().any(|op| matches!(op, LOp::Result(_)))) {
             continue;
         }
         let t2 = t.shapes[kc.target].clone();
@@ -370,19 +370,73 @@ fn across(kernels: &[LProgram], t: &mut Tables) -> Option<Across> {
                         }
                     }
                 }
-                let (f, v, out) = p.reduce.expect("column kernels only reduce");
-                t.tensors.push((Source::Blocked(out as u32), partial, Buf::Work));
-                let partials = t.tensors.len() - 1;
-                p.reduce = Some((f, v, partials));
+                for (f, _, out) in &mut p.reduces {
+                    t.tensors.push((Source::Blocked(*out as u32), partial, Buf::Work));
+                    let partials = t.tensors.len() - 1;
+                    fold.phases.push(LPhase { domain: partial, ops: vec![LOp::Load(partials, partial, Buf::Work)], reduces: vec![(*f, 0, *out)], stores: Vec::new(), reach: Reach::Element });
+                    *out = partials;
+                }
                 p.reach = reach;
                 kernels[row].phases.push(p);
-                fold.phases.push(LPhase { domain: partial, ops: vec![LOp::Load(partials, partial, Buf::Work)], reduce: Some((f, 0, out)), stores: Vec::new(), reach: Reach::Element });
             }
             kernels.insert(row + 1, fold);
             return Some(Across { kernels, row, how });
         }
     }
     None
+}
+
+/// The tensors `k`'s reductions write, in order.
+fn outs(k: &LProgram) -> Vec<usize> {
+    k.phases.iter().flat_map(|p| p.reduces.iter().map(|r| r.2)).collect()
+}
+
+/// Fewer passes over a row: each phase of a kernel joins the one before where both walk the
+/// same domain with the same reach and it needs nothing the other computes (none of its
+/// reductions, none of its stores), its ops appended (those already there shared), so their
+/// loop runs once — a DyT's row kernel folds alpha's gradient as it writes the input
+/// gradient, an EvoNorm's sums per channel are three accumulators of one walk.
+fn merge(k: &mut LProgram) {
+    let mut phases: Vec<LPhase> = Vec::new();
+    // Reductions of earlier phases kept in registers (`LOp::Result` numbers them).
+    let (mut kept, mut before) = (0, 0);
+    for q in std::mem::take(&mut k.phases) {
+        let element = |p: &LPhase| if p.reach == Reach::Element { p.reduces.len() } else { 0 };
+        let joins = phases.last().is_some_and(|p| {
+            let written: Vec<usize> = p.reduces.iter().map(|r| r.2).chain(p.stores.iter().map(|s| s.0)).collect();
+            p.domain == q.domain
+                && p.reach == q.reach
+                && q.ops.iter().all(|op| match *op {
+                    LOp::Result(i) => i < before,
+                    LOp::Load(t, ..) => !written.contains(&t),
+                    _ => true,
+                })
+        });
+        if !joins {
+            before = kept;
+            kept += element(&q);
+            phases.push(q);
+            continue;
+        }
+        kept += element(&q);
+        let p = phases.last_mut().expect("joins an earlier phase");
+        let mut at = Vec::with_capacity(q.ops.len());
+        for op in q.ops {
+            let op = match op {
+                LOp::Unary(u, a) => LOp::Unary(u, at[a]),
+                LOp::Binary(b, x, y) => LOp::Binary(b, at[x], at[y]),
+                LOp::Select(c, x, y) => LOp::Select(at[c], at[x], at[y]),
+                other => other,
+            };
+            at.push(p.ops.iter().position(|o| *o == op).unwrap_or_else(|| {
+                p.ops.push(op);
+                p.ops.len() - 1
+            }));
+        }
+        p.reduces.extend(q.reduces.into_iter().map(|(f, v, t)| (f, at[v], t)));
+        p.stores.extend(q.stores.into_iter().map(|(t, v, io)| (t, at[v], io)));
+    }
+    k.phases = phases;
 }
 
 fn kind(e: &Extent) -> AxisKind {
@@ -459,7 +513,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
                 .max()
                 .unwrap_or(0);
             // (Elementwise work never joins a kernel of a single value: that is one cube.)
-            let fits = |g: &LProgram| match phase.reduce {
+            let fits = |g: &LProgram| match phase.reduces.first() {
                 Some(_) => g.target == target,
                 None => refines(&shapes[phase.domain], &shapes[g.target]) && (!single(&shapes[g.target], lead) || single(&shapes[phase.domain], lead)),
             };
@@ -480,9 +534,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
                     }
                 }
             }
-            if let Some((_, _, t)) = phase.reduce {
-                made[g].push(t);
-            }
+            made[g].extend(phase.reduces.iter().map(|r| r.2));
             out[g].phases.push(phase);
         }
     }
@@ -695,7 +747,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
         // A kernel whose every result only a branch not taken reads (known from this call's
         // hyper-parameters and shapes: Muon's wide or tall form) is not launched; what reads
         // it still runs the select, which drops the (zero) value.
-        let used = |ph: &LPhase| !ph.stores.is_empty() || ph.reduce.is_some_and(|(_, _, t)| needed_tensor(t));
+        let used = |ph: &LPhase| !ph.stores.is_empty() || ph.reduces.iter().any(|&(_, _, t)| needed_tensor(t));
         if count == 0 || !k.phases.iter().any(used) {
             continue;
         }

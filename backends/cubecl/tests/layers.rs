@@ -336,6 +336,29 @@ fn column_sums_fold_inside_the_row_kernel() {
 }
 
 #[test]
+fn independent_reductions_share_one_walk() {
+    // Phases of a kernel over the same elements that need nothing from one another walk them
+    // once: an EvoNorm's three sums per channel, a DyT's alpha gradient with its input
+    // gradient, a layer norm's backward sums that wait only for the mean.
+    let reg = registry();
+    let backward = |name: &str| {
+        let entry = reg.get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train_backward, .. } = &entry.programs else { unreachable!() };
+        normforge_cubecl::plan(&entry, train_backward).unwrap()
+    };
+    let evo = backward("evonorm_s0");
+    let a = evo.across.as_ref().unwrap();
+    let finer: Vec<usize> = a.kernels[a.row].phases.iter().filter(|p| matches!(p.reach, Reach::Finer(_))).map(|p| p.reduces.len()).collect();
+    assert_eq!(finer, [3], "evonorm_s0: sums per channel by phase");
+    let dyt = backward("dyt");
+    let a = dyt.across.as_ref().unwrap();
+    assert!(a.kernels[a.row].phases.iter().any(|p| !p.reduces.is_empty() && !p.stores.is_empty()), "dyt: alpha's gradient walks the row apart from the input gradient");
+    let ln = backward("layer_norm");
+    let row = &ln.kernels[0];
+    assert!(row.phases.len() < row.reductions() + 1, "layer_norm: {} phases for {} reductions and the input gradient", row.phases.len(), row.reductions());
+}
+
+#[test]
 fn single_values_are_folded_by_many_cubes() {
     // A kernel computing a single value runs as one cube: it may fold values along one axis
     // (partials), never read a whole tensor or write one (a DyT's scalar gradient over a
@@ -364,7 +387,7 @@ fn single_values_are_folded_by_many_cubes() {
             for k in plan.kernels.iter().filter(|k| spans(k.target) == 0) {
                 for ph in &k.phases {
                     assert!(spans(ph.domain) <= 1, "{}: a single value folded over {} axes in one cube", r.name, spans(ph.domain));
-                    assert!(ph.reduce.is_some() || spans(ph.domain) == 0, "{}: elementwise work in a single-value kernel", r.name);
+                    assert!(ph.stores.is_empty() || spans(ph.domain) == 0, "{}: elementwise work in a single-value kernel", r.name);
                 }
             }
             split += plan.tensors.iter().filter(|t| matches!(t.0, normforge_cubecl::Source::Partial(_))).count();
