@@ -4,7 +4,7 @@
 //! rest into phases (a phase computes what the next one's reductions need); each phase is one
 //! kernel over every element of every tensor.
 
-use crate::kernel::{BOp, KOp, KProgram, ROp, UOp};
+use crate::kernel::{BOp, KOp, KProgram, Pure, ROp, UOp};
 use crate::Error;
 use normforge_dsl::{bind, uniform};
 use normforge_dsl::ir::{Binary, Entry, Op, Program, ReduceOp, Target, Unary};
@@ -162,7 +162,7 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
             if let Some(r) = reg[id as usize] {
                 return r;
             }
-            ops.push(KOp::Scalar(uniforms.export(id)));
+            ops.push(KOp::Pure(Pure::Scalar(uniforms.export(id))));
             reg[id as usize] = Some(ops.len() - 1);
             ops.len() - 1
         };
@@ -183,14 +183,14 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
                     reg[i] = Some(r);
                     continue;
                 }
-                Op::Unary(u, a) => KOp::Unary(unary(*u), fetch(*a, &mut ops, &mut reg)),
+                Op::Unary(u, a) => KOp::Pure(Pure::Unary(unary(*u), fetch(*a, &mut ops, &mut reg))),
                 Op::Binary(b, x, y) => {
                     let (x, y) = (fetch(*x, &mut ops, &mut reg), fetch(*y, &mut ops, &mut reg));
-                    KOp::Binary(binary(*b), x, y)
+                    KOp::Pure(Pure::Binary(binary(*b), x, y))
                 }
                 Op::Select(c, x, y) => {
                     let (c, x, y) = (fetch(*c, &mut ops, &mut reg), fetch(*x, &mut ops, &mut reg), fetch(*y, &mut ops, &mut reg));
-                    KOp::Select(c, x, y)
+                    KOp::Pure(Pure::Select(c, x, y))
                 }
                 _ => unreachable!("refused above"),
             };

@@ -57,19 +57,49 @@ pub enum ROp {
     Min,
 }
 
-/// One instruction; operands are indices of earlier instructions (each pushes one value).
-#[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
-pub enum KOp {
-    LoadP,
-    LoadG,
-    LoadState(usize),
-    /// `scalars[i]`: a hyper-parameter, or the step count after them.
+/// Arithmetic on registers, the part both kernels' instruction sets share.
+#[derive(CubeType, Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Pure {
+    /// `scalars[i]`: a hyper-parameter, the step count, a shape query.
     Scalar(usize),
     /// An f32 literal, as bits so the program is `Hash + Eq`.
     Const(u32),
     Unary(UOp, usize),
     Binary(BOp, usize, usize),
     Select(usize, usize, usize),
+}
+
+impl Pure {
+    /// The same operation on operands renamed by `f`.
+    pub fn map(self, mut f: impl FnMut(usize) -> usize) -> Pure {
+        match self {
+            Pure::Unary(u, a) => Pure::Unary(u, f(a)),
+            Pure::Binary(b, x, y) => Pure::Binary(b, f(x), f(y)),
+            Pure::Select(c, x, y) => Pure::Select(f(c), f(x), f(y)),
+            leaf => leaf,
+        }
+    }
+}
+
+/// The value of `op` over the registers `r`.
+#[cube]
+fn pure(#[comptime] op: Pure, r: &Sequence<f32>, scalars: &[f32]) -> f32 {
+    match op {
+        Pure::Scalar(i) => scalars[i],
+        Pure::Const(bits) => f32::from_bits(bits),
+        Pure::Unary(u, a) => unary(u, r[a]),
+        Pure::Binary(b, x, y) => binary(b, r[x], r[y]),
+        Pure::Select(c, x, y) => select(r[c] != 0.0, r[x], r[y]),
+    }
+}
+
+/// One instruction; operands are indices of earlier instructions (each pushes one value).
+#[derive(CubeType, Clone, Debug, Hash, PartialEq, Eq)]
+pub enum KOp {
+    LoadP,
+    LoadG,
+    LoadState(usize),
+    Pure(Pure),
     /// The number of elements of this cube's tensor.
     TensorLen,
     /// Result `j` of an earlier phase's reductions, for this cube's tensor.
@@ -202,18 +232,8 @@ pub fn step_kernel<S: Float>(
             KOp::LoadP => r.push(p[i]),
             KOp::LoadG => r.push(g[i]),
             KOp::LoadState(j) => r.push(f32::cast_from(s[j * n + i])),
-            KOp::Scalar(j) => r.push(scalars[j]),
-            KOp::Const(bits) => r.push(f32::from_bits(bits)),
-            KOp::Unary(op, a) => {
-                let v = unary(op, r[a]);
-                r.push(v);
-            }
-            KOp::Binary(op, a, c) => {
-                let v = binary(op, r[a], r[c]);
-                r.push(v);
-            }
-            KOp::Select(c, a, b) => {
-                let v = select(r[c] != 0.0, r[a], r[b]);
+            KOp::Pure(op) => {
+                let v = pure(op, &r, scalars);
                 r.push(v);
             }
             KOp::TensorLen => r.push(f32::cast_from(blocks[3 * b + 2])),
@@ -353,11 +373,7 @@ pub enum LOp {
     Load(usize, usize, Buf),
     /// The `i`-th reduction of an earlier phase of this kernel, for this target element.
     Result(usize),
-    Scalar(usize),
-    Const(u32),
-    Unary(UOp, usize),
-    Binary(BOp, usize, usize),
-    Select(usize, usize, usize),
+    Pure(Pure),
 }
 
 /// One pass of a layer kernel over the part of its `domain` shape that falls in the kernel's
@@ -790,18 +806,8 @@ fn element<F: Float>(
                 }
             }
             LOp::Result(i) => r.push(res[i]),
-            LOp::Scalar(i) => r.push(scalars[i]),
-            LOp::Const(bits) => r.push(f32::from_bits(bits)),
-            LOp::Unary(op, a) => {
-                let v = unary(op, r[a]);
-                r.push(v);
-            }
-            LOp::Binary(op, a, c) => {
-                let v = binary(op, r[a], r[c]);
-                r.push(v);
-            }
-            LOp::Select(c, a, b) => {
-                let v = select(r[c] != 0.0, r[a], r[b]);
+            LOp::Pure(op) => {
+                let v = pure(op, &r, scalars);
                 r.push(v);
             }
         }

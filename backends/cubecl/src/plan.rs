@@ -8,7 +8,7 @@
 //! shape's kind per axis (broadcast, grouped, full) is fixed, to spare the kernels divisions.
 
 use crate::compile::{binary, reduce, unary, Uniforms};
-use crate::kernel::{layer_kernel, spreads, AxisKind, Buf, LOp, LPhase, LProgram, Reach, BLOCK};
+use crate::kernel::{layer_kernel, spreads, AxisKind, Buf, LOp, LPhase, LProgram, Pure, Reach, BLOCK};
 use crate::{Dtype, Error};
 use cubecl::prelude::*;
 use normforge_dsl::bind::{self, AxisBinding};
@@ -179,7 +179,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
                 let at = |a: &u32, q: &[usize]| reg[&(*a, order(*a, q, uniforms))];
                 let load = |src: Source, t: &mut Tables| t.load(src, &node.shape, perm);
                 let op = if uniforms.flags[i] {
-                    LOp::Scalar(uniforms.export(i as u32))
+                    LOp::Pure(Pure::Scalar(uniforms.export(i as u32)))
                 } else if materialized[i] {
                     load(Source::Node(i as u32), t)
                 } else {
@@ -201,9 +201,9 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
                             reg.insert((i as u32, perm.clone()), r);
                             continue;
                         }
-                        Op::Unary(u, a) => LOp::Unary(unary(*u), at(a, perm)),
-                        Op::Binary(b, x, y) => LOp::Binary(binary(*b), at(x, perm), at(y, perm)),
-                        Op::Select(c, x, y) => LOp::Select(at(c, perm), at(x, perm), at(y, perm)),
+                        Op::Unary(u, a) => LOp::Pure(Pure::Unary(unary(*u), at(a, perm))),
+                        Op::Binary(b, x, y) => LOp::Pure(Pure::Binary(binary(*b), at(x, perm), at(y, perm))),
+                        Op::Select(c, x, y) => LOp::Pure(Pure::Select(at(c, perm), at(x, perm), at(y, perm))),
                         other => return Err(unsupported(&format!("{other:?}"))),
                     }
                 };
@@ -423,9 +423,7 @@ fn merge(k: &mut LProgram) {
         let mut at = Vec::with_capacity(q.ops.len());
         for op in q.ops {
             let op = match op {
-                LOp::Unary(u, a) => LOp::Unary(u, at[a]),
-                LOp::Binary(b, x, y) => LOp::Binary(b, at[x], at[y]),
-                LOp::Select(c, x, y) => LOp::Select(at[c], at[x], at[y]),
+                LOp::Pure(p) => LOp::Pure(p.map(|a| at[a])),
                 other => other,
             };
             at.push(p.ops.iter().position(|o| *o == op).unwrap_or_else(|| {

@@ -2,7 +2,7 @@
 //! eager PyTorch runs it: the baseline the fusion benchmark measures against. Intermediates live
 //! in extra state slots after the rule's own, so the one kernel serves both.
 
-use crate::kernel::{KOp, KProgram};
+use crate::kernel::{KOp, KProgram, Pure};
 
 /// The kernels, in launch order, and how many extra state slots they use.
 pub fn split(prog: &KProgram, n_states: usize) -> (Vec<KProgram>, usize) {
@@ -22,15 +22,13 @@ pub fn split(prog: &KProgram, n_states: usize) -> (Vec<KProgram>, usize) {
     for (i, op) in ops.iter().enumerate() {
         let mut k = Vec::new();
         let computed = match op {
-            KOp::LoadP | KOp::LoadG | KOp::LoadState(_) | KOp::Scalar(_) | KOp::Const(_) | KOp::TensorLen | KOp::LoadR(_) => continue,
+            KOp::LoadP | KOp::LoadG | KOp::LoadState(_) | KOp::Pure(Pure::Scalar(_) | Pure::Const(_)) | KOp::TensorLen | KOp::LoadR(_) => continue,
             KOp::Accum(..) => unreachable!("callers pass programs without reductions"),
             KOp::StoreP(_) | KOp::StoreState(..) => {
                 stores.push(op.clone());
                 continue;
             }
-            KOp::Unary(u, a) => KOp::Unary(*u, operand(*a, &slot, &mut k)),
-            KOp::Binary(b, x, y) => KOp::Binary(*b, operand(*x, &slot, &mut k), operand(*y, &slot, &mut k)),
-            KOp::Select(c, x, y) => KOp::Select(operand(*c, &slot, &mut k), operand(*x, &slot, &mut k), operand(*y, &slot, &mut k)),
+            KOp::Pure(p) => KOp::Pure(p.map(|a| operand(a, &slot, &mut k))),
         };
         k.push(computed);
         k.push(KOp::StoreState(n_states + temps, k.len() - 1));
