@@ -31,7 +31,8 @@ pub enum Source {
     /// of one axis, so that many cubes share the work.
     Partial(u32),
     /// The first stage of the column reduction into tensor `t` when it runs inside a row
-    /// kernel ([`Across`]): per cube of that kernel, a partial value per column.
+    /// kernel ([`Across`]): per cube of that kernel, a partial value per column
+    /// (`Fold::Registers`), or one per finer element (`Fold::Finer`).
     Blocked(u32),
 }
 
@@ -305,7 +306,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
 fn across(kernels: &[LProgram], t: &mut Tables) -> Option<Across> {
     let made_by = |tensor: usize| kernels.iter().position(|k| outs(k).contains(&tensor));
     let loads = |k: &LProgram| -> Vec<(usize, usize)> { k.phases.iter().flat_map(|p| &p.ops).filter_map(|op| if let LOp::Load(u, s, _) = *op { Some((u, s)) } else { None }).collect() };
-        let in_order = |s: usize| t.perms[s].iter().enumerate().all(|(a, &k)| a == k);
+    let in_order = |s: usize| t.perms[s].iter().enumerate().all(|(a, &k)| a == k);
     for (c, kc) in kernels.iter().enumerate() {
         if kc.phases.is_empty() || kc.phases.iter().any(|p| p.reduces.is_empty() || !p.stores.is_empty() || p.ops.iter().any(|op| matches!(op, LOp::Result(_)))) {
             continue;
