@@ -16,7 +16,8 @@
 //!    take at least 16 rows (the default) or 64, and number no more than the GPU runs at once
 //!    (the default) or as many as 16 rows each make.
 //!
-//! Prints a table; with an output directory, also one JSON line per figure in `normforge.jsonl`.
+//! Prints a table; with an output directory, also one JSON line per figure in `normforge.jsonl`,
+//! each written as it is measured.
 
 use normforge_cubecl::Dtype;
 use normforge_cuda::{check, Arena, CudaLayerKernels, CudaOptimizer, Gpu};
@@ -46,10 +47,17 @@ fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let out = std::env::args().nth(1).map(std::path::PathBuf::from);
-    let mut lines = Vec::new();
+    // Each figure is written as it comes, so a run cut short keeps what it measured.
+    let mut file = out.as_ref().and_then(|dir| {
+        let _ = std::fs::create_dir_all(dir);
+        std::fs::File::create(dir.join("normforge.jsonl")).ok()
+    });
     let mut emit = |s: String| {
         println!("{s}");
-        lines.push(s);
+        if let Some(f) = file.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "{s}").and_then(|()| f.flush());
+        }
     };
     if !normforge_tch::load_cuda() {
         eprintln!("gpu_check: libtorch sees no CUDA device");
@@ -214,10 +222,6 @@ fn main() {
             ))
         });
         emit(line.unwrap_or_else(|e| format!(r#"{{"op":"{name}","dtype":"{kind:?}","error":{e:?}}}"#)));
-    }
-    if let Some(dir) = out {
-        let _ = std::fs::create_dir_all(&dir);
-        let _ = std::fs::write(dir.join("normforge.jsonl"), lines.join("\n") + "\n");
     }
     if failed > 0 {
         eprintln!("gpu_check: {failed} rule(s) disagree with the reference backend");
