@@ -27,20 +27,16 @@ use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// Median wall time of `reps` runs of `f`, in ms, each ended by a device synchronization.
-fn time_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+/// Median device time of `reps` runs of `f`, in ms, after 3 untimed: between CUDA events on
+/// torch's stream, with the L2 cache flushed (a 256 MB buffer zeroed) before each run, as
+/// triton's `do_bench` times the peers in `gpu_peers.py`.
+fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut()) -> f64 {
     for _ in 0..3 {
         f();
     }
-    tch::Cuda::synchronize(0);
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            tch::Cuda::synchronize(0);
-            s.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
+    let stream = normforge_tch::shim::current_cuda_stream(gpu.ordinal()).expect("libtorch's CUDA support is loaded");
+    let mut flush = Tensor::empty([64i64 << 20], (Kind::Float, Device::Cuda(gpu.ordinal())));
+    let mut t = gpu.time(stream, reps, || _ = flush.zero_(), f).expect("CUDA events");
     t.sort_by(f64::total_cmp);
     t[reps / 2]
 }
@@ -123,7 +119,7 @@ fn main() {
     let dev = Device::Cuda(0);
     let x = Tensor::randn([1i64 << 28], (Kind::Float, dev));
     let mut y = x.empty_like();
-    let copy_ms = time_ms(50, || {
+    let copy_ms = time_ms(&gpu, 50, || {
         y.copy_(&x);
     });
     let copy_gbps = 2.0 * (1u64 << 28) as f64 * 4.0 / copy_ms / 1e6;
@@ -154,7 +150,7 @@ fn main() {
             opt.step(&arena).map_err(|e| e.to_string())?;
             tch::Cuda::synchronize(0);
             let first = start.elapsed().as_secs_f64();
-            let ms = time_ms(50, || opt.step(&arena).expect("step"));
+            let ms = time_ms(&gpu, 50, || opt.step(&arena).expect("step"));
             let gbps = bytes * n as f64 / ms / 1e6;
             Ok(format!(
                 r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{},"fused":{}}}"#,
@@ -201,11 +197,11 @@ fn main() {
                 let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(&reg, name), layer.hparams().to_vec()).and_then(|k| k.with_launch(launch)).map_err(|e| e.0)?;
                 let layer = layer.with_kernels(Arc::new(kernels));
                 if fwd.is_nan() {
-                    fwd = time_ms(20, || {
+                    fwd = time_ms(&gpu, 20, || {
                         let _ = tch::no_grad(|| layer.try_forward_t(&x, true).expect("forward"));
                     });
                 }
-                let ms = time_ms(20, || {
+                let ms = time_ms(&gpu, 20, || {
                     let y = layer.try_forward_t(&x, true).expect("forward");
                     normforge_tch::shim::backward_with_grad(&y, &gy).expect("backward");
                 });

@@ -179,6 +179,37 @@ impl Gpu {
             .map_err(driver(&format!("launching {}", kernel.name)))
     }
 
+    /// Device time of each of `reps` runs of `f`, in ms, between events recorded on `stream`
+    /// around it (what triton's `do_bench`, which times the peers, measures: host work that
+    /// keeps up with the device is not counted); `before` runs ahead of each, untimed.
+    pub fn time(&self, stream: *mut c_void, reps: usize, mut before: impl FnMut(), mut f: impl FnMut()) -> Result<Vec<f64>, Error> {
+        let mut events = Vec::with_capacity(2 * reps);
+        let mut run = || -> Result<(), Error> {
+            for _ in 0..reps {
+                before();
+                for timed in [false, true] {
+                    if timed {
+                        f();
+                    }
+                    self.make_current()?;
+                    let e = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(driver("cuEventCreate"))?;
+                    events.push(e);
+                    // SAFETY: an event of this context, recorded on a stream of it.
+                    unsafe { result::event::record(e, stream as sys::CUstream) }.map_err(driver("cuEventRecord"))?;
+                }
+            }
+            self.synchronize(stream)
+        };
+        let ran = run();
+        // SAFETY: events of this context, all recorded and complete (or never recorded).
+        let times = ran.and_then(|()| events.chunks(2).map(|e| unsafe { result::event::elapsed(e[0], e[1]) }.map(f64::from).map_err(driver("cuEventElapsedTime"))).collect());
+        for e in events {
+            // SAFETY: as above; each destroyed once.
+            let _ = unsafe { result::event::destroy(e) };
+        }
+        times
+    }
+
     /// Wait for everything queued on `stream`.
     pub fn synchronize(&self, stream: *mut c_void) -> Result<(), Error> {
         self.make_current()?;
