@@ -518,12 +518,8 @@ pub fn layer_kernel<F: Float>(
         if comptime! { prog.phases[ph].reach == Reach::Across } {
             let ka = comptime! { across_before(&prog.phases, ph) };
             #[unroll]
-            for k in 0..prog.phases[ph].reduces.len() {
-                let (op, _, _) = comptime! { prog.phases[ph].reduces[k] };
-                #[unroll]
-                for m in 0..unroll {
-                    part[(ka + k) * unroll + m] = identity(op);
-                }
+            for m in 0..unroll {
+                identities(&mut part, comptime! { prog.phases[ph].reduces.clone() }, comptime! { ka * unroll + m }, unroll);
             }
         }
     }
@@ -582,11 +578,7 @@ pub fn layer_kernel<F: Float>(
                 while sub < subs {
                     let start = sub * len;
                     let mut acc = Array::<f32>::new(comptime! { nr.max(1) });
-                    #[unroll]
-                    for k in 0..nr {
-                        let (op, _, _) = comptime! { prog.phases[ph].reduces[k] };
-                        acc[k] = identity(op);
-                    }
+                    identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
                     let mut j = start + first;
                     while j < start + len {
                         element::<F>(j, &oi, &res, &mut acc, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, round_bf16);
@@ -613,11 +605,7 @@ pub fn layer_kernel<F: Float>(
                 }
             } else {
                 let mut acc = Array::<f32>::new(comptime! { nr.max(1) });
-                #[unroll]
-                for k in 0..nr {
-                    let (op, _, _) = comptime! { prog.phases[ph].reduces[k] };
-                    acc[k] = identity(op);
-                }
+                identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
                 let mut j = first;
                 while j < loops {
                     element::<F>(j, &oi, &res, &mut acc, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, round_bf16);
@@ -667,6 +655,17 @@ pub fn layer_kernel<F: Float>(
                 }
             }
         }
+    }
+}
+
+/// Start each of `reduces` from its fold's identity, at `acc[slot + k * stride]` (where
+/// `element` folds reduction `k`).
+#[cube]
+fn identities(acc: &mut Array<f32>, #[comptime] reduces: Vec<(ROp, usize, usize)>, #[comptime] slot: usize, #[comptime] stride: usize) {
+    #[unroll]
+    for k in 0..reduces.len() {
+        let (op, _, _) = comptime! { reduces[k] };
+        acc[comptime! { slot + k * stride }] = identity(op);
     }
 }
 

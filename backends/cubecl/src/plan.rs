@@ -662,9 +662,9 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
     let too_big = || Error("a tensor of this layer call exceeds 2^32 values".into());
     let size = |s: usize| bind::extents(&plan.shapes[s], b, hparams).map(|e| e.iter().product::<usize>()).map_err(Error);
     // Whether the column sums fold inside the row kernel, and for `Fold::Registers` over how
-    // many of its cubes and a row's positions: rows short enough for its registers, and long
-    // enough (or finer elements large enough) for a cube each.
-    let mut across = None;
+    // many of its cubes and with how many positions of a row per unit: rows short enough for
+    // its registers, and long enough (or finer elements large enough) for a cube each.
+    let mut across: Option<(&Across, Option<(usize, usize)>)> = None;
     if let Some(a) = plan.across.as_ref().filter(|_| launch.rows_per_cube > 0) {
         let rows = size(a.kernels[a.row].target)?;
         match a.how {
@@ -672,13 +672,13 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
                 let positions = size(columns)?;
                 if rows > 0 && (launch.cooperative_min..=BLOCK * MAX_UNROLL).contains(&positions) {
                     let cubes = rows.div_ceil(launch.rows_per_cube).min(if launch.max_cubes > 0 { launch.max_cubes } else { usize::MAX });
-                    across = Some((a, cubes.min(65_535), positions));
+                    across = Some((a, Some((cubes.min(65_535), positions.div_ceil(BLOCK).next_power_of_two()))));
                 }
             }
             Fold::Finer { finer, domain } => {
                 let (f, d) = (size(finer)?, size(domain)?);
                 if f > 0 && d / f >= launch.cooperative_min {
-                    across = Some((a, 0, 0));
+                    across = Some((a, None));
                 }
             }
         }
@@ -688,7 +688,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
         if let Some(Fold::Registers { shape, axis, .. }) = plan.across.as_ref().map(|a| a.how) {
             if shape == k {
                 // The partials: a row per cube of the row kernel (one if unused).
-                outer[axis] = across.map_or(1, |(_, blocks, _)| blocks.max(1));
+                outer[axis] = across.and_then(|(_, r)| r).map_or(1, |(cubes, _)| cubes);
             }
         }
         let inner: Vec<usize> = outer.iter().zip(&b.extents).map(|(&o, &e)| e.checked_div(o).unwrap_or(0)).collect();
@@ -753,12 +753,9 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
         let per_value = k.phases.iter().map(|p| sizes[p.domain] / count).max().unwrap_or(1);
         let last = if rank == 0 { 1 } else { meta[3 * rank * k.target + rank - 1] as usize };
         let (k, cubes) = match across {
-            Some((a, blocks, positions)) if a.row == i && matches!(a.how, Fold::Registers { .. }) => {
-                let unroll = positions.div_ceil(BLOCK).next_power_of_two();
-                (LProgram { cooperative: true, values_per_cube: 1, unroll, ..k.clone() }, blocks)
-            }
+            Some((a, Some((cubes, unroll)))) if a.row == i => (LProgram { cooperative: true, values_per_cube: 1, unroll, ..k.clone() }, cubes),
             // A cube per row element, folding its finer elements one after another.
-            Some((a, ..)) if a.row == i => (LProgram { cooperative: true, values_per_cube: 1, ..k.clone() }, count),
+            Some((a, None)) if a.row == i => (LProgram { cooperative: true, values_per_cube: 1, ..k.clone() }, count),
             _ => {
                 let k = launched(k, per_value, last, launch);
                 let cubes = if k.cube_per_value() { count.div_ceil(k.values_per_cube) } else { count.div_ceil(BLOCK) };

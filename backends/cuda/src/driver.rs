@@ -185,18 +185,18 @@ impl Gpu {
     pub fn time(&self, stream: *mut c_void, reps: usize, mut before: impl FnMut(), mut f: impl FnMut()) -> Result<Vec<f64>, Error> {
         let mut events = Vec::with_capacity(2 * reps);
         let mut run = || -> Result<(), Error> {
+            let record = |events: &mut Vec<sys::CUevent>| -> Result<(), Error> {
+                self.make_current()?;
+                let e = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(driver("cuEventCreate"))?;
+                events.push(e);
+                // SAFETY: an event of this context, recorded on a stream of it.
+                unsafe { result::event::record(e, stream as sys::CUstream) }.map_err(driver("cuEventRecord"))
+            };
             for _ in 0..reps {
                 before();
-                for timed in [false, true] {
-                    if timed {
-                        f();
-                    }
-                    self.make_current()?;
-                    let e = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(driver("cuEventCreate"))?;
-                    events.push(e);
-                    // SAFETY: an event of this context, recorded on a stream of it.
-                    unsafe { result::event::record(e, stream as sys::CUstream) }.map_err(driver("cuEventRecord"))?;
-                }
+                record(&mut events)?;
+                f();
+                record(&mut events)?;
             }
             self.synchronize(stream)
         };
