@@ -185,18 +185,22 @@ impl Gpu {
     pub fn time(&self, stream: *mut c_void, reps: usize, mut before: impl FnMut(), mut f: impl FnMut()) -> Result<Vec<f64>, Error> {
         let mut events = Vec::with_capacity(2 * reps);
         let mut run = || -> Result<(), Error> {
-            let record = |events: &mut Vec<sys::CUevent>| -> Result<(), Error> {
+            // Every event made first, so that only recording one lies between a run and its
+            // events (making one allocates).
+            self.make_current()?;
+            for _ in 0..2 * reps {
+                events.push(result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(driver("cuEventCreate"))?);
+            }
+            let record = |e: sys::CUevent| -> Result<(), Error> {
                 self.make_current()?;
-                let e = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(driver("cuEventCreate"))?;
-                events.push(e);
                 // SAFETY: an event of this context, recorded on a stream of it.
                 unsafe { result::event::record(e, stream as sys::CUstream) }.map_err(driver("cuEventRecord"))
             };
-            for _ in 0..reps {
+            for pair in events.chunks(2) {
                 before();
-                record(&mut events)?;
+                record(pair[0])?;
                 f();
-                record(&mut events)?;
+                record(pair[1])?;
             }
             self.synchronize(stream)
         };
