@@ -75,6 +75,24 @@ fn half_precision_kernels() {
 }
 
 #[test]
+fn a_row_kept_in_registers() {
+    // A layer norm's forward on rows of 1024: four positions per unit, unrolled, x read from
+    // memory in the first phase (the mean) and from registers in the variance and output phases.
+    let reg = normforge::builtin_registry().unwrap();
+    let e = reg.get("layer_norm").unwrap().entry;
+    let normforge::dsl::ir::Programs::Layer { train, .. } = &e.programs else { unreachable!() };
+    let plan = normforge::cubecl::plan(&e, train).unwrap();
+    let launch = normforge::cubecl::Launch::default();
+    let k = normforge::cubecl::keeping(normforge::cubecl::launched(&plan.kernels[0], 1024, 1, &launch), &|_| 1024, &launch);
+    assert_eq!((k.kept.len(), k.unroll, k.phases.len()), (1, 4, 3));
+    let src = normforge::cubecl::emit::layer_unit(&k, Dtype::F32, Lang::Cuda).unwrap().source;
+    // The input is the kernel's first parameter: read at four places, not twelve.
+    let x = src.split("__restrict__ ").nth(1).and_then(|p| p.split(',').next()).unwrap();
+    assert_eq!(src.matches(&format!("&{x}[")).count(), 4, "{x} in\n{src}");
+    insta::assert_snapshot!("kernel__layer_norm__forward_rows_of_1024.cuda", redact(&src));
+}
+
+#[test]
 fn cli_emit_prints_source_and_refuses_clearly() {
     let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_normforge")).args(args).output().unwrap();
     let out = run(&["emit", "lion", "--target", "cuda"]);

@@ -437,8 +437,16 @@ pub struct LProgram {
     pub values_per_cube: usize,
     /// With `across` phases: the positions of a row each unit keeps a partial for (so a row
     /// is at most `unroll * BLOCK` long); each cube takes a block of consecutive target
-    /// elements, as many as the launched cube count leaves to each.
+    /// elements, as many as the launched cube count leaves to each. With `kept` loads, the
+    /// positions each unit walks in every phase keeping them.
     pub unroll: usize,
+    /// Loads `(tensor, shape, buffer)` kept in registers per position between the phases over
+    /// the shape `keep` (a layer norm's x, read by its mean, variance and output phases): the
+    /// first such phase to load one reads memory, the later ones its registers, so a row is
+    /// read once. Those phases walk their `unroll` positions unrolled, the registers indexed by
+    /// constants. Empty: every phase reads memory (see `plan::keeping`).
+    pub kept: Vec<(usize, usize, Buf)>,
+    pub keep: usize,
 }
 
 impl LProgram {
@@ -454,6 +462,21 @@ impl LProgram {
     /// Reductions folding across target elements (`Reach::Across`).
     pub fn across(&self) -> usize {
         across_before(&self.phases, self.phases.len())
+    }
+
+    /// Whether phase `ph` walks its positions unrolled, keeping the `kept` loads in registers.
+    pub fn keeps(&self, ph: usize) -> bool {
+        let p = &self.phases[ph];
+        !self.kept.is_empty() && p.domain == self.keep && !matches!(p.reach, Reach::Finer(_))
+    }
+
+    /// Where phase `ph` finds `load` in the registers of one position: its index among `kept`,
+    /// and whether this phase is the first keeping one to load it (so reads memory and fills
+    /// the register).
+    pub fn kept_slot(&self, ph: usize, load: (usize, usize, Buf)) -> Option<(usize, bool)> {
+        let c = self.kept.iter().position(|&h| h == load).filter(|_| self.keeps(ph))?;
+        let loads = |q: usize| self.phases[q].ops.iter().any(|op| *op == LOp::Load(load.0, load.1, load.2));
+        Some((c, !(0..ph).any(|q| self.keeps(q) && loads(q))))
     }
 }
 
@@ -513,6 +536,8 @@ pub fn layer_kernel<F: Float>(
     }
     // Per `across` reduction, this unit's partial for positions `first + m * step` of a row.
     let mut part = Array::<f32>::new(comptime! { (across * unroll).max(1) });
+    // Per kept load, its value at those positions of the current row.
+    let mut cache = Array::<f32>::new(comptime! { (prog.kept.len() * unroll).max(1) });
     #[unroll]
     for ph in 0..prog.phases.len() {
         if comptime! { prog.phases[ph].reach == Reach::Across } {
@@ -562,7 +587,8 @@ pub fn layer_kernel<F: Float>(
                 for m in 0..unroll {
                     let j = first + m * step;
                     if j < loops {
-                        element::<F>(j, &oi, &res, &mut part, x, dy, io, work, meta, scalars, prog.clone(), ph, comptime! { ka * unroll + m }, unroll, round_bf16);
+                        let at = comptime! { prog.keeps(ph).then_some(m) };
+                        element::<F>(j, &oi, &res, &mut part, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, comptime! { ka * unroll + m }, unroll, at, round_bf16);
                     }
                 }
             } else if comptime! { matches!(reach, Reach::Finer(_)) } {
@@ -581,7 +607,7 @@ pub fn layer_kernel<F: Float>(
                     identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
                     let mut j = start + first;
                     while j < start + len {
-                        element::<F>(j, &oi, &res, &mut acc, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, round_bf16);
+                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, round_bf16);
                         j += step;
                     }
                     // The finer element's place: where its first domain element falls.
@@ -606,10 +632,20 @@ pub fn layer_kernel<F: Float>(
             } else {
                 let mut acc = Array::<f32>::new(comptime! { nr.max(1) });
                 identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
-                let mut j = first;
-                while j < loops {
-                    element::<F>(j, &oi, &res, &mut acc, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, round_bf16);
-                    j += step;
+                if comptime! { prog.keeps(ph) } {
+                    #[unroll]
+                    for m in 0..unroll {
+                        let j = first + m * step;
+                        if j < loops {
+                            element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { Some(m) }, round_bf16);
+                        }
+                    }
+                } else {
+                    let mut j = first;
+                    while j < loops {
+                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, round_bf16);
+                        j += step;
+                    }
                 }
                 #[unroll]
                 for k in 0..nr {
@@ -757,7 +793,8 @@ fn domain_index(j: usize, oi: &Sequence<usize>, meta: &[u32], #[comptime] prog: 
 
 /// Domain element `j` of phase `ph` within the target element at `oi` (per axis, last
 /// first): its ops run, its stores made, the phase's reduction `k` folded into `acc[slot + k *
-/// stride]`. `res` holds the reductions of earlier phases.
+/// stride]`. `res` holds the reductions of earlier phases; `at`, in a keeping phase, is which
+/// of the unit's positions `j` is, its kept loads at `cache[c * unroll + at]`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn element<F: Float>(
@@ -765,6 +802,7 @@ fn element<F: Float>(
     oi: &Sequence<usize>,
     res: &Sequence<f32>,
     acc: &mut Array<f32>,
+    cache: &mut Array<f32>,
     x: &[F],
     dy: &[F],
     io: &mut [F],
@@ -775,11 +813,13 @@ fn element<F: Float>(
     #[comptime] ph: usize,
     #[comptime] slot: usize,
     #[comptime] stride: usize,
+    #[comptime] at: Option<usize>,
     #[comptime] round_bf16: bool,
 ) {
     let rank = comptime! { prog.rank };
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let dom = comptime! { 3 * prog.rank * prog.phases[ph].domain };
+    let unroll = comptime! { prog.unroll.max(1) };
     let idx = domain_index(j, oi, meta, prog.clone(), ph);
     let mut r = Sequence::<f32>::new();
     #[unroll]
@@ -787,21 +827,23 @@ fn element<F: Float>(
         let op = comptime! { prog.phases[ph].ops[k].clone() };
         match op {
             LOp::Load(t, s, buf) => {
-                let sb = comptime! { 3 * prog.rank * s };
-                let mut off = meta[tbase + t] as usize;
-                #[unroll]
-                for q in 0..rank {
-                    let a = comptime! { rank - 1 - q };
-                    off += offset_along(idx[q], meta, comptime! { sb + rank + a }, comptime! { sb + 2 * rank + a }, comptime! { prog.kinds[s][a] });
-                }
-                if comptime! { buf == Buf::Input } {
-                    r.push(f32::cast_from(x[off]));
-                } else if comptime! { buf == Buf::GradOutput } {
-                    r.push(f32::cast_from(dy[off]));
-                } else if comptime! { buf == Buf::Io } {
-                    r.push(f32::cast_from(io[off]));
+                // (register, whether this phase fills it)
+                let kept = comptime! { at.and_then(|m| prog.kept_slot(ph, (t, s, buf)).map(|(c, fills)| (c * unroll + m, fills))) };
+                if comptime! { kept.is_some_and(|(_, fills)| !fills) } {
+                    r.push(cache[comptime! { kept.unwrap().0 }]);
                 } else {
-                    r.push(work[off]);
+                    let sb = comptime! { 3 * prog.rank * s };
+                    let mut off = meta[tbase + t] as usize;
+                    #[unroll]
+                    for q in 0..rank {
+                        let a = comptime! { rank - 1 - q };
+                        off += offset_along(idx[q], meta, comptime! { sb + rank + a }, comptime! { sb + 2 * rank + a }, comptime! { prog.kinds[s][a] });
+                    }
+                    let v = read::<F>(off, x, dy, io, work, buf);
+                    if comptime! { kept.is_some() } {
+                        cache[comptime! { kept.unwrap().0 }] = v;
+                    }
+                    r.push(v);
                 }
             }
             LOp::Result(i) => r.push(res[i]),
@@ -835,6 +877,23 @@ fn element<F: Float>(
             }
         }
     }
+}
+
+/// The value at `off` of the buffer `buf`, in f32.
+#[cube]
+#[allow(unused_assignments)] // (one branch is expanded, the initial value never)
+fn read<F: Float>(off: usize, x: &[F], dy: &[F], io: &mut [F], work: &mut [f32], #[comptime] buf: Buf) -> f32 {
+    let mut v = 0f32;
+    if comptime! { buf == Buf::Input } {
+        v = f32::cast_from(x[off]);
+    } else if comptime! { buf == Buf::GradOutput } {
+        v = f32::cast_from(dy[off]);
+    } else if comptime! { buf == Buf::Io } {
+        v = f32::cast_from(io[off]);
+    } else {
+        v = work[off];
+    }
+    v
 }
 
 /// Whether a target element of kind `target` along an axis covers more than one element of a

@@ -39,7 +39,7 @@ impl CubeLayer {
         let Programs::Layer { train, eval, train_backward, eval_backward } = &entry.programs else { unreachable!("checked above") };
         let plans = [plan(&entry, train)?, plan(&entry, eval)?, plan(&entry, train_backward)?, plan(&entry, eval_backward)?];
         let init = plan(&entry, &entry.init)?;
-        let mut layer = CubeLayer { entry, hparams, plans, params: Vec::new(), buffers: Vec::new(), storage: Dtype::F32, launch: Launch::default(), client: device.client() };
+        let mut layer = CubeLayer { entry, hparams, plans, params: Vec::new(), buffers: Vec::new(), storage: Dtype::F32, launch: Launch::for_device(device), client: device.client() };
         let b = layer.bind(input_shape, "the input", false)?;
         let out = layer.execute(&init, &b, None, None)?;
         let take = |target: fn(u32) -> Target, n: usize| -> Result<Vec<Vec<f32>>, Error> {

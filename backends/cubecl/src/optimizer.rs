@@ -66,6 +66,8 @@ pub struct CubeOptimizer {
     temps: usize,
     init_prog: Compiled,
     client: cubecl::client::Client,
+    /// For the per-axis rules' layer kernels.
+    launch: Launch,
     state: Option<State>,
     /// What the state is stored in on the device.
     state_dtype: Dtype,
@@ -90,7 +92,7 @@ impl CubeOptimizer {
             },
         };
         let kernels = step_prog.phases.clone();
-        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), state: None, state_dtype: Dtype::F32, state_held: Held::Native(Dtype::F32), step: 0 })
+        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), launch: Launch::for_device(device), state: None, state_dtype: Dtype::F32, state_held: Held::Native(Dtype::F32), step: 0 })
     }
 
     /// The same rule launched one kernel per operation, intermediates through memory: the
@@ -350,7 +352,7 @@ impl CubeOptimizer {
             for (r, b) in runs.iter().zip(&bindings) {
                 let p = concat(r, |k| &params[k]);
                 let data = |src: Source| if src == Source::Input { Some(p.as_slice()) } else { None };
-                let lay = layout(&pt.plans.init, b, &self.hparams, 0.0, &Launch::default())?;
+                let lay = layout(&pt.plans.init, b, &self.hparams, 0.0, &self.launch)?;
                 let out = run(&self.client, &pt.plans.init, &lay, Dtype::F32, &data)?;
                 for i in 0..n_states as u32 {
                     for (k, v) in r.clone().zip(split(r, pick(&out, Target::State(i))?)) {
@@ -373,7 +375,7 @@ impl CubeOptimizer {
             // Odd steps read each state where the last step wrote it, as the CUDA path does with
             // its arena kept between steps (here the host places the values either way, so a
             // rule whose states cannot swap simply does not).
-            let mut lay = layout(&pt.plans.step, b, &self.hparams, t, &Launch::default())?;
+            let mut lay = layout(&pt.plans.step, b, &self.hparams, t, &self.launch)?;
             if self.step % 2 == 1 {
                 lay.swap_states(&pt.plans.step);
             }

@@ -234,6 +234,8 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             cooperative: true,
             values_per_cube: 1,
             unroll: 0,
+            kept: Vec::new(),
+            keep: 0,
         };
         match two_stage(arg, &node.shape, lead) {
             // Several axes folded: first a partial value per index of one of them, then a
@@ -279,7 +281,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             })
             .collect();
         let phase = LPhase { domain: target, ops, reduces: Vec::new(), stores, reach: Reach::Element };
-        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, unroll: 0 });
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, unroll: 0, kept: Vec::new(), keep: 0 });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors, lead);
     let mut across = if lead == 0 { across(&kernels, &mut t) } else { None };
@@ -362,7 +364,7 @@ fn across(kernels: &[LProgram], t: &mut Tables) -> Option<Across> {
             let row = if c < r { r - 1 } else { r };
             // The row kernel's reductions, in the order it keeps them in registers.
             let made = outs(&kernels[row]);
-            let mut fold = LProgram { phases: Vec::new(), cooperative: true, values_per_cube: 1, unroll: 0, ..kc.clone() };
+            let mut fold = LProgram { phases: Vec::new(), cooperative: true, values_per_cube: 1, unroll: 0, kept: Vec::new(), ..kc.clone() };
             for mut p in kc.phases {
                 for op in &mut p.ops {
                     if let LOp::Load(u, ..) = *op {
@@ -520,7 +522,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             let g = match join {
                 Some(g) => g,
                 None => {
-                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, unroll: 0 });
+                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, unroll: 0, kept: Vec::new(), keep: 0 });
                     made.push(Vec::new());
                     out.len() - 1
                 }
@@ -564,15 +566,75 @@ pub struct Launch {
     /// At most this many cubes for such a row kernel, each taking more rows if need be (0: no
     /// limit): on a GPU, as many as it runs at once, so that they end together.
     pub max_cubes: usize,
+    /// A cube's loads read again by later phases stay in registers where each value folds at
+    /// least this many elements (0: never), see [`keeping`]. Each length of row (rounded up to
+    /// a power of two positions per unit) is then a kernel of its own, unrolled; shorter rows
+    /// are re-read from a GPU's L1 cache anyway.
+    pub keep_from: usize,
 }
 
 impl Default for Launch {
     fn default() -> Self {
-        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0 }
+        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM }
     }
 }
 
+/// The default [`Launch::keep_from`].
+pub const KEEP_FROM: usize = 1024;
+
+/// Registers per unit a kernel may give its kept loads and its column partials together.
+pub const MAX_KEPT: usize = 64;
+
+/// `k` (a launched variant) keeping the loads that several of its phases read — a layer norm's
+/// x in its mean, variance and output phases, x and dy in its backward — in registers between
+/// those phases, so each is read from memory once per element instead of once per phase.
+/// `positions(d)`: the elements of shape `d` per target element at this call's shapes. The
+/// phases over the shape most of them walk keep, the input and output gradient first, then the
+/// loads read most often, as many as fit in [`MAX_KEPT`] registers beside the column partials,
+/// where each unit walks at most [`MAX_UNROLL`] positions. Unchanged where nothing qualifies.
+pub fn keeping(k: LProgram, positions: &dyn Fn(usize) -> usize, launch: &Launch) -> LProgram {
+    if launch.keep_from == 0 || !k.cooperative {
+        return k;
+    }
+    let walks = |d: usize| (0..k.phases.len()).filter(|&ph| k.phases[ph].domain == d && !matches!(k.phases[ph].reach, Reach::Finer(_))).count();
+    let Some(domain) = k.phases.iter().map(|p| p.domain).filter(|&d| d != k.target).max_by_key(|&d| walks(d)) else { return k };
+    let n = positions(domain);
+    let unroll = if k.across() > 0 { k.unroll } else { n.div_ceil(BLOCK / k.values_per_cube).next_power_of_two() };
+    if n < launch.keep_from || unroll > MAX_UNROLL {
+        return k;
+    }
+    let walking: Vec<&LPhase> = k.phases.iter().filter(|p| p.domain == domain && !matches!(p.reach, Reach::Finer(_))).collect();
+    let written = |t: usize| k.phases.iter().any(|p| p.stores.iter().any(|s| s.0 == t) || p.reduces.iter().any(|r| r.2 == t));
+    let mut loads: Vec<((usize, usize, Buf), usize)> = Vec::new();
+    for op in walking.iter().flat_map(|p| &p.ops) {
+        if let &LOp::Load(t, s, buf) = op {
+            if !loads.iter().any(|(l, _)| *l == (t, s, buf)) {
+                loads.push(((t, s, buf), walking.iter().filter(|p| p.ops.contains(op)).count()));
+            }
+        }
+    }
+    loads.retain(|&((t, ..), n)| n >= 2 && !written(t));
+    loads.sort_by_key(|&((.., buf), n)| (!matches!(buf, Buf::Input | Buf::GradOutput), std::cmp::Reverse(n)));
+    let room = (MAX_KEPT / unroll).saturating_sub(k.across());
+    let kept: Vec<_> = loads.into_iter().take(room).map(|(l, _)| l).collect();
+    if kept.is_empty() {
+        return k;
+    }
+    LProgram { unroll, kept, keep: domain, ..k }
+}
+
 impl Launch {
+    /// The default for `device`: a CPU adapter (lavapipe) keeps nothing in registers — its
+    /// caches serve a row read again, and it compiles each unrolled row kernel slowly.
+    pub fn for_device(device: &cubecl::Device) -> Self {
+        let cpu = match device {
+            cubecl::Device::Wgpu(d) => matches!(d.kind, cubecl::device::WgpuDeviceKind::Cpu),
+            cubecl::Device::Cpu(_) => true,
+            _ => false,
+        };
+        Launch { keep_from: if cpu { 0 } else { KEEP_FROM }, ..Launch::default() }
+    }
+
     /// Every reduction in one unit per value, each in a kernel of its own.
     pub fn per_unit() -> Self {
         Launch { cooperative_min: usize::MAX, rows_per_cube: 0, ..Launch::default() }
@@ -762,6 +824,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
                 (k, cubes)
             }
         };
+        let k = keeping(k, &|d| sizes[d] / count, launch);
         let x = cubes.min(65_535);
         let y = cubes.div_ceil(x);
         launches.push((k, (x as u32, y as u32, 1)));

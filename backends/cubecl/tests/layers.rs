@@ -219,7 +219,6 @@ fn every_launch_shape_gives_the_same_results() {
     // per-unit fold is the short-reduction path and the benchmark's baseline. All agree on long
     // reductions, including a last cube only partly filled (40 columns, 32 per cube) and
     // columns too few to share a cube (7).
-    let device = cpu_device().unwrap();
     let launches = [
         Launch::default(),
         Launch { columns: 1, ..Launch::default() },
@@ -259,27 +258,87 @@ fn every_launch_shape_gives_the_same_results() {
         assert_eq!(widest, Some(want), "{launch:?}");
     }
     for (name, shape) in cases {
+        same_results(name, &shape, &launches);
+    }
+}
+
+/// A layer's forward in training (buffers updated) and backward agree under every launch.
+fn same_results(name: &str, shape: &[usize], launches: &[Launch]) {
+    let device = cpu_device().unwrap();
+    let entry = registry().get(name).unwrap().entry;
+    let h = groups(&entry);
+    let n: usize = shape.iter().product();
+    let x = f32s(&values(11, n).iter().map(|v| 3.0 * v + 1.0).collect::<Vec<_>>());
+    let gy = f32s(&values(12, n));
+    let mut out = Vec::new();
+    for &launch in launches {
+        let mut l = CubeLayer::new(entry.clone(), &h, shape, &device).unwrap().with_launch(launch).unwrap();
+        let y = l.forward(&x, shape, true).unwrap();
+        let g = l.backward(&x, &gy, shape, true).unwrap();
+        out.push((y, g, l.buffers.clone()));
+    }
+    let a = &out[0];
+    for (b, launch) in out[1..].iter().zip(&launches[1..]) {
+        let what = format!("{name} {shape:?} {launch:?}");
+        assert!(rel(&a.0, &f64s(&b.0)) < 1e-5, "{what}: outputs differ");
+        assert!(rel(&a.1.input, &f64s(&b.1.input)) < 1e-4, "{what}: input gradients differ");
+        for (p, q) in a.1.params.iter().zip(&b.1.params).chain(a.2.iter().zip(&b.2)) {
+            assert!(rel(p, &f64s(q)) < 1e-5, "{what}: parameter gradients or buffers differ");
+        }
+    }
+}
+
+/// The row kernels of `name`'s `pass` launched at `shape`: per kernel, the loads it keeps in
+/// registers and how many of its phases read the input, and the output gradient, from memory.
+fn kept_and_reads(name: &str, pass: &str, shape: &[usize], launch: &Launch) -> Vec<(usize, usize, usize)> {
+    let entry = registry().get(name).unwrap().entry;
+    let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &entry.programs else { unreachable!() };
+    let plan = normforge_cubecl::plan(&entry, if pass == "forward" { train } else { train_backward }).unwrap();
+    let b = normforge_dsl::bind::bind_axes(&entry.axes, shape, "x").unwrap();
+    let hp = normforge_dsl::hyper::resolve(&entry, &groups(&entry)).unwrap();
+    let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, launch).unwrap();
+    let from_memory = |k: &normforge_cubecl::kernel::LProgram, buf: Buf| {
+        (0..k.phases.len())
+            .filter(|&ph| k.phases[ph].ops.iter().any(|op| matches!(*op, LOp::Load(t, s, b) if b == buf && k.kept_slot(ph, (t, s, b)).is_none_or(|(_, fills)| fills))))
+            .count()
+    };
+    lay.launches.iter().filter(|(k, _)| k.cube_per_value()).map(|(k, _)| (k.kept.len(), from_memory(k, Buf::Input), from_memory(k, Buf::GradOutput))).collect()
+}
+
+#[test]
+fn loads_read_again_stay_in_registers() {
+    // A layer norm's forward reads x in its mean, variance and output phases; with x kept,
+    // once. Its backward (column sums inside the row kernel) reads x and dy once each, the
+    // column partials and both rows in 64 registers per unit at rows of 4096; rows of 8192
+    // leave no room beside the partials, so the phases read memory again. Short rows keep
+    // nothing by default.
+    let keep = Launch::default();
+    assert_eq!(kept_and_reads("layer_norm", "forward", &[64, 4096], &Launch { keep_from: 0, ..keep }), [(0, 3, 0)]);
+    assert_eq!(kept_and_reads("layer_norm", "forward", &[64, 4096], &keep), [(1, 1, 0)]);
+    assert_eq!(kept_and_reads("layer_norm", "forward", &[64, 8192], &keep), [(1, 1, 0)]);
+    assert_eq!(kept_and_reads("layer_norm", "forward", &[64, 512], &keep), [(0, 3, 0)]);
+    assert_eq!(kept_and_reads("layer_norm", "backward", &[64, 4096], &keep)[0], (2, 1, 1));
+    // An RMS norm's one column sum leaves room for its weight too.
+    assert_eq!(kept_and_reads("rms_norm", "backward", &[64, 4096], &keep)[0], (3, 1, 1));
+    assert_eq!(kept_and_reads("layer_norm", "backward", &[64, 8192], &keep)[0].0, 0);
+}
+
+#[test]
+fn kept_loads_give_the_same_results() {
+    // Every length of row a kernel of its own (one, two and four positions per unit, the last
+    // partly filled), against the same launches reading memory in every phase; with and
+    // without column sums inside the row kernel, and several values per cube.
+    let off = Launch { keep_from: 0, ..Launch::default() };
+    let on = Launch { keep_from: 1, ..Launch::default() };
+    let launches = [off, on, Launch { rows_per_cube: 0, ..on }, Launch { rows_per_cube: 0, columns: 1, ..on }];
+    for (name, shape) in [("layer_norm", vec![5, 1000]), ("rms_norm", vec![9, 257]), ("group_norm", vec![2, 4, 60]), ("evonorm_s0", vec![3, 4, 100]), ("batch_norm", vec![3, 40, 30])] {
         let entry = registry().get(name).unwrap().entry;
-        let h = groups(&entry);
-        let n: usize = shape.iter().product();
-        let x = f32s(&values(11, n).iter().map(|v| 3.0 * v + 1.0).collect::<Vec<_>>());
-        let gy = f32s(&values(12, n));
-        let mut out = Vec::new();
-        for launch in launches {
-            let mut l = CubeLayer::new(entry.clone(), &h, &shape, &device).unwrap().with_launch(launch).unwrap();
-            let y = l.forward(&x, &shape, true).unwrap();
-            let g = l.backward(&x, &gy, &shape, true).unwrap();
-            out.push((y, g, l.buffers.clone()));
-        }
-        let a = &out[0];
-        for (b, launch) in out[1..].iter().zip(&launches[1..]) {
-            let what = format!("{name} {shape:?} {launch:?}");
-            assert!(rel(&a.0, &f64s(&b.0)) < 1e-5, "{what}: outputs differ");
-            assert!(rel(&a.1.input, &f64s(&b.1.input)) < 1e-4, "{what}: input gradients differ");
-            for (p, q) in a.1.params.iter().zip(&b.1.params).chain(a.2.iter().zip(&b.2)) {
-                assert!(rel(p, &f64s(q)) < 1e-5, "{what}: parameter gradients or buffers differ");
-            }
-        }
+        let normforge_dsl::ir::Programs::Layer { train, .. } = &entry.programs else { unreachable!() };
+        let b = normforge_dsl::bind::bind_axes(&entry.axes, &shape, "x").unwrap();
+        let hp = normforge_dsl::hyper::resolve(&entry, &groups(&entry)).unwrap();
+        let lay = normforge_cubecl::layout(&normforge_cubecl::plan(&entry, train).unwrap(), &b, &hp, 0.0, &on).unwrap();
+        assert!(lay.launches.iter().any(|(k, _)| !k.kept.is_empty()), "{name} {shape:?}: nothing kept");
+        same_results(name, &shape, &launches);
     }
 }
 

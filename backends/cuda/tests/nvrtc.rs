@@ -147,6 +147,46 @@ fn row_kernels_divide_nowhere_inside_their_loops() {
     assert!(checked >= 4);
 }
 
+/// A row kept in registers between phases (rows of 4096: sixteen positions per unit, unrolled,
+/// beside the backward's column partials) stays in registers: no local memory, and no division
+/// in a loop.
+#[test]
+fn kept_rows_stay_in_registers() {
+    let Some(nvrtc) = compiler(None) else { return };
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let launch = normforge_cubecl::Launch::default();
+    let mut checked = 0;
+    for name in ["layer_norm", "rms_norm"] {
+        let e = reg.get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
+        for prog in [train, train_backward] {
+            let plan = normforge_cubecl::plan(&e, prog).unwrap();
+            let mut kernels: Vec<_> = plan.kernels.iter().map(|k| normforge_cubecl::launched(k, 4096, 1, &launch)).collect();
+            if let Some(a) = &plan.across {
+                kernels.push(normforge_cubecl::kernel::LProgram { cooperative: true, values_per_cube: 1, unroll: 4096 / normforge_cubecl::kernel::BLOCK, ..a.kernels[a.row].clone() });
+            }
+            for k in kernels {
+                let k = normforge_cubecl::keeping(k, &|_| 4096, &launch);
+                if k.kept.is_empty() {
+                    continue;
+                }
+                for dtype in [Dtype::F32, Dtype::BF16] {
+                    let unit = normforge_cubecl::emit::layer_unit(&k, dtype, Lang::Cuda).unwrap();
+                    let ptx = nvrtc.compile(&unit.source).unwrap().ptx;
+                    assert!(!ptx.contains(".local"), "{name}: {} loads kept, {} across: local memory", k.kept.len(), k.across());
+                    let found = divisions_in_loops(&ptx);
+                    assert!(found.is_empty(), "{name}: {found:?}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    // Per layer, the forward row kernel and the backward's with and without column sums,
+    // in f32 and bf16.
+    assert_eq!(checked, 12);
+}
+
 #[test]
 fn a_division_in_a_loop_is_found() {
     let ptx = "mov.u32 %r1, 0;\n$L__BB0_1:\ndiv.u32 %r2, %r3, %r4;\nadd.s32 %r1, %r1, 1;\n@%p1 bra $L__BB0_1;\nrem.u32 %r5, %r6, %r7;\n";
