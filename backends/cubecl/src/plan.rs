@@ -596,14 +596,17 @@ pub fn keeping(k: LProgram, positions: &dyn Fn(usize) -> usize, launch: &Launch)
     if launch.keep_from == 0 || !k.cooperative {
         return k;
     }
-    let walks = |d: usize| (0..k.phases.len()).filter(|&ph| k.phases[ph].domain == d && !matches!(k.phases[ph].reach, Reach::Finer(_))).count();
-    let Some(domain) = k.phases.iter().map(|p| p.domain).filter(|&d| d != k.target).max_by_key(|&d| walks(d)) else { return k };
-    let n = positions(domain);
-    let unroll = if k.across() > 0 { k.unroll } else { n.div_ceil(BLOCK / k.values_per_cube).next_power_of_two() };
-    if n < launch.keep_from || unroll > MAX_UNROLL {
+    // The phases over `d` that walk a unit's positions one at a time (a finer element's
+    // phase walks its own runs).
+    let walking = |d: usize| k.phases.iter().filter(move |p| p.domain == d && !matches!(p.reach, Reach::Finer(_)));
+    let Some(domain) = k.phases.iter().map(|p| p.domain).filter(|&d| d != k.target).max_by_key(|&d| walking(d).count()) else { return k };
+    let (n, lanes) = (positions(domain), BLOCK / k.values_per_cube);
+    // A row kernel folding column sums walks as many positions as its partials cover.
+    let unroll = if k.across() > 0 { k.unroll } else { n.div_ceil(lanes).next_power_of_two() };
+    if n < launch.keep_from || unroll > MAX_UNROLL || n > unroll * lanes {
         return k;
     }
-    let walking: Vec<&LPhase> = k.phases.iter().filter(|p| p.domain == domain && !matches!(p.reach, Reach::Finer(_))).collect();
+    let walking: Vec<&LPhase> = walking(domain).collect();
     let written = |t: usize| k.phases.iter().any(|p| p.stores.iter().any(|s| s.0 == t) || p.reduces.iter().any(|r| r.2 == t));
     let mut loads: Vec<((usize, usize, Buf), usize)> = Vec::new();
     for op in walking.iter().flat_map(|p| &p.ops) {

@@ -307,20 +307,32 @@ fn kept_and_reads(name: &str, pass: &str, shape: &[usize], launch: &Launch) -> V
 
 #[test]
 fn loads_read_again_stay_in_registers() {
-    // A layer norm's forward reads x in its mean, variance and output phases; with x kept,
-    // once. Its backward (column sums inside the row kernel) reads x and dy once each, the
-    // column partials and both rows in 64 registers per unit at rows of 4096; rows of 8192
-    // leave no room beside the partials, so the phases read memory again. Short rows keep
-    // nothing by default.
-    let keep = Launch::default();
-    assert_eq!(kept_and_reads("layer_norm", "forward", &[64, 4096], &Launch { keep_from: 0, ..keep }), [(0, 3, 0)]);
-    assert_eq!(kept_and_reads("layer_norm", "forward", &[64, 4096], &keep), [(1, 1, 0)]);
-    assert_eq!(kept_and_reads("layer_norm", "forward", &[64, 8192], &keep), [(1, 1, 0)]);
-    assert_eq!(kept_and_reads("layer_norm", "forward", &[64, 512], &keep), [(0, 3, 0)]);
-    assert_eq!(kept_and_reads("layer_norm", "backward", &[64, 4096], &keep)[0], (2, 1, 1));
-    // An RMS norm's one column sum leaves room for its weight too.
-    assert_eq!(kept_and_reads("rms_norm", "backward", &[64, 4096], &keep)[0], (3, 1, 1));
-    assert_eq!(kept_and_reads("layer_norm", "backward", &[64, 8192], &keep)[0].0, 0);
+    // (layer, pass, row length, (kept, phases reading x, phases reading dy from memory) of its
+    // row kernel with nothing kept, and by default). A layer norm's forward reads x in its
+    // mean, variance and output phases; with x kept, once. Its backward (column sums inside
+    // the row kernel) reads x and dy once each, the column partials and both rows in 64
+    // registers per unit at rows of 4096; rows of 8192 leave no room beside its two partials
+    // (an RMS norm's one leaves room for x). DyT's forward has no row kernel.
+    let cases = [
+        ("layer_norm", "forward", 4096, (0, 3, 0), (1, 1, 0)),
+        ("layer_norm", "forward", 8192, (0, 3, 0), (1, 1, 0)),
+        ("layer_norm", "forward", 512, (0, 3, 0), (0, 3, 0)),
+        ("layer_norm", "backward", 4096, (0, 5, 4), (2, 1, 1)),
+        ("layer_norm", "backward", 8192, (0, 5, 4), (0, 5, 4)),
+        ("rms_norm", "forward", 4096, (0, 2, 0), (1, 1, 0)),
+        // Its weight is kept too.
+        ("rms_norm", "backward", 4096, (0, 3, 3), (3, 1, 1)),
+        ("rms_norm", "backward", 8192, (0, 3, 3), (1, 1, 3)),
+        ("dyt", "backward", 4096, (0, 2, 2), (2, 1, 1)),
+    ];
+    let off = Launch { keep_from: 0, ..Launch::default() };
+    for (name, pass, n, before, now) in cases {
+        assert_eq!(kept_and_reads(name, pass, &[64, n], &off)[0], before, "{name} {pass} {n}, nothing kept");
+        assert_eq!(kept_and_reads(name, pass, &[64, n], &Launch::default())[0], now, "{name} {pass} {n}");
+    }
+    // An EvoNorm's group of channels (8 x 56 x 56) is too long to keep.
+    let evonorm = kept_and_reads("evonorm_s0", "backward", &[32, 256, 56, 56], &Launch::default());
+    assert_eq!(evonorm, [(0, 6, 3)]);
 }
 
 #[test]
@@ -471,3 +483,4 @@ fn phases_over_the_same_elements_share_a_kernel() {
         assert!(plan.kernels[0].phases.len() >= 2, "{name} pass {pass}: nothing fused ({phases:?})");
     }
 }
+
