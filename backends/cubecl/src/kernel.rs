@@ -475,7 +475,7 @@ impl LProgram {
     /// the register).
     pub fn kept_slot(&self, ph: usize, load: (usize, usize, Buf)) -> Option<(usize, bool)> {
         let c = self.kept.iter().position(|&h| h == load).filter(|_| self.keeps(ph))?;
-        let loads = |q: usize| self.phases[q].ops.iter().any(|op| *op == LOp::Load(load.0, load.1, load.2));
+        let loads = |q: usize| self.phases[q].ops.contains(&LOp::Load(load.0, load.1, load.2));
         Some((c, !(0..ph).any(|q| self.keeps(q) && loads(q))))
     }
 }
