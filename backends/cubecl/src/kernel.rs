@@ -393,6 +393,14 @@ pub struct LPhase {
     pub reach: Reach,
 }
 
+impl LPhase {
+    /// Whether the phase walks a unit's positions of its domain a stride apart (a phase
+    /// folding finer elements walks each one's run in turn instead).
+    pub fn strided(&self) -> bool {
+        !matches!(self.reach, Reach::Finer(_))
+    }
+}
+
 /// What one value of a reduction phase folds, relative to the kernel's target element. Column
 /// sums run inside a row kernel in either of the two last forms, so that x and dy are read
 /// once for both a layer norm's (or an EvoNorm's) input gradient and its parameter gradients;
@@ -467,7 +475,7 @@ impl LProgram {
     /// Whether phase `ph` walks its positions unrolled, keeping the `kept` loads in registers.
     pub fn keeps(&self, ph: usize) -> bool {
         let p = &self.phases[ph];
-        !self.kept.is_empty() && p.domain == self.keep && !matches!(p.reach, Reach::Finer(_))
+        !self.kept.is_empty() && p.domain == self.keep && p.strided()
     }
 
     /// Where phase `ph` finds `load` in the registers of one position: its index among `kept`,

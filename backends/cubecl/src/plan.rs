@@ -596,9 +596,7 @@ pub fn keeping(k: LProgram, positions: &dyn Fn(usize) -> usize, launch: &Launch)
     if launch.keep_from == 0 || !k.cooperative {
         return k;
     }
-    // The phases over `d` that walk a unit's positions one at a time (a finer element's
-    // phase walks its own runs).
-    let walking = |d: usize| k.phases.iter().filter(move |p| p.domain == d && !matches!(p.reach, Reach::Finer(_)));
+    let walking = |d: usize| k.phases.iter().filter(move |p| p.domain == d && p.strided());
     let Some(domain) = k.phases.iter().map(|p| p.domain).filter(|&d| d != k.target).max_by_key(|&d| walking(d).count()) else { return k };
     let (n, lanes) = (positions(domain), BLOCK / k.values_per_cube);
     // A row kernel folding column sums walks as many positions as its partials cover.
