@@ -336,6 +336,30 @@ fn loads_read_again_stay_in_registers() {
 }
 
 #[test]
+fn every_layer_agrees_with_its_loads_kept() {
+    // Keeping forced from one position on: every standard layer, forward and backward, agrees
+    // with the same launch reading memory in every phase (reductions of 300 to 600 elements:
+    // two or three positions per unit).
+    let off = Launch { keep_from: 0, ..Launch::default() };
+    let on = Launch { keep_from: 1, ..Launch::default() };
+    let mut keeping_nothing = Vec::new();
+    for name in LAYERS {
+        let shape = if shapes(name)[0].len() == 2 { vec![5, 300] } else { vec![3, 4, 150] };
+        let entry = registry().get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &entry.programs else { unreachable!() };
+        let b = normforge_dsl::bind::bind_axes(&entry.axes, &shape, "x").unwrap();
+        let hp = normforge_dsl::hyper::resolve(&entry, &groups(&entry)).unwrap();
+        let kept = |p| normforge_cubecl::layout(&normforge_cubecl::plan(&entry, p).unwrap(), &b, &hp, 0.0, &on).unwrap().launches.iter().any(|(k, _)| !k.kept.is_empty());
+        if !(kept(train) || kept(train_backward)) {
+            keeping_nothing.push(name);
+        }
+        same_results(name, &shape, &[off, on]);
+    }
+    // A spectral norm's kernels (a power iteration on its weight) read nothing twice.
+    assert_eq!(keeping_nothing, ["spectral_norm"]);
+}
+
+#[test]
 fn kept_loads_give_the_same_results() {
     // Every length of row a kernel of its own (one, two and four positions per unit, the last
     // partly filled), against the same launches reading memory in every phase; with and
