@@ -216,9 +216,8 @@ pub fn plan_units(plan: &Plan, io: Dtype, lang: Lang) -> Result<Vec<Unit>, Error
     // What runs instead for rows that fit: shown as launched for rows of 4096 values.
     if let Some(a) = &plan.across {
         for (k, prog) in a.kernels.iter().enumerate() {
-            let unroll = if matches!(a.how, Fold::Registers { .. }) { 4096 / BLOCK } else { 0 };
-            let prog = if k == a.row { LProgram { cooperative: true, values_per_cube: 1, unroll, ..prog.clone() } } else { prog.clone() };
-            let rows = if unroll > 0 { " (rows of 4096)" } else { "" };
+            let prog = if k == a.row { a.row_kernel(4096) } else { prog.clone() };
+            let rows = if matches!(a.how, Fold::Registers { .. }) { " (rows of 4096)" } else { "" };
             let head = format!("// with column sums inside the row kernel{rows}: kernel {} of {}: {}\n", k + 1, a.kernels.len(), describe(&prog));
             units.push(Unit::new(head, layer_kernel_source(&props, &prog, io, lang)?));
         }

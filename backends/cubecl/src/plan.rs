@@ -76,6 +76,15 @@ pub struct Across {
     pub how: Fold,
 }
 
+impl Across {
+    /// The row kernel as launched, a cube per block of rows (or per row element): under
+    /// `Fold::Registers`, each unit keeping partials for its positions of rows `positions` long.
+    pub fn row_kernel(&self, positions: usize) -> LProgram {
+        let unroll = if matches!(self.how, Fold::Registers { .. }) { positions.div_ceil(BLOCK).next_power_of_two() } else { 0 };
+        LProgram { cooperative: true, values_per_cube: 1, unroll, ..self.kernels[self.row].clone() }
+    }
+}
+
 /// How a row kernel folds column sums (`kernel::Reach`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fold {
@@ -725,7 +734,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
     let too_big = || Error("a tensor of this layer call exceeds 2^32 values".into());
     let size = |s: usize| bind::extents(&plan.shapes[s], b, hparams).map(|e| e.iter().product::<usize>()).map_err(Error);
     // Whether the column sums fold inside the row kernel, and for `Fold::Registers` over how
-    // many of its cubes and with how many positions of a row per unit: rows short enough for
+    // many of its cubes and for rows of how many positions: rows short enough for
     // its registers, and long enough (or finer elements large enough) for a cube each.
     let mut across: Option<(&Across, Option<(usize, usize)>)> = None;
     if let Some(a) = plan.across.as_ref().filter(|_| launch.rows_per_cube > 0) {
@@ -735,7 +744,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
                 let positions = size(columns)?;
                 if rows > 0 && (launch.cooperative_min..=BLOCK * MAX_UNROLL).contains(&positions) {
                     let cubes = rows.div_ceil(launch.rows_per_cube).min(if launch.max_cubes > 0 { launch.max_cubes } else { usize::MAX });
-                    across = Some((a, Some((cubes.min(65_535), positions.div_ceil(BLOCK).next_power_of_two()))));
+                    across = Some((a, Some((cubes.min(65_535), positions))));
                 }
             }
             Fold::Finer { finer, domain } => {
@@ -816,9 +825,8 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
         let per_value = k.phases.iter().map(|p| sizes[p.domain] / count).max().unwrap_or(1);
         let last = if rank == 0 { 1 } else { meta[3 * rank * k.target + rank - 1] as usize };
         let (k, cubes) = match across {
-            Some((a, Some((cubes, unroll)))) if a.row == i => (LProgram { cooperative: true, values_per_cube: 1, unroll, ..k.clone() }, cubes),
-            // A cube per row element, folding its finer elements one after another.
-            Some((a, None)) if a.row == i => (LProgram { cooperative: true, values_per_cube: 1, ..k.clone() }, count),
+            // Cubes each folding a block of rows, or (`Fold::Finer`) a cube per row element.
+            Some((a, r)) if a.row == i => (a.row_kernel(r.map_or(0, |(_, positions)| positions)), r.map_or(count, |(cubes, _)| cubes)),
             _ => {
                 let k = launched(k, per_value, last, launch);
                 let cubes = if k.cube_per_value() { count.div_ceil(k.values_per_cube) } else { count.div_ceil(BLOCK) };

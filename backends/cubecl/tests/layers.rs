@@ -249,11 +249,8 @@ fn every_launch_shape_gives_the_same_results() {
     // The column form is what runs for a layer norm's parameter gradients over 40 columns.
     let entry = registry().get("layer_norm").unwrap().entry;
     let normforge_dsl::ir::Programs::Layer { train_backward, .. } = &entry.programs else { unreachable!() };
-    let plan = normforge_cubecl::plan(&entry, train_backward).unwrap();
-    let b = normforge_dsl::bind::bind_axes(&entry.axes, &[300, 40], "x").unwrap();
-    let hp = normforge_dsl::hyper::resolve(&entry, &[]).unwrap();
     for (launch, want) in [(launches[0], 8), (launches[1], 1), (launches[2], 32), (launches[3], 1)] {
-        let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &launch).unwrap();
+        let lay = laid(&entry, train_backward, &[300, 40], &launch);
         let widest = lay.launches.iter().map(|(k, _)| k.values_per_cube).max();
         assert_eq!(widest, Some(want), "{launch:?}");
     }
@@ -288,15 +285,19 @@ fn same_results(name: &str, shape: &[usize], launches: &[Launch]) {
     }
 }
 
+/// `prog` of `entry` bound to an input of `shape` (two groups where the layer has them).
+fn laid(entry: &normforge_dsl::ir::Entry, prog: &normforge_dsl::ir::Program, shape: &[usize], launch: &Launch) -> normforge_cubecl::Layout {
+    let b = normforge_dsl::bind::bind_axes(&entry.axes, shape, "x").unwrap();
+    let hp = normforge_dsl::hyper::resolve(entry, &groups(entry)).unwrap();
+    normforge_cubecl::layout(&normforge_cubecl::plan(entry, prog).unwrap(), &b, &hp, 0.0, launch).unwrap()
+}
+
 /// The row kernels of `name`'s `pass` launched at `shape`: per kernel, the loads it keeps in
 /// registers and how many of its phases read the input, and the output gradient, from memory.
 fn kept_and_reads(name: &str, pass: &str, shape: &[usize], launch: &Launch) -> Vec<(usize, usize, usize)> {
     let entry = registry().get(name).unwrap().entry;
     let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &entry.programs else { unreachable!() };
-    let plan = normforge_cubecl::plan(&entry, if pass == "forward" { train } else { train_backward }).unwrap();
-    let b = normforge_dsl::bind::bind_axes(&entry.axes, shape, "x").unwrap();
-    let hp = normforge_dsl::hyper::resolve(&entry, &groups(&entry)).unwrap();
-    let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, launch).unwrap();
+    let lay = laid(&entry, if pass == "forward" { train } else { train_backward }, shape, launch);
     let from_memory = |k: &normforge_cubecl::kernel::LProgram, buf: Buf| {
         (0..k.phases.len())
             .filter(|&ph| k.phases[ph].ops.iter().any(|op| matches!(*op, LOp::Load(t, s, b) if b == buf && k.kept_slot(ph, (t, s, b)).is_none_or(|(_, fills)| fills))))
@@ -347,9 +348,7 @@ fn every_layer_agrees_with_its_loads_kept() {
         let shape = if shapes(name)[0].len() == 2 { vec![5, 300] } else { vec![3, 4, 150] };
         let entry = registry().get(name).unwrap().entry;
         let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &entry.programs else { unreachable!() };
-        let b = normforge_dsl::bind::bind_axes(&entry.axes, &shape, "x").unwrap();
-        let hp = normforge_dsl::hyper::resolve(&entry, &groups(&entry)).unwrap();
-        let kept = |p| normforge_cubecl::layout(&normforge_cubecl::plan(&entry, p).unwrap(), &b, &hp, 0.0, &on).unwrap().launches.iter().any(|(k, _)| !k.kept.is_empty());
+        let kept = |p| laid(&entry, p, &shape, &on).launches.iter().any(|(k, _)| !k.kept.is_empty());
         if !(kept(train) || kept(train_backward)) {
             keeping_nothing.push(name);
         }
@@ -370,9 +369,7 @@ fn kept_loads_give_the_same_results() {
     for (name, shape) in [("layer_norm", vec![5, 1000]), ("rms_norm", vec![9, 257]), ("group_norm", vec![2, 4, 60]), ("evonorm_s0", vec![3, 4, 100]), ("batch_norm", vec![3, 40, 30])] {
         let entry = registry().get(name).unwrap().entry;
         let normforge_dsl::ir::Programs::Layer { train, .. } = &entry.programs else { unreachable!() };
-        let b = normforge_dsl::bind::bind_axes(&entry.axes, &shape, "x").unwrap();
-        let hp = normforge_dsl::hyper::resolve(&entry, &groups(&entry)).unwrap();
-        let lay = normforge_cubecl::layout(&normforge_cubecl::plan(&entry, train).unwrap(), &b, &hp, 0.0, &on).unwrap();
+        let lay = laid(&entry, train, &shape, &on);
         assert!(lay.launches.iter().any(|(k, _)| !k.kept.is_empty()), "{name} {shape:?}: nothing kept");
         same_results(name, &shape, &launches);
     }
@@ -414,15 +411,13 @@ fn column_sums_fold_inside_the_row_kernel() {
         let normforge_dsl::ir::Programs::Layer { train_backward, .. } = &entry.programs else { unreachable!() };
         let plan = normforge_cubecl::plan(&entry, train_backward).unwrap();
         assert!(plan.across.is_some(), "{name}: no column reduction folds inside the row kernel");
-        let hp = normforge_dsl::hyper::resolve(&entry, &groups(&entry)).unwrap();
         for (shape, launch, want) in [
             (shape(4096), Launch::default(), 1),
             (shape(4096), Launch { rows_per_cube: 0, ..Launch::default() }, 2),
             (shape(long), Launch::default(), 2),
             (shape(short), Launch::default(), 2),
         ] {
-            let b = normforge_dsl::bind::bind_axes(&entry.axes, &shape, "x").unwrap();
-            let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &launch).unwrap();
+            let lay = laid(&entry, train_backward, &shape, &launch);
             assert_eq!(reads(&lay), want, "{name} {shape:?} {launch:?}: kernels reading x");
             let inside = lay.launches.iter().filter(|(k, _)| k.phases.iter().any(|p| p.reach != Reach::Element)).count();
             assert_eq!(inside, usize::from(want == 1), "{name} {shape:?}");
@@ -507,4 +502,3 @@ fn phases_over_the_same_elements_share_a_kernel() {
         assert!(plan.kernels[0].phases.len() >= 2, "{name} pass {pass}: nothing fused ({phases:?})");
     }
 }
-

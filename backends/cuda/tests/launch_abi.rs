@@ -81,13 +81,11 @@ fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
                 // Values of 4096 elements: loads read again kept in registers.
                 kernels.push(normforge_cubecl::keeping(normforge_cubecl::launched(k, 4096, 1, &launch), &|_| 4096, &launch));
             }
-            for (row, k) in plan.across.iter().flat_map(|a| a.kernels.iter().enumerate().map(move |(i, k)| (i == a.row, k))) {
-                // A row kernel as launched for rows of 4096, its loads kept in registers.
-                kernels.push(if row {
-                    normforge_cubecl::keeping(LProgram { cooperative: true, values_per_cube: 1, unroll: 16, ..k.clone() }, &|_| 4096, &launch)
-                } else {
-                    normforge_cubecl::launched(k, 1 << 20, 1 << 20, &launch)
-                });
+            if let Some(a) = &plan.across {
+                for (i, k) in a.kernels.iter().enumerate() {
+                    // The row kernel as launched for rows of 4096, its loads kept in registers.
+                    kernels.push(if i == a.row { normforge_cubecl::keeping(a.row_kernel(4096), &|_| 4096, &launch) } else { normforge_cubecl::launched(k, 1 << 20, 1 << 20, &launch) });
+                }
             }
             {
                 for launched in kernels {

@@ -164,7 +164,7 @@ fn kept_rows_stay_in_registers() {
             let plan = normforge_cubecl::plan(&e, prog).unwrap();
             let mut kernels: Vec<_> = plan.kernels.iter().map(|k| normforge_cubecl::launched(k, 4096, 1, &launch)).collect();
             if let Some(a) = &plan.across {
-                kernels.push(normforge_cubecl::kernel::LProgram { cooperative: true, values_per_cube: 1, unroll: 4096 / normforge_cubecl::kernel::BLOCK, ..a.kernels[a.row].clone() });
+                kernels.push(a.row_kernel(4096));
             }
             for k in kernels {
                 let k = normforge_cubecl::keeping(k, &|_| 4096, &launch);
