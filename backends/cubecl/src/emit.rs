@@ -110,7 +110,7 @@ fn layer_source<F: Float>(props: &Arc<DeviceProperties>, prog: &LProgram, lang: 
         props.clone(),
         Arc::new(TargetProperties::default()),
         CubeCount::Static(1, 1, 1),
-        CubeDim::new_1d(BLOCK as u32),
+        CubeDim::new_1d(prog.units as u32),
         b(),
         b(),
         b(),

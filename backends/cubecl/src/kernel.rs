@@ -147,6 +147,9 @@ fn identity(#[comptime] op: ROp) -> f32 {
 /// Threads per cube, and so the padding unit of every tensor.
 pub const BLOCK: usize = 256;
 
+/// The most units a cube may have (CUDA's and Vulkan's usual limit).
+pub const MAX_UNITS: usize = 1024;
+
 /// Units per cube of `combine_kernel` (one per tensor).
 pub const COMBINE_BLOCK: u32 = 64;
 
@@ -455,6 +458,10 @@ pub struct LProgram {
     /// constants. Empty: every phase reads memory (see `plan::keeping`).
     pub kept: Vec<(usize, usize, Buf)>,
     pub keep: usize,
+    /// Units per cube: `BLOCK`, or (a cooperative kernel keeping rows too long for `BLOCK`
+    /// units' registers) up to `MAX_UNITS`. Part of the kernel, not only of its launch: the
+    /// generated code takes it as a constant.
+    pub units: usize,
 }
 
 impl LProgram {
@@ -556,7 +563,7 @@ pub fn layer_kernel<F: Float>(
             }
         }
     }
-    let mut sh = Shared::<[f32]>::new_slice(BLOCK);
+    let mut sh = Shared::<[f32]>::new_slice(comptime! { prog.units });
     let mut row = 0usize;
     while row < rows {
         let o = o0 + row;

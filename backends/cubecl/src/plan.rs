@@ -8,7 +8,7 @@
 //! shape's kind per axis (broadcast, grouped, full) is fixed, to spare the kernels divisions.
 
 use crate::compile::{binary, reduce, unary, Uniforms};
-use crate::kernel::{layer_kernel, spreads, AxisKind, Buf, LOp, LPhase, LProgram, Pure, Reach, BLOCK};
+use crate::kernel::{layer_kernel, spreads, AxisKind, Buf, LOp, LPhase, LProgram, Pure, Reach, BLOCK, MAX_UNITS};
 use crate::{Dtype, Error};
 use cubecl::prelude::*;
 use normforge_dsl::bind::{self, AxisBinding};
@@ -245,6 +245,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             unroll: 0,
             kept: Vec::new(),
             keep: 0,
+            units: BLOCK,
         };
         match two_stage(arg, &node.shape, lead) {
             // Several axes folded: first a partial value per index of one of them, then a
@@ -290,7 +291,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             })
             .collect();
         let phase = LPhase { domain: target, ops, reduces: Vec::new(), stores, reach: Reach::Element };
-        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, unroll: 0, kept: Vec::new(), keep: 0 });
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors, lead);
     let mut across = if lead == 0 { across(&kernels, &mut t) } else { None };
@@ -531,7 +532,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             let g = match join {
                 Some(g) => g,
                 None => {
-                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, unroll: 0, kept: Vec::new(), keep: 0 });
+                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK });
                     made.push(Vec::new());
                     out.len() - 1
                 }
@@ -576,15 +577,19 @@ pub struct Launch {
     /// limit): on a GPU, as many as it runs at once, so that they end together.
     pub max_cubes: usize,
     /// A cube's loads read again by later phases stay in registers where each value folds at
-    /// least this many elements (0: never), see [`keeping`]. Each length of row (rounded up to
-    /// a power of two positions per unit) is then a kernel of its own, unrolled; shorter rows
+    /// least this many elements (0: never), see [`keeping`]. Each length of row (in a cube of
+    /// `BLOCK` units rounded up to a power of two positions per unit) is then a kernel of its
+    /// own, unrolled; shorter rows
     /// are re-read from a GPU's L1 cache anyway.
     pub keep_from: usize,
+    /// The largest cube (in units, `BLOCK` to `MAX_UNITS`) a kernel may take to keep a row
+    /// too long for `BLOCK` units' registers; longer rows are read again.
+    pub max_units: usize,
 }
 
 impl Default for Launch {
     fn default() -> Self {
-        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM }
+        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS }
     }
 }
 
@@ -599,18 +604,33 @@ pub const MAX_KEPT: usize = 64;
 /// those phases, so each is read from memory once per element instead of once per phase.
 /// `positions(d)`: the elements of shape `d` per target element at this call's shapes. The
 /// phases over the shape most of them walk keep, the input and output gradient first, then the
-/// loads read most often, as many as fit in [`MAX_KEPT`] registers beside the column partials,
-/// where each unit walks at most [`MAX_UNROLL`] positions. Unchanged where nothing qualifies.
+/// loads read most often, as many as fit in [`MAX_KEPT`] registers beside the column partials
+/// (fewer in a cube of more than `BLOCK` units: [`kept_room`]), where each unit walks at most
+/// [`MAX_UNROLL`] positions. Unchanged where nothing qualifies.
 pub fn keeping(k: LProgram, positions: &dyn Fn(usize) -> usize, launch: &Launch) -> LProgram {
     if launch.keep_from == 0 || !k.cooperative {
         return k;
     }
     let walking = |d: usize| k.phases.iter().filter(move |p| p.domain == d && p.strided());
     let Some(domain) = k.phases.iter().map(|p| p.domain).filter(|&d| d != k.target).max_by_key(|&d| walking(d).count()) else { return k };
-    let (n, lanes) = (positions(domain), BLOCK / k.values_per_cube);
-    // A row kernel folding column sums walks as many positions as its partials cover.
-    let unroll = if k.across() > 0 { k.unroll } else { n.div_ceil(lanes).next_power_of_two() };
-    if n < launch.keep_from || unroll > MAX_UNROLL || n > unroll * lanes {
+    let n = positions(domain);
+    // A row kernel folding column sums walks as many positions as its partials cover, with
+    // `BLOCK` units; another takes the smallest cube whose units each walk at most
+    // `MAX_UNROLL` positions (an EvoNorm's group of 8 channels of 56x56: 1024 units), a power
+    // of two of them in a cube of `BLOCK`, in a larger one (where the register file leaves
+    // each unit less) no more than it needs.
+    let walks = |units: usize| {
+        let w = n.div_ceil(units / k.values_per_cube);
+        if units == BLOCK { w.next_power_of_two() } else { w }
+    };
+    let (units, unroll) = match k.across() {
+        0 => match [BLOCK, 2 * BLOCK, MAX_UNITS].into_iter().filter(|&u| u <= launch.max_units).find(|&u| walks(u) <= MAX_UNROLL.min(kept_room(u))) {
+            Some(u) => (u, walks(u)),
+            None => return k,
+        },
+        _ => (k.units, k.unroll),
+    };
+    if n < launch.keep_from || n > unroll * (units / k.values_per_cube) {
         return k;
     }
     let walking: Vec<&LPhase> = walking(domain).collect();
@@ -625,13 +645,24 @@ pub fn keeping(k: LProgram, positions: &dyn Fn(usize) -> usize, launch: &Launch)
     }
     loads.retain(|&((t, ..), n)| n >= 2 && !written(t));
     loads.sort_by_key(|&((.., buf), n)| (!matches!(buf, Buf::Input | Buf::GradOutput), std::cmp::Reverse(n)));
-    let room = (MAX_KEPT / unroll).saturating_sub(k.across());
+    let room = (kept_room(units) / unroll).saturating_sub(k.across());
     let kept: Vec<_> = loads.into_iter().take(room).map(|(l, _)| l).collect();
     if kept.is_empty() {
         return k;
     }
-    LProgram { unroll, kept, keep: domain, ..k }
+    LProgram { unroll, kept, keep: domain, units, ..k }
 }
+
+/// Registers per unit a cube of `units` may give its kept loads and column partials: at most
+/// [`MAX_KEPT`], and in a cube too large for that, what the register file leaves each unit
+/// (65536 per cube on NVIDIA GPUs since Kepler) less [`RESERVED`] for the kernel's own work.
+fn kept_room(units: usize) -> usize {
+    MAX_KEPT.min((65_536 / units).saturating_sub(RESERVED))
+}
+
+/// Registers per unit a keeping kernel leaves to everything but its kept loads (indices,
+/// addresses, reductions); the CUDA tests check what ptxas makes of it.
+pub const RESERVED: usize = 32;
 
 impl Launch {
     /// The default for `device`: a CPU adapter (lavapipe) keeps nothing in registers — its
@@ -654,6 +685,9 @@ impl Launch {
     pub fn check(&self) -> Result<(), Error> {
         if !(self.columns.is_power_of_two() && self.columns <= BLOCK) {
             return Err(Error(format!("columns per cube must be a power of two up to {BLOCK}, not {}", self.columns)));
+        }
+        if !(self.max_units.is_power_of_two() && (BLOCK..=MAX_UNITS).contains(&self.max_units)) {
+            return Err(Error(format!("a cube has a power of two units from {BLOCK} to {MAX_UNITS}, not {}", self.max_units)));
         }
         Ok(())
     }
@@ -686,7 +720,7 @@ pub struct Layout {
     pub work_len: usize,
     /// The kernels' scalar buffer (uniform values: hyper-parameters, sizes).
     pub scalars: Vec<f32>,
-    /// In order: the kernel variant to launch and its grid (`BLOCK` units per cube).
+    /// In order: the kernel variant to launch and its grid (of cubes of its `units`).
     pub launches: Vec<(LProgram, (u32, u32, u32))>,
 }
 
@@ -884,7 +918,7 @@ pub(crate) fn run<'a>(client: &cubecl::client::Client, plan: &Plan, lay: &Layout
     let meta_h = client.create_from_slice(u32::as_bytes(meta));
     let sc = client.create_from_slice(f32::as_bytes(scalars));
     for (k, (gx, gy, _)) in &lay.launches {
-        let (cc, cd) = (CubeCount::Static(*gx, *gy, 1), CubeDim::new_1d(BLOCK as u32));
+        let (cc, cd) = (CubeCount::Static(*gx, *gy, 1), CubeDim::new_1d(k.units as u32));
         let (ty, round) = held.kernel_type();
         // SAFETY: units (or cubes) past the target's size do nothing; every offset is a
         // tensor's offset plus an index below its size (the meta table is built from the same

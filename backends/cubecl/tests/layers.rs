@@ -325,15 +325,44 @@ fn loads_read_again_stay_in_registers() {
         ("rms_norm", "backward", 4096, (0, 3, 3), (3, 1, 1)),
         ("rms_norm", "backward", 8192, (0, 3, 3), (1, 1, 3)),
         ("dyt", "backward", 4096, (0, 2, 2), (2, 1, 1)),
+        // Rows of 16384 and 32768: a cube of 512 and 1024 units.
+        ("layer_norm", "forward", 16384, (0, 3, 0), (1, 1, 0)),
+        ("layer_norm", "forward", 32768, (0, 3, 0), (1, 1, 0)),
     ];
     let off = Launch { keep_from: 0, ..Launch::default() };
     for (name, pass, n, before, now) in cases {
         assert_eq!(kept_and_reads(name, pass, &[64, n], &off)[0], before, "{name} {pass} {n}, nothing kept");
         assert_eq!(kept_and_reads(name, pass, &[64, n], &Launch::default())[0], now, "{name} {pass} {n}");
     }
-    // An EvoNorm's group of channels (8 x 56 x 56) is too long to keep.
-    let evonorm = kept_and_reads("evonorm_s0", "backward", &[32, 256, 56, 56], &Launch::default());
-    assert_eq!(evonorm, [(0, 6, 3)]);
+    // An EvoNorm's group of 8 channels of 56 x 56 (as at the GPU check's 32x256x56x56 with 32
+    // groups; `laid` binds two) is kept by a cube of 1024 units, 25 positions each: x in its
+    // forward; in its backward x in the group's phases (the sums per channel inside the group
+    // walk each channel in turn and read memory).
+    let evonorm = |pass| kept_and_reads("evonorm_s0", pass, &[4, 16, 56, 56], &Launch::default());
+    assert_eq!((evonorm("forward"), evonorm("backward")), (vec![(1, 1, 0)], vec![(1, 2, 3)]));
+}
+
+#[test]
+fn long_rows_keep_in_larger_cubes() {
+    // Rows too long for 256 units' registers take 512 or 1024 units, each walking as many
+    // positions as it needs (256 units: a power of two, at most 32); those kernels give what
+    // the same launch reading memory gives.
+    let off = Launch { keep_from: 0, ..Launch::default() };
+    let cases = [("layer_norm", vec![2, 8192], (256, 32)), ("layer_norm", vec![2, 9000], (512, 18)), ("layer_norm", vec![2, 16385], (1024, 17)), ("evonorm_s0", vec![2, 4, 9000], (1024, 18))];
+    for (name, shape, walk) in cases {
+        let entry = registry().get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train, .. } = &entry.programs else { unreachable!() };
+        let lay = laid(&entry, train, &shape, &Launch::default());
+        let kept: Vec<_> = lay.launches.iter().filter(|(k, _)| !k.kept.is_empty()).map(|(k, _)| (k.units, k.unroll)).collect();
+        assert_eq!(kept, [walk], "{name} {shape:?}");
+        same_results(name, &shape, &[off, Launch::default()]);
+    }
+    // Held to cubes of 256 units, a row of 9000 is read again; no cube has 300 units.
+    let small = Launch { max_units: normforge_cubecl::kernel::BLOCK, ..Launch::default() };
+    let entry = registry().get("layer_norm").unwrap().entry;
+    let normforge_dsl::ir::Programs::Layer { train, .. } = &entry.programs else { unreachable!() };
+    assert!(laid(&entry, train, &[2, 9000], &small).launches.iter().all(|(k, _)| k.kept.is_empty() && k.units == 256));
+    assert!(Launch { max_units: 300, ..Launch::default() }.check().is_err());
 }
 
 #[test]

@@ -16,5 +16,5 @@ pub mod upload;
 pub use arena::Arena;
 pub use driver::Gpu;
 pub use layer::CudaLayerKernels;
-pub use nvrtc::{Compiled, Compiler, Error, Origin};
+pub use nvrtc::{Compiled, Compiler, Error, Origin, Usage};
 pub use optimizer::CudaOptimizer;

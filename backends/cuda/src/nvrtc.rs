@@ -154,6 +154,62 @@ impl Compiler {
     }
 }
 
+/// What ptxas makes of one kernel for a real architecture: registers per unit, and the local
+/// memory its stack frame and spills take. A cube of `n` units gets at most 65536 / `n`
+/// registers per unit on Hopper (a kernel's `__launch_bounds__` makes ptxas spill to fit), so
+/// these say whether a kernel keeps what it means to keep in registers — no GPU needed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub registers: u32,
+    pub stack_bytes: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+}
+
+impl Compiler {
+    /// `source` compiled through ptxas for the real architecture of this compiler's virtual one
+    /// (`compute_90` -> `sm_90`), its one kernel's [`Usage`] read from NVRTC's log (nothing is
+    /// cached: this is a check, not a load).
+    pub fn usage(&self, source: &str) -> Result<Usage, Error> {
+        let arch = self.arch.replace("compute_", "sm_");
+        let fail = |log: String| Error::Compile { arch: arch.clone(), log };
+        let src = std::ffi::CString::new(source).map_err(|_| fail("the source holds a NUL byte".into()))?;
+        let prog = nvrtc::result::create_program(&src, None).map_err(|e| fail(format!("{e:?}")))?;
+        let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "--ptxas-options=-v".into()];
+        options.extend(self.include_dirs.iter().map(|d| format!("--include-path={d}")));
+        // SAFETY: `prog` was created above from `src`, which outlives it, and is destroyed once.
+        let (done, log) = unsafe {
+            let done = nvrtc::result::compile_program(prog, &options);
+            let log = nvrtc::result::get_program_log(prog).map(|l| std::ffi::CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned());
+            let _ = nvrtc::result::destroy_program(prog);
+            (done, log)
+        };
+        let log = log.map_err(|e| fail(format!("{e:?}")))?;
+        done.map_err(|_| fail(log.clone()))?;
+        parse_usage(&log).ok_or_else(|| fail(format!("no register count in ptxas' report:\n{log}")))
+    }
+}
+
+/// The figures of ptxas' `-v` report for the (one) function it compiled.
+fn parse_usage(log: &str) -> Option<Usage> {
+    // The number just before `what` on `line`.
+    let before = |line: &str, what: &str| -> Option<u32> { line.split(what).next()?.split_whitespace().last()?.parse().ok() };
+    let mut usage = Usage::default();
+    let mut found = false;
+    for line in log.lines() {
+        if line.contains("registers") {
+            usage.registers = before(line, " registers")?;
+            found = true;
+        }
+        if line.contains("stack frame") {
+            usage.stack_bytes = before(line, " bytes stack frame")?;
+            usage.spill_stores = before(line, " bytes spill stores")?;
+            usage.spill_loads = before(line, " bytes spill loads")?;
+        }
+    }
+    found.then_some(usage)
+}
+
 fn stamp(key: u128, ptx: &str) -> String {
     format!("{key:032x} {:016x} {}", xxhash_rust::xxh3::xxh3_64(ptx.as_bytes()), ptx.len())
 }
@@ -162,5 +218,15 @@ fn compile_log(e: nvrtc::CompileError) -> String {
     match e {
         nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ptxas_reports_are_read() {
+        let log = "ptxas info    : 0 bytes gmem\nptxas info    : Compiling entry function 'k' for 'sm_90'\nptxas info    : Function properties for k\nptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\nptxas info    : Used 42 registers, used 1 barriers, 384 bytes smem\n";
+        assert_eq!(super::parse_usage(log), Some(super::Usage { registers: 42, stack_bytes: 8, spill_stores: 4, spill_loads: 12 }));
+        assert_eq!(super::parse_usage("ptxas info    : 0 bytes gmem\n"), None);
     }
 }

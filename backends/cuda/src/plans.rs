@@ -10,7 +10,7 @@
 use crate::driver::{self, Gpu, Kernel};
 use crate::upload::{words, Cache};
 use normforge_cubecl::emit::{layer_unit, Lang};
-use normforge_cubecl::kernel::{Buf, LProgram, BLOCK};
+use normforge_cubecl::kernel::{Buf, LProgram};
 use normforge_cubecl::{launched, layout, Dtype, Launch, Layout, Plan, Source};
 use normforge_dsl::bind::AxisBinding;
 use normforge_dsl::ir::Target;
@@ -106,7 +106,7 @@ impl PlanKernels {
             return Ok(lay);
         }
         let Some((k, (x, y, _))) = lay.launches.iter().find(|(k, _)| k.across() > 0) else { return Ok(lay) };
-        let resident = self.gpu.resident(&self.kernel(k, io)?, BLOCK as u32).map_err(err)? as usize;
+        let resident = self.gpu.resident(&self.kernel(k, io)?, k.units as u32).map_err(err)? as usize;
         if (*x as usize) * (*y as usize) <= resident {
             return Ok(lay);
         }
@@ -161,7 +161,7 @@ impl PlanKernels {
             // layout); the info gives every length; units or cubes past the target's size do
             // nothing; all of them live until the stream has run the launch (torch's allocator
             // reuses memory in stream order).
-            unsafe { self.gpu.launch(&kernel, *grid, BLOCK as u32, &bufs, tables.ptr(2), stream) }.map_err(err)?;
+            unsafe { self.gpu.launch(&kernel, *grid, k.units as u32, &bufs, tables.ptr(2), stream) }.map_err(err)?;
         }
         Ok(plan
             .outputs

@@ -66,7 +66,7 @@ fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
     normforge_std::link();
     let reg = normforge_registry::Registry::with_builtins().unwrap();
     let nvrtc = normforge_cuda::Compiler::new("compute_90", normforge_cuda::Compiler::default_include_dirs(), None).ok();
-    let mut variants = 0;
+    let (mut variants, mut big) = (0, 0);
     for r in reg.list(None) {
         let Programs::Layer { train, eval, train_backward, eval_backward } = &r.entry.programs else { continue };
         for prog in [train, eval, train_backward, eval_backward] {
@@ -78,8 +78,11 @@ fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
             let mut kernels: Vec<LProgram> = Vec::new();
             for k in &plan.kernels {
                 kernels.extend([(1, 1), (1 << 20, 1), (1 << 20, 1 << 20)].map(|(per_value, last)| normforge_cubecl::launched(k, per_value, last, &launch)));
-                // Values of 4096 elements: loads read again kept in registers.
-                kernels.push(normforge_cubecl::keeping(normforge_cubecl::launched(k, 4096, 1, &launch), &|_| 4096, &launch));
+                // Values of 4096 elements: loads read again kept in registers; of 25088 (an
+                // EvoNorm's group at the GPU check's shape): kept by a cube of 1024 units.
+                for n in [4096, 25088] {
+                    kernels.push(normforge_cubecl::keeping(normforge_cubecl::launched(k, n, 1, &launch), &|_| n, &launch));
+                }
             }
             if let Some(a) = &plan.across {
                 for (i, k) in a.kernels.iter().enumerate() {
@@ -91,8 +94,11 @@ fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
                 for launched in kernels {
                     let unit = emit::layer_unit(&launched, Dtype::F32, Lang::Cuda).unwrap();
                     let src = unit.source;
-                    let want = if launched.cube_per_value() && launched.reductions() > 0 { BLOCK * 4 } else { 0 };
+                    let want = if launched.cube_per_value() && launched.reductions() > 0 { launched.units * 4 } else { 0 };
                     assert_eq!(unit.shared_bytes, want, "{}: layer kernel shared memory", r.name);
+                    // The cube the launch gives it is the one it was generated for.
+                    assert!(src.contains(&format!("__launch_bounds__({})", launched.units)), "{}: launch bounds", r.name);
+                    big += (launched.units > BLOCK) as usize;
                     assert_eq!(src.contains("extern __shared__"), want > 0, "{}: shared declaration", r.name);
                     let (buffers, meta) = signature(&src);
                     assert_eq!(buffers, LAYER_BUFFERS, "{}: layer kernel buffers", r.name);
@@ -113,6 +119,7 @@ fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
         }
     }
     assert!(variants >= 19 * 4 * 2, "{variants} variants");
+    assert!(big > 0, "no kernel kept its loads in a cube of more than {BLOCK} units");
 }
 
 #[test]

@@ -187,6 +187,49 @@ fn kept_rows_stay_in_registers() {
     assert_eq!(checked, 12);
 }
 
+/// What ptxas (sm_90) makes of every kernel the GPU check's layers launch, at its shapes and at
+/// rows of 16384 and 32768 (kept by cubes of 512 and 1024 units): no spills, no stack, and no
+/// more registers per unit than a cube of its units gets (65536 per cube), so each kernel
+/// launches and keeps in registers what it means to.
+#[test]
+fn launched_layer_kernels_fit_the_register_file() {
+    let Some(nvrtc) = compiler(None) else { return };
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let cases: [(&str, &[usize]); 6] = [
+        ("layer_norm", &[16384, 4096]),
+        ("rms_norm", &[16384, 4096]),
+        ("dyt", &[16384, 4096]),
+        ("evonorm_s0", &[32, 256, 56, 56]),
+        ("layer_norm", &[64, 16384]),
+        ("layer_norm", &[64, 32768]),
+    ];
+    let (mut checked, mut big) = (0, 0);
+    for (name, shape) in cases {
+        let e = reg.get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
+        let b = normforge_dsl::bind::bind_axes(&e.axes, shape, "x").unwrap();
+        let hp = normforge_dsl::hyper::resolve(&e, &[]).unwrap();
+        for (pass, prog) in [("forward", train), ("backward", train_backward)] {
+            let plan = normforge_cubecl::plan(&e, prog).unwrap();
+            let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &normforge_cubecl::Launch::default()).unwrap();
+            for (k, _) in &lay.launches {
+                for dtype in [Dtype::F32, Dtype::BF16] {
+                    let unit = normforge_cubecl::emit::layer_unit(k, dtype, Lang::Cuda).unwrap();
+                    let u = nvrtc.usage(&unit.source).unwrap();
+                    let what = format!("{name} {shape:?} {pass} {dtype:?}: {} units, {} kept x {}", k.units, k.kept.len(), k.unroll);
+                    eprintln!("{what}: {u:?}");
+                    assert_eq!((u.spill_stores, u.spill_loads, u.stack_bytes), (0, 0, 0), "{what}: spills");
+                    assert!(u.registers as usize * k.units <= 65_536, "{what}: {} registers", u.registers);
+                    big += (k.units > normforge_cubecl::kernel::BLOCK) as usize;
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(big >= 4 && checked >= 36, "{checked} kernels, {big} in larger cubes");
+}
+
 #[test]
 fn a_division_in_a_loop_is_found() {
     let ptx = "mov.u32 %r1, 0;\n$L__BB0_1:\ndiv.u32 %r2, %r3, %r4;\nadd.s32 %r1, %r1, 1;\n@%p1 bra $L__BB0_1;\nrem.u32 %r5, %r6, %r7;\n";
