@@ -131,3 +131,17 @@ fn redaction_only_touches_the_hash() {
     assert_eq!(redact("step_kernel_s_f32_47d47915(x) layer_kernel_f16(y)"), "step_kernel_s_f32_[hash](x) layer_kernel_f16(y)");
     assert_eq!(redact("layer_kernel_f_bf16_deadbeef layer_kernel_abcdefab12"), "layer_kernel_f_bf16_[hash] layer_kernel_abcdefab12");
 }
+
+#[test]
+fn an_elementwise_kernel_takes_several_values_per_unit() {
+    // DyT's forward as launched: each unit takes four elements a cube apart, every load of x
+    // made (a unit past the end reads element 0), each store guarded.
+    let reg = normforge::builtin_registry().unwrap();
+    let e = reg.get("dyt").unwrap().entry;
+    let normforge::dsl::ir::Programs::Layer { train, .. } = &e.programs else { unreachable!() };
+    let plan = normforge::cubecl::plan(&e, train).unwrap();
+    let k = normforge::cubecl::launched(&plan.kernels[0], 1, 4096, &normforge::cubecl::Launch::default());
+    assert_eq!((k.cooperative, k.values_per_unit), (false, 4));
+    let src = normforge::cubecl::emit::layer_unit(&k, Dtype::BF16, Lang::Cuda).unwrap().source;
+    insta::assert_snapshot!("kernel__dyt__forward_four_values_per_unit.cuda", redact(&src));
+}

@@ -446,6 +446,11 @@ pub struct LProgram {
     /// With `cooperative`: the neighbouring target elements a cube takes (a power of two
     /// dividing `BLOCK`), so that a warp reads a row across columns, not down one column.
     pub values_per_cube: usize,
+    /// Without `cooperative`, in a kernel that reduces nothing: the target elements each unit
+    /// takes, a cube's `units` apart (so a warp still reads side by side). Several give each
+    /// unit as many independent loads in flight — what an elementwise kernel needs to keep a
+    /// GPU's memory busy, bf16 values most (`plan::launched`).
+    pub values_per_unit: usize,
     /// With `across` phases: the positions of a row each unit keeps a partial for (so a row
     /// is at most `unroll * BLOCK` long); each cube takes a block of consecutive target
     /// elements, as many as the launched cube count leaves to each. With `kept` loads, the
@@ -544,10 +549,18 @@ pub fn layer_kernel<F: Float>(
         first = UNIT_POS as usize / per_cube;
         step = CUBE_DIM as usize / per_cube;
     }
+    // The target elements a unit takes in turn, `apart` from one another.
     let mut rows = 1usize;
+    let mut apart = 1usize;
     if comptime! { across > 0 } {
         rows = (count + CUBE_COUNT - 1) / CUBE_COUNT;
         o0 = CUBE_POS * rows;
+    }
+    let per_unit = comptime! { prog.values_per_unit.max(1) };
+    if comptime! { per_unit > 1 } {
+        rows = per_unit;
+        apart = CUBE_DIM as usize;
+        o0 = CUBE_POS * CUBE_DIM as usize * per_unit + UNIT_POS as usize;
     }
     // Per `across` reduction, this unit's partial for positions `first + m * step` of a row.
     let mut part = Array::<f32>::new(comptime! { (across * unroll).max(1) });
@@ -566,8 +579,13 @@ pub fn layer_kernel<F: Float>(
     let mut sh = Shared::<[f32]>::new_slice(comptime! { prog.units });
     let mut row = 0usize;
     while row < rows {
-        let o = o0 + row;
+        let mut o = o0 + row * apart;
         let active = o < count;
+        if comptime! { per_unit > 1 } {
+            // A unit past the end addresses the first element, and stores nothing: its loads
+            // need no branch, so the compiler may issue all of them before the first store.
+            o = select(active, o, 0usize);
+        }
         // This element of the target, per axis (last axis first); the outermost axis it
         // spans takes what is left whole (below its extent wherever the element is used).
         let mut oi = Sequence::<usize>::new();
@@ -603,7 +621,7 @@ pub fn layer_kernel<F: Float>(
                     let j = first + m * step;
                     if j < loops {
                         let at = comptime! { prog.keeps(ph).then_some(m) };
-                        element::<F>(j, &oi, &res, &mut part, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, comptime! { ka * unroll + m }, unroll, at, round_bf16);
+                        element::<F>(j, &oi, &res, &mut part, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, comptime! { ka * unroll + m }, unroll, at, true, round_bf16);
                     }
                 }
             } else if comptime! { matches!(reach, Reach::Finer(_)) } {
@@ -622,7 +640,7 @@ pub fn layer_kernel<F: Float>(
                     identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
                     let mut j = start + first;
                     while j < start + len {
-                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, round_bf16);
+                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
                         j += step;
                     }
                     // The finer element's place: where its first domain element falls.
@@ -644,6 +662,10 @@ pub fn layer_kernel<F: Float>(
                     }
                     sub += 1;
                 }
+            } else if comptime! { per_unit > 1 } {
+                // An elementwise kernel's phase (`plan::launched`): the target element itself.
+                let mut none = Array::<f32>::new(1usize);
+                element::<F>(0usize, &oi, &res, &mut none, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, active, round_bf16);
             } else {
                 let mut acc = Array::<f32>::new(comptime! { nr.max(1) });
                 identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
@@ -652,13 +674,13 @@ pub fn layer_kernel<F: Float>(
                     for m in 0..unroll {
                         let j = first + m * step;
                         if j < loops {
-                            element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { Some(m) }, round_bf16);
+                            element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { Some(m) }, true, round_bf16);
                         }
                     }
                 } else {
                     let mut j = first;
                     while j < loops {
-                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, round_bf16);
+                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
                         j += step;
                     }
                 }
@@ -809,7 +831,8 @@ fn domain_index(j: usize, oi: &Sequence<usize>, meta: &[u32], #[comptime] prog: 
 /// Domain element `j` of phase `ph` within the target element at `oi` (per axis, last
 /// first): its ops run, its stores made, the phase's reduction `k` folded into `acc[slot + k *
 /// stride]`. `res` holds the reductions of earlier phases; `at`, in a keeping phase, is which
-/// of the unit's positions `j` is, its kept loads at `cache[c * unroll + at]`.
+/// of the unit's positions `j` is, its kept loads at `cache[c * unroll + at]`; without
+/// `writes`, nothing is stored.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn element<F: Float>(
@@ -829,6 +852,7 @@ fn element<F: Float>(
     #[comptime] slot: usize,
     #[comptime] stride: usize,
     #[comptime] at: Option<usize>,
+    writes: bool,
     #[comptime] round_bf16: bool,
 ) {
     let rank = comptime! { prog.rank };
@@ -874,7 +898,7 @@ fn element<F: Float>(
         let at = comptime! { slot + k * stride };
         acc[at] = fold(op, acc[at], r[v]);
     }
-    {
+    if writes {
         #[unroll]
         for k in 0..prog.phases[ph].stores.len() {
             let (t, v, in_io) = comptime! { prog.phases[ph].stores[k] };

@@ -242,6 +242,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             phases: vec![LPhase { domain, ops, reduces: vec![(reduce(*r), value, out)], stores: Vec::new(), reach: Reach::Element }],
             cooperative: true,
             values_per_cube: 1,
+            values_per_unit: 1,
             unroll: 0,
             kept: Vec::new(),
             keep: 0,
@@ -291,7 +292,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             })
             .collect();
         let phase = LPhase { domain: target, ops, reduces: Vec::new(), stores, reach: Reach::Element };
-        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK });
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors, lead);
     let mut across = if lead == 0 { across(&kernels, &mut t) } else { None };
@@ -532,7 +533,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             let g = match join {
                 Some(g) => g,
                 None => {
-                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK });
+                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK });
                     made.push(Vec::new());
                     out.len() - 1
                 }
@@ -585,11 +586,14 @@ pub struct Launch {
     /// The largest cube (in units, `BLOCK` to `MAX_UNITS`) a kernel may take to keep a row
     /// too long for `BLOCK` units' registers; longer rows are read again.
     pub max_units: usize,
+    /// The target elements each unit of an elementwise kernel takes (see
+    /// `LProgram::values_per_unit`); a power of two up to [`MAX_UNROLL`].
+    pub values_per_unit: usize,
 }
 
 impl Default for Launch {
     fn default() -> Self {
-        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS }
+        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS, values_per_unit: 4 }
     }
 }
 
@@ -689,6 +693,9 @@ impl Launch {
         if !(self.max_units.is_power_of_two() && (BLOCK..=MAX_UNITS).contains(&self.max_units)) {
             return Err(Error(format!("a cube has a power of two units from {BLOCK} to {MAX_UNITS}, not {}", self.max_units)));
         }
+        if !(self.values_per_unit.is_power_of_two() && self.values_per_unit <= MAX_UNROLL) {
+            return Err(Error(format!("values per unit must be a power of two up to {MAX_UNROLL}, not {}", self.values_per_unit)));
+        }
         Ok(())
     }
 }
@@ -696,12 +703,15 @@ impl Launch {
 /// The kernel to launch when its longest phase covers `per_value` elements per target element
 /// and its target is `last` long along the last axis: cooperative from `cooperative_min`
 /// elements on, taking `columns` values per cube where they are neighbours in memory (the
-/// target full along the last axis) and there are at least that many.
+/// target full along the last axis) and there are at least that many; an elementwise kernel
+/// giving each unit `values_per_unit` target elements.
 pub fn launched(k: &LProgram, per_value: usize, last: usize, launch: &Launch) -> LProgram {
     let mut k = k.clone();
     k.cooperative &= per_value >= launch.cooperative_min;
     let neighbours = k.kinds.get(k.target).and_then(|a| a.last()) == Some(&AxisKind::Full);
     k.values_per_cube = if k.cooperative && neighbours && last >= launch.columns { launch.columns } else { 1 };
+    let elementwise = !k.cooperative && k.phases.iter().all(|p| p.reduces.is_empty() && p.domain == k.target);
+    k.values_per_unit = if elementwise { launch.values_per_unit } else { 1 };
     k
 }
 
@@ -863,7 +873,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
             Some((a, r)) if a.row == i => (a.row_kernel(r.map_or(0, |(_, positions)| positions)), r.map_or(count, |(cubes, _)| cubes)),
             _ => {
                 let k = launched(k, per_value, last, launch);
-                let cubes = if k.cube_per_value() { count.div_ceil(k.values_per_cube) } else { count.div_ceil(BLOCK) };
+                let cubes = if k.cube_per_value() { count.div_ceil(k.values_per_cube) } else { count.div_ceil(k.units * k.values_per_unit) };
                 (k, cubes)
             }
         };

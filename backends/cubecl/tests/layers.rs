@@ -228,6 +228,9 @@ fn every_launch_shape_gives_the_same_results() {
         Launch { rows_per_cube: 0, ..Launch::default() },
         Launch { rows_per_cube: 7, ..Launch::default() },
         Launch { rows_per_cube: 1000, ..Launch::default() },
+        // Elementwise kernels: one target element per unit, and 32 (default: 4).
+        Launch { values_per_unit: 1, ..Launch::default() },
+        Launch { values_per_unit: 32, ..Launch::default() },
     ];
     // Column sums folded inside the row kernel (`rows_per_cube`) from 64 columns on: a last
     // cube with fewer rows (300 = 9 * 32 + 12, 43 * 7 + 1), cubes with none (4 rows, 7 per
@@ -240,6 +243,8 @@ fn every_launch_shape_gives_the_same_results() {
         ("rms_norm", vec![130, 257]),
         ("dyt", vec![100, 7]),
         ("dyt", vec![2, 3, 65]),
+        // Three cubes of 4 x 256 elements, the last partly filled.
+        ("dyt", vec![3, 1000]),
         ("batch_norm", vec![2, 4, 4097]),
         ("group_norm", vec![2, 4, 300]),
         ("group_norm", vec![3, 4, 10]),
@@ -357,12 +362,30 @@ fn long_rows_keep_in_larger_cubes() {
         assert_eq!(kept, [walk], "{name} {shape:?}");
         same_results(name, &shape, &[off, Launch::default()]);
     }
-    // Held to cubes of 256 units, a row of 9000 is read again; no cube has 300 units.
+    // Held to cubes of 256 units, a row of 9000 is read again.
     let small = Launch { max_units: normforge_cubecl::kernel::BLOCK, ..Launch::default() };
     let entry = registry().get("layer_norm").unwrap().entry;
     let normforge_dsl::ir::Programs::Layer { train, .. } = &entry.programs else { unreachable!() };
     assert!(laid(&entry, train, &[2, 9000], &small).launches.iter().all(|(k, _)| k.kept.is_empty() && k.units == 256));
-    assert!(Launch { max_units: 300, ..Launch::default() }.check().is_err());
+}
+
+#[test]
+fn launches_the_kernels_cannot_take_are_refused() {
+    let bad = [
+        Launch { columns: 3, ..Launch::default() },
+        Launch { columns: 512, ..Launch::default() },
+        Launch { max_units: 300, ..Launch::default() },
+        Launch { max_units: 2048, ..Launch::default() },
+        Launch { values_per_unit: 3, ..Launch::default() },
+        Launch { values_per_unit: 64, ..Launch::default() },
+    ];
+    for launch in bad {
+        assert!(launch.check().is_err(), "{launch:?}");
+    }
+    // And so is a layer given one, before anything runs.
+    let entry = registry().get("dyt").unwrap().entry;
+    let layer = CubeLayer::new(entry, &[], &[2, 8], &cpu_device().unwrap()).unwrap();
+    assert!(layer.with_launch(bad[4]).is_err());
 }
 
 #[test]

@@ -194,12 +194,13 @@ fn main() {
                 ("column_kernel_columns1", normforge_cubecl::Launch { rows_per_cube: 0, columns: 1, ..default }),
                 ("nothing_kept", normforge_cubecl::Launch { keep_from: 0, ..default }),
                 ("kept_in_cubes_of_256", normforge_cubecl::Launch { max_units: normforge_cubecl::kernel::BLOCK, ..default }),
+                ("one_value_per_unit", normforge_cubecl::Launch { values_per_unit: 1, ..default }),
             ];
             for (label, launch) in launches {
                 let layer = spec.build(&(vs.root() / label), &shape).map_err(|e| e.0)?;
                 let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(&reg, name), layer.hparams().to_vec()).and_then(|k| k.with_launch(launch)).map_err(|e| e.0)?;
                 let layer = layer.with_kernels(Arc::new(kernels));
-                if ["default", "nothing_kept", "kept_in_cubes_of_256"].contains(&label) {
+                if ["default", "nothing_kept", "kept_in_cubes_of_256", "one_value_per_unit"].contains(&label) {
                     let ms = time_ms(&gpu, 20, || {
                         let _ = tch::no_grad(|| layer.try_forward_t(&x, true).expect("forward"));
                     });

@@ -236,3 +236,61 @@ fn a_division_in_a_loop_is_found() {
     assert_eq!(divisions_in_loops(ptx), vec!["div.u32 %r2, %r3, %r4;"]);
     assert!(divisions_in_loops("$L__BB0_1:\nadd.s32 %r1, %r1, 1;\n@%p1 bra $L__BB0_1;\ndiv.u32 %r2, %r3, %r4;\n").is_empty());
 }
+
+
+/// The lines of a PTX listing that match `is` and lie in a block a branch may skip (between a
+/// conditional branch and its label further down).
+fn skippable(ptx: &str, is: impl Fn(&str) -> bool) -> Vec<String> {
+    let lines: Vec<&str> = ptx.lines().map(str::trim).collect();
+    let mut skipped = vec![false; lines.len()];
+    for (k, l) in lines.iter().enumerate() {
+        let Some((_, target)) = l.strip_prefix('@').and_then(|r| r.split_once(" bra")) else { continue };
+        let target = target.trim_start_matches(".uni").trim().trim_end_matches(';');
+        if let Some(end) = lines.iter().position(|l| l.strip_suffix(':') == Some(target)).filter(|&e| e > k) {
+            skipped[k..end].iter_mut().for_each(|x| *x = true);
+        }
+    }
+    lines.iter().zip(skipped).filter(|(l, s)| *s && is(l)).map(|(l, _)| l.to_string()).collect()
+}
+
+/// An elementwise kernel gives each unit several elements (`Launch::values_per_unit`), and
+/// reads them under no branch — a unit past the end reads the first element and stores
+/// nothing — so its loads can all be in flight before its first store: every std layer's
+/// elementwise kernel reading the input or the output gradient, in bf16 (whose loads are the
+/// only 16-bit ones).
+#[test]
+fn elementwise_kernels_load_under_no_branch() {
+    let Some(nvrtc) = compiler(None) else { return };
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let launch = normforge_cubecl::Launch::default();
+    let mut checked = 0;
+    for r in reg.list(None) {
+        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &r.entry.programs else { continue };
+        for prog in [train, train_backward] {
+            for k in &normforge_cubecl::plan(&r.entry, prog).unwrap().kernels {
+                let k = normforge_cubecl::launched(k, 1, 1 << 20, &launch);
+                use normforge_cubecl::kernel::{Buf, LOp};
+                let reads_storage = k.phases.iter().flat_map(|p| &p.ops).any(|op| matches!(op, LOp::Load(_, _, Buf::Input | Buf::GradOutput)));
+                if k.values_per_unit == 1 || !reads_storage {
+                    continue;
+                }
+                let unit = normforge_cubecl::emit::layer_unit(&k, Dtype::BF16, Lang::Cuda).unwrap();
+                let ptx = nvrtc.compile(&unit.source).unwrap().ptx;
+                let loads = ptx.lines().filter(|l| l.contains("ld.global.nc.u16")).count();
+                assert!(loads >= launch.values_per_unit, "{}: {loads} loads of the storage type", r.name);
+                let found = skippable(&ptx, |l| l.starts_with("ld.global.nc.u16"));
+                assert!(found.is_empty(), "{}: loads under a branch: {found:?}", r.name);
+                checked += 1;
+            }
+        }
+    }
+    // DyT's forward at least, and the elementwise kernels of other layers.
+    assert!(checked >= 3, "{checked} elementwise kernels");
+}
+
+#[test]
+fn a_skippable_load_is_found() {
+    let ptx = "ld.global.nc.u16 %rs1, [%rd1];\n@%p1 bra $L__BB0_2;\nld.global.nc.u16 %rs2, [%rd2];\nst.global.u16 [%rd3], %rs2;\n$L__BB0_2:\nret;\n";
+    assert_eq!(skippable(ptx, |l| l.starts_with("ld.global")), vec!["ld.global.nc.u16 %rs2, [%rd2];"]);
+}
