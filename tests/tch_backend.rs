@@ -235,7 +235,8 @@ fn libtorch_builtin_optimizers_follow_the_rules() {
 #[test]
 fn libtorch_builtin_layers_follow_the_layers() {
     normforge::tch::manual_seed(8);
-    let cases: [(&str, &[(&str, f64)], [i64; 3]); 5] = [
+    type Case<'a> = (&'a str, &'a [(&'a str, f64)], [i64; 3]);
+    let cases: [Case; 5] = [
         ("layer_norm", &[("eps", 1e-2)], [3, 4, 9]),
         ("rms_norm", &[("eps", 1e-2)], [3, 4, 9]),
         ("group_norm", &[("groups", 2.0), ("eps", 1e-2)], [3, 4, 9]),
@@ -352,10 +353,11 @@ fn saved_state_continues_the_trajectory_exactly() {
     assert_eq!(b.state_of("p0").unwrap().1[0].kind(), Kind::Float);
     // A state of another dtype is refused, and nothing changes.
     let mut c = reg.optimizer("adamw").unwrap().build(&vs_b).unwrap();
-    let mut bad = Vec::new();
-    bad.push(("p0::step".to_string(), Tensor::from_slice(&[3i64])));
-    bad.push(("p0::m".to_string(), Tensor::zeros([5, 4], (Kind::Double, Device::Cpu))));
-    bad.push(("p0::v".to_string(), Tensor::zeros([5, 4], (Kind::Double, Device::Cpu))));
+    let bad = vec![
+        ("p0::step".to_string(), Tensor::from_slice(&[3i64])),
+        ("p0::m".to_string(), Tensor::zeros([5, 4], (Kind::Double, Device::Cpu))),
+        ("p0::v".to_string(), Tensor::zeros([5, 4], (Kind::Double, Device::Cpu))),
+    ];
     let bad_file = dir.join("bad.safetensors");
     Tensor::write_safetensors(&bad, &bad_file).unwrap();
     assert!(c.load(&bad_file).unwrap_err().0.contains("Double"));

@@ -87,6 +87,8 @@ impl Builder {
             let r = op.apply(x, y);
             return Some(if ty == Type::Bool { self.boolean(r != 0.0) } else { self.constant(r) });
         }
+        // (Guards, not float patterns: `z == 0.0` says which zero counts, -0.0 included.)
+        #[allow(clippy::redundant_guards)]
         let folded = match (op, ca, cb) {
             (Binary::Add, Some(z), _) if z == 0.0 => Some(b),
             (Binary::Add | Binary::Sub, _, Some(z)) if z == 0.0 => Some(a),

@@ -62,13 +62,25 @@ pub enum Error {
     /// The source has errors; `render()` shows them against the text.
     Invalid { origin: String, src: String, diags: Diagnostics },
     Io { path: String, message: String },
-    Conflict { name: String, existing: Origin, incoming: Origin },
+    /// (The origins boxed: every `Result` of the registry carries this enum.)
+    Conflict { name: String, existing: Box<Origin>, incoming: Box<Origin> },
     Unknown { name: String, nearest: Vec<String> },
     /// A compiled plugin that cannot be used: not a library, no entry point, wrong ABI,
     /// broken manifest.
     Plugin { path: String, message: String },
     /// A plugin whose specs do not check.
-    PluginSpec { plugin: String, path: String, file: String, entry: Option<String>, src: String, diags: Diagnostics },
+    PluginSpec(Box<SpecError>),
+}
+
+/// Where in a plugin a spec fails to check, and why.
+#[derive(Debug)]
+pub struct SpecError {
+    pub plugin: String,
+    pub path: String,
+    pub file: String,
+    pub entry: Option<String>,
+    pub src: String,
+    pub diags: Diagnostics,
 }
 
 impl Error {
@@ -76,7 +88,7 @@ impl Error {
     pub fn render(&self) -> String {
         match self {
             Error::Invalid { origin, src, diags } => diag::render(diags, origin, src),
-            Error::PluginSpec { file, src, diags, .. } => format!("error: {self}\n{}", diag::render(diags, file, src)),
+            Error::PluginSpec(e) => format!("error: {self}\n{}", diag::render(&e.diags, &e.file, &e.src)),
             other => format!("error: {other}\n"),
         }
     }
@@ -91,7 +103,7 @@ impl fmt::Display for Error {
             Error::Io { path, message } => write!(f, "cannot read {path}: {message}"),
             Error::Conflict { name, existing, incoming } => {
                 write!(f, "`{name}` from {incoming} conflicts with `{name}` already registered from {existing}")?;
-                if matches!(incoming, Origin::Plugin { .. }) {
+                if matches!(**incoming, Origin::Plugin { .. }) {
                     write!(f, "; load the plugin under its namespace to keep both")?;
                 }
                 Ok(())
@@ -104,7 +116,8 @@ impl fmt::Display for Error {
                 Ok(())
             }
             Error::Plugin { path, message } => write!(f, "cannot load plugin {path}: {message}"),
-            Error::PluginSpec { plugin, path, file, entry, src, diags } => {
+            Error::PluginSpec(e) => {
+                let SpecError { plugin, path, file, entry, src, diags } = &**e;
                 let d = &diags.0[0];
                 let (line, col) = diag::line_col(src, d.span.start);
                 let entry = entry.as_ref().map(|e| format!(", entry `{e}`")).unwrap_or_default();
@@ -136,10 +149,10 @@ impl Inner {
             let aliases = e.meta.aliases.iter().map(|a| format!("{prefix}{a}"));
             for n in std::iter::once(name.clone()).chain(aliases) {
                 if let Some(existing) = self.lookup(&n) {
-                    return Err(Error::Conflict { name: n, existing: existing.origin.clone(), incoming: origin.clone() });
+                    return Err(Error::Conflict { name: n, existing: Box::new(existing.origin.clone()), incoming: Box::new(origin.clone()) });
                 }
                 if let Some(existing) = seen.insert(n.clone(), origin.clone()) {
-                    return Err(Error::Conflict { name: n, existing, incoming: origin.clone() });
+                    return Err(Error::Conflict { name: n, existing: Box::new(existing), incoming: Box::new(origin.clone()) });
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! Loading compiled plugins: open the library, call its entry point, validate the descriptor
 //! and the manifest, check every spec. Nothing reaches the registry until all of that passed.
 
-use crate::Error;
+use crate::{Error, SpecError};
 use normforge_dsl::ir::Entry;
 use normforge_plugin::{EntryFn, Manifest, PluginDescriptor, ABI_VERSION, ENTRY_SYMBOL};
 use std::path::Path;
@@ -85,13 +85,15 @@ pub fn load(path: &Path) -> Result<Loaded, Error> {
     }
     let mut entries = Vec::new();
     for s in &manifest.sources {
-        let compiled = normforge_dsl::compile(&s.text).map_err(|diags| Error::PluginSpec {
-            plugin: name.clone(),
-            path: path.display().to_string(),
-            file: s.file.clone(),
-            entry: entry_at(&s.text, diags.0[0].span.start),
-            src: s.text.clone(),
-            diags,
+        let compiled = normforge_dsl::compile(&s.text).map_err(|diags| {
+            Error::PluginSpec(Box::new(SpecError {
+                plugin: name.clone(),
+                path: path.display().to_string(),
+                file: s.file.clone(),
+                entry: entry_at(&s.text, diags.0[0].span.start),
+                src: s.text.clone(),
+                diags,
+            }))
         })?;
         entries.extend(compiled.into_iter().map(|e| (e, s.file.clone())));
     }

@@ -14,7 +14,9 @@ fn main() {
     normforge_std::link();
     let reg = Registry::with_builtins().expect("std");
     let device = cpu_device().expect("lavapipe: apt-get install mesa-vulkan-drivers libvulkan1");
-    let cases: [(&str, Vec<usize>, Vec<(String, f64)>); 5] = [
+    // (layer, input shape, hyper-parameters)
+    type Case<'a> = (&'a str, Vec<usize>, Vec<(String, f64)>);
+    let cases: [Case; 5] = [
         ("layer_norm", vec![64, 4096], vec![]),
         ("rms_norm", vec![64, 4096], vec![]),
         ("dyt", vec![64, 4096], vec![]),

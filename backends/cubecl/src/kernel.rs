@@ -287,6 +287,7 @@ pub fn step_kernel<S: Float>(
 /// Fold each tensor's partials into its results: unit `t` handles tensor `t`, whose cubes are
 /// `ranges[2t] .. ranges[2t] + ranges[2t + 1]`.
 #[cube(launch_unchecked, create_dummy_kernel)]
+#[allow(clippy::needless_range_loop)] // (a comptime list is walked by index in a cube function)
 pub fn combine_kernel(partial: &[f32], ranges: &[u32], red: &mut [f32], #[comptime] accums: Vec<(ROp, usize)>, #[comptime] slots: usize) {
     let t = ABSOLUTE_POS;
     if t * 2 < ranges.len() {

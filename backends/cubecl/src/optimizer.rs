@@ -383,6 +383,7 @@ impl CubeOptimizer {
             for (k, v) in r.clone().zip(split(r, pick(&out, Target::P)?)) {
                 new_params[k] = v;
             }
+            #[allow(clippy::needless_range_loop)] // (`i` also names the state's target)
             for i in 0..n_states {
                 for (k, mut v) in r.clone().zip(split(r, pick(&out, Target::State(i as u32))?)) {
                     // Stored in the state dtype, as the fused kernels store it.

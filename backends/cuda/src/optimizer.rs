@@ -61,6 +61,8 @@ pub struct CudaOptimizer {
     pub prepared_in: Duration,
 }
 
+// (One per optimizer, made once: its size costs nothing.)
+#[allow(clippy::large_enum_variant)]
 enum Path {
     /// Every tensor in one launch per phase.
     Fused { step_prog: Compiled, init_prog: Compiled, steps: Vec<Phase>, inits: Vec<Phase>, bound: Option<Bound> },
