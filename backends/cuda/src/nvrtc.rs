@@ -128,6 +128,28 @@ impl Compiler {
         Ok(done(ptx, Origin::Compiled))
     }
 
+    /// `source` compiled through ptxas for the real architecture of this compiler's virtual one
+    /// (`compute_90` -> `sm_90`), its one kernel's [`Usage`] read from NVRTC's log (nothing is
+    /// cached: this is a check, not a load).
+    pub fn usage(&self, source: &str) -> Result<Usage, Error> {
+        let arch = self.arch.replace("compute_", "sm_");
+        let fail = |log: String| Error::Compile { arch: arch.clone(), log };
+        let src = std::ffi::CString::new(source).map_err(|_| fail("the source holds a NUL byte".into()))?;
+        let prog = nvrtc::result::create_program(&src, None).map_err(|e| fail(format!("{e:?}")))?;
+        let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "--ptxas-options=-v".into()];
+        options.extend(self.include_dirs.iter().map(|d| format!("--include-path={d}")));
+        // SAFETY: `prog` was created above from `src`, which outlives it, and is destroyed once.
+        let (done, log) = unsafe {
+            let done = nvrtc::result::compile_program(prog, &options);
+            let log = nvrtc::result::get_program_log(prog).map(|l| std::ffi::CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned());
+            let _ = nvrtc::result::destroy_program(prog);
+            (done, log)
+        };
+        let log = log.map_err(|e| fail(format!("{e:?}")))?;
+        done.map_err(|_| fail(log.clone()))?;
+        parse_usage(&log).ok_or_else(|| fail(format!("no register count in ptxas' report:\n{log}")))
+    }
+
     fn path(&self, key: u128) -> Option<PathBuf> {
         self.disk.as_ref().map(|d| d.join(format!("{key:032x}.ptx")))
     }
@@ -164,30 +186,6 @@ pub struct Usage {
     pub stack_bytes: u32,
     pub spill_stores: u32,
     pub spill_loads: u32,
-}
-
-impl Compiler {
-    /// `source` compiled through ptxas for the real architecture of this compiler's virtual one
-    /// (`compute_90` -> `sm_90`), its one kernel's [`Usage`] read from NVRTC's log (nothing is
-    /// cached: this is a check, not a load).
-    pub fn usage(&self, source: &str) -> Result<Usage, Error> {
-        let arch = self.arch.replace("compute_", "sm_");
-        let fail = |log: String| Error::Compile { arch: arch.clone(), log };
-        let src = std::ffi::CString::new(source).map_err(|_| fail("the source holds a NUL byte".into()))?;
-        let prog = nvrtc::result::create_program(&src, None).map_err(|e| fail(format!("{e:?}")))?;
-        let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "--ptxas-options=-v".into()];
-        options.extend(self.include_dirs.iter().map(|d| format!("--include-path={d}")));
-        // SAFETY: `prog` was created above from `src`, which outlives it, and is destroyed once.
-        let (done, log) = unsafe {
-            let done = nvrtc::result::compile_program(prog, &options);
-            let log = nvrtc::result::get_program_log(prog).map(|l| std::ffi::CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned());
-            let _ = nvrtc::result::destroy_program(prog);
-            (done, log)
-        };
-        let log = log.map_err(|e| fail(format!("{e:?}")))?;
-        done.map_err(|_| fail(log.clone()))?;
-        parse_usage(&log).ok_or_else(|| fail(format!("no register count in ptxas' report:\n{log}")))
-    }
 }
 
 /// The figures of ptxas' `-v` report for the (one) function it compiled.

@@ -103,19 +103,29 @@ fn a_bad_kernel_is_an_error_with_nvrtcs_log() {
     assert!(matches!(err, Error::Compile { .. }) && text.contains("compute_90") && text.contains("undefined_name"), "{text}");
 }
 
+/// Each branch of a PTX listing (its lines trimmed): its line, its target label's line, and
+/// whether it is conditional.
+fn branches(lines: &[&str]) -> Vec<(usize, usize, bool)> {
+    let label_at = |name: &str| lines.iter().position(|l| l.strip_suffix(':') == Some(name));
+    let mut out = Vec::new();
+    for (k, l) in lines.iter().enumerate() {
+        let conditional = l.starts_with('@');
+        if let Some(target) = l.strip_prefix('@').and_then(|r| r.split_once(" bra")).map(|(_, t)| t).or_else(|| l.strip_prefix("bra")) {
+            if let Some(at) = label_at(target.trim_start_matches(".uni").trim().trim_end_matches(';')) {
+                out.push((k, at, conditional));
+            }
+        }
+    }
+    out
+}
+
 /// The integer divisions of a PTX listing that lie inside a loop (between a label and a branch
 /// back to it).
 fn divisions_in_loops(ptx: &str) -> Vec<String> {
     let lines: Vec<&str> = ptx.lines().map(str::trim).collect();
-    let label_at = |name: &str| lines.iter().position(|l| l.strip_suffix(':') == Some(name));
     let mut inside = vec![false; lines.len()];
-    for (k, l) in lines.iter().enumerate() {
-        if let Some(target) = l.strip_prefix("@").and_then(|r| r.split_once(" bra")).map(|(_, t)| t).or_else(|| l.strip_prefix("bra")) {
-            let target = target.trim_start_matches(".uni").trim().trim_end_matches(';');
-            if let Some(start) = label_at(target).filter(|&s| s < k) {
-                inside[start..=k].iter_mut().for_each(|x| *x = true);
-            }
-        }
+    for (k, start, _) in branches(&lines).into_iter().filter(|&(k, at, _)| at < k) {
+        inside[start..=k].iter_mut().for_each(|x| *x = true);
     }
     lines.iter().zip(inside).filter(|(l, i)| *i && (l.starts_with("div.u") || l.starts_with("rem.u") || l.starts_with("div.s") || l.starts_with("rem.s"))).map(|(l, _)| l.to_string()).collect()
 }
@@ -243,12 +253,8 @@ fn a_division_in_a_loop_is_found() {
 fn skippable(ptx: &str, is: impl Fn(&str) -> bool) -> Vec<String> {
     let lines: Vec<&str> = ptx.lines().map(str::trim).collect();
     let mut skipped = vec![false; lines.len()];
-    for (k, l) in lines.iter().enumerate() {
-        let Some((_, target)) = l.strip_prefix('@').and_then(|r| r.split_once(" bra")) else { continue };
-        let target = target.trim_start_matches(".uni").trim().trim_end_matches(';');
-        if let Some(end) = lines.iter().position(|l| l.strip_suffix(':') == Some(target)).filter(|&e| e > k) {
-            skipped[k..end].iter_mut().for_each(|x| *x = true);
-        }
+    for (k, end, _) in branches(&lines).into_iter().filter(|&(k, at, conditional)| conditional && at > k) {
+        skipped[k..end].iter_mut().for_each(|x| *x = true);
     }
     lines.iter().zip(skipped).filter(|(l, s)| *s && is(l)).map(|(l, _)| l.to_string()).collect()
 }
