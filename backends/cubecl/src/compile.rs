@@ -4,7 +4,7 @@
 //! rest into phases (a phase computes what the next one's reductions need); each phase is one
 //! kernel over every element of every tensor.
 
-use crate::kernel::{BOp, KOp, KProgram, Pure, ROp, UOp};
+use crate::kernel::{BOp, KOp, KProgram, Pure, ROp, UOp, BLOCKS_PER_CUBE};
 use crate::Error;
 use normforge_dsl::{bind, uniform};
 use normforge_dsl::ir::{Binary, Entry, Op, Program, ReduceOp, Target, Unary};
@@ -214,7 +214,8 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
                 });
             }
         }
-        phases.push(KProgram { ops, accums, slots });
+        let blocks_per_cube = if accums.is_empty() { BLOCKS_PER_CUBE } else { 1 };
+        phases.push(KProgram { ops, accums, slots, blocks_per_cube });
     }
     Ok(Compiled { phases, program: p.clone(), uniforms, host })
 }

@@ -117,12 +117,40 @@ pub struct KProgram {
     pub accums: Vec<(ROp, usize)>,
     /// Result slots of the whole rule (the row length of `partial` and `red`).
     pub slots: usize,
+    /// Blocks of the padded layout each cube updates, one after another: 1 where the phase
+    /// reduces (a partial per block), else [`BLOCKS_PER_CUBE`], so each unit has that many
+    /// elements' loads in flight at once.
+    pub blocks_per_cube: usize,
 }
 
+/// Blocks per cube of a step phase that reduces nothing.
+pub const BLOCKS_PER_CUBE: usize = 4;
+
 impl KProgram {
-    /// A program with no reductions.
+    /// A program with no reductions, a block per cube (the unfused baseline's kernels).
     pub fn elementwise(ops: Vec<KOp>) -> Self {
-        KProgram { ops, accums: Vec::new(), slots: 0 }
+        KProgram { ops, accums: Vec::new(), slots: 0, blocks_per_cube: 1 }
+    }
+
+    /// Cubes to launch over `blocks` blocks of the padded layout.
+    pub fn cubes(&self, blocks: usize) -> usize {
+        blocks.div_ceil(self.blocks_per_cube.max(1))
+    }
+
+    /// Where load `k` of `ops` keeps its value among one element's loads.
+    pub fn load_slot(&self, k: usize) -> usize {
+        self.ops[..k].iter().filter(|op| op.is_load()).count()
+    }
+
+    pub fn loads(&self) -> usize {
+        self.load_slot(self.ops.len())
+    }
+}
+
+impl KOp {
+    /// Whether it reads an element of `p`, `g` or a state (what a unit loads before it computes).
+    pub fn is_load(&self) -> bool {
+        matches!(self, KOp::LoadP | KOp::LoadG | KOp::LoadState(_))
     }
 }
 
@@ -153,12 +181,14 @@ pub const MAX_UNITS: usize = 1024;
 /// Units per cube of `combine_kernel` (one per tensor).
 pub const COMBINE_BLOCK: u32 = 64;
 
-/// The padded layout of tensors of `sizes` elements, back to back, each padded to whole cubes:
-/// per cube its tensor, first element and length (`blocks`), per tensor its first cube and cube
-/// count (`ranges`), and the cube count. Neither table is empty (not every runtime allows an
-/// empty binding).
+/// The padded layout of tensors of `sizes` elements, back to back, each padded to whole blocks
+/// of `BLOCK`: per block its tensor, first element and length (`blocks`), per tensor its first
+/// block and block count (`ranges`), and the block count — a multiple of [`BLOCKS_PER_CUBE`],
+/// the last tensor padded with whole blocks to it, so a step kernel's cube never meets a block
+/// past the end (and needs no branch around its loads). Neither table is empty (not every
+/// runtime allows an empty binding).
 pub fn padded_layout(sizes: &[usize]) -> (Vec<u32>, Vec<u32>, usize) {
-    let cubes: usize = sizes.iter().map(|n| n.div_ceil(BLOCK)).sum();
+    let cubes: usize = sizes.iter().map(|n| n.div_ceil(BLOCK)).sum::<usize>().next_multiple_of(BLOCKS_PER_CUBE);
     let (mut blocks, mut ranges) = (Vec::with_capacity(3 * cubes + 3), Vec::with_capacity(2 * sizes.len() + 2));
     let mut first = 0usize;
     for (t, &n) in sizes.iter().enumerate() {
@@ -168,6 +198,12 @@ pub fn padded_layout(sizes: &[usize]) -> (Vec<u32>, Vec<u32>, usize) {
         }
         ranges.extend([first as u32, count as u32]);
         first += count;
+    }
+    // Padding blocks: more of the last tensor's padding (its elements past its length).
+    while first < cubes {
+        let last = blocks[blocks.len() - 3..].to_vec();
+        blocks.extend(last);
+        first += 1;
     }
     blocks.extend([0, 0, 0]);
     ranges.extend([0, 0]);
@@ -203,10 +239,12 @@ impl StepSizes {
     }
 }
 
-/// Update element `CUBE_POS * BLOCK + UNIT_POS` of the flat parameter buffer `p` (all tensors
-/// of one launch back to back, each padded to whole cubes) and of each state (`s` holds state
-/// k at `k * len(p) + i`, stored as `S`, computed in f32). Launched with exactly one cube of `BLOCK` units per block of
-/// `blocks`, so every index is in bounds and no cube diverges around a barrier.
+/// Update element `u` of each of the cube's `blocks_per_cube` blocks (`BLOCK` elements each) of
+/// the flat parameter buffer `p` (all tensors of one launch back to back, each padded to whole
+/// blocks) and of each state (`s` holds state k at `k * len(p) + i`, stored as `S`, computed in
+/// f32). Launched with `prog.cubes(blocks)` cubes of `BLOCK` units over a `padded_layout`, so
+/// every index is in bounds and no cube diverges around a barrier (a phase that reduces takes
+/// one block per cube).
 #[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn step_kernel<S: Float>(
@@ -221,42 +259,67 @@ pub fn step_kernel<S: Float>(
     #[comptime] round_bf16: bool,
 ) {
     let n = p.len();
-    let b = CUBE_POS;
     let u = UNIT_POS as usize;
-    let i = b * BLOCK + u;
+    let per = comptime! { prog.blocks_per_cube.max(1) };
+    let nl = comptime! { prog.loads() };
     let n_acc = comptime! { prog.accums.len() };
     let slots = comptime! { prog.slots };
     let mut sh = Shared::<[f32]>::new_slice(comptime! { n_acc.max(1) * BLOCK });
-    let mut r = Sequence::<f32>::new();
+    // Every block's loads first, then its work, under no branch (the layout has whole cubes of
+    // blocks): a unit's loads are in flight together.
+    let mut ld = Array::<f32>::new(comptime! { (per * nl).max(1) });
     #[unroll]
-    for k in 0..prog.ops.len() {
-        let op = comptime! { prog.ops[k].clone() };
-        match op {
-            KOp::LoadP => r.push(p[i]),
-            KOp::LoadG => r.push(g[i]),
-            KOp::LoadState(j) => r.push(f32::cast_from(s[j * n + i])),
-            KOp::Pure(op) => {
-                let v = pure(op, &r, scalars);
-                r.push(v);
-            }
-            KOp::TensorLen => r.push(f32::cast_from(blocks[3 * b + 2])),
-            KOp::LoadR(j) => r.push(red[blocks[3 * b] as usize * slots + j]),
-            KOp::Accum(k, a) => {
-                let (op, _) = comptime! { prog.accums[k] };
-                let valid = i - (blocks[3 * b + 1] as usize) < blocks[3 * b + 2] as usize;
-                sh[k * BLOCK + u] = select(valid, r[a], identity(op));
-                r.push(r[a]);
-            }
-            KOp::StoreP(a) => {
-                p[i] = r[a];
-                r.push(r[a]);
-            }
-            KOp::StoreState(j, a) => {
-                s[j * n + i] = S::cast_from(stored(r[a], round_bf16));
-                r.push(r[a]);
+    for m in 0..per {
+        let i = (CUBE_POS * per + m) * BLOCK + u;
+        #[unroll]
+        for k in 0..prog.ops.len() {
+            let op = comptime! { prog.ops[k].clone() };
+            let at = comptime! { m * nl + prog.load_slot(k) };
+            match op {
+                KOp::LoadP => ld[at] = p[i],
+                KOp::LoadG => ld[at] = g[i],
+                KOp::LoadState(j) => ld[at] = f32::cast_from(s[j * n + i]),
+                _ => {}
             }
         }
     }
+    #[unroll]
+    for m in 0..per {
+        let b = CUBE_POS * per + m;
+        let i = b * BLOCK + u;
+        let mut r = Sequence::<f32>::new();
+        #[unroll]
+        for k in 0..prog.ops.len() {
+            let op = comptime! { prog.ops[k].clone() };
+            let at = comptime! { m * nl + prog.load_slot(k) };
+            match op {
+                KOp::LoadP => r.push(ld[at]),
+                KOp::LoadG => r.push(ld[at]),
+                KOp::LoadState(_) => r.push(ld[at]),
+                KOp::Pure(op) => {
+                    let v = pure(op, &r, scalars);
+                    r.push(v);
+                }
+                KOp::TensorLen => r.push(f32::cast_from(blocks[3 * b + 2])),
+                KOp::LoadR(j) => r.push(red[blocks[3 * b] as usize * slots + j]),
+                KOp::Accum(k, a) => {
+                    let (op, _) = comptime! { prog.accums[k] };
+                    let valid = i - (blocks[3 * b + 1] as usize) < blocks[3 * b + 2] as usize;
+                    sh[k * BLOCK + u] = select(valid, r[a], identity(op));
+                    r.push(r[a]);
+                }
+                KOp::StoreP(a) => {
+                    p[i] = r[a];
+                    r.push(r[a]);
+                }
+                KOp::StoreState(j, a) => {
+                    s[j * n + i] = S::cast_from(stored(r[a], round_bf16));
+                    r.push(r[a]);
+                }
+            }
+        }
+    }
+    let b = CUBE_POS;
     if comptime! { n_acc > 0 } {
         sync_cube();
         // Tree reduction of every accumulator at once; the counter starts from `CUBE_DIM`, not

@@ -37,6 +37,11 @@ fn rules_match_the_reference_over_fifty_tensors() {
     // Odd sizes, and sizes around and well past one cube (256), so reductions span cubes.
     let mut sizes: Vec<usize> = (0..45).map(|i| 1 + (i * 37) % 97 + if i % 7 == 0 { 300 } else { 0 }).collect();
     sizes.extend([255, 256, 257, 1000, 4097]);
+    // Blocks that do not fill whole cubes of elementwise phases (four blocks each): the layout
+    // pads the last tensor with whole blocks.
+    let blocks: usize = sizes.iter().map(|n| n.div_ceil(normforge_cubecl::kernel::BLOCK)).sum();
+    assert_ne!(blocks % normforge_cubecl::kernel::BLOCKS_PER_CUBE, 0);
+    assert_eq!(normforge_cubecl::kernel::padded_layout(&sizes).2, blocks.next_multiple_of(normforge_cubecl::kernel::BLOCKS_PER_CUBE));
     // Even sizes as matrices (LARS adapts only tensors of rank 2 and more).
     let shapes: Vec<Vec<usize>> = sizes.iter().map(|&n| if n % 2 == 0 { vec![2, n / 2] } else { vec![n] }).collect();
     for &(name, lr) in ELEMENTWISE {

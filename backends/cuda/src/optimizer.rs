@@ -268,8 +268,9 @@ impl CudaOptimizer {
             let bufs = [ptr(&arena.p), ptr(&arena.g), ptr(&b.state), scalars, ptr(&arena.blocks), ptr(&b.partial), red];
             // SAFETY: every buffer lives on this device until the stream has run the launch
             // (torch's caching allocator reuses freed memory only in stream order); the info
-            // gives each buffer's true length; one cube per entry of `blocks`.
-            unsafe { self.gpu.launch(&ph.step, (arena.cubes as u32, 1, 1), BLOCK as u32, &bufs, ptr(info), stream)? };
+            // gives each buffer's true length; a cube per `blocks_per_cube` entries of `blocks`
+            // (whose count it divides: `padded_layout`).
+            unsafe { self.gpu.launch(&ph.step, (ph.program.cubes(arena.cubes) as u32, 1, 1), BLOCK as u32, &bufs, ptr(info), stream)? };
             if let (Some(k), Some(ci)) = (&ph.combine, cinfo) {
                 let tensors = arena.sizes.len();
                 let bufs = [ptr(&b.partial), ptr(&arena.ranges), red];

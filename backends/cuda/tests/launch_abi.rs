@@ -146,7 +146,9 @@ fn the_arena_makes_parameters_views_and_gradients_accumulate_in_place() {
     ];
     let mut arena = Arena::adopt(&mut vars).unwrap();
     assert_eq!(arena.sizes, vec![3, 300]);
-    assert_eq!(arena.cubes, 1 + 2);
+    // One block and two, and one of padding: whole cubes of four blocks for the step kernels.
+    assert_eq!(arena.cubes, 1 + 2 + 1);
+    assert_eq!(arena.p.numel(), 4 * 256);
     // Each tensor's own elements, as the per-tensor path reads them: views of the flat buffers.
     assert_eq!(Vec::<f32>::try_from(arena.tensor(&arena.p, 1)).unwrap(), (0..300).map(|i| i as f32).collect::<Vec<_>>());
     assert_eq!(arena.tensor(&arena.g, 0).data_ptr(), arena.g.data_ptr());

@@ -300,3 +300,44 @@ fn a_skippable_load_is_found() {
     let ptx = "ld.global.nc.u16 %rs1, [%rd1];\n@%p1 bra $L__BB0_2;\nld.global.nc.u16 %rs2, [%rd2];\nst.global.u16 [%rd3], %rs2;\n$L__BB0_2:\nret;\n";
     assert_eq!(skippable(ptx, |l| l.starts_with("ld.global")), vec!["ld.global.nc.u16 %rs2, [%rd2];"]);
 }
+
+/// A fused step phase that reduces nothing updates several blocks per cube, every block's
+/// loads made before any work, under no branch (only the stores of a block past the end are
+/// skipped): each unit has 4 x (p, g, states) in flight, held in registers (ptxas spills
+/// nothing). Every std rule fused this way, f32 and bf16 states.
+#[test]
+fn step_kernels_load_under_no_branch() {
+    let Some(nvrtc) = compiler(None) else { return };
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let mut checked = 0;
+    for r in reg.list(None) {
+        let normforge_dsl::ir::Programs::Optimizer { step } = &r.entry.programs else { continue };
+        let Ok(prog) = normforge_cubecl::compile(&r.entry, step) else { continue };
+        for dtype in [Dtype::F32, Dtype::BF16] {
+            let units = normforge_cubecl::emit::program_units(&prog, dtype, Lang::Cuda).unwrap();
+            // (A reducing phase's unit is followed by its combine's.)
+            let mut units = units.into_iter();
+            for phase in &prog.phases {
+                let unit = units.next().unwrap();
+                if !phase.accums.is_empty() {
+                    units.next();
+                    assert_eq!(phase.blocks_per_cube, 1, "{}: a reducing phase takes a block per cube", r.name);
+                    continue;
+                }
+                assert_eq!(phase.blocks_per_cube, normforge_cubecl::kernel::BLOCKS_PER_CUBE);
+                let ptx = nvrtc.compile(&unit.source).unwrap().ptx;
+                let loads = ptx.lines().filter(|l| l.trim_start().starts_with("ld.global")).count();
+                assert!(loads >= 2 * phase.blocks_per_cube, "{} {dtype:?}: {loads} loads", r.name);
+                let found = skippable(&ptx, |l| l.starts_with("ld.global"));
+                assert!(found.is_empty(), "{} {dtype:?}: loads under a branch: {found:?}", r.name);
+                // The loaded values wait in registers, not in local memory.
+                let u = nvrtc.usage(&unit.source).unwrap();
+                assert_eq!((u.spill_stores, u.stack_bytes), (0, 0), "{} {dtype:?}: {u:?}", r.name);
+                eprintln!("{} {dtype:?}: {} registers", r.name, u.registers);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 2 * 10, "{checked} step phases");
+}
