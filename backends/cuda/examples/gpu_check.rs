@@ -152,8 +152,17 @@ fn main() {
             let first = start.elapsed().as_secs_f64();
             let ms = time_ms(&gpu, 50, || opt.step(&arena).expect("step"));
             let gbps = bytes * n as f64 / ms / 1e6;
+            // The fused rules again with one block per cube (one element per unit).
+            let ms_one = match opt.fused() {
+                true => {
+                    let mut one = CudaOptimizer::new(gpu.clone(), r.entry.clone(), &[], Dtype::F32).and_then(|o| o.with_blocks_per_cube(1)).map_err(|e| e.to_string())?;
+                    one.step(&arena).map_err(|e| e.to_string())?;
+                    format!("{:.4}", time_ms(&gpu, 50, || one.step(&arena).expect("step")))
+                }
+                false => "null".to_string(),
+            };
             Ok(format!(
-                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{},"fused":{}}}"#,
+                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{},"fused":{},"ms_one_block_per_cube":{ms_one}}}"#,
                 vars.len(),
                 gbps / copy_gbps,
                 opt.launches_per_step(),

@@ -12,7 +12,7 @@ use crate::driver::{self, Gpu, Kernel};
 use crate::plans::{kind_of, pick, PlanKernels};
 use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
-use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
+use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, BLOCKS_PER_CUBE, COMBINE_BLOCK};
 use normforge_cubecl::{compile, stacks, Compiled, Dtype, Source, Stacked};
 use normforge_dsl::bind;
 use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target};
@@ -97,6 +97,23 @@ impl CudaOptimizer {
             }
         };
         Ok(CudaOptimizer { gpu, entry, hparams, path, state_dtype, step: 0, prepared_in: start.elapsed() })
+    }
+
+    /// The same rule with the step phases that reduce nothing updating `blocks` blocks of the
+    /// layout per cube (1, 2 or 4; default [`BLOCKS_PER_CUBE`]) — tuning, never meaning: the
+    /// GPU check compares them. Before the first step.
+    pub fn with_blocks_per_cube(mut self, blocks: usize) -> Result<Self, Error> {
+        if blocks == 0 || !BLOCKS_PER_CUBE.is_multiple_of(blocks) {
+            return Err(Error::Rule(format!("blocks per cube must divide {BLOCKS_PER_CUBE}, not {blocks}")));
+        }
+        if let Path::Fused { step_prog, init_prog, steps, inits, bound: None } = &mut self.path {
+            for prog in [&mut *step_prog, &mut *init_prog] {
+                prog.phases.iter_mut().filter(|p| p.accums.is_empty()).for_each(|p| p.blocks_per_cube = blocks);
+            }
+            *steps = phases(&self.gpu, step_prog, self.state_dtype)?;
+            *inits = phases(&self.gpu, init_prog, self.state_dtype)?;
+        }
+        Ok(self)
     }
 
     /// Whether every tensor goes through the same launches (false for rules that run through
