@@ -219,6 +219,7 @@ pub struct StepSizes {
     /// State slots (`s` holds slot k at `k * n`).
     pub slots: usize,
     pub scalars: usize,
+    /// Blocks of the padded layout (a cube each only in a phase that reduces).
     pub cubes: usize,
     pub tensors: usize,
     /// Result slots per tensor (the row length of `partial` and `red`).

@@ -1,9 +1,10 @@
 //! Parameters and gradients in two flat buffers, so one launch can update every tensor with no
 //! copy: each parameter's storage becomes a view into the flat parameter buffer, and its
 //! gradient tensor a view into the flat gradient buffer, into which backpropagation then
-//! accumulates in place. Tensors are padded to whole cubes (a cube never straddles two), the
-//! layout the CubeCL step kernels index (`blocks`: per cube its tensor, first element and
-//! length; `ranges`: per tensor its first cube and cube count).
+//! accumulates in place. Tensors are padded to whole blocks of `BLOCK` (a block never straddles
+//! two; the last padded to whole cubes of blocks), the layout the CubeCL step kernels index
+//! (`blocks`: per block its tensor, first element and length; `ranges`: per tensor its first
+//! block and block count).
 
 use normforge_tch::shim;
 use tch::{Device, Kind, Tensor};
@@ -21,6 +22,8 @@ pub struct Arena {
     pub ranges: Tensor,
     pub sizes: Vec<usize>,
     pub shapes: Vec<Vec<usize>>,
+    /// Blocks of `BLOCK` elements (the name is older than `BLOCKS_PER_CUBE`): a cube each in a
+    /// step phase that reduces, four to a cube in one that does not (`KProgram::cubes`).
     pub cubes: usize,
     pub device: Device,
 }
