@@ -77,13 +77,16 @@ fn main() {
     let matrices: Vec<Vec<usize>> = vec![vec![9, 4], vec![4, 9], vec![7, 7], vec![33, 70], vec![64, 300]];
     for r in &rules {
         let shapes = if r.entry.axes.iter().any(|a| a.twin.is_some()) { &matrices } else { &vectors };
-        match guarded(|| check::against_reference(&gpu, &r.entry, shapes, 10)) {
-            Ok(err) if err < 1e-5 => emit(format!(r#"{{"check":"{}","rel_err":{err:e},"ok":true}}"#, r.name)),
-            Ok(err) => {
-                failed += 1;
-                emit(format!(r#"{{"check":"{}","rel_err":{err:e},"ok":false}}"#, r.name))
+        // Fused phases that reduce nothing at four blocks per cube (the default) and at one.
+        for blocks in [normforge_cubecl::kernel::BLOCKS_PER_CUBE, 1] {
+            match guarded(|| check::against_reference(&gpu, &r.entry, shapes, 10, blocks)) {
+                Ok(err) if err < 1e-5 => emit(format!(r#"{{"check":"{}","blocks_per_cube":{blocks},"rel_err":{err:e},"ok":true}}"#, r.name)),
+                Ok(err) => {
+                    failed += 1;
+                    emit(format!(r#"{{"check":"{}","blocks_per_cube":{blocks},"rel_err":{err:e},"ok":false}}"#, r.name))
+                }
+                Err(e) => emit(format!(r#"{{"check":"{}","blocks_per_cube":{blocks},"skipped":{:?}}}"#, r.name, e)),
             }
-            Err(e) => emit(format!(r#"{{"check":"{}","skipped":{:?}}}"#, r.name, e)),
         }
         // And against libtorch's own optimizer (C++ torch::optim) on the same GPU, where it has one.
         match guarded(|| check::against_builtin(&gpu, &r.entry, shapes, 10).transpose()) {

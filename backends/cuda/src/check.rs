@@ -23,11 +23,12 @@ fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale
 }
 
-/// Run `steps` steps of `entry` on parameters of `shapes` with random gradients, on the GPU and
-/// in the reference backend; the largest relative error over the tensors (max |diff| / max
+/// Run `steps` steps of `entry` on parameters of `shapes` with random gradients, on the GPU
+/// (fused phases that reduce nothing taking `blocks_per_cube` blocks per cube) and in the
+/// reference backend; the largest relative error over the tensors (max |diff| / max
 /// |reference|). `Err` for a rule the CUDA path refuses or a failed launch.
-pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize) -> Result<f64, String> {
-    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Dtype::F32).map_err(|e| e.to_string())?;
+pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize, blocks_per_cube: usize) -> Result<f64, String> {
+    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Dtype::F32).and_then(|o| o.with_blocks_per_cube(blocks_per_cube)).map_err(|e| e.to_string())?;
     let mut oracle = normforge_reference::Optimizer::new(entry.clone(), &[]).map_err(|e| e.0)?;
     let dev = Device::Cuda(gpu.ordinal());
     tch::manual_seed(7);

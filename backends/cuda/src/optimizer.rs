@@ -106,7 +106,10 @@ impl CudaOptimizer {
         if blocks == 0 || !BLOCKS_PER_CUBE.is_multiple_of(blocks) {
             return Err(Error::Rule(format!("blocks per cube must divide {BLOCKS_PER_CUBE}, not {blocks}")));
         }
-        if let Path::Fused { step_prog, init_prog, steps, inits, bound: None } = &mut self.path {
+        if let Path::Fused { step_prog, init_prog, steps, inits, bound } = &mut self.path {
+            if bound.is_some() {
+                return Err(Error::Rule("blocks per cube are chosen before the first step".into()));
+            }
             for prog in [&mut *step_prog, &mut *init_prog] {
                 prog.phases.iter_mut().filter(|p| p.accums.is_empty()).for_each(|p| p.blocks_per_cube = blocks);
             }

@@ -205,9 +205,12 @@ fn rules_on_cuda_tensors_follow_the_reference_backend() {
         }
         // Every rule: fused, or through layer kernels (AdamP, SGDP, Muon); Muon takes matrices.
         let shapes = if r.entry.axes.iter().any(|a| a.twin.is_some()) { &matrices } else { &vectors };
-        let err = normforge_cuda::check::against_reference(&gpu, &r.entry, shapes, 10).unwrap_or_else(|e| panic!("{}: {e}", r.name));
-        assert!(err < 1e-5, "{}: relative error {err:e} after 10 steps", r.name);
-        eprintln!("{}: 10 steps match the reference on {} ({}), relative error {err:.1e}", r.name, gpu.name(), gpu.arch());
+        // Four blocks per cube where a phase reduces nothing (the default), and one.
+        for blocks in [normforge_cubecl::kernel::BLOCKS_PER_CUBE, 1] {
+            let err = normforge_cuda::check::against_reference(&gpu, &r.entry, shapes, 10, blocks).unwrap_or_else(|e| panic!("{}: {e}", r.name));
+            assert!(err < 1e-5, "{} ({blocks} blocks per cube): relative error {err:e} after 10 steps", r.name);
+            eprintln!("{} ({blocks} blocks per cube): 10 steps match the reference on {} ({}), relative error {err:.1e}", r.name, gpu.name(), gpu.arch());
+        }
     }
 }
 
