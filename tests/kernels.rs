@@ -74,16 +74,20 @@ fn half_precision_kernels() {
     }
 }
 
+/// The first kernel of std layer `name`'s forward in training, as planned (not yet launched).
+fn first_forward_kernel(name: &str) -> normforge::cubecl::kernel::LProgram {
+    let reg = normforge::builtin_registry().unwrap();
+    let e = reg.get(name).unwrap().entry;
+    let normforge::dsl::ir::Programs::Layer { train, .. } = &e.programs else { unreachable!() };
+    normforge::cubecl::plan(&e, train).unwrap().kernels.swap_remove(0)
+}
+
 #[test]
 fn a_row_kept_in_registers() {
     // A layer norm's forward on rows of 1024: four positions per unit, unrolled, x read from
     // memory in the first phase (the mean) and from registers in the variance and output phases.
-    let reg = normforge::builtin_registry().unwrap();
-    let e = reg.get("layer_norm").unwrap().entry;
-    let normforge::dsl::ir::Programs::Layer { train, .. } = &e.programs else { unreachable!() };
-    let plan = normforge::cubecl::plan(&e, train).unwrap();
     let launch = normforge::cubecl::Launch::default();
-    let k = normforge::cubecl::keeping(normforge::cubecl::launched(&plan.kernels[0], 1024, 1, &launch), &|_| 1024, &launch);
+    let k = normforge::cubecl::keeping(normforge::cubecl::launched(&first_forward_kernel("layer_norm"), 1024, 1, &launch), &|_| 1024, &launch);
     assert_eq!((k.kept.len(), k.unroll, k.phases.len()), (1, 4, 3));
     let src = normforge::cubecl::emit::layer_unit(&k, Dtype::F32, Lang::Cuda).unwrap().source;
     // The input is the kernel's first parameter: read at four places, not twelve.
@@ -136,11 +140,7 @@ fn redaction_only_touches_the_hash() {
 fn an_elementwise_kernel_takes_several_values_per_unit() {
     // DyT's forward as launched: each unit takes four elements a cube apart, every load of x
     // made (a unit past the end reads element 0), each store guarded.
-    let reg = normforge::builtin_registry().unwrap();
-    let e = reg.get("dyt").unwrap().entry;
-    let normforge::dsl::ir::Programs::Layer { train, .. } = &e.programs else { unreachable!() };
-    let plan = normforge::cubecl::plan(&e, train).unwrap();
-    let k = normforge::cubecl::launched(&plan.kernels[0], 1, 4096, &normforge::cubecl::Launch::default());
+    let k = normforge::cubecl::launched(&first_forward_kernel("dyt"), 1, 4096, &normforge::cubecl::Launch::default());
     assert_eq!((k.cooperative, k.values_per_unit), (false, 4));
     let src = normforge::cubecl::emit::layer_unit(&k, Dtype::BF16, Lang::Cuda).unwrap().source;
     insta::assert_snapshot!("kernel__dyt__forward_four_values_per_unit.cuda", redact(&src));

@@ -223,8 +223,9 @@ impl CubeOptimizer {
         let sizes = StepSizes { n: flat.len(), slots, scalars: n_scalars, cubes: flat.cubes, tensors, results: kernel.slots };
         let [np, ng, ns, nsc, nbl, npa, nre] = sizes.step();
         // SAFETY: the grid has a cube of BLOCK units per `blocks_per_cube` entries of `blocks`
-        // (whose count it divides), so every element index is below `n`; states are addressed as `j * n + i` with `j < slots`, partials and
-        // results by cube and tensor index times `r`; the lengths passed are the buffers'.
+        // (whose count it divides), so every element index is below `n`; states are addressed
+        // as `j * n + i` with `j < slots`, partials and results by cube and tensor index times
+        // `r`; the lengths passed are the buffers'.
         unsafe {
             let (cc, cd) = (CubeCount::Static(kernel.cubes(flat.cubes) as u32, 1, 1), CubeDim::new_1d(BLOCK as u32));
             let (p, g, s, sc, bl, pa, re) = (

@@ -580,8 +580,7 @@ pub struct Launch {
     /// A cube's loads read again by later phases stay in registers where each value folds at
     /// least this many elements (0: never), see [`keeping`]. Each length of row (in a cube of
     /// `BLOCK` units rounded up to a power of two positions per unit) is then a kernel of its
-    /// own, unrolled; shorter rows
-    /// are re-read from a GPU's L1 cache anyway.
+    /// own, unrolled; shorter rows are re-read from a GPU's L1 cache anyway.
     pub keep_from: usize,
     /// The largest cube (in units, `BLOCK` to `MAX_UNITS`) a kernel may take to keep a row
     /// too long for `BLOCK` units' registers; longer rows are read again.
@@ -618,6 +617,9 @@ pub fn keeping(k: LProgram, positions: &dyn Fn(usize) -> usize, launch: &Launch)
     let walking = |d: usize| k.phases.iter().filter(move |p| p.domain == d && p.strided());
     let Some(domain) = k.phases.iter().map(|p| p.domain).filter(|&d| d != k.target).max_by_key(|&d| walking(d).count()) else { return k };
     let n = positions(domain);
+    if n < launch.keep_from {
+        return k;
+    }
     // A row kernel folding column sums walks as many positions as its partials cover, with
     // `BLOCK` units; another takes the smallest cube whose units each walk at most
     // `MAX_UNROLL` positions (an EvoNorm's group of 8 channels of 56x56: 1024 units), a power
@@ -634,7 +636,7 @@ pub fn keeping(k: LProgram, positions: &dyn Fn(usize) -> usize, launch: &Launch)
         },
         _ => (k.units, k.unroll),
     };
-    if n < launch.keep_from || n > unroll * (units / k.values_per_cube) {
+    if n > unroll * (units / k.values_per_cube) {
         return k;
     }
     let walking: Vec<&LPhase> = walking(domain).collect();
@@ -659,10 +661,13 @@ pub fn keeping(k: LProgram, positions: &dyn Fn(usize) -> usize, launch: &Launch)
 
 /// Registers per unit a cube of `units` may give its kept loads and column partials: at most
 /// [`MAX_KEPT`], and in a cube too large for that, what the register file leaves each unit
-/// (65536 per cube on NVIDIA GPUs since Kepler) less [`RESERVED`] for the kernel's own work.
+/// less [`RESERVED`] for the kernel's own work.
 fn kept_room(units: usize) -> usize {
-    MAX_KEPT.min((65_536 / units).saturating_sub(RESERVED))
+    MAX_KEPT.min((REGISTERS_PER_CUBE / units).saturating_sub(RESERVED))
 }
+
+/// The registers a cube's units share (on NVIDIA GPUs since Kepler, Hopper included).
+pub const REGISTERS_PER_CUBE: usize = 65_536;
 
 /// Registers per unit a keeping kernel leaves to everything but its kept loads (indices,
 /// addresses, reductions); the CUDA tests check what ptxas makes of it.

@@ -230,7 +230,7 @@ fn launched_layer_kernels_fit_the_register_file() {
                     let what = format!("{name} {shape:?} {pass} {dtype:?}: {} units, {} kept x {}", k.units, k.kept.len(), k.unroll);
                     eprintln!("{what}: {u:?}");
                     assert_eq!((u.spill_stores, u.spill_loads, u.stack_bytes), (0, 0, 0), "{what}: spills");
-                    assert!(u.registers as usize * k.units <= 65_536, "{what}: {} registers", u.registers);
+                    assert!(u.registers as usize * k.units <= normforge_cubecl::REGISTERS_PER_CUBE, "{what}: {} registers", u.registers);
                     big += (k.units > normforge_cubecl::kernel::BLOCK) as usize;
                     checked += 1;
                 }
