@@ -24,21 +24,37 @@ use normforge_cuda::{check, Arena, CudaLayerKernels, CudaOptimizer, Gpu};
 use normforge_tch::{DslLayer, RegistryExt};
 use tch::nn;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
-/// Median device time of `reps` runs of `f`, in ms, after 3 untimed: between CUDA events on
-/// torch's stream, with the L2 cache flushed (a 256 MB buffer zeroed) before each run, as
-/// triton's `do_bench` times the peers in `gpu_peers.py`.
-fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut()) -> f64 {
+/// Medians over `reps` runs of `f`, after 3 untimed: its device time, in ms, between CUDA events
+/// on torch's stream, with the L2 cache flushed (a 256 MB buffer zeroed) before each run, as
+/// triton's `do_bench` times the peers in `gpu_peers.py`; and the host's time queueing it. The
+/// device is held for twice the last untimed run's queueing (at least 0.2 ms) before each run,
+/// so a host slower than the device shows in `host_ms`, not in `ms`.
+fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut()) -> Timing {
+    let mut queued = Duration::ZERO;
     for _ in 0..3 {
+        let start = Instant::now();
         f();
+        queued = start.elapsed();
     }
+    let ahead = (2 * queued).clamp(Duration::from_micros(200), Duration::from_millis(50));
     let stream = normforge_tch::shim::current_cuda_stream(gpu.ordinal()).expect("libtorch's CUDA support is loaded");
     let mut flush = Tensor::empty([64i64 << 20], (Kind::Float, Device::Cuda(gpu.ordinal())));
-    let mut t = gpu.time(stream, reps, || _ = flush.zero_(), f).expect("CUDA events");
-    t.sort_by(f64::total_cmp);
-    t[reps / 2]
+    let t = gpu.time(stream, reps, ahead, || _ = flush.zero_(), f).expect("CUDA events");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[reps / 2]
+    };
+    Timing { ms: median(t.iter().map(|t| t.device_ms).collect()), host_ms: median(t.iter().map(|t| t.host_ms).collect()) }
+}
+
+/// What [`time_ms`] measured.
+#[derive(Clone, Copy)]
+struct Timing {
+    ms: f64,
+    host_ms: f64,
 }
 
 fn main() {
@@ -124,7 +140,8 @@ fn main() {
     let mut y = x.empty_like();
     let copy_ms = time_ms(&gpu, 50, || {
         y.copy_(&x);
-    });
+    })
+    .ms;
     let copy_gbps = 2.0 * (1u64 << 28) as f64 * 4.0 / copy_ms / 1e6;
     emit(format!(r#"{{"op":"copy","impl":"tch","ms":{copy_ms:.4},"GBps":{copy_gbps:.1}}}"#));
     drop((x, y));
@@ -153,19 +170,19 @@ fn main() {
             opt.step(&arena).map_err(|e| e.to_string())?;
             tch::Cuda::synchronize(0);
             let first = start.elapsed().as_secs_f64();
-            let ms = time_ms(&gpu, 50, || opt.step(&arena).expect("step"));
+            let Timing { ms, host_ms } = time_ms(&gpu, 50, || opt.step(&arena).expect("step"));
             let gbps = bytes * n as f64 / ms / 1e6;
             // The fused rules again with one block per cube (one element per unit).
             let ms_one = match opt.fused() {
                 true => {
                     let mut one = CudaOptimizer::new(gpu.clone(), r.entry.clone(), &[], Dtype::F32).and_then(|o| o.with_blocks_per_cube(1)).map_err(|e| e.to_string())?;
                     one.step(&arena).map_err(|e| e.to_string())?;
-                    format!("{:.4}", time_ms(&gpu, 50, || one.step(&arena).expect("step")))
+                    format!("{:.4}", time_ms(&gpu, 50, || one.step(&arena).expect("step")).ms)
                 }
                 false => "null".to_string(),
             };
             Ok(format!(
-                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{},"fused":{},"ms_one_block_per_cube":{ms_one}}}"#,
+                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"host_ms":{host_ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{},"fused":{},"ms_one_block_per_cube":{ms_one}}}"#,
                 vars.len(),
                 gbps / copy_gbps,
                 opt.launches_per_step(),
@@ -207,30 +224,34 @@ fn main() {
                 ("nothing_kept", normforge_cubecl::Launch { keep_from: 0, ..default }),
                 ("kept_in_cubes_of_256", normforge_cubecl::Launch { max_units: normforge_cubecl::kernel::BLOCK, ..default }),
                 ("one_value_per_unit", normforge_cubecl::Launch { values_per_unit: 1, ..default }),
+                // 16 bytes per unit in flight for bf16 as for f32 (four 4-byte values).
+                ("eight_values_per_unit", normforge_cubecl::Launch { values_per_unit: 8, ..default }),
             ];
             for (label, launch) in launches {
                 let layer = spec.build(&(vs.root() / label), &shape).map_err(|e| e.0)?;
                 let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(&reg, name), layer.hparams().to_vec()).and_then(|k| k.with_launch(launch)).map_err(|e| e.0)?;
                 let layer = layer.with_kernels(Arc::new(kernels));
-                if ["default", "nothing_kept", "kept_in_cubes_of_256", "one_value_per_unit"].contains(&label) {
-                    let ms = time_ms(&gpu, 20, || {
+                if ["default", "nothing_kept", "kept_in_cubes_of_256", "one_value_per_unit", "eight_values_per_unit"].contains(&label) {
+                    let t = time_ms(&gpu, 20, || {
                         let _ = tch::no_grad(|| layer.try_forward_t(&x, true).expect("forward"));
                     });
-                    fwd.push((label, ms));
+                    fwd.push((label, t));
                 }
-                let ms = time_ms(&gpu, 20, || {
+                let t = time_ms(&gpu, 20, || {
                     let y = layer.try_forward_t(&x, true).expect("forward");
                     normforge_tch::shim::backward_with_grad(&y, &gy).expect("backward");
                 });
-                both.push((label, ms));
+                both.push((label, t));
             }
-            let by_launch = |t: &[(&str, f64)]| t.iter().map(|(c, ms)| format!(r#""{c}":{ms:.4}"#)).collect::<Vec<_>>().join(",");
-            let (f, b) = (2.0 * bytes / fwd[0].1 / 1e6, 5.0 * bytes / both[0].1 / 1e6);
+            let by_launch = |t: &[(&str, Timing)]| t.iter().map(|(c, t)| format!(r#""{c}":{:.4}"#, t.ms)).collect::<Vec<_>>().join(",");
+            let (f, b) = (2.0 * bytes / fwd[0].1.ms / 1e6, 5.0 * bytes / both[0].1.ms / 1e6);
             Ok(format!(
-                r#"{{"op":"{name}","impl":"normforge","shape":{shape:?},"dtype":"{kind:?}","fwd_ms":{:.4},"fwd_GBps":{f:.1},"fwd_of_copy":{:.3},"fwd_bwd_ms":{:.4},"fwd_bwd_GBps":{b:.1},"fwd_bwd_of_copy":{:.3},"fwd_ms_by_launch":{{{}}},"fwd_bwd_ms_by_launch":{{{}}}}}"#,
-                fwd[0].1,
+                r#"{{"op":"{name}","impl":"normforge","shape":{shape:?},"dtype":"{kind:?}","fwd_ms":{:.4},"fwd_host_ms":{:.4},"fwd_GBps":{f:.1},"fwd_of_copy":{:.3},"fwd_bwd_ms":{:.4},"fwd_bwd_host_ms":{:.4},"fwd_bwd_GBps":{b:.1},"fwd_bwd_of_copy":{:.3},"fwd_ms_by_launch":{{{}}},"fwd_bwd_ms_by_launch":{{{}}}}}"#,
+                fwd[0].1.ms,
+                fwd[0].1.host_ms,
                 f / copy_gbps,
-                both[0].1,
+                both[0].1.ms,
+                both[0].1.host_ms,
                 b / copy_gbps,
                 by_launch(&fwd),
                 by_launch(&both)

@@ -179,11 +179,27 @@ impl Gpu {
             .map_err(driver(&format!("launching {}", kernel.name)))
     }
 
-    /// Device time of each of `reps` runs of `f`, in ms, between events recorded on `stream`
-    /// around it (what triton's `do_bench`, which times the peers, measures: host work that
-    /// keeps up with the device is not counted); `before` runs ahead of each, untimed.
-    pub fn time(&self, stream: *mut c_void, reps: usize, mut before: impl FnMut(), mut f: impl FnMut()) -> Result<Vec<f64>, Error> {
+    /// Keep `stream` busy for `d` of the device's own time (one unit spinning on its global
+    /// timer), so that work queued behind it starts only then.
+    pub fn hold(&self, stream: *mut c_void, d: Duration) -> Result<(), Error> {
+        let k = self.kernel(HOLD, 0)?;
+        self.make_current()?;
+        let mut ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let mut params = [&mut ns as *mut u64 as *mut c_void];
+        // SAFETY: `HOLD`'s one parameter is a u64 by value; it touches no memory.
+        unsafe { result::launch_kernel(k.function.0, (1, 1, 1), (1, 1, 1), 0, stream as sys::CUstream, &mut params) }.map_err(driver("launching the hold kernel"))
+    }
+
+    /// Each of `reps` runs of `f`: its device time between events recorded on `stream` around
+    /// it, and the host's time queueing it. `before` runs ahead of each, untimed, then the
+    /// stream is held for `ahead` ([`Gpu::hold`]) so the host has queued the run before the
+    /// device reaches its first event: the device time is then the device's work alone, even
+    /// where the host is slower to queue it (triton's `do_bench`, which times the peers, has
+    /// only its cache flush to hide the host behind). `host_ms` above `ahead` means the host
+    /// fell behind all the same.
+    pub fn time(&self, stream: *mut c_void, reps: usize, ahead: Duration, mut before: impl FnMut(), mut f: impl FnMut()) -> Result<Vec<Timed>, Error> {
         let mut events = Vec::with_capacity(2 * reps);
+        let mut host_ms = Vec::with_capacity(reps);
         let mut run = || -> Result<(), Error> {
             // Every event made first, so that only recording one lies between a run and its
             // events (making one allocates).
@@ -198,15 +214,24 @@ impl Gpu {
             };
             for pair in events.chunks(2) {
                 before();
+                self.hold(stream, ahead)?;
                 record(pair[0])?;
+                let queued = std::time::Instant::now();
                 f();
+                host_ms.push(queued.elapsed().as_secs_f64() * 1e3);
                 record(pair[1])?;
             }
             self.synchronize(stream)
         };
         let ran = run();
         // SAFETY: events of this context, all recorded and complete (or never recorded).
-        let times = ran.and_then(|()| events.chunks(2).map(|e| unsafe { result::event::elapsed(e[0], e[1]) }.map(f64::from).map_err(driver("cuEventElapsedTime"))).collect());
+        let times = ran.and_then(|()| {
+            events
+                .chunks(2)
+                .zip(&host_ms)
+                .map(|(e, &host_ms)| unsafe { result::event::elapsed(e[0], e[1]) }.map(|d| Timed { device_ms: f64::from(d), host_ms }).map_err(driver("cuEventElapsedTime")))
+                .collect()
+        });
         for e in events {
             // SAFETY: as above; each destroyed once.
             let _ = unsafe { result::event::destroy(e) };
@@ -221,6 +246,26 @@ impl Gpu {
         unsafe { result::stream::synchronize(stream as sys::CUstream) }.map_err(driver("cuStreamSynchronize"))
     }
 }
+
+/// One timed run ([`Gpu::time`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Timed {
+    /// Between the events around the run, on the device.
+    pub device_ms: f64,
+    /// Queueing the run, on the host.
+    pub host_ms: f64,
+}
+
+/// [`Gpu::hold`]'s kernel: one unit reading the device's global timer (nanoseconds) until `ns`
+/// have passed. CUDA C++ written here, not generated: it is timing scaffolding, no rule's math.
+pub const HOLD: &str = r#"extern "C" __global__ void normforge_hold(unsigned long long ns) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+"#;
 
 /// The virtual architecture NVRTC compiles for (PTX, so the driver can JIT it for newer cards).
 pub fn architecture(major: i32, minor: i32) -> &'static str {

@@ -14,7 +14,7 @@ pub mod plans;
 pub mod upload;
 
 pub use arena::Arena;
-pub use driver::Gpu;
+pub use driver::{Gpu, Timed};
 pub use layer::CudaLayerKernels;
 pub use nvrtc::{Compiled, Compiler, Error, Origin, Usage};
 pub use optimizer::CudaOptimizer;

@@ -214,6 +214,33 @@ fn rules_on_cuda_tensors_follow_the_reference_backend() {
     }
 }
 
+/// The GPU half of the timing scaffolding: a hold of 3 ms keeps the stream 3 ms busy (the device
+/// time of a run is the hold's), and a run timed behind a hold longer than its queueing is timed
+/// by the device alone: skipped, visibly, without a GPU.
+#[test]
+fn a_hold_keeps_the_stream_busy_for_its_time() {
+    let gpu = match Gpu::open(0, None) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED (no GPU): {e}");
+            return;
+        }
+    };
+    let stream = std::ptr::null_mut();
+    let hold = std::time::Duration::from_millis(3);
+    // Compiled and loaded here, not inside the first timed run.
+    gpu.hold(stream, std::time::Duration::ZERO).unwrap();
+    let t = gpu.time(stream, 5, std::time::Duration::ZERO, || {}, || gpu.hold(stream, hold).unwrap()).unwrap();
+    for t in &t {
+        assert!((3.0..30.0).contains(&t.device_ms), "a 3 ms hold took {} ms on the device", t.device_ms);
+    }
+    // Nothing queued between the events: a few microseconds, however slow the host was.
+    let empty = gpu.time(stream, 5, hold, || {}, || std::thread::sleep(std::time::Duration::from_millis(1))).unwrap();
+    for t in &empty {
+        assert!(t.host_ms >= 1.0 && t.device_ms < 0.5, "{t:?}");
+    }
+}
+
 #[test]
 fn same_shaped_tensors_that_fill_whole_cubes_read_as_one_stack() {
     // 256 values fill a cube: the next tensor follows it directly; 3 values do not.

@@ -103,6 +103,20 @@ fn a_bad_kernel_is_an_error_with_nvrtcs_log() {
     assert!(matches!(err, Error::Compile { .. }) && text.contains("compute_90") && text.contains("undefined_name"), "{text}");
 }
 
+/// The GPU check holds the stream before each timed run with a kernel written by hand: it
+/// compiles, spins on the global timer (the device's nanoseconds, not the SM clock, which moves
+/// with the load), and keeps nothing in memory.
+#[test]
+fn the_hold_kernel_reads_the_global_timer() {
+    let Some(nvrtc) = compiler(None) else { return };
+    assert_eq!(normforge_cuda::driver::entry_point(normforge_cuda::driver::HOLD), Some("normforge_hold"));
+    let ptx = nvrtc.compile(normforge_cuda::driver::HOLD).unwrap().ptx;
+    assert!(ptx.matches("%globaltimer").count() >= 2, "{ptx}");
+    assert!(!ptx.contains("st.global") && !ptx.contains("ld.global"), "{ptx}");
+    let usage = nvrtc.usage(normforge_cuda::driver::HOLD).unwrap();
+    assert_eq!((usage.spill_stores, usage.stack_bytes), (0, 0), "{usage:?}");
+}
+
 /// Each branch of a PTX listing (its lines trimmed): its line, its target label's line, and
 /// whether it is conditional.
 fn branches(lines: &[&str]) -> Vec<(usize, usize, bool)> {
