@@ -5,7 +5,7 @@
 //! kernel over every element of every tensor.
 
 use crate::kernel::{BOp, KOp, KProgram, Pure, ROp, UOp, BLOCKS_PER_CUBE};
-use crate::Error;
+use crate::{Dtype, Error};
 use normforge_dsl::{bind, uniform};
 use normforge_dsl::ir::{Binary, Entry, Op, Program, ReduceOp, Target, Unary};
 use std::collections::HashMap;
@@ -89,8 +89,16 @@ impl Compiled {
     }
 }
 
-/// Compile an update rule's program (a step or the state initialiser).
+/// Compile an update rule's program (a step or the state initialiser), its states held in f32.
 pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
+    compile_for(entry, p, Dtype::F32)
+}
+
+/// [`compile`] for states held in `states`. Only f32 states are read back by the phase after
+/// the one that stores them: a later phase reading a rounded state would disagree with the
+/// reductions the earlier phase took of the unrounded value (f16 moments underflow where f32
+/// ones do not), so narrower states are computed again from the gradient in each phase.
+pub fn compile_for(entry: &Entry, p: &Program, states: Dtype) -> Result<Compiled, Error> {
     let unsupported = |what: &str| Error(format!("`{}`: {what} is not supported by the CubeCL backend yet", entry.name));
     let n = p.nodes.len();
     let input = entry.input_shape();
@@ -134,12 +142,12 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
         }
     }
     let last = p.outputs.iter().map(|o| level[o.node as usize]).max().unwrap_or(0);
-    let mut phases = Vec::new();
-    for k in 0..=last {
-        // The reductions this phase feeds, and everything they and (last) the outputs need.
-        let feeds: Vec<usize> = (0..n).filter(|&i| matches!(p.nodes[i].op, Op::Reduce(..)) && level[i] == k + 1).collect();
+    let feeds = |k: usize| -> Vec<usize> { (0..n).filter(|&i| matches!(p.nodes[i].op, Op::Reduce(..)) && level[i] == k + 1).collect() };
+    // What phase `k` computes: the reductions it feeds, everything they and (last) the outputs
+    // need, short of the results of earlier phases (reductions, and the new states of `early`).
+    let needed = |k: usize, early: &[Option<(usize, usize)>]| -> Vec<bool> {
         let mut needed = vec![false; n];
-        for &r in &feeds {
+        for r in feeds(k) {
             needed[p.nodes[r].op.args()[0] as usize] = true;
         }
         if k == last {
@@ -148,13 +156,42 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
             }
         }
         for i in (0..n).rev() {
-            let loaded = matches!(p.nodes[i].op, Op::Reduce(..)) && level[i] <= k;
+            let loaded = (matches!(p.nodes[i].op, Op::Reduce(..)) && level[i] <= k) || early[i].is_some_and(|(e, _)| e < k);
             if needed[i] && !uniform[i] && !loaded {
                 for a in p.nodes[i].op.args() {
                     needed[a as usize] = true;
                 }
             }
         }
+        needed
+    };
+    // A state whose new value needs no later phase's reduction is stored by the phase that can
+    // first compute it, and later phases read it back rather than computing it again from the
+    // gradient and the old state: LAMB's update reads p, g, m and v, then p, m and v (7 reads,
+    // 3 writes per element), not p, g, m and v twice. Not where a later phase still needs the
+    // old state: dropping one such store can make another's old state needed, so repeat.
+    let mut early: Vec<Option<(usize, usize)>> = vec![None; n];
+    loop {
+        for o in &p.outputs {
+            let (i, e) = (o.node as usize, level[o.node as usize]);
+            if let Target::State(j) = o.target {
+                if states == Dtype::F32 && e < last && !uniform[i] && !matches!(p.nodes[i].op, Op::State(_)) && early[i].is_none() {
+                    early[i] = Some((e, j as usize));
+                }
+            }
+        }
+        let clash = (0..n).find(|&i| {
+            early[i].is_some_and(|(e, j)| (e + 1..=last).any(|k| needed(k, &early).iter().enumerate().any(|(a, &need)| need && p.nodes[a].op == Op::State(j as u32))))
+        });
+        match clash {
+            Some(i) => early[i] = None,
+            None => break,
+        }
+    }
+    let mut phases = Vec::new();
+    for k in 0..=last {
+        let feeds = feeds(k);
+        let needed = needed(k, &early);
         let mut ops = Vec::new();
         let mut reg: Vec<Option<usize>> = vec![None; n];
         // A node's register; a uniform value becomes one more entry of the scalar buffer.
@@ -171,6 +208,7 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
                 continue;
             }
             let op = match &node.op {
+                _ if early[i].is_some_and(|(e, _)| e < k) => KOp::LoadState(early[i].map_or(0, |(_, j)| j)),
                 Op::Input => KOp::LoadP,
                 Op::Grad => KOp::LoadG,
                 Op::State(j) => KOp::LoadState(*j as usize),
@@ -204,8 +242,9 @@ pub fn compile(entry: &Entry, p: &Program) -> Result<Compiled, Error> {
             ops.push(KOp::Accum(accums.len(), v));
             accums.push((reduce(*op), slot[r]));
         }
-        if k == last {
-            for o in &p.outputs {
+        for o in &p.outputs {
+            let stored_in = early[o.node as usize].filter(|&(_, j)| o.target == Target::State(j as u32)).map_or(last, |(e, _)| e);
+            if k == stored_in {
                 let v = fetch(o.node, &mut ops, &mut reg);
                 ops.push(match o.target {
                     Target::P => KOp::StoreP(v),

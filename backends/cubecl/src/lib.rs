@@ -22,7 +22,7 @@ mod plan;
 mod stack;
 mod unfused;
 
-pub use compile::{compile, Compiled};
+pub use compile::{compile, compile_for, Compiled};
 pub use dtype::{Dtype, Held};
 pub use normforge_dsl::Error;
 pub use layer::{CubeLayer, Gradients};
@@ -51,7 +51,7 @@ pub fn emit(entry: &Entry, pass: &str, dtype: Dtype, lang: emit::Lang) -> Result
 pub fn emit_units(entry: &Entry, pass: &str, dtype: Dtype, lang: emit::Lang) -> Result<Vec<emit::Unit>, Error> {
     match (&entry.programs, pass) {
         // Rules with per-axis reductions run through layer kernels, a stack at a time.
-        (Programs::Optimizer { step }, "step") => match compile(entry, step) {
+        (Programs::Optimizer { step }, "step") => match compile_for(entry, step, dtype) {
             Ok(c) => emit::program_units(&c, dtype, lang),
             Err(e) => emit::plan_units(&Stacked::new(entry, step).map_err(|_| e)?.step, Dtype::F32, lang),
         },

@@ -2,7 +2,7 @@
 //! (horizontal fusion, as PyTorch's fused AdamW), the tensors back to back on the device, each
 //! padded to whole cubes so a cube never straddles two.
 
-use crate::compile::{compile, Compiled};
+use crate::compile::{compile, compile_for, Compiled};
 use crate::kernel::{combine_kernel, padded_layout, step_kernel, KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
 use crate::plan::{layout, run, Launch, Source};
 use crate::stack::{stacks, Stacked};
@@ -122,6 +122,12 @@ impl CubeOptimizer {
         self.state_held = dtype.held_on(&self.client)?;
         if self.state.is_some() || self.per_tensor.as_ref().is_some_and(|p| !p.states.is_empty()) {
             return Err(Error("the state dtype is chosen before the first step".into()));
+        }
+        // A rule of several phases reads its f32 states back in later phases; narrower ones it
+        // computes again (`compile_for`). The unfused baseline has one phase: nothing to redo.
+        if let (Programs::Optimizer { step }, None, 0) = (&self.entry.programs, &self.per_tensor, self.temps) {
+            self.step_prog = compile_for(&self.entry, step, dtype)?;
+            self.kernels = self.step_prog.phases.clone();
         }
         self.state_dtype = dtype;
         Ok(self)

@@ -150,6 +150,41 @@ fn changing_the_learning_rate_keeps_the_program() {
     assert_ne!(a.scalars(&[0.1, 0.9, 0.999, 1e-8, 0.01], 1.0), a.scalars(&[0.0, 0.9, 0.999, 1e-8, 0.01], 1.0));
 }
 
+/// A rule of several phases stores each state once, in the first phase that can compute it, and
+/// later phases read it back rather than computing it again from the gradient and the old
+/// state — with f32 states; narrower ones are computed again (`compile_for`). Per element,
+/// loads and stores over all phases of a step.
+#[test]
+fn later_phases_read_the_states_earlier_ones_stored() {
+    use normforge_cubecl::kernel::KOp;
+    let reg = registry();
+    let traffic = |c: &normforge_cubecl::Compiled| -> (usize, usize, usize) {
+        let ops = || c.phases.iter().flat_map(|k| &k.ops);
+        let stores = ops().filter(|op| matches!(op, KOp::StoreP(_) | KOp::StoreState(..))).count();
+        (ops().filter(|op| op.is_load()).count(), stores, ops().filter(|op| matches!(op, KOp::LoadG)).count())
+    };
+    for name in ["lamb", "lars", "novograd"] {
+        let entry = reg.get(name).unwrap().entry;
+        let f32s = normforge_cubecl::compile(&entry, step_of(&entry)).unwrap();
+        let f16s = normforge_cubecl::compile_for(&entry, step_of(&entry), Dtype::F16).unwrap();
+        assert!(f32s.phases.len() > 1, "{name}");
+        let (reads, writes, g_reads) = traffic(&f32s);
+        let (reads16, writes16, _) = traffic(&f16s);
+        eprintln!("{name}: per element {reads} reads, {writes} writes ({g_reads} of g) with f32 states; {reads16} reads, {writes16} writes with f16");
+        // Every state and the parameter written once per step either way.
+        assert_eq!(writes, entry.states.len() + 1, "{name}");
+        assert_eq!(writes16, writes, "{name}");
+        if name == "lamb" {
+            // p, g, m, v; then p and the new m and v: no second read of g.
+            assert_eq!((reads, writes, g_reads), (7, 3, 1));
+            assert_eq!(reads16, 8);
+        } else {
+            // LARS' momentum and NovoGrad's m follow from the reductions: the last phase.
+            assert_eq!(reads, reads16, "{name}");
+        }
+    }
+}
+
 fn step_of(e: &normforge_dsl::ir::Entry) -> &normforge_dsl::ir::Program {
     match &e.programs {
         normforge_dsl::ir::Programs::Optimizer { step } => step,

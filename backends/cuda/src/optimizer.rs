@@ -13,7 +13,7 @@ use crate::plans::{kind_of, pick, PlanKernels};
 use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
 use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, BLOCKS_PER_CUBE, COMBINE_BLOCK};
-use normforge_cubecl::{compile, stacks, Compiled, Dtype, Source, Stacked};
+use normforge_cubecl::{compile, compile_for, stacks, Compiled, Dtype, Source, Stacked};
 use normforge_dsl::bind;
 use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target};
 use std::sync::Arc;
@@ -80,7 +80,7 @@ impl CudaOptimizer {
         let hparams = normforge_dsl::hyper::resolve(&entry, overrides)?;
         let Programs::Optimizer { step } = &entry.programs else { unreachable!("checked above") };
         let start = std::time::Instant::now();
-        let path = match compile(&entry, step) {
+        let path = match compile_for(&entry, step, state_dtype) {
             Ok(step_prog) => {
                 let init_prog = compile(&entry, &entry.init)?;
                 let steps = phases(&gpu, &step_prog, state_dtype)?;
