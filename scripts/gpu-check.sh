@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check (issue 6), run ON the GPU machine with binaries built on a CPU machine:
-#   here:  cargo build -p normforge-cuda --example gpu_check   (scripts/test.sh builds it too)
+#   here:  bash scripts/gpu-stage.sh   (builds the binary, puts gpu_peers.py beside it in target/)
 #   there: bash scripts/gpu-check.sh [BINARY] [OUT_DIR]
 # It uses that machine's PyTorch (python3, CUDA build) for libtorch and its NVRTC/driver, runs
-# the correctness checks and our timings, then ../shared/tools/gpu_peers.py in the same session,
-# and prints both tables. Figures go into BENCHMARKS.md with the card's name.
+# the correctness checks and our timings, then gpu_peers.py in the same session, and prints
+# both. Figures go into BENCHMARKS.md with the card's name.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${1:-$root/target/debug/examples/gpu_check}"
@@ -15,8 +15,16 @@ export LD_LIBRARY_PATH="$torch_lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export NORMFORGE_CACHE_DIR="$out/ptx-cache"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 "$bin" "$out"; rc=$?
-peers="$root/../shared/tools/gpu_peers.py"
-if [ -f "$peers" ]; then
+# The peers: $NORMFORGE_PEERS, else target/gpu_peers.py (a device machine gets the repository
+# and what is carried, never the ../shared beside it), else ../shared/tools/gpu_peers.py.
+peers=""
+for p in "${NORMFORGE_PEERS:-}" "$root/target/gpu_peers.py" "$root/../shared/tools/gpu_peers.py"; do
+    if [ -n "$p" ] && [ -f "$p" ]; then peers="$p"; break; fi
+done
+if [ -z "$peers" ]; then
+    echo "gpu-check: gpu_peers.py not found (scripts/gpu-stage.sh puts it in target/; carry it): no peer figures this run" >&2
+    [ "$rc" = 0 ] && rc=3
+else
     python3 "$peers" "$out" > "$out/peers.log" 2>&1 || echo "gpu_peers.py failed: see $out/peers.log"
     tail -n 40 "$out/peers.log"
 fi

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Stage the GPU check here, on a CPU machine, for a device machine that has no Rust toolchain
+# and no network: build the check's binary and copy the peers' script (../shared/tools/
+# gpu_peers.py, which a device machine does not get) into target/, then print what to carry
+# and what to run there (scripts/gpu-check.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+LIBTORCH="$(bash scripts/setup-libtorch.sh | tail -n 1)"
+export LIBTORCH
+cargo build -j "${CARGO_BUILD_JOBS:-2}" -p normforge-cuda --example gpu_check
+peers="${NORMFORGE_PEERS:-../shared/tools/gpu_peers.py}"
+if ! [ -f "$peers" ]; then
+    echo "gpu-stage: $peers not found (set NORMFORGE_PEERS)" >&2
+    exit 1
+fi
+install -m 0644 "$peers" target/gpu_peers.py
+bin=target/debug/examples/gpu_check
+size=$(( $(stat -c %s "$bin") + $(stat -c %s target/gpu_peers.py) ))
+echo "carry:   [\"$bin\", \"target/gpu_peers.py\"]   ($(( size >> 20 )) MiB)"
+echo "command: bash scripts/gpu-check.sh $bin \$OUT"
