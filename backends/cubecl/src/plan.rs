@@ -64,6 +64,14 @@ pub struct Plan {
     pub(crate) uniforms: Uniforms,
 }
 
+impl Plan {
+    /// Whether the rule's new parameter is written over the old one (see `in_place`): the
+    /// parameter is then the only tensor in the `io` arena, at its start.
+    pub fn in_place(&self) -> bool {
+        self.outputs.iter().any(|&(target, t)| target == Target::P && self.tensors[t].0 == Source::Input)
+    }
+}
+
 /// A plan's kernels with a column reduction's phases moved into a row kernel (a layer norm's
 /// or an EvoNorm's parameter gradients computed where its input gradient is, so x and dy are
 /// read once for both), then a kernel folding the partials they leave.
@@ -295,6 +303,9 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
         kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors, lead);
+    if lead > 0 {
+        in_place(&mut kernels, &mut t, &mut outputs);
+    }
     let mut across = if lead == 0 { across(&kernels, &mut t) } else { None };
     kernels.iter_mut().chain(across.iter_mut().flat_map(|a| a.kernels.iter_mut())).for_each(merge);
     let kinds: Vec<Vec<AxisKind>> = t.shapes.iter().zip(&t.perms).map(|(s, perm)| axis_kinds(s, perm)).collect();
@@ -303,6 +314,58 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
         k.kinds = kinds.clone();
     }
     Ok(Plan { kernels, shapes: t.shapes, perms: t.perms, tensors: t.tensors, outputs, across, program: p.clone(), uniforms })
+}
+
+/// A rule's new parameter written over the old one rather than into the work arena (from
+/// which a caller would copy it back: a read and a write of every parameter more per step),
+/// where that is safe: the kernel storing it is the last to read the parameter, and reads it
+/// only in phases over the parameter's own elements (elementwise, or the last phase of a
+/// Muon's matrix kernel), each cube or unit its own elements, in their own places, before it
+/// stores them. The parameter then lives in the `io` arena, alone there, so the CUDA path
+/// passes the parameter itself as that arena.
+fn in_place(kernels: &mut [LProgram], t: &mut Tables, outputs: &mut [(Target, usize)]) {
+    let Some(input) = t.tensors.iter().position(|&(src, ..)| src == Source::Input) else { return };
+    let Some(out) = outputs.iter().position(|&(target, _)| target == Target::P) else { return };
+    let p_new = outputs[out].1;
+    if !matches!(t.tensors[p_new], (Source::Node(_), _, Buf::Work)) || t.tensors.iter().any(|&(.., buf)| buf == Buf::Io) {
+        return;
+    }
+    let loads = |k: &LProgram, x: usize| k.phases.iter().flat_map(|ph| &ph.ops).filter_map(move |op| matches!(op, LOp::Load(t, ..) if *t == x).then_some(op)).count();
+    let stores = |k: &LProgram| k.phases.iter().any(|ph| ph.stores.iter().any(|&(x, ..)| x == p_new));
+    let Some(last) = kernels.iter().position(stores) else { return };
+    let later = &kernels[last + 1..];
+    if kernels.iter().filter(|k| stores(k)).count() != 1 || later.iter().any(|k| loads(k, input) + loads(k, p_new) > 0) {
+        return;
+    }
+    // Read over the parameter's own shape only, in its own axis order.
+    let k = &kernels[last];
+    let full = t.tensors[input].1;
+    let own = |s: usize| t.shapes[s] == t.shapes[full] && t.perms[s].iter().enumerate().all(|(a, &b)| a == b);
+    let reads_own = |ph: &LPhase| ph.ops.iter().all(|op| !matches!(op, LOp::Load(x, s, _) if *x == input && !(own(*s) && own(ph.domain))));
+    if !own(k.target) || !k.phases.iter().all(reads_own) || k.kept.iter().any(|&(x, ..)| x == input) {
+        return;
+    }
+    t.tensors[input].2 = Buf::Io;
+    for k in kernels.iter_mut() {
+        for ph in &mut k.phases {
+            for op in &mut ph.ops {
+                if let LOp::Load(x, _, buf) = op {
+                    if *x == input {
+                        *buf = Buf::Io;
+                    }
+                }
+            }
+            for st in &mut ph.stores {
+                if st.0 == p_new {
+                    *st = (input, st.1, true);
+                }
+            }
+        }
+    }
+    outputs[out].1 = input;
+    // The work arena keeps one value, not a parameter's worth, for the output's old tensor.
+    let one = Shape(vec![Extent::One; t.shapes[full].0.len()]);
+    t.tensors[p_new].1 = t.shape(&one);
 }
 
 /// The first column reduction whose phases can run inside a row kernel: its reads ready when

@@ -343,6 +343,43 @@ fn stacked_rules_swap_where_their_states_are_read_and_written() {
     assert!(swapped >= 3, "adamp, sgdp, muon");
 }
 
+/// Every rule that runs through layer kernels writes its new parameter over the old one: the
+/// parameter alone fills the `io` arena (the CUDA path passes the parameter itself there, and
+/// copies nothing back), and the work arena keeps no parameter-sized place for it. The rules
+/// above check the values against the reference.
+#[test]
+fn stacked_rules_update_their_parameter_in_place() {
+    let reg = registry();
+    let mut stacked = 0;
+    for r in reg.list(None) {
+        let Programs::Optimizer { step } = &r.entry.programs else {
+            // A layer's output is never its input.
+            let Programs::Layer { train, .. } = &r.entry.programs else { unreachable!() };
+            assert!(!normforge_cubecl::plan(&r.entry, train).unwrap().in_place(), "{}", r.name);
+            continue;
+        };
+        if normforge_cubecl::compile(&r.entry, step).is_ok() {
+            continue;
+        }
+        let plans = normforge_cubecl::Stacked::new(&r.entry, step).unwrap();
+        assert!(plans.step.in_place(), "{}", r.name);
+        let hp = normforge_dsl::hyper::resolve(&r.entry, &[]).unwrap();
+        let shape = [24, 40];
+        let b = plans.bind(3, &shape, &hp, "p").unwrap();
+        let lay = normforge_cubecl::layout(&plans.step, &b, &hp, 1.0, &normforge_cubecl::Launch::default()).unwrap();
+        let n = 3 * 24 * 40;
+        assert_eq!(lay.io_len, n, "{}", r.name);
+        // In the work arena, of the stack's size: where each state is read and where its new
+        // value goes, and (Muon) the Newton–Schulz iterates; nowhere the new parameter.
+        let full: Vec<_> = (0..plans.step.tensors.len()).filter(|&t| plans.step.tensors[t].2 == normforge_cubecl::kernel::Buf::Work && lay.len(&plans.step, t) == n).map(|t| plans.step.tensors[t].0).collect();
+        if r.name != "muon" {
+            assert_eq!(full.len(), 2 * r.entry.states.len(), "{}: {full:?}", r.name);
+        }
+        stacked += 1;
+    }
+    assert_eq!(stacked, 3, "adamp, sgdp, muon");
+}
+
 #[test]
 fn every_std_rule_is_covered() {
     for r in registry().list(None) {

@@ -257,7 +257,11 @@ impl CudaOptimizer {
             let read_at = slots(lay);
             // The stream runs these after the kernels that read p and the state.
             tch::no_grad(|| -> Result<(), Error> {
-                p.shallow_clone().copy_(&pick(&out, Target::P).map_err(rule)?.reshape(p.size()));
+                // (Nothing to copy where the plan wrote the new parameter over the old one.)
+                let p_new = pick(&out, Target::P).map_err(rule)?;
+                if p_new.data_ptr() != p.data_ptr() {
+                    p.shallow_clone().copy_(&p_new.reshape(p.size()));
+                }
                 for i in 0..entry.states.len() as u32 {
                     let Ok(v) = pick(&out, Target::State(i)) else { continue };
                     // Kept in the state dtype's values, as the fused kernels store them.

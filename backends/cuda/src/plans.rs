@@ -116,12 +116,19 @@ impl PlanKernels {
     /// As [`Self::run`], bound by `lay`, with a `work` arena the caller keeps between calls
     /// (at least `lay.work_len` long): the states `data` does not give are read from it where
     /// `lay` places them — where the last call wrote them, with `Layout::swap_states` on
-    /// alternate calls — so a rule's state is never copied.
+    /// alternate calls — so a rule's state is never copied; nor its parameter, which an
+    /// in-place plan updates where `data` gives it.
     pub fn run_laid<'a>(&self, plan: &Plan, lay: &Layout, io: Dtype, data: &dyn Fn(Source) -> Option<&'a Tensor>, work: Option<&Tensor>) -> Result<Vec<(Target, Tensor)>, Error> {
         let dev = Device::Cuda(self.gpu.ordinal());
         // Every output element is written by a launch, so neither arena needs clearing: what
         // a kernel skipped for a branch not taken leaves is read only by selects that drop it.
-        let io_arena = Tensor::empty([lay.io_len.max(1) as i64], (kind_of(io), dev));
+        // A rule writing its new parameter over the old (`Plan::in_place`) gets the parameter
+        // itself as that arena, where it is laid out as the arena would be.
+        let own = |d: &Tensor| d.is_contiguous() && d.kind() == kind_of(io) && d.device() == dev && d.numel() == lay.io_len;
+        let io_arena = match data(Source::Input).filter(|d| plan.in_place() && own(d)) {
+            Some(p) => p.reshape([-1]),
+            None => Tensor::empty([lay.io_len.max(1) as i64], (kind_of(io), dev)),
+        };
         let kept = work.is_some();
         let work = match work {
             Some(w) if w.numel() >= lay.work_len && w.device() == dev && w.kind() == Kind::Float => w.shallow_clone(),
@@ -138,6 +145,7 @@ impl PlanKernels {
                     // (No copy unless `d` is strided or of another dtype.)
                     Buf::Input => x = Some(d.reshape([-1]).to_kind(kind_of(io)).contiguous()),
                     Buf::GradOutput => dy = Some(d.reshape([-1]).to_kind(kind_of(io)).contiguous()),
+                    Buf::Io if d.data_ptr() == io_arena.data_ptr() => {}
                     Buf::Io => io_arena.narrow(0, off, len).copy_(&d.reshape([-1])),
                     Buf::Work => work.narrow(0, off, len).copy_(&d.reshape([-1])),
                 },
