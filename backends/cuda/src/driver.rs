@@ -257,13 +257,16 @@ pub struct Timed {
 }
 
 /// [`Gpu::hold`]'s kernel: one unit reading the device's global timer (nanoseconds) until `ns`
-/// have passed. CUDA C++ written here, not generated: it is timing scaffolding, no rule's math.
+/// have passed — or, should that timer not advance, until its own clock has counted 8 cycles
+/// per nanosecond asked (4 times as long at 2 GHz), so a hold always ends. CUDA C++ written
+/// here, not generated: it is timing scaffolding, no rule's math.
 pub const HOLD: &str = r#"extern "C" __global__ void normforge_hold(unsigned long long ns) {
     unsigned long long start, now;
+    long long c0 = clock64();
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
     do {
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    } while (now - start < ns);
+    } while (now - start < ns && (unsigned long long)(clock64() - c0) < 8 * ns);
 }
 "#;
 

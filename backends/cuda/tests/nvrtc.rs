@@ -105,13 +105,15 @@ fn a_bad_kernel_is_an_error_with_nvrtcs_log() {
 
 /// The GPU check holds the stream before each timed run with a kernel written by hand: it
 /// compiles, spins on the global timer (the device's nanoseconds, not the SM clock, which moves
-/// with the load), and keeps nothing in memory.
+/// with the load) with the SM clock as a bound, and touches no memory.
 #[test]
 fn the_hold_kernel_reads_the_global_timer() {
     let Some(nvrtc) = compiler(None) else { return };
     assert_eq!(normforge_cuda::driver::entry_point(normforge_cuda::driver::HOLD), Some("normforge_hold"));
     let ptx = nvrtc.compile(normforge_cuda::driver::HOLD).unwrap().ptx;
     assert!(ptx.matches("%globaltimer").count() >= 2, "{ptx}");
+    // ...and ends by its own clock should that timer stand still.
+    assert!(ptx.contains("%clock64"), "{ptx}");
     assert!(!ptx.contains("st.global") && !ptx.contains("ld.global"), "{ptx}");
     let usage = nvrtc.usage(normforge_cuda::driver::HOLD).unwrap();
     assert_eq!((usage.spill_stores, usage.stack_bytes), (0, 0), "{usage:?}");
