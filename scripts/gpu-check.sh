@@ -1,31 +1,46 @@
 #!/usr/bin/env bash
 # The GPU check (issue 6), run ON the GPU machine with binaries built on a CPU machine:
 #   here:  bash scripts/gpu-stage.sh   (builds the binary, puts gpu_peers.py beside it in target/)
-#   there: bash scripts/gpu-check.sh [BINARY] [OUT_DIR]
+#   there: bash scripts/gpu-check.sh [BINARY] [OUT_DIR] [all|ours|peers]
 # It uses that machine's PyTorch (python3, CUDA build) for libtorch and its NVRTC/driver, runs
 # the correctness checks and our timings, then gpu_peers.py in the same session, and prints
-# both. Figures go into BENCHMARKS.md with the card's name.
+# both. Figures go into BENCHMARKS.md with the card's name. A device call lasts at most 600 s:
+# `all` gives our binary 330 s and the peers what is left of 570; `ours` and `peers` alone (two
+# calls on the same warm machine, each measuring its own copy bandwidth) 570 s each. Each
+# writes its figures as it measures them, so a part cut short keeps what it measured.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${1:-$root/target/debug/examples/gpu_check}"
 out="${2:-${OUT:-$root/gpu-check-out}}"
+parts="${3:-all}"
+case "$parts" in all | ours | peers) ;; *) echo "gpu-check: parts are all, ours or peers, not $parts" >&2; exit 2 ;; esac
 mkdir -p "$out"
+start=$SECONDS
 torch_lib="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export LD_LIBRARY_PATH="$torch_lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export NORMFORGE_CACHE_DIR="$out/ptx-cache"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
-"$bin" "$out"; rc=$?
-# The peers: $NORMFORGE_PEERS, else target/gpu_peers.py (a device machine gets the repository
-# and what is carried, never the ../shared beside it), else ../shared/tools/gpu_peers.py.
-peers=""
-for p in "${NORMFORGE_PEERS:-}" "$root/target/gpu_peers.py" "$root/../shared/tools/gpu_peers.py"; do
-    if [ -n "$p" ] && [ -f "$p" ]; then peers="$p"; break; fi
-done
-if [ -z "$peers" ]; then
-    echo "gpu-check: gpu_peers.py not found (scripts/gpu-stage.sh puts it in target/; carry it): no peer figures this run" >&2
-    [ "$rc" = 0 ] && rc=3
-else
-    python3 "$peers" "$out" > "$out/peers.log" 2>&1 || echo "gpu_peers.py failed: see $out/peers.log"
-    tail -n 40 "$out/peers.log"
+rc=0
+if [ "$parts" != peers ]; then
+    budget=570
+    [ "$parts" = all ] && budget=330
+    timeout -k 10 "$budget" "$bin" "$out"; rc=$?
+    [ "$rc" = 124 ] && echo "gpu-check: our binary ran past ${budget} s and was stopped; $out/normforge.jsonl keeps what it measured" >&2
+fi
+if [ "$parts" != ours ]; then
+    # The peers: $NORMFORGE_PEERS, else target/gpu_peers.py (a device machine gets the
+    # repository and what is carried, never the ../shared beside it), else ../shared/tools.
+    peers=""
+    for p in "${NORMFORGE_PEERS:-}" "$root/target/gpu_peers.py" "$root/../shared/tools/gpu_peers.py"; do
+        if [ -n "$p" ] && [ -f "$p" ]; then peers="$p"; break; fi
+    done
+    if [ -z "$peers" ]; then
+        echo "gpu-check: gpu_peers.py not found (scripts/gpu-stage.sh puts it in target/; carry it): no peer figures this run" >&2
+        [ "$rc" = 0 ] && rc=3
+    else
+        left=$(( 570 - (SECONDS - start) ))
+        timeout -k 10 "$(( left > 30 ? left : 30 ))" python3 "$peers" "$out" > "$out/peers.log" 2>&1 || echo "gpu_peers.py failed or ran out of time: see $out/peers.log ($out/peers.jsonl keeps what it measured)"
+        tail -n 40 "$out/peers.log"
+    fi
 fi
 exit $rc

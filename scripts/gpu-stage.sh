@@ -18,4 +18,5 @@ install -m 0644 "$peers" target/gpu_peers.py
 bin=target/debug/examples/gpu_check
 size=$(( $(stat -c %s "$bin") + $(stat -c %s target/gpu_peers.py) ))
 echo "carry:   [\"$bin\", \"target/gpu_peers.py\"]   ($(( size >> 20 )) MiB)"
-echo "command: bash scripts/gpu-check.sh $bin \$OUT"
+echo "command: bash scripts/gpu-check.sh $bin \$OUT          (timeout_s 600: ours, then the peers)"
+echo "   or, two calls on the same warm machine: ... \$OUT ours, then ... \$OUT peers"
