@@ -330,7 +330,7 @@ fn in_place(kernels: &mut [LProgram], t: &mut Tables, outputs: &mut [(Target, us
     if !matches!(t.tensors[p_new], (Source::Node(_), _, Buf::Work)) || t.tensors.iter().any(|&(.., buf)| buf == Buf::Io) {
         return;
     }
-    let loads = |k: &LProgram, x: usize| k.phases.iter().flat_map(|ph| &ph.ops).filter_map(move |op| matches!(op, LOp::Load(t, ..) if *t == x).then_some(op)).count();
+    let loads = |k: &LProgram, x: usize| k.phases.iter().flat_map(|ph| &ph.ops).filter(|op| matches!(op, LOp::Load(t, ..) if *t == x)).count();
     let stores = |k: &LProgram| k.phases.iter().any(|ph| ph.stores.iter().any(|&(x, ..)| x == p_new));
     let Some(last) = kernels.iter().position(stores) else { return };
     let later = &kernels[last + 1..];

@@ -1,12 +1,13 @@
 //! The GPU check, in one run on a CUDA machine (scripts/gpu-check.sh builds nothing there: it
-//! runs this binary, built on a CPU machine, then ../shared/tools/gpu_peers.py):
+//! runs this binary, built on a CPU machine, then gpu_peers.py — scripts/gpu-stage.sh stages
+//! both):
 //! 1. correctness: every std rule on CUDA tensors (fused, or through layer kernels) against the
 //!    reference backend, 10 steps (Muon on matrices), and against libtorch's C++ optimizer on
 //!    the same GPU where it has one (SGD, Adam, AMSGrad, AdamW);
 //!    every std layer through our CUDA kernels (forward, derived backward, as one autograd node)
 //!    against the same layer lowered to libtorch's own CUDA ops and differentiated by autograd,
-//!    and against libtorch's built-in where it has one (layer, RMS, group, instance and batch
-//!    norm): forward within 1e-5, gradients within 1e-4;
+//!    against the reference backend (f64), and against libtorch's built-in where it has one
+//!    (layer, RMS, group, instance and batch norm): forward within 1e-5, gradients within 1e-4;
 //! 2. speed: each rule's step over the parameter set of gpu_peers.py (212 fp32 tensors: 12 of
 //!    4096x4096, 4 of 4096x1024, 196 of 4096), as a fraction of the device-to-device copy
 //!    bandwidth measured in the same run, and each rule's first-step compile time; the layers
@@ -122,7 +123,7 @@ fn main() {
         let shape: Vec<i64> = if r.entry.axes.len() == 2 { vec![8, 3, 1000] } else { vec![4, 8, 30, 30] };
         match guarded(|| layer_against_torch(&gpu, &reg, &r.name, &shape)) {
             Ok(errs) => {
-                // Forward < 1e-5, gradients < 1e-4, against the lowering and the built-in.
+                // Forward < 1e-5, gradients < 1e-4, against the lowering, the reference and the built-in.
                 let ok = errs.iter().all(|e| e.forward < 1e-5 && e.backward < 1e-4);
                 failed += usize::from(!ok);
                 let each: Vec<String> = errs.iter().map(|e| format!(r#""{}":{{"fwd":{:e},"bwd":{:e}}}"#, e.against, e.forward, e.backward)).collect();
@@ -287,8 +288,8 @@ struct LayerErrors {
 }
 
 /// A layer through our CUDA kernels against the same layer lowered to libtorch's CUDA ops (its
-/// autograd giving the gradients) and against libtorch's built-in where it has one: the largest
-/// relative errors, over training and evaluation.
+/// autograd giving the gradients), against the reference backend (f64), and against libtorch's
+/// built-in where it has one: the largest relative errors, over training and evaluation.
 fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name: &str, shape: &[i64]) -> Result<Vec<LayerErrors>, String> {
     let dev = Device::Cuda(gpu.ordinal());
     let build = |vs: &nn::VarStore| -> Result<DslLayer, String> {
@@ -331,7 +332,7 @@ fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name:
         Ok((fwd, bwd))
     };
     let worst = |a: &[Tensor], b: &[Tensor]| a.iter().zip(b).filter(|(a, b)| a.defined() && b.defined()).map(|(a, b)| rel(a, b)).fold(0f64, f64::max);
-    let mut errs = vec![LayerErrors { against: "lowered", forward: 0.0, backward: 0.0 }];
+    let mut errs = vec![LayerErrors { against: "lowered", forward: 0.0, backward: 0.0 }, LayerErrors { against: "reference", forward: 0.0, backward: 0.0 }];
     for train in [true, false] {
         let x = Tensor::randn(shape, (Kind::Float, dev)) * 2.0 + 0.3;
         let gy = Tensor::randn(shape, (Kind::Float, dev));
@@ -341,14 +342,29 @@ fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name:
         let t = run(&|x| theirs.try_forward_t(x, train).map_err(|e| e.0), theirs.params(), theirs.buffers(), &x, &gy)?;
         errs[0].forward = errs[0].forward.max(worst(&o.0, &t.0));
         errs[0].backward = errs[0].backward.max(worst(&o.1, &t.1));
+        // And against the reference backend (f64, on the CPU), from the same values.
+        let call = check::LayerCall {
+            x: &x,
+            gy: &gy,
+            train,
+            params: ours.params(),
+            buffers_before: &before,
+            buffers_after: &o.0[1..],
+            y: &o.0[0],
+            grad_x: &o.1[0],
+            grad_params: &o.1[1..],
+        };
+        let (f, b) = check::layer_against_reference(&entry, ours.hparams(), &call)?;
+        errs[1].forward = errs[1].forward.max(f);
+        errs[1].backward = errs[1].backward.max(b);
         let builtin = |x: &Tensor| normforge_tch::builtins::layer(&entry, ours.hparams(), x, ours.params(), &before, train).map(|r| r.map_err(|e| e.0));
         if normforge_tch::builtins::LAYERS.contains(&name) {
             let b = run(&|x| builtin(x).unwrap_or_else(|| Err("no built-in".into())), ours.params(), &before, &x, &gy)?;
-            if errs.len() == 1 {
+            if errs.len() == 2 {
                 errs.push(LayerErrors { against: "torch", forward: 0.0, backward: 0.0 });
             }
-            errs[1].forward = errs[1].forward.max(worst(&o.0, &b.0));
-            errs[1].backward = errs[1].backward.max(worst(&o.1, &b.1));
+            errs[2].forward = errs[2].forward.max(worst(&o.0, &b.0));
+            errs[2].backward = errs[2].backward.max(worst(&o.1, &b.1));
         }
     }
     Ok(errs)

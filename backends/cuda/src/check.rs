@@ -1,6 +1,7 @@
 //! Correctness on a GPU, shared by the tests and the GPU check binary: a rule on CUDA tensors
 //! (fused, or through layer kernels) against the reference backend (f64), and against libtorch's own
-//! optimizer where it has one, over several steps.
+//! optimizer where it has one, over several steps; one call of a layer (on any device) against
+//! the reference backend.
 
 use crate::{Arena, CudaOptimizer, Gpu};
 use normforge_cubecl::Dtype;
@@ -93,4 +94,64 @@ pub fn against_builtin(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>]
         Ok(worst)
     };
     Some(run())
+}
+
+/// One training or evaluation call of a layer, forward and backward, as some implementation ran
+/// it: tensors on any device, of any float kind.
+pub struct LayerCall<'a> {
+    pub x: &'a Tensor,
+    /// The output gradient backpropagated (the gradients are those of `sum(y * gy)`).
+    pub gy: &'a Tensor,
+    pub train: bool,
+    pub params: &'a [Tensor],
+    /// The buffers as the call found them, and as it left them.
+    pub buffers_before: &'a [Tensor],
+    pub buffers_after: &'a [Tensor],
+    pub y: &'a Tensor,
+    pub grad_x: &'a Tensor,
+    /// One per parameter (an undefined tensor where it got none).
+    pub grad_params: &'a [Tensor],
+}
+
+/// The largest relative errors (max |diff| / max |reference|) of a layer call against the
+/// reference backend (f64) given the same hyper-parameters, parameters and buffers: of its
+/// output and updated buffers, and of its gradients.
+pub fn layer_against_reference(entry: &Arc<Entry>, hparams: &[f64], call: &LayerCall) -> Result<(f64, f64), String> {
+    let shape = |t: &Tensor| t.size().iter().map(|&d| d as usize).collect::<Vec<_>>();
+    let overrides: Vec<(String, f64)> = entry.hparams.iter().map(|h| h.name.clone()).zip(hparams.iter().copied()).collect();
+    let mut oracle = normforge_reference::Layer::new(entry.clone(), &overrides, &shape(call.x)).map_err(|e| e.0)?;
+    for (mine, theirs) in [(&mut oracle.params, call.params), (&mut oracle.buffers, call.buffers_before)] {
+        if mine.len() != theirs.len() {
+            return Err(format!("{} tensors given, the reference has {}", theirs.len(), mine.len()));
+        }
+        for (m, t) in mine.iter_mut().zip(theirs) {
+            if m.shape != shape(t) {
+                return Err(format!("a tensor of shape {:?} given for one of {:?}", shape(t), m.shape));
+            }
+            m.data = host(t)?;
+        }
+    }
+    let as_ref = |t: &Tensor| normforge_reference::Tensor::new(shape(t), host(t)?).map_err(|e| e.0);
+    let (x, gy) = (as_ref(call.x)?, as_ref(call.gy)?);
+    // The backward first: it reads the buffers as the call found them; the forward updates them.
+    let grads = oracle.backward(&x, &gy, call.train).map_err(|e| e.0)?;
+    let y = oracle.forward(&x, call.train).map_err(|e| e.0)?;
+    let err = |got: &Tensor, want: &normforge_reference::Tensor| -> Result<f64, String> {
+        let got = host(got)?;
+        match got.len() == want.data.len() {
+            true => Ok(rel_err(&got, &want.data)),
+            false => Err(format!("{} values where the reference has {}", got.len(), want.data.len())),
+        }
+    };
+    let mut forward = err(call.y, &y)?;
+    for (got, want) in call.buffers_after.iter().zip(&oracle.buffers) {
+        forward = forward.max(err(got, want)?);
+    }
+    let mut backward = err(call.grad_x, &grads.input)?;
+    for (got, want) in call.grad_params.iter().zip(&grads.params) {
+        if got.defined() {
+            backward = backward.max(err(got, want)?);
+        }
+    }
+    Ok((forward, backward))
 }

@@ -183,6 +183,59 @@ fn the_arena_refuses_mixed_tensors_and_changes_nothing() {
     assert_eq!(a.data_ptr(), before, "the first parameter was not moved");
 }
 
+/// The harness the GPU check holds our CUDA layer kernels to the reference backend with, run
+/// here on libtorch's CPU ops (the lowered layer, differentiated by autograd): every std layer,
+/// training and evaluation, within the GPU check's bounds. A parameter or buffer handed over in
+/// the wrong place, or the buffers read after the forward updated them, would fail it.
+#[test]
+fn layer_calls_hold_to_the_reference_backend() {
+    use normforge_tch::RegistryExt;
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let mut layers = 0;
+    for r in reg.list(None).into_iter().filter(|r| r.entry.kind != EntryKind::Optimizer) {
+        let shape: Vec<i64> = if r.entry.axes.len() == 2 { vec![8, 3, 100] } else { vec![4, 8, 6, 6] };
+        let mut spec = reg.layer(&r.name).unwrap();
+        if r.entry.hparams.iter().any(|h| h.name == "groups") {
+            spec = spec.hparam("groups", 2.0);
+        }
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let layer = spec.build(&vs.root(), &shape).unwrap();
+        tch::manual_seed(5);
+        tch::no_grad(|| {
+            for t in layer.params().iter().chain(layer.buffers()) {
+                t.shallow_clone().copy_(&(Tensor::rand(t.size(), (Kind::Float, tch::Device::Cpu)) * 0.5 + 0.75));
+            }
+        });
+        for train in [true, false] {
+            let x = (Tensor::randn(shape.as_slice(), (Kind::Float, tch::Device::Cpu)) * 2.0 + 0.3).set_requires_grad(true);
+            let gy = Tensor::randn(shape.as_slice(), (Kind::Float, tch::Device::Cpu));
+            for p in layer.params() {
+                p.shallow_clone().zero_grad();
+            }
+            let before: Vec<Tensor> = layer.buffers().iter().map(Tensor::copy).collect();
+            let y = layer.try_forward_t(&x, train).unwrap();
+            (&y * &gy).sum(Kind::Float).backward();
+            let grads: Vec<Tensor> = layer.params().iter().map(Tensor::grad).collect();
+            let call = normforge_cuda::check::LayerCall {
+                x: &x,
+                gy: &gy,
+                train,
+                params: layer.params(),
+                buffers_before: &before,
+                buffers_after: layer.buffers(),
+                y: &y,
+                grad_x: &x.grad(),
+                grad_params: &grads,
+            };
+            let (fwd, bwd) = normforge_cuda::check::layer_against_reference(&r.entry, layer.hparams(), &call).unwrap_or_else(|e| panic!("{}: {e}", r.name));
+            assert!(fwd < 1e-5 && bwd < 1e-4, "{} (train: {train}): forward {fwd:e}, backward {bwd:e}", r.name);
+        }
+        layers += 1;
+    }
+    assert!(layers >= 19, "{layers} layers");
+}
+
 /// The GPU half: skipped, visibly, without a GPU; on one, every rule on CUDA tensors (fused or
 /// through layer kernels) follows the reference backend for 10 steps (the GPU check script runs these with a GPU).
 #[test]
