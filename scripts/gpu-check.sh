@@ -4,7 +4,8 @@
 #   there: bash scripts/gpu-check.sh [BINARY] [OUT_DIR] [all|ours|peers]
 # It uses that machine's PyTorch (python3, CUDA build) for libtorch and its NVRTC/driver, runs
 # the correctness checks and our timings, then gpu_peers.py in the same session, and prints
-# both. Figures go into BENCHMARKS.md with the card's name. A device call lasts at most 600 s:
+# both, then every figure against its target (scripts/gpu-table.py, also $OUT/table.md).
+# Figures go into BENCHMARKS.md with the card's name. A device call lasts at most 600 s:
 # `all` gives our binary 330 s and the peers what is left of 570; `ours` and `peers` alone (two
 # calls on the same warm machine, each measuring its own copy bandwidth) 570 s each. Each
 # writes its figures as it measures them, so a part cut short keeps what it measured.
@@ -43,4 +44,6 @@ if [ "$parts" != ours ]; then
         tail -n 40 "$out/peers.log"
     fi
 fi
+# Every figure against its target, beside the peers' (also written to $out/table.md).
+python3 "$root/scripts/gpu-table.py" "$out" || echo "gpu-check: the summary table failed; the figures are in $out/*.jsonl"
 exit $rc

@@ -36,5 +36,7 @@ cargo test -j "$jobs" --workspace --all-targets 2>&1 | tee "$log"
 nf="${CARGO_TARGET_DIR:-target}/debug/normforge"
 "$nf" check plugins/std/nf/*.nf
 "$nf" fmt --check plugins/std/nf/*.nf
+# The GPU check's summary reads its figures right (made-up records; no GPU needed).
+python3 scripts/gpu-table.py --self-test
 # One closing line over every test binary, in the plain form CI reads.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
