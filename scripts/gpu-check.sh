@@ -19,6 +19,12 @@ mkdir -p "$out"
 start=$SECONDS
 torch_lib="$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export LD_LIBRARY_PATH="$torch_lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+# NVRTC and the CUDA headers: the toolkit's, else those of torch's own CUDA wheels.
+wheels="$(dirname "$(dirname "$torch_lib")")/nvidia/cu13"
+[ -d "$wheels/lib" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$wheels/lib"
+if ! [ -f /usr/local/cuda/include/cuda_bf16.h ] && [ -f "$wheels/include/cuda_bf16.h" ]; then
+    export NORMFORGE_CUDA_INCLUDE="${NORMFORGE_CUDA_INCLUDE:-$wheels/include}"
+fi
 export NORMFORGE_CACHE_DIR="$out/ptx-cache"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 rc=0
