@@ -16,6 +16,11 @@ if ! [ -f "$peers" ]; then
 fi
 install -m 0644 "$peers" target/gpu_peers.py
 bin=target/debug/examples/gpu_check
+# Every library the binary links resolves against a libtorch alone (there: the machine's torch).
+if LD_LIBRARY_PATH="$LIBTORCH/lib" ldd "$bin" | grep 'not found'; then
+    echo "gpu-stage: $bin needs libraries a torch installation does not give" >&2
+    exit 1
+fi
 size=$(( $(stat -c %s "$bin") + $(stat -c %s target/gpu_peers.py) ))
 echo "carry:   [\"$bin\", \"target/gpu_peers.py\"]   ($(( size >> 20 )) MiB)"
 echo "command: bash scripts/gpu-check.sh $bin \$OUT          (timeout_s 600: ours, then the peers)"
