@@ -41,6 +41,12 @@ impl Source {
     pub fn computed(self) -> bool {
         matches!(self, Source::Node(_) | Source::Partial(_) | Source::Blocked(_))
     }
+
+    /// Whether a layer's caller hands it over with every call: a parameter or a buffer, which
+    /// [`layout`] places first in the work arena, side by side.
+    pub fn handed(self) -> bool {
+        matches!(self, Source::Param(_) | Source::Buffer(_))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -895,17 +901,26 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
         }
     }
     let (mut io_len, mut work_len) = (0usize, 0usize);
-    let mut offsets = Vec::new();
-    for &(_, shape, buf) in &plan.tensors {
-        let mut own = 0;
-        let end = match buf {
-            Buf::Io => &mut io_len,
-            Buf::Work => &mut work_len,
-            Buf::Input | Buf::GradOutput => &mut own,
-        };
-        offsets.push(*end);
-        meta.push(u32::try_from(*end).map_err(|_| too_big())?);
-        *end += sizes[shape];
+    let mut offsets = vec![0; plan.tensors.len()];
+    // The work arena starts with what a caller hands over each call (parameters, buffers), side
+    // by side in table order, so that one copy brings them all; then the rest.
+    for handed in [true, false] {
+        for (t, &(src, shape, buf)) in plan.tensors.iter().enumerate() {
+            if Source::handed(src) != handed {
+                continue;
+            }
+            let mut own = 0;
+            let end = match buf {
+                Buf::Io => &mut io_len,
+                Buf::Work => &mut work_len,
+                Buf::Input | Buf::GradOutput => &mut own,
+            };
+            offsets[t] = *end;
+            *end += sizes[shape];
+        }
+    }
+    for &o in &offsets {
+        meta.push(u32::try_from(o).map_err(|_| too_big())?);
     }
     u32::try_from(sizes.iter().fold(io_len.max(work_len), |a, &b| a.max(b))).map_err(|_| too_big())?;
     let query = |op: &Op| match op {

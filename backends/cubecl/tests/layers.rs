@@ -297,6 +297,33 @@ fn laid(entry: &normforge_dsl::ir::Entry, prog: &normforge_dsl::ir::Program, sha
     normforge_cubecl::layout(&normforge_cubecl::plan(entry, prog).unwrap(), &b, &hp, 0.0, launch).unwrap()
 }
 
+/// Every std layer's parameters and buffers, in its forward and backward, lie side by side at
+/// the start of the work arena, in table order, so the CUDA path copies them in with one
+/// launch (not one per tensor: three for DyT, beside its one forward kernel); nothing else
+/// lies there.
+#[test]
+fn handed_tensors_open_the_work_arena() {
+    for r in registry().list(None) {
+        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &r.entry.programs else { continue };
+        let shape: Vec<usize> = if r.entry.axes.len() == 2 { vec![6, 3, 40] } else { vec![2, 8, 5, 5] };
+        for prog in [train, train_backward] {
+            let plan = normforge_cubecl::plan(&r.entry, prog).unwrap();
+            let lay = laid(&r.entry, prog, &shape, &Launch::default());
+            let mut end = 0;
+            for (t, &(src, ..)) in plan.tensors.iter().enumerate().filter(|(_, x)| x.0.handed()) {
+                assert_eq!(plan.tensors[t].2, Buf::Work, "{}: {src:?}", r.name);
+                assert_eq!(lay.offsets[t], end, "{}: {src:?} not where the last one ends", r.name);
+                end += lay.len(&plan, t);
+            }
+            for (t, &(src, _, buf)) in plan.tensors.iter().enumerate() {
+                if buf == Buf::Work && !src.handed() {
+                    assert!(lay.offsets[t] >= end, "{}: {src:?} among the handed tensors", r.name);
+                }
+            }
+        }
+    }
+}
+
 /// The row kernels of `name`'s `pass` launched at `shape`: per kernel, the loads it keeps in
 /// registers and how many of its phases read the input, and the output gradient, from memory.
 fn kept_and_reads(name: &str, pass: &str, shape: &[usize], launch: &Launch) -> Vec<(usize, usize, usize)> {

@@ -136,11 +136,19 @@ impl PlanKernels {
             None => Tensor::empty([lay.work_len.max(1) as i64], (Kind::Float, dev)),
         };
         let (mut x, mut dy) = (None, None);
+        // The parameters and buffers, which `layout` places side by side at the start of the
+        // work arena: one copy for all of them (a layer norm's forward launches one kernel).
+        let mut handed: Vec<Tensor> = Vec::new();
+        let mut handed_len = 0;
         for (t, &(src, _, buf)) in plan.tensors.iter().enumerate() {
             let (off, len) = (lay.offsets[t] as i64, lay.len(plan, t) as i64);
             match data(src) {
                 Some(d) if d.numel() as i64 != len => return Err(Error(format!("{src:?} has {} values, the plan expects {len}", d.numel()))),
                 Some(d) if d.device() != dev => return Err(Error(format!("{src:?} is on {:?}, these kernels run on cuda:{}", d.device(), self.gpu.ordinal()))),
+                Some(d) if buf == Buf::Work && src.handed() && off == handed_len => {
+                    handed.push(d.reshape([-1]).to_kind(Kind::Float));
+                    handed_len += len;
+                }
                 Some(d) => match buf {
                     // (No copy unless `d` is strided or of another dtype.)
                     Buf::Input => x = Some(d.reshape([-1]).to_kind(kind_of(io)).contiguous()),
@@ -153,6 +161,11 @@ impl PlanKernels {
                 None if kept && matches!(src, Source::State(_)) => {}
                 None => return Err(Error(format!("{src:?} is missing"))),
             }
+        }
+        match handed.len() {
+            0 => {}
+            1 => work.narrow(0, 0, handed_len).copy_(&handed[0]),
+            _ => _ = Tensor::f_cat_out(&work.narrow(0, 0, handed_len), &handed, 0).map_err(err)?,
         }
         // A plan that reads no input or gradient still binds a buffer there (never read).
         let x = x.unwrap_or_else(|| io_arena.shallow_clone());
