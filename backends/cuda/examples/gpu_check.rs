@@ -239,6 +239,11 @@ fn main() {
                     fwd.push((label, t));
                 }
                 let t = time_ms(&gpu, 20, || {
+                    // Fresh gradients each run, as the peers' `grad = None`: else each run
+                    // after the first adds into x's gradient (three more passes over x).
+                    for v in std::iter::once(&x).chain(layer.params()) {
+                        normforge_tch::shim::clear_grad(&mut v.shallow_clone()).expect("clear a gradient");
+                    }
                     let y = layer.try_forward_t(&x, true).expect("forward");
                     normforge_tch::shim::backward_with_grad(&y, &gy).expect("backward");
                 });

@@ -157,6 +157,17 @@ char* nf_backward_with_grad(const at::Tensor* y, const at::Tensor* gy) {
 
 // var.grad = grad (same shape, dtype and device), so autograd accumulates into `grad`'s memory.
 // Returns null, or an error message (free with nf_free).
+char* nf_clear_grad(at::Tensor* var) {
+    try {
+        var->mutable_grad().reset();
+        return nullptr;
+    } catch (const c10::Error& e) {
+        return copy_message(e.what_without_backtrace());
+    } catch (const std::exception& e) {
+        return copy_message(e.what());
+    }
+}
+
 char* nf_set_grad(at::Tensor* var, const at::Tensor* grad) {
     try {
         TORCH_CHECK(var->sizes() == grad->sizes() && var->dtype() == grad->dtype() && var->device() == grad->device(),

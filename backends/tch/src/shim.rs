@@ -45,6 +45,7 @@ extern "C" {
     fn nf_function_apply(cb: Callbacks, train: bool, inputs: *const *const C_tensor, n: usize, err: *mut *mut c_char) -> *mut C_tensor;
     fn nf_free(p: *mut c_char);
     fn nf_set_grad(var: *mut C_tensor, grad: *const C_tensor) -> *mut c_char;
+    fn nf_clear_grad(var: *mut C_tensor) -> *mut c_char;
     fn nf_backward_with_grad(y: *const C_tensor, gy: *const C_tensor) -> *mut c_char;
     fn nf_current_cuda_stream(device: i32, out: *mut *mut c_void) -> i32;
     fn nf_upload_pinned(bytes: *const u8, n: usize, device: i32, err: *mut *mut c_char) -> *mut C_tensor;
@@ -116,6 +117,14 @@ fn message_or_ok(err: *mut c_char) -> Result<(), Error> {
 pub fn set_grad(var: &mut Tensor, grad: &Tensor) -> Result<(), Error> {
     // SAFETY: two live tensors; the shim checks shape, dtype and device and catches errors.
     message_or_ok(unsafe { nf_set_grad(var.as_mut_ptr(), grad.as_ptr()) })
+}
+
+/// Leave `var` with no gradient (PyTorch's `var.grad = None`), so the next backpropagation
+/// hands it a fresh one instead of adding into the old: what `zero_grad(set_to_none=True)` does,
+/// and what the peers' benchmarks do before each timed run.
+pub fn clear_grad(var: &mut Tensor) -> Result<(), Error> {
+    // SAFETY: a live tensor; the shim catches libtorch's errors.
+    message_or_ok(unsafe { nf_clear_grad(var.as_mut_ptr()) })
 }
 
 unsafe fn take_message(err: *mut c_char) -> String {
