@@ -1,13 +1,15 @@
 //! The compile half of a first step, with no GPU: every standard update rule's kernels (step and
 //! state initialiser) as the CUDA path compiles them — CubeCL's expansion to CUDA C++, then
 //! NVRTC to PTX for compute_90 with no cache — and the layers of the GPU check as launched at
-//! its shapes (forward and backward, loads kept in registers where the rows allow). Loading the
-//! PTX on a device is left out. A bench binary, not a test (`cargo bench -p normforge-cuda
+//! its shapes (forward and backward, loads kept in registers where the rows allow), NVRTC
+//! taking a rule's or a layer's kernels in parallel as the CUDA path does, on every core.
+//! Loading the PTX on a device is left out. A bench binary, not a test (`cargo bench -p normforge-cuda
 //! --bench compile`, NVRTC from `scripts/setup-libtorch.sh` on `LD_LIBRARY_PATH`); prints
 //! Markdown tables. Each rule and layer gets a fresh compiler, so none reuses another's PTX.
 
 use normforge_cubecl::emit::{layer_unit, Lang, Unit};
 use normforge_cubecl::{emit_units, layout, plan, Dtype, Launch};
+use normforge_cuda::parallel::each_in_parallel;
 use normforge_cuda::Compiler;
 use normforge_dsl::ir::{Kind, Programs};
 use normforge_registry::Registry;
@@ -26,10 +28,9 @@ fn main() {
         let start = Instant::now();
         let units = units();
         let expand = start.elapsed();
+        // In parallel, as the CUDA path compiles a rule's or a layer's kernels.
         let start = Instant::now();
-        for u in &units {
-            nvrtc.compile(&u.source).expect("compiles");
-        }
+        each_in_parallel(&units, |u| nvrtc.compile(&u.source).map(|_| ())).expect("compiles");
         (units.len(), expand, start.elapsed())
     };
     let row = |name: &str, (n, expand, nvrtc): (usize, Duration, Duration)| {

@@ -10,6 +10,7 @@ pub mod driver;
 pub mod layer;
 pub mod nvrtc;
 pub mod optimizer;
+pub mod parallel;
 pub mod plans;
 pub mod upload;
 

@@ -9,6 +9,7 @@
 
 use crate::arena::Arena;
 use crate::driver::{self, Gpu, Kernel};
+use crate::parallel::each_in_parallel;
 use crate::plans::{kind_of, pick, PlanKernels};
 use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
@@ -308,7 +309,10 @@ impl CudaOptimizer {
 
 /// The kernels of each phase, compiled and loaded.
 fn phases(gpu: &Gpu, prog: &Compiled, state: Dtype) -> Result<Vec<Phase>, Error> {
-    let mut units = emit::program_units(prog, state, Lang::Cuda)?.into_iter();
+    let units = emit::program_units(prog, state, Lang::Cuda)?;
+    // Compiled at once; taken below in launch order from the loaded ones.
+    each_in_parallel(&units, |u| gpu.kernel(&u.source, u.shared_bytes).map(|_| ()))?;
+    let mut units = units.into_iter();
     let mut out = Vec::new();
     for p in &prog.phases {
         let unit = units.next().expect("one unit per phase");

@@ -8,6 +8,7 @@
 //! reductions: small for a layer). Outputs are views of the arenas.
 
 use crate::driver::{self, Gpu, Kernel};
+use crate::parallel::each_in_parallel;
 use crate::upload::{words, Cache};
 use normforge_cubecl::emit::{layer_unit, Lang};
 use normforge_cubecl::kernel::{Buf, LProgram};
@@ -60,12 +61,16 @@ impl PlanKernels {
     /// Compile (or load from the cache) every kernel `plan` may launch, in every form of its
     /// reductions, so the first run pays no compile time.
     pub fn prepare(&self, plan: &Plan, io: Dtype) -> Result<(), Error> {
+        let mut variants: Vec<LProgram> = Vec::new();
         for k in &plan.kernels {
             for (per_value, last) in [(1, 1), (usize::MAX, 1), (usize::MAX, usize::MAX)] {
-                self.kernel(&launched(k, per_value, last, &self.launch), io)?;
+                let v = launched(k, per_value, last, &self.launch);
+                if !variants.contains(&v) {
+                    variants.push(v);
+                }
             }
         }
-        Ok(())
+        each_in_parallel(&variants, |k| self.kernel(k, io).map(|_| ()))
     }
 
     fn kernel(&self, k: &LProgram, io: Dtype) -> Result<Kernel, Error> {
@@ -174,6 +179,8 @@ impl PlanKernels {
         let tables = self.uploads.pack(vec![words(&lay.meta), words(&lay.scalars), driver::info(&lengths)], dev);
         let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal()).ok_or_else(|| Error("libtorch's CUDA support is not loaded".into()))?;
         let ptr = |t: &Tensor| t.data_ptr() as u64;
+        // A first call compiles its kernels at once (later calls find them loaded).
+        each_in_parallel(&lay.launches, |(k, _)| self.kernel(k, io).map(|_| ()))?;
         for (k, grid) in &lay.launches {
             let kernel = self.kernel(k, io)?;
             let bufs: [u64; LAYER_BUFFERS] = [ptr(&x), ptr(&dy), ptr(&io_arena), ptr(&work), tables.ptr(0), tables.ptr(1)];
