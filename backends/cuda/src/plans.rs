@@ -179,8 +179,13 @@ impl PlanKernels {
         let tables = self.uploads.pack(vec![words(&lay.meta), words(&lay.scalars), driver::info(&lengths)], dev);
         let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal()).ok_or_else(|| Error("libtorch's CUDA support is not loaded".into()))?;
         let ptr = |t: &Tensor| t.data_ptr() as u64;
-        // A first call compiles its kernels at once (later calls find them loaded).
-        each_in_parallel(&lay.launches, |(k, _)| self.kernel(k, io).map(|_| ()))?;
+        // A first call compiles its kernels at once; later ones find them loaded and start no
+        // thread.
+        let missing: Vec<&LProgram> = {
+            let loaded = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
+            lay.launches.iter().map(|(k, _)| k).filter(|k| !loaded.contains_key(&((*k).clone(), io))).collect()
+        };
+        each_in_parallel(&missing, |k| self.kernel(k, io).map(|_| ()))?;
         for (k, grid) in &lay.launches {
             let kernel = self.kernel(k, io)?;
             let bufs: [u64; LAYER_BUFFERS] = [ptr(&x), ptr(&dy), ptr(&io_arena), ptr(&work), tables.ptr(0), tables.ptr(1)];
