@@ -467,6 +467,51 @@ impl LPhase {
     pub fn strided(&self) -> bool {
         !matches!(self.reach, Reach::Finer(_))
     }
+
+    /// Per op, the scalar and its truth under which alone the phase uses the op's value, if
+    /// there is one: where only a branch of a `select` on a uniform value (AdamP's `nesterov`)
+    /// reads a tensor, the kernel loads it only when the scalar takes that branch — one kernel
+    /// for either value, and no pass over memory for the branch not taken. (Conservative: an
+    /// op needed under several conditions is needed always.)
+    pub fn guards(&self) -> Vec<Option<(usize, bool)>> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Need {
+            Never,
+            When(usize, bool),
+            Always,
+        }
+        let join = |a: Need, b: Need| match (a, b) {
+            (Need::Never, x) | (x, Need::Never) => x,
+            (x, y) if x == y => x,
+            _ => Need::Always,
+        };
+        let mut need = vec![Need::Never; self.ops.len()];
+        for &v in self.reduces.iter().map(|r| &r.1).chain(self.stores.iter().map(|s| &s.1)) {
+            need[v] = Need::Always;
+        }
+        for i in (0..self.ops.len()).rev() {
+            let n = need[i];
+            if n == Need::Never {
+                continue;
+            }
+            let LOp::Pure(op) = self.ops[i] else { continue };
+            if let Pure::Select(c, x, y) = op {
+                if let LOp::Pure(Pure::Scalar(s)) = self.ops[c] {
+                    // Under a branch already guarded, its guard stands (a superset of both).
+                    let under = |b: bool| if n == Need::Always { Need::When(s, b) } else { n };
+                    need[c] = join(need[c], n);
+                    need[x] = join(need[x], under(true));
+                    need[y] = join(need[y], under(false));
+                    continue;
+                }
+            }
+            op.map(|a| {
+                need[a] = join(need[a], n);
+                a
+            });
+        }
+        need.into_iter().zip(&self.ops).map(|(n, op)| if let (Need::When(s, b), LOp::Load(..)) = (n, op) { Some((s, b)) } else { None }).collect()
+    }
 }
 
 /// What one value of a reduction phase folds, relative to the kernel's target element. Column
@@ -933,17 +978,24 @@ fn element<F: Float>(
             LOp::Load(t, s, buf) => {
                 // (register, whether this phase fills it)
                 let kept = comptime! { at.and_then(|m| prog.kept_slot(ph, (t, s, buf)).map(|(c, fills)| (c * unroll + m, fills))) };
+                // (A kept load fills registers later phases read: never skipped.)
+                let guard = comptime! { if kept.is_some() { None } else { prog.phases[ph].guards()[k] } };
                 if comptime! { kept.is_some_and(|(_, fills)| !fills) } {
                     r.push(cache[comptime! { kept.unwrap().0 }]);
-                } else {
-                    let sb = comptime! { 3 * prog.rank * s };
-                    let mut off = meta[tbase + t] as usize;
-                    #[unroll]
-                    for q in 0..rank {
-                        let a = comptime! { rank - 1 - q };
-                        off += offset_along(idx[q], meta, comptime! { sb + rank + a }, comptime! { sb + 2 * rank + a }, comptime! { prog.kinds[s][a] });
+                } else if comptime! { guard.is_some() } {
+                    // Read only where the branch using it is taken (a uniform branch).
+                    let (sc, want) = comptime! { guard.unwrap() };
+                    let mut take = scalars[sc] != 0.0;
+                    if comptime! { !want } {
+                        take = !take;
                     }
-                    let v = read::<F>(off, x, dy, io, work, buf);
+                    let mut v = 0f32;
+                    if take {
+                        v = gather::<F>(&idx, x, dy, io, work, meta, prog.clone(), t, s, buf);
+                    }
+                    r.push(v);
+                } else {
+                    let v = gather::<F>(&idx, x, dy, io, work, meta, prog.clone(), t, s, buf);
                     if comptime! { kept.is_some() } {
                         cache[comptime! { kept.unwrap().0 }] = v;
                     }
@@ -981,6 +1033,22 @@ fn element<F: Float>(
             }
         }
     }
+}
+
+/// Tensor `t`'s value (read through shape `s`) where domain element `idx` falls, in f32.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn gather<F: Float>(idx: &Sequence<usize>, x: &[F], dy: &[F], io: &mut [F], work: &mut [f32], meta: &[u32], #[comptime] prog: LProgram, #[comptime] t: usize, #[comptime] s: usize, #[comptime] buf: Buf) -> f32 {
+    let rank = comptime! { prog.rank };
+    let tbase = comptime! { 3 * prog.rank * prog.shapes };
+    let sb = comptime! { 3 * prog.rank * s };
+    let mut off = meta[tbase + t] as usize;
+    #[unroll]
+    for q in 0..rank {
+        let a = comptime! { rank - 1 - q };
+        off += offset_along(idx[q], meta, comptime! { sb + rank + a }, comptime! { sb + 2 * rank + a }, comptime! { prog.kinds[s][a] });
+    }
+    read::<F>(off, x, dy, io, work, buf)
 }
 
 /// The value at `off` of the buffer `buf`, in f32.

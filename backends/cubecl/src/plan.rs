@@ -152,6 +152,10 @@ impl Tables {
     }
 }
 
+/// Ops built for some roots, the roots' registers, and the nodes computed in the kernel's own
+/// axis order.
+type Built = (Vec<LOp>, Vec<usize>, Vec<u32>);
+
 pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
     plan_stacked(entry, p, 0)
 }
@@ -168,12 +172,14 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
     let rank = entry.axes.len();
     let mut kernels = Vec::new();
 
-    // The ops computing `roots` from tensors and scalars; returns their registers. A node is
-    // computed once per axis order it is needed in: under `swap(a, o, j)`, `a`'s loads read
-    // their tensors with `o` and `j` exchanged (a view, no copy).
+    // The ops computing `roots` from tensors and scalars; returns their registers, and which
+    // nodes they computed in the kernel's own axis order. A node is computed once per axis
+    // order it is needed in: under `swap(a, o, j)`, `a`'s loads read their tensors with `o`
+    // and `j` exchanged (a view, no copy). Nodes `stored` by an earlier kernel are loaded.
     let identity: Vec<usize> = (0..rank).collect();
-    let build = |roots: &[u32], t: &mut Tables, uniforms: &mut Uniforms| -> Result<(Vec<LOp>, Vec<usize>), Error> {
-        let leaf = |i: usize, uniforms: &Uniforms| uniforms.flags[i] || materialized[i];
+    let build = |roots: &[u32], stored: &[bool], t: &mut Tables, uniforms: &mut Uniforms| -> Result<Built, Error> {
+        let loaded = |i: usize| materialized[i] || stored[i];
+        let leaf = |i: usize, uniforms: &Uniforms| uniforms.flags[i] || loaded(i);
         // Uniform values are one number in every order.
         let order = |a: u32, perm: &[usize], uniforms: &Uniforms| if uniforms.flags[a as usize] { identity.clone() } else { perm.to_vec() };
         let mut needed: Vec<Vec<Vec<usize>>> = vec![Vec::new(); n];
@@ -204,7 +210,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
                 let load = |src: Source, t: &mut Tables| t.load(src, &node.shape, perm);
                 let op = if uniforms.flags[i] {
                     LOp::Pure(Pure::Scalar(uniforms.export(i as u32)))
-                } else if materialized[i] {
+                } else if loaded(i) {
                     load(Source::Node(i as u32), t)
                 } else {
                     match &node.op {
@@ -235,25 +241,51 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
                 reg.insert((i as u32, perm.clone()), ops.len() - 1);
             }
         }
-        Ok((ops, roots.iter().map(|r| reg[&(*r, order(*r, &identity, uniforms))]).collect()))
+        let own = (0..n as u32).filter(|&i| !leaf(i as usize, uniforms) && needed[i as usize].contains(&identity)).collect();
+        Ok((ops, roots.iter().map(|r| reg[&(*r, order(*r, &identity, uniforms))]).collect(), own))
     };
+    // A stacked rule's new states, each stored by the first reduction phase that computes it
+    // over its elements (that phase reads the old state and the gradient anyway), and loaded
+    // by the update, which then need not read them again: LAMB's `compile_for`, for rules
+    // through layer kernels. (f32 states only: the work arena's; a narrower state dtype is
+    // rounded after the step, from the same values.)
+    let new_states: Vec<u32> = if lead > 0 { p.outputs.iter().filter(|o| matches!(o.target, Target::State(_)) && !uniforms.flags[o.node as usize] && !materialized[o.node as usize]).map(|o| o.node).collect() } else { Vec::new() };
+    // Per node stored so, the first kernel's target and domain (shape-table entries) of the
+    // reduction storing it.
+    let mut host: Vec<Option<(usize, usize)>> = vec![None; n];
 
     for (i, node) in p.nodes.iter().enumerate() {
         if !materialized[i] {
             continue;
         }
         let Op::Reduce(r, a) = &node.op else { unreachable!() };
-        let (ops, regs) = build(&[*a], &mut t, &mut uniforms)?;
-        let out = t.tensor(Source::Node(i as u32), &node.shape, Buf::Work);
         let arg = &p.nodes[*a as usize].shape;
+        let mid = two_stage(arg, &node.shape, lead);
         let domain = t.shape(arg);
         let target = t.shape(&node.shape);
-        let reduction = |domain, ops, value, out, target| LProgram {
+        let first = mid.as_ref().map_or(target, |m| t.shape(m));
+        // A reduction that may share the storing one's walk (`fuse`, `merge`: same kernel
+        // target, same domain) computes the state again, for nothing (the ops are shared);
+        // any other loads it.
+        let loaded: Vec<bool> = host.iter().map(|h| h.is_some_and(|h| h != (first, domain))).collect();
+        let (mut ops, mut regs, own) = build(&[*a], &loaded, &mut t, &mut uniforms)?;
+        let hosted: Vec<u32> = new_states.iter().copied().filter(|&s| host[s as usize].is_none() && own.contains(&s) && p.nodes[s as usize].shape == *arg).collect();
+        let mut stores = Vec::new();
+        if !hosted.is_empty() {
+            let roots: Vec<u32> = std::iter::once(*a).chain(hosted.iter().copied()).collect();
+            (ops, regs, _) = build(&roots, &loaded, &mut t, &mut uniforms)?;
+            for (k, &s) in hosted.iter().enumerate() {
+                stores.push((t.tensor(Source::Node(s), arg, Buf::Work), regs[k + 1], false));
+                host[s as usize] = Some((first, domain));
+            }
+        }
+        let out = t.tensor(Source::Node(i as u32), &node.shape, Buf::Work);
+        let reduction = |domain, ops, value, out, target, stores| LProgram {
             rank,
             shapes: 0,
             kinds: Vec::new(),
             target,
-            phases: vec![LPhase { domain, ops, reduces: vec![(reduce(*r), value, out)], stores: Vec::new(), reach: Reach::Element }],
+            phases: vec![LPhase { domain, ops, reduces: vec![(reduce(*r), value, out)], stores, reach: Reach::Element }],
             cooperative: true,
             values_per_cube: 1,
             values_per_unit: 1,
@@ -262,17 +294,16 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             keep: 0,
             units: BLOCK,
         };
-        match two_stage(arg, &node.shape, lead) {
+        match mid {
             // Several axes folded: first a partial value per index of one of them, then a
             // fold of those.
             Some(mid) => {
                 let part = t.tensor(Source::Partial(i as u32), &mid, Buf::Work);
-                let mid_shape = t.shape(&mid);
-                kernels.push(reduction(domain, ops, regs[0], part, mid_shape));
+                kernels.push(reduction(domain, ops, regs[0], part, first, stores));
                 let load = t.load(Source::Partial(i as u32), &mid, &identity);
-                kernels.push(reduction(mid_shape, vec![load], 0, out, target));
+                kernels.push(reduction(first, vec![load], 0, out, target, Vec::new()));
             }
-            None => kernels.push(reduction(domain, ops, regs[0], out, target)),
+            None => kernels.push(reduction(domain, ops, regs[0], out, target, stores)),
         }
     }
     // Outputs that are reductions are already in their tensors; the rest, by shape.
@@ -285,7 +316,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
         // may be loaded again, stay f32.
         let io = !materialized && matches!(o.target, Target::Y | Target::GradInput);
         outputs.push((o.target, t.tensor(Source::Node(o.node), &node.shape, if io { Buf::Io } else { Buf::Work })));
-        if !materialized {
+        if !materialized && host[o.node as usize].is_none() {
             match by_shape.iter_mut().find(|(s, _)| *s == node.shape) {
                 Some((_, v)) if v.contains(&o.node) => {}
                 Some((_, v)) => v.push(o.node),
@@ -295,7 +326,8 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
     }
     for (shape, nodes) in by_shape {
         // Materialized nodes are loaded, not recomputed: treat the outputs as roots only.
-        let (ops, regs) = build(&nodes, &mut t, &mut uniforms)?;
+        let stored: Vec<bool> = host.iter().map(Option::is_some).collect();
+        let (ops, regs, _) = build(&nodes, &stored, &mut t, &mut uniforms)?;
         let target = t.shape(&shape);
         let stores = nodes
             .iter()
@@ -578,8 +610,10 @@ fn refines(fine: &Shape, coarse: &Shape) -> bool {
 /// the last), so a layer norm's output joins its row statistics, not its column sums.
 fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf)], lead: usize) -> Vec<LProgram> {
     let mut out: Vec<LProgram> = Vec::new();
-    // Per fused kernel, the tensors its reductions write, in phase order.
+    // Per fused kernel, the tensors its reductions write, in phase order; and those its phases
+    // store, with the domain they store them over.
     let mut made: Vec<Vec<usize>> = Vec::new();
+    let mut stored: Vec<Vec<(usize, usize)>> = Vec::new();
     for k in kernels {
         let target = k.target;
         for mut phase in k.phases {
@@ -588,9 +622,13 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             // It may not run before a kernel that computes what it reads, nor inside one whose
             // results it reads transposed: those are other cubes' values.
             let transposed = |t: usize| phase.ops.iter().any(|op| matches!(*op, LOp::Load(u, s, _) if u == t && s != tensors[t].1));
+            // A stored value is read in a later kernel, or in its own kernel by a phase walking
+            // the same domain, whose units then read what they stored themselves.
+            let own_walk = |t: usize, d: usize| d == phase.domain && !transposed(t) && phase.ops.iter().all(|op| !matches!(*op, LOp::Load(u, s, _) if u == t && s != phase.domain));
             let after = reads
                 .iter()
                 .filter_map(|&t| made.iter().position(|m| m.contains(&t)).map(|g| g + usize::from(transposed(t))))
+                .chain(reads.iter().filter_map(|&t| stored.iter().enumerate().find_map(|(g, st)| st.iter().find(|&&(u, _)| u == t).map(|&(_, d)| g + usize::from(!own_walk(t, d))))))
                 .max()
                 .unwrap_or(0);
             // (Elementwise work never joins a kernel of a single value: that is one cube.)
@@ -604,6 +642,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
                 None => {
                     out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK });
                     made.push(Vec::new());
+                    stored.push(Vec::new());
                     out.len() - 1
                 }
             };
@@ -616,6 +655,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
                 }
             }
             made[g].extend(phase.reduces.iter().map(|r| r.2));
+            stored[g].extend(phase.stores.iter().map(|st| (st.0, phase.domain)));
             out[g].phases.push(phase);
         }
     }

@@ -77,6 +77,48 @@ fn rules_match_the_reference_over_fifty_tensors() {
     }
 }
 
+/// Every bool hyper-parameter away from its default: a rule through layer kernels loads what
+/// only one branch of a `select` on such a value reads only when that branch is taken
+/// (`LPhase::guards`), so both values must give the reference's steps.
+#[test]
+fn bool_hyper_parameters_take_either_branch() {
+    let reg = registry();
+    let device = cpu_device().expect("lavapipe (mesa-vulkan-drivers) is installed by scripts/test.sh");
+    let mut flipped = 0;
+    for r in reg.list(None) {
+        let Some(&(_, lr)) = ELEMENTWISE.iter().find(|(n, _)| *n == r.name).or((r.name == "muon").then_some(&("muon", 0.02))) else { continue };
+        let entry = r.entry;
+        // Matrices of several shapes (Muon takes nothing else), in stacks of two, and a vector.
+        let mut shapes: Vec<Vec<usize>> = vec![vec![9, 4], vec![9, 4], vec![4, 33], vec![17, 17]];
+        if r.name != "muon" {
+            shapes.push(vec![300]);
+        }
+        for hp in entry.hparams.iter().filter(|h| h.ty == normforge_dsl::ir::HType::Bool) {
+            let mut h = vec![("lr".to_string(), lr), (hp.name.clone(), 1.0 - hp.default)];
+            if entry.hparams.iter().any(|p| p.name == "momentum") {
+                h.push(("momentum".into(), 0.9));
+            }
+            let mut ours = CubeOptimizer::new(entry.clone(), &h, &device).unwrap();
+            let mut oracle = Optimizer::new(entry.clone(), &h).unwrap();
+            let mut p32: Vec<Vec<f32>> = shapes.iter().enumerate().map(|(i, s)| values(i as u64 + 11, s.iter().product()).iter().map(|&x| x as f32).collect()).collect();
+            let mut p64: Vec<Tensor> = p32.iter().zip(&shapes).map(|(v, s)| Tensor::new(s.clone(), v.iter().map(|&x| x as f64).collect()).unwrap()).collect();
+            for step in 0..3u64 {
+                let g32: Vec<Vec<f32>> = p32.iter().enumerate().map(|(i, v)| values(700 * (step + 1) + i as u64, v.len()).iter().map(|&x| x as f32).collect()).collect();
+                let gt: Vec<Tensor> = g32.iter().zip(&shapes).map(|(v, s)| Tensor::new(s.clone(), v.iter().map(|&x| x as f64).collect()).unwrap()).collect();
+                ours.step_shaped(&mut p32, &g32, shapes.clone()).unwrap();
+                oracle.step(&mut p64, &gt).unwrap();
+                for (k, (a, b)) in p32.iter().zip(&p64).enumerate() {
+                    let e = rel(a, &b.data);
+                    assert!(e < 1e-5, "{} with {} = {}: tensor {k} after step {}: relative error {e:e}", r.name, hp.name, 1.0 - hp.default, step + 1);
+                }
+            }
+            flipped += 1;
+        }
+    }
+    // adamp, sgdp, muon (two), and the fused rules': sgd, lars, adan, diffgrad (two), novograd (two).
+    assert!(flipped >= 11, "{flipped} bool hyper-parameters flipped");
+}
+
 /// Muon's Gram matrices read the iterate transposed (`swap`): per tensor, tall, wide and square,
 /// and tall and wide among themselves in one step.
 #[test]
@@ -378,6 +420,51 @@ fn stacked_rules_update_their_parameter_in_place() {
         stacked += 1;
     }
     assert_eq!(stacked, 3, "adamp, sgdp, muon");
+}
+
+/// Reads and writes of parameter-sized tensors per step, counting a tensor once per kernel
+/// (a cube's rows are read again from cache): the first kernel stores each new state, the
+/// update loads it rather than the gradient and the old state again, and a load only the
+/// branch not taken needs (`nesterov`, false by default) is skipped — AdamP 7 + 3, was 8 + 3;
+/// SGDP 5 + 2, was 6 + 2. The values: `rules_match_the_reference_over_fifty_tensors`,
+/// `bool_hyper_parameters_take_either_branch`.
+#[test]
+fn stacked_rules_read_the_states_their_first_kernel_stored() {
+    use normforge_cubecl::kernel::LOp;
+    let reg = registry();
+    for (name, want) in [("adamp", (7, 3)), ("sgdp", (5, 2))] {
+        let entry = reg.get(name).unwrap().entry;
+        let Programs::Optimizer { step } = &entry.programs else { unreachable!() };
+        let plans = normforge_cubecl::Stacked::new(&entry, step).unwrap();
+        let hp = normforge_dsl::hyper::resolve(&entry, &[]).unwrap();
+        let b = plans.bind(2, &[24, 40], &hp, "p").unwrap();
+        let lay = normforge_cubecl::layout(&plans.step, &b, &hp, 1.0, &normforge_cubecl::Launch::default()).unwrap();
+        let n = 2 * 24 * 40;
+        let full = |t: usize| lay.len(&plans.step, t) == n;
+        let (mut reads, mut writes) = (0, 0);
+        for (k, _) in &lay.launches {
+            let mut loaded = Vec::new();
+            let mut stored = Vec::new();
+            for ph in &k.phases {
+                for (op, guard) in ph.ops.iter().zip(ph.guards()) {
+                    let taken = guard.is_none_or(|(s, want)| (lay.scalars[s] != 0.0) == want);
+                    if let LOp::Load(t, ..) = *op {
+                        if taken && full(t) && !loaded.contains(&t) {
+                            loaded.push(t);
+                        }
+                    }
+                }
+                for &(t, ..) in &ph.stores {
+                    if full(t) && !stored.contains(&t) {
+                        stored.push(t);
+                    }
+                }
+            }
+            reads += loaded.len();
+            writes += stored.len();
+        }
+        assert_eq!((reads, writes), want, "{name}");
+    }
 }
 
 #[test]
