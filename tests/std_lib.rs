@@ -77,6 +77,41 @@ fn ir_serde_round_trips() {
     }
 }
 
+/// A max over axes its value is constant along is the value itself: in an update rule it folds
+/// only the axes the value varies along (AdamP's `max(cos_channel)`: over channels, not every
+/// weight); a layer keeps the broadcast fold, whose derivative sends the gradient to every tie.
+#[test]
+fn a_max_folds_only_the_axes_its_value_varies_along() {
+    use dsl::ir::{Extent, Op, Programs};
+    let src = "optimizer o(p[o, r...]; lr: float = 0.1) {\n    let n = norm(p, over r)\n    p = p - lr * max(n) * sign(p) + min(n, over o)\n}\n\
+               layer l(x[n, d]) {\n    let s = sum(x, over d)\n    return x - max(s, over n, d)\n}\n";
+    let entries = dsl::compile(src).unwrap();
+    for e in &entries {
+        let p = match &e.programs {
+            Programs::Optimizer { step } => step,
+            Programs::Layer { train, .. } => train,
+        };
+        let folds: Vec<(Vec<Extent>, Vec<Extent>)> = p
+            .nodes
+            .iter()
+            .filter_map(|nd| match nd.op {
+                Op::Reduce(dsl::ir::ReduceOp::Max | dsl::ir::ReduceOp::Min, a) => Some((p.nodes[a as usize].shape.0.clone(), nd.shape.0.clone())),
+                _ => None,
+            })
+            .collect();
+        if e.name == "o" {
+            // max(n) and min(n, over o): both from n's own shape, [o].
+            assert_eq!(folds.len(), 2, "{folds:?}");
+            for (from, to) in &folds {
+                assert_eq!(from, &vec![Extent::Full, Extent::One], "{folds:?}");
+                assert_eq!(to, &vec![Extent::One, Extent::One], "{folds:?}");
+            }
+        } else {
+            assert_eq!(folds, vec![(vec![Extent::Full, Extent::Full], vec![Extent::One, Extent::One])]);
+        }
+    }
+}
+
 #[test]
 fn ir_text_snapshots() {
     for r in common::registry().list(None) {

@@ -1104,14 +1104,29 @@ impl<'a> Checker<'a> {
         }
         // Reducing over an axis the value is constant along still counts every element.
         let x = self.b.expand(arg, &widened);
+        // But a max or min over such an axis is the value itself: in an update rule (no
+        // derivative passes through it, so ties need no rule) it folds only the axes the value
+        // varies along — AdamP's `max(cos_channel)` a fold over channels, not over every weight.
+        let own: Option<Shape> = self.is_optimizer().then(|| {
+            let fits = arg_shape.0.iter().zip(&target.0).all(|(a, t)| *a == Extent::One || *t == Extent::One || a == t);
+            fits.then(|| Shape(arg_shape.0.iter().zip(&target.0).map(|(a, t)| if *a == Extent::One { Extent::One } else { *t }).collect()))
+        }).flatten();
         let scalar = Shape::scalar(self.axes.len());
         let count = self.b.add(Op::Size(reduced.clone()), scalar, Type::Float);
         let b = &mut self.b;
         let sum = |b: &mut Builder, v: NodeId| b.reduce(ReduceOp::Sum, v, &target);
         let v = match name {
             "sum" => sum(b, x),
-            "max" => b.reduce(ReduceOp::Max, x, &target),
-            "min" => b.reduce(ReduceOp::Min, x, &target),
+            "max" | "min" => {
+                let op = if name == "max" { ReduceOp::Max } else { ReduceOp::Min };
+                match own {
+                    Some(own) => {
+                        let v = b.reduce(op, arg, &own);
+                        b.expand(v, &target)
+                    }
+                    None => b.reduce(op, x, &target),
+                }
+            }
             "mean" => {
                 let s = sum(b, x);
                 b.binary(Binary::Div, s, count)

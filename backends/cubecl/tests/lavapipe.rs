@@ -426,8 +426,10 @@ fn stacked_rules_update_their_parameter_in_place() {
 /// (a cube's rows are read again from cache): the first kernel stores each new state, the
 /// update loads it rather than the gradient and the old state again, and a load only the
 /// branch not taken needs (`nesterov`, false by default) is skipped — AdamP 7 + 3, was 8 + 3;
-/// SGDP 5 + 2, was 6 + 2. The values: `rules_match_the_reference_over_fifty_tensors`,
-/// `bool_hyper_parameters_take_either_branch`.
+/// SGDP 5 + 2, was 6 + 2. And two walks over the parameter's elements: the first kernel's
+/// reductions in one (a max over channels of a per-channel value folds the channels, not
+/// every weight, so none of them waits for another), then the update. The values:
+/// `rules_match_the_reference_over_fifty_tensors`, `bool_hyper_parameters_take_either_branch`.
 #[test]
 fn stacked_rules_read_the_states_their_first_kernel_stored() {
     use normforge_cubecl::kernel::LOp;
@@ -442,6 +444,8 @@ fn stacked_rules_read_the_states_their_first_kernel_stored() {
         let n = 2 * 24 * 40;
         let full = |t: usize| lay.len(&plans.step, t) == n;
         let (mut reads, mut writes) = (0, 0);
+        let walks = lay.launches.iter().flat_map(|(k, _)| &k.phases).filter(|ph| lay.sizes[ph.domain] == n).count();
+        assert_eq!(walks, 2, "{name}");
         for (k, _) in &lay.launches {
             let mut loaded = Vec::new();
             let mut stored = Vec::new();
