@@ -39,7 +39,7 @@ fn run(args: Args) -> Result<(), String> {
         };
         normforge::tch::manual_seed(0); // the same initial weights for every rule
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = common::Cnn::new(&vs, &reg, &args.norm, &[])?;
+        let model = common::Cnn::new(&vs, &reg, &args.norm, &[], None)?;
         let mut opt = reg.optimizer(name).map_err(|e| e.to_string())?.hparam("lr", lr).build(&vs).map_err(|e| e.to_string())?;
         let mut losses = Vec::new();
         for _ in 0..args.epochs {

@@ -10,9 +10,12 @@ mod common;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use normforge::dsl::hyper::parse_assignment;
+use normforge::cuda::{Compiler, FusedOptimizer, Gpu};
 use normforge::tch::{nn, Device};
+use normforge::torch::Optimize;
 use normforge::RegistryExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -53,6 +56,10 @@ struct Args {
     /// Run on the CPU even when CUDA is available.
     #[arg(long)]
     cpu: bool,
+    /// Run the norm layers and the update rule on normforge's own CUDA kernels (the fast path:
+    /// NVRTC-compiled, launched on tch's tensors) instead of libtorch's operations. Needs CUDA.
+    #[arg(long)]
+    fused: bool,
 }
 
 fn parse(list: &[String]) -> Result<Vec<(String, f64)>, String> {
@@ -65,6 +72,11 @@ fn run(args: Args) -> Result<f64, String> {
         reg.load_plugin(p).map_err(|e| e.render())?;
     }
     let device = if !args.cpu && normforge::torch::load_cuda() { Device::Cuda(0) } else { Device::Cpu };
+    let gpu = match (args.fused, device) {
+        (false, _) => None,
+        (true, Device::Cuda(i)) => Some(Arc::new(Gpu::open(i, Compiler::default_cache_dir()).map_err(|e| format!("--fused: {e}"))?)),
+        (true, _) => return Err("--fused runs normforge's CUDA kernels: it needs CUDA, and libtorch sees none here (or --cpu was given)".into()),
+    };
     let (train_x, train_y) = common::shapes(args.train_size, args.seed);
     let (test_x, test_y) = common::shapes(1000, args.seed + 1);
     let (train_x, train_y, test_x, test_y) =
@@ -72,23 +84,38 @@ fn run(args: Args) -> Result<f64, String> {
 
     normforge::tch::manual_seed(args.seed);
     let vs = nn::VarStore::new(device);
-    let model = common::Cnn::new(&vs, &reg, &args.norm, &parse(&args.norm_hparams)?)?;
+    let model = common::Cnn::new(&vs, &reg, &args.norm, &parse(&args.norm_hparams)?, gpu.as_ref())?;
     let mut spec = reg.optimizer(&args.optimizer).map_err(|e| e.to_string())?.hparam("lr", args.lr);
     for (k, v) in parse(&args.opt_hparams)? {
         spec = spec.hparam(&k, v);
     }
     let has_decay = spec.0.entry.hparams.iter().any(|h| h.name == "weight_decay");
-    let mut opt = spec.build(&vs).map_err(|e| e.to_string())?;
     // The usual grouping: no weight decay on biases and norm parameters.
-    if has_decay {
-        opt.split_group(|n| n.ends_with("bias") || n.starts_with("norm"), &[("weight_decay".into(), 0.0)])
-            .map_err(|e| e.to_string())?;
-    }
-    opt.max_grad_norm = args.clip;
+    let no_decay = |n: &str| n.ends_with("bias") || n.starts_with("norm");
+    let zero = [("weight_decay".to_string(), 0.0)];
+    let mut opt: Box<dyn Optimize> = match &gpu {
+        None => {
+            let mut opt = spec.build(&vs).map_err(|e| e.to_string())?;
+            if has_decay {
+                opt.split_group(no_decay, &zero).map_err(|e| e.to_string())?;
+            }
+            opt.max_grad_norm = args.clip;
+            Box::new(opt)
+        }
+        Some(gpu) => {
+            let mut opt = FusedOptimizer::new(gpu.clone(), spec.0.entry.clone(), &vs, &spec.0.hparams).map_err(|e| e.to_string())?;
+            if has_decay {
+                opt.split_group(no_decay, &zero).map_err(|e| e.to_string())?;
+            }
+            opt.max_grad_norm = args.clip;
+            Box::new(opt)
+        }
+    };
     println!(
-        "training a CNN on {} generated images ({}) on {device:?}: norm `{}`, optimizer `{}` (lr {})",
+        "training a CNN on {} generated images ({}) on {device:?}{}: norm `{}`, optimizer `{}` (lr {})",
         args.train_size,
         common::CLASS_NAMES.join(", "),
+        if gpu.is_some() { ", on normforge's fused kernels" } else { "" },
         args.norm,
         args.optimizer,
         args.lr
@@ -103,7 +130,7 @@ fn run(args: Args) -> Result<f64, String> {
             ProgressStyle::with_template("epoch {prefix:>2} [{bar:30}] {pos}/{len} {msg}").unwrap().progress_chars("=> "),
         );
         bar.set_prefix(epoch.to_string());
-        let epoch_losses = common::train_epoch(&model, &mut opt, &train_x, &train_y, args.batch, |l| {
+        let epoch_losses = common::train_epoch(&model, opt.as_mut(), &train_x, &train_y, args.batch, |l| {
             bar.set_message(format!("loss {l:.4}"));
             bar.inc(1);
         })?;

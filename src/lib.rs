@@ -6,6 +6,9 @@
 
 /// The CubeCL backend: fused kernels on any CubeCL runtime, and their generated source.
 pub use normforge_cubecl as cubecl;
+/// The CUDA fast path: our kernels on tch's CUDA tensors (`cuda::fused_layer`,
+/// `cuda::FusedOptimizer`; NVRTC and the driver loaded at run time).
+pub use normforge_cuda as cuda;
 pub use normforge_dsl as dsl;
 pub use normforge_reference as reference;
 pub use normforge_registry as registry;

@@ -41,3 +41,12 @@ fn training_example_reports_bad_flags() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no entry named `layer_nrom`") && err.contains("layer_norm"), "{err}");
 }
+
+#[test]
+fn training_example_refuses_the_fused_path_without_cuda() {
+    let out = Command::new(example("train")).args(["--cpu", "--fused", "--epochs", "1"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--fused") && err.contains("needs CUDA"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("epoch"), "it trained anyway");
+}

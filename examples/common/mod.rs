@@ -4,10 +4,12 @@
 
 use normforge::tch::nn::{self, Module, ModuleT};
 use normforge::tch::{Device, Kind, Tensor};
-use normforge::torch::{DslLayer, DslOptimizer, StepReport};
+use normforge::torch::{DslLayer, Optimize, StepReport};
 use normforge::{Registry, RegistryExt};
+use normforge::cuda::Gpu;
 use plotters::prelude::*;
 use std::path::Path;
+use std::sync::Arc;
 
 pub const SIDE: i64 = 16;
 pub const CLASSES: i64 = 4;
@@ -48,7 +50,8 @@ pub struct Norm {
 }
 
 impl Norm {
-    pub fn new(reg: &Registry, name: &str, hparams: &[(String, f64)], path: nn::Path, channels: i64) -> Result<Self, String> {
+    /// `fused`: a layer's forward and backward run by our CUDA kernels, as the GPU it names.
+    pub fn new(reg: &Registry, name: &str, hparams: &[(String, f64)], path: nn::Path, channels: i64, fused: Option<&Arc<Gpu>>) -> Result<Self, String> {
         let mut spec = reg.layer(name).map_err(|e| e.to_string())?;
         for (k, v) in hparams {
             spec = spec.hparam(k, *v);
@@ -57,7 +60,10 @@ impl Norm {
         // `x[n, c, s...]` takes NCHW; anything else is given channels last.
         let channels_last = axes.len() != 3 || axes[0].variadic || axes[1].variadic || !axes[2].variadic;
         let sample = if channels_last { [1, SIDE, SIDE, channels] } else { [1, channels, SIDE, SIDE] };
-        let layer = spec.build(&path, &sample).map_err(|e| e.to_string())?;
+        let mut layer = spec.build(&path, &sample).map_err(|e| e.to_string())?;
+        if let Some(gpu) = fused {
+            layer = normforge::cuda::fused_layer(layer, gpu).map_err(|e| e.to_string())?;
+        }
         Ok(Norm { layer, channels_last })
     }
 }
@@ -84,16 +90,16 @@ pub struct Cnn {
 }
 
 impl Cnn {
-    pub fn new(vs: &nn::VarStore, reg: &Registry, norm: &str, hparams: &[(String, f64)]) -> Result<Self, String> {
+    pub fn new(vs: &nn::VarStore, reg: &Registry, norm: &str, hparams: &[(String, f64)], fused: Option<&Arc<Gpu>>) -> Result<Self, String> {
         let root = vs.root();
         let conv = nn::ConvConfig { padding: 1, bias: false, ..Default::default() };
         Ok(Cnn {
             conv1: nn::conv2d(&root / "conv1", 1, 16, 3, conv),
-            norm1: Norm::new(reg, norm, hparams, &root / "norm1", 16)?,
+            norm1: Norm::new(reg, norm, hparams, &root / "norm1", 16, fused)?,
             conv2: nn::conv2d(&root / "conv2", 16, 32, 3, conv),
-            norm2: Norm::new(reg, norm, hparams, &root / "norm2", 32)?,
+            norm2: Norm::new(reg, norm, hparams, &root / "norm2", 32, fused)?,
             conv3: nn::conv2d(&root / "conv3", 32, 64, 3, conv),
-            norm3: Norm::new(reg, norm, hparams, &root / "norm3", 64)?,
+            norm3: Norm::new(reg, norm, hparams, &root / "norm3", 64, fused)?,
             head: nn::linear(&root / "head", 64, CLASSES, Default::default()),
         })
     }
@@ -111,7 +117,7 @@ impl ModuleT for Cnn {
 /// One pass over the training set in shuffled mini-batches; returns each step's loss.
 pub fn train_epoch(
     model: &Cnn,
-    opt: &mut DslOptimizer,
+    opt: &mut dyn Optimize,
     xs: &Tensor,
     ys: &Tensor,
     batch: i64,

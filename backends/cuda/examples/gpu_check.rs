@@ -136,6 +136,22 @@ fn main() {
         }
     }
 
+    // Training through the user's API on our kernels (`fused_layer`, `FusedOptimizer`) against
+    // libtorch's operations: groups, clipping, a skipped NaN step.
+    for (layer, rule) in [("batch_norm", "adamw"), ("group_norm", "lamb"), ("layer_norm", "adamp")] {
+        let Some(r) = rules.iter().find(|r| r.name == rule) else { continue };
+        match guarded(|| check::fused_training(&gpu, &layer_entry(&reg, layer), &r.entry, 5)) {
+            Ok(err) => {
+                failed += usize::from(err >= 1e-4);
+                emit(format!(r#"{{"check":"fused_training","layer":"{layer}","rule":"{rule}","rel_err":{err:e},"ok":{}}}"#, err < 1e-4))
+            }
+            Err(e) => {
+                failed += 1;
+                emit(format!(r#"{{"check":"fused_training","layer":"{layer}","rule":"{rule}","error":{e:?}}}"#))
+            }
+        }
+    }
+
     let dev = Device::Cuda(0);
     let x = Tensor::randn([1i64 << 28], (Kind::Float, dev));
     let mut y = x.empty_like();

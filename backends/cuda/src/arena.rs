@@ -111,8 +111,21 @@ impl Arena {
         });
     }
 
-    /// Whether every gradient is finite (one reduction over the flat buffer).
-    pub fn grads_finite(&self) -> bool {
-        tch::no_grad(|| self.g.isfinite().all().int64_value(&[]) != 0)
+    /// The gradients' 2-norm (padding is zero), in f64: one reduction over the flat buffer,
+    /// finite exactly when every gradient is (no square of a finite f32 overflows an f64).
+    pub fn grad_norm(&self) -> f64 {
+        tch::no_grad(|| self.g.linalg_norm(2.0, None::<&[i64]>, false, Kind::Double).double_value(&[]))
+    }
+
+    /// Which tensor's gradient holds NaN or infinity first, if one does.
+    pub fn nonfinite_grad(&self) -> Option<usize> {
+        (0..self.sizes.len()).find(|&k| tch::no_grad(|| self.tensor(&self.g, k).isfinite().all().int64_value(&[]) == 0))
+    }
+
+    /// Every gradient times `c`, in place.
+    pub fn scale_grads(&self, c: f64) {
+        tch::no_grad(|| {
+            let _ = self.g.shallow_clone().g_mul_scalar_(c);
+        });
     }
 }

@@ -155,3 +155,89 @@ pub fn layer_against_reference(entry: &Arc<Entry>, hparams: &[f64], call: &Layer
     }
     Ok((forward, backward))
 }
+
+/// A few training steps of a small model through the user's API, twice from the same start on
+/// the same batches: its norm layer and optimizer on libtorch's operations (`DslLayer`,
+/// `DslOptimizer`), then on our kernels (`fused_layer`, `FusedOptimizer`), each with two
+/// parameter groups (the norm's parameters without weight decay, where the rule has it) and
+/// gradient clipping. The largest relative error of any variable after (parameters and
+/// buffers). Then a step whose gradients are NaN, which both must skip, changing nothing.
+pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, steps: usize) -> Result<f64, String> {
+    use normforge_tch::{DslOptimizer, Optimize, Spec, StepReport};
+    let dev = Device::Cuda(gpu.ordinal());
+    let (n, c, s) = (8i64, 8i64, 12i64);
+    tch::manual_seed(5);
+    let batches: Vec<(Tensor, Tensor)> = (0..steps).map(|_| (Tensor::randn([n, c, s], (Kind::Float, dev)), Tensor::randn([n, c, s], (Kind::Float, dev)))).collect();
+    let layer_hparams: Vec<(String, f64)> = layer.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect();
+    let decay = rule.hparams.iter().any(|h| h.name == "weight_decay");
+    let run = |fused: bool| -> Result<Vec<(String, Tensor)>, String> {
+        tch::manual_seed(3);
+        let vs = tch::nn::VarStore::new(dev);
+        let w = vs.root().randn("w", &[c, c], 0.0, 0.5);
+        let spec = Spec { entry: layer.clone(), hparams: layer_hparams.clone() };
+        // The layer sees channels second (`x[n, c, s...]`) or last (`x[..., d]`).
+        let channels_last = !(layer.axes.len() == 3 && layer.axes[2].variadic);
+        let sample = if channels_last { [n, s, c] } else { [n, c, s] };
+        let mut norm = spec.build_layer(&(vs.root() / "norm"), &sample).map_err(|e| e.0)?;
+        let overrides = [("lr".to_string(), 1e-2)];
+        let zero_decay = [("weight_decay".to_string(), 0.0)];
+        let mut opt: Box<dyn Optimize> = if fused {
+            norm = crate::fused_layer(norm, gpu).map_err(|e| e.0)?;
+            let mut o = crate::FusedOptimizer::new(gpu.clone(), rule.clone(), &vs, &overrides).map_err(|e| e.0)?;
+            if decay {
+                o.split_group(|name| name.starts_with("norm"), &zero_decay).map_err(|e| e.0)?;
+            }
+            o.max_grad_norm = Some(1.0);
+            Box::new(o)
+        } else {
+            let mut o = DslOptimizer::new(rule.clone(), &vs, &overrides).map_err(|e| e.0)?;
+            if decay {
+                o.split_group(|name| name.starts_with("norm"), &zero_decay).map_err(|e| e.0)?;
+            }
+            o.max_grad_norm = Some(1.0);
+            Box::new(o)
+        };
+        let loss = |x: &Tensor, target: &Tensor| -> Result<Tensor, String> {
+            let h = w.matmul(x);
+            let y = match channels_last {
+                true => norm.try_forward_t(&h.transpose(1, 2), true).map_err(|e| e.0)?.transpose(1, 2),
+                false => norm.try_forward_t(&h, true).map_err(|e| e.0)?,
+            };
+            Ok((y - target).square().mean(Kind::Float))
+        };
+        for (x, target) in &batches {
+            match opt.backward_step(&loss(x, target)?).map_err(|e| e.0)? {
+                StepReport::Applied { .. } => {}
+                skipped => return Err(format!("a finite step was not applied: {skipped:?}")),
+            }
+        }
+        let mut after: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
+        after.sort_by(|a, b| a.0.cmp(&b.0));
+        // A NaN in the target: every gradient NaN, the layer's buffers untouched by it.
+        let (x, target) = &batches[0];
+        let nan = target.copy();
+        let _ = tch::no_grad(|| nan.get(0).get(0).get(0).fill_(f64::NAN));
+        match opt.backward_step(&loss(x, &nan)?).map_err(|e| e.0)? {
+            StepReport::SkippedNonFinite { .. } => {}
+            applied => return Err(format!("a step with NaN gradients was {applied:?}")),
+        }
+        // Nothing but the forward's buffers changed (the layer ran once more, in training).
+        for (k, v) in vs.variables() {
+            let before = &after.iter().find(|(name, _)| *name == k).expect("the same variables").1;
+            if v.requires_grad() && !v.equal(before) {
+                return Err(format!("`{k}` changed in a skipped step"));
+            }
+        }
+        Ok(after)
+    };
+    let (theirs, ours) = (run(false)?, run(true)?);
+    let mut worst = 0f64;
+    for ((name, a), (_, b)) in ours.iter().zip(&theirs) {
+        let e = rel_err(&host(a)?, &host(b)?);
+        if !e.is_finite() {
+            return Err(format!("`{name}`: not finite"));
+        }
+        worst = worst.max(e);
+    }
+    Ok(worst)
+}

@@ -7,6 +7,7 @@
 pub mod arena;
 pub mod check;
 pub mod driver;
+pub mod fused;
 pub mod layer;
 pub mod nvrtc;
 pub mod optimizer;
@@ -16,6 +17,7 @@ pub mod upload;
 
 pub use arena::Arena;
 pub use driver::{Gpu, Timed};
+pub use fused::{fused_layer, FusedOptimizer};
 pub use layer::CudaLayerKernels;
 pub use nvrtc::{Compiled, Compiler, Error, Origin, Usage};
 pub use optimizer::CudaOptimizer;

@@ -167,9 +167,27 @@ fn the_arena_makes_parameters_views_and_gradients_accumulate_in_place() {
     assert_eq!(f64::try_from(arena.g.get(2)).unwrap(), 6.0);
     assert_eq!(f64::try_from(arena.g.get(256 + 10)).unwrap(), 2.0 * (2.0 * 20.0), "d(x^2)/dx at x = 20 (doubled from 10), accumulated twice");
     assert_eq!(f64::try_from(arena.g.get(3)).unwrap(), 0.0, "padding stays zero");
-    assert!(arena.grads_finite());
+    // The norm in f64, padding contributing nothing: sqrt(3 * 6^2 + sum_i (8 i)^2).
+    let want = (3.0 * 36.0 + (0..300).map(|i| (8.0 * i as f64).powi(2)).sum::<f64>()).sqrt();
+    assert!((arena.grad_norm() - want).abs() < 1e-9 * want, "{} vs {want}", arena.grad_norm());
+    assert_eq!(arena.nonfinite_grad(), None);
+    arena.scale_grads(0.5);
+    assert_eq!(f64::try_from(arena.g.get(2)).unwrap(), 3.0);
+    // Values whose squares overflow f32 are finite; NaN and infinity are found, by tensor.
+    tch::no_grad(|| {
+        let _ = vars[0].grad().fill_(1e30);
+    });
+    assert!(arena.grad_norm().is_finite() && arena.grad_norm() > 1e30);
+    for bad in [f64::NAN, f64::INFINITY] {
+        tch::no_grad(|| {
+            let _ = vars[1].grad().get(2).get(7).fill_(bad);
+        });
+        assert!(!arena.grad_norm().is_finite(), "{bad}");
+        assert_eq!(arena.nonfinite_grad(), Some(1), "{bad}");
+    }
     arena.zero_grad();
     assert_eq!(f64::try_from(vars[1].grad().abs().sum(Kind::Float)).unwrap(), 0.0);
+    assert_eq!(arena.grad_norm(), 0.0);
 }
 
 #[test]

@@ -17,7 +17,7 @@ pub mod wrappers;
 
 pub use shim::LayerKernels;
 pub use layer::DslLayer;
-pub use optimizer::{DslOptimizer, StepReport};
+pub use optimizer::{DslOptimizer, Optimize, StepReport};
 pub use wrappers::{Lookahead, Sam};
 
 use normforge_dsl::Entry;

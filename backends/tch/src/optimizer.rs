@@ -42,6 +42,19 @@ pub enum StepReport {
     SkippedNonFinite { param: String },
 }
 
+/// What a training loop needs of an optimizer, so one loop serves `DslOptimizer` and the CUDA
+/// fast path's `FusedOptimizer` (normforge-cuda).
+pub trait Optimize {
+    /// `zero_grad`, `loss.backward()`, `step`.
+    fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error>;
+}
+
+impl Optimize for DslOptimizer {
+    fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error> {
+        DslOptimizer::backward_step(self, loss)
+    }
+}
+
 #[derive(Debug)]
 pub struct DslOptimizer {
     entry: Arc<Entry>,

@@ -1,0 +1,199 @@
+//! The fast path behind the user's API: a registry layer whose forward and derived backward
+//! run our kernels inside autograd ([`fused_layer`]), and an optimizer with `DslOptimizer`'s
+//! options — parameter groups, gradient clipping, skipping a step whose gradients are not
+//! finite — whose groups each step through [`CudaOptimizer`] on a flat arena
+//! ([`FusedOptimizer`]).
+
+use crate::arena::Arena;
+use crate::driver::Gpu;
+use crate::layer::CudaLayerKernels;
+use crate::optimizer::CudaOptimizer;
+use normforge_cubecl::Dtype;
+use normforge_dsl::hyper;
+use normforge_dsl::ir::{Entry, Kind as EntryKind};
+use normforge_tch::{DslLayer, Error, Optimize, StepReport};
+use std::sync::Arc;
+use tch::{nn, Device, Kind, Tensor};
+
+/// `layer` with its forward and backward run by our CUDA kernels, recorded as one custom
+/// autograd node (its inputs must be f32, bf16 or f16 tensors on `gpu`).
+pub fn fused_layer(layer: DslLayer, gpu: &Arc<Gpu>) -> Result<DslLayer, Error> {
+    let kernels = CudaLayerKernels::new(gpu.clone(), Arc::new(layer.entry().clone()), layer.hparams().to_vec())?;
+    Ok(layer.with_kernels(Arc::new(kernels)))
+}
+
+/// Parameters sharing hyper-parameter values; from the first step on, in an arena of their
+/// own, stepped by a rule of their own.
+struct Group {
+    names: Vec<String>,
+    vars: Vec<Tensor>,
+    hparams: Vec<f64>,
+    run: Option<(Arena, CudaOptimizer)>,
+}
+
+/// A registry update rule over the trainable variables of a `VarStore` on the GPU, each group
+/// updated in one launch per phase (a few for rules through layer kernels). The first step
+/// moves each group's parameters into a flat arena (their values kept, the `VarStore` still
+/// naming them) and their gradients into another, where backpropagation accumulates them; from
+/// then on every parameter of a group is stepped each step, a missing gradient counting as
+/// zero, and the groups are fixed.
+pub struct FusedOptimizer {
+    gpu: Arc<Gpu>,
+    entry: Arc<Entry>,
+    groups: Vec<Group>,
+    /// Clip the global gradient norm to this value before the update (`clip_grad_norm_`).
+    pub max_grad_norm: Option<f64>,
+    /// Skip a step whose gradients are not all finite (the default).
+    pub skip_nonfinite: bool,
+}
+
+impl FusedOptimizer {
+    /// One group holding every trainable variable of `vs` (in name order), which must be
+    /// contiguous f32 tensors on `gpu`: checked here, before anything changes.
+    pub fn new(gpu: Arc<Gpu>, entry: Arc<Entry>, vs: &nn::VarStore, overrides: &[(String, f64)]) -> Result<Self, Error> {
+        if entry.kind != EntryKind::Optimizer {
+            return Err(Error(format!("`{}` is a {}, not an optimizer", entry.name, entry.kind.keyword())));
+        }
+        let hparams = hyper::resolve(&entry, overrides)?;
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let device = Device::Cuda(gpu.ordinal());
+        if let Some((name, v)) = vars.iter().find(|(_, v)| v.kind() != Kind::Float || v.device() != device || !v.is_contiguous()) {
+            return Err(Error(format!(
+                "`{name}` is {:?} on {:?}{}: the fused optimizer takes contiguous f32 parameters on {device:?}",
+                v.kind(),
+                v.device(),
+                if v.is_contiguous() { "" } else { ", not contiguous" }
+            )));
+        }
+        let (names, vars) = vars.into_iter().unzip();
+        Ok(FusedOptimizer { gpu, entry, groups: vec![Group { names, vars, hparams, run: None }], max_grad_norm: None, skip_nonfinite: true })
+    }
+
+    /// As `DslOptimizer::split_group`: the parameters whose name `select` takes move to a new
+    /// group with the first group's hyper-parameters and `overrides`. Before the first step.
+    pub fn split_group(&mut self, select: impl Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error> {
+        if self.started() {
+            return Err(Error("parameter groups are fixed at the first step".into()));
+        }
+        let mut hparams = self.groups[0].hparams.clone();
+        for (name, v) in overrides {
+            let i = hyper::index(&self.entry, name)?;
+            hparams[i] = hyper::check_value(&self.entry, i, *v)?;
+        }
+        let (mut names, mut vars) = (Vec::new(), Vec::new());
+        for g in &mut self.groups {
+            let group = std::mem::take(&mut g.names).into_iter().zip(std::mem::take(&mut g.vars));
+            for (name, var) in group {
+                let (to_names, to_vars) = if select(&name) { (&mut names, &mut vars) } else { (&mut g.names, &mut g.vars) };
+                to_names.push(name);
+                to_vars.push(var);
+            }
+        }
+        let n = names.len();
+        self.groups.push(Group { names, vars, hparams, run: None });
+        Ok(n)
+    }
+
+    /// Each group's parameter names.
+    pub fn groups(&self) -> Vec<&[String]> {
+        self.groups.iter().map(|g| g.names.as_slice()).collect()
+    }
+
+    fn started(&self) -> bool {
+        self.groups.iter().any(|g| g.run.is_some())
+    }
+
+    /// Set a hyper-parameter in every group: a run-time scalar, nothing recompiles.
+    pub fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error> {
+        let i = hyper::index(&self.entry, name)?;
+        let v = hyper::check_value(&self.entry, i, v)?;
+        for g in &mut self.groups {
+            g.hparams[i] = v;
+            if let Some((_, opt)) = &mut g.run {
+                opt.hparams[i] = v;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
+        self.set_hparam("lr", lr)
+    }
+
+    pub fn zero_grad(&mut self) {
+        for g in &mut self.groups {
+            match &mut g.run {
+                Some((arena, _)) => arena.zero_grad(),
+                None => g.vars.iter_mut().for_each(Tensor::zero_grad),
+            }
+        }
+    }
+
+    /// `zero_grad`, `loss.backward()`, `step`.
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error> {
+        self.zero_grad();
+        loss.f_backward()?;
+        self.step()
+    }
+
+    /// Compile each group's rule, then move its parameters into their arena: every compile
+    /// done before any parameter moves.
+    fn start(&mut self) -> Result<(), Error> {
+        let mut rules = Vec::new();
+        for g in &self.groups {
+            let mut opt = CudaOptimizer::new(self.gpu.clone(), self.entry.clone(), &[], Dtype::F32).map_err(|e| Error(e.to_string()))?;
+            opt.hparams = g.hparams.clone();
+            rules.push(opt);
+        }
+        for (g, opt) in self.groups.iter_mut().zip(rules) {
+            let arena = Arena::adopt(&mut g.vars).map_err(|e| Error(e.0))?;
+            g.run = Some((arena, opt));
+        }
+        Ok(())
+    }
+
+    pub fn step(&mut self) -> Result<StepReport, Error> {
+        if !self.started() {
+            self.start()?;
+        }
+        // One pass over each group's gradients serves both checks (`Arena::grad_norm`).
+        let (mut clipped, mut grad_norm) = (false, None);
+        if self.skip_nonfinite || self.max_grad_norm.is_some() {
+            let mut sq = 0f64;
+            for g in &self.groups {
+                let Some((arena, _)) = &g.run else { continue };
+                let norm = arena.grad_norm();
+                if self.skip_nonfinite && !norm.is_finite() {
+                    let at = arena.nonfinite_grad();
+                    return Ok(StepReport::SkippedNonFinite { param: at.map_or_else(|| "a parameter".into(), |k| g.names[k].clone()) });
+                }
+                sq += norm * norm;
+            }
+            if let Some(max) = self.max_grad_norm {
+                // As torch.nn.utils.clip_grad_norm_ (the padding between tensors is zero).
+                let norm = sq.sqrt();
+                let coef = max / (norm + 1e-6);
+                if coef < 1.0 {
+                    for (arena, _) in self.groups.iter().filter_map(|g| g.run.as_ref()) {
+                        arena.scale_grads(coef);
+                    }
+                    clipped = true;
+                }
+                grad_norm = Some(norm);
+            }
+        }
+        for g in &mut self.groups {
+            if let Some((arena, opt)) = &mut g.run {
+                opt.step(arena).map_err(|e| Error(e.to_string()))?;
+            }
+        }
+        Ok(StepReport::Applied { grad_norm, clipped })
+    }
+}
+
+impl Optimize for FusedOptimizer {
+    fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error> {
+        FusedOptimizer::backward_step(self, loss)
+    }
+}
