@@ -22,6 +22,8 @@ if LD_LIBRARY_PATH="$LIBTORCH/lib" ldd "$bin" | grep 'not found'; then
     exit 1
 fi
 size=$(( $(stat -c %s "$bin") + $(stat -c %s target/gpu_peers.py) ))
-echo "carry:   [\"$bin\", \"target/gpu_peers.py\"]   ($(( size >> 20 )) MiB)"
+# What travels: the carried files and the working tree (tracked, and untracked but not ignored).
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f 1)
+echo "carry:   [\"$bin\", \"target/gpu_peers.py\"]   ($(( size >> 20 )) MiB; $(( (size + tree) >> 20 )) MiB with the tree, of the 64 MiB a call takes)"
 echo "command: bash scripts/gpu-check.sh $bin \$OUT          (timeout_s 600: ours, then the peers)"
 echo "   or, two calls on the same warm machine: ... \$OUT ours, then ... \$OUT peers"
