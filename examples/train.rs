@@ -94,23 +94,13 @@ fn run(args: Args) -> Result<f64, String> {
     let no_decay = |n: &str| n.ends_with("bias") || n.starts_with("norm");
     let zero = [("weight_decay".to_string(), 0.0)];
     let mut opt: Box<dyn Optimize> = match &gpu {
-        None => {
-            let mut opt = spec.build(&vs).map_err(|e| e.to_string())?;
-            if has_decay {
-                opt.split_group(no_decay, &zero).map_err(|e| e.to_string())?;
-            }
-            opt.max_grad_norm = args.clip;
-            Box::new(opt)
-        }
-        Some(gpu) => {
-            let mut opt = FusedOptimizer::new(gpu.clone(), spec.0.entry.clone(), &vs, &spec.0.hparams).map_err(|e| e.to_string())?;
-            if has_decay {
-                opt.split_group(no_decay, &zero).map_err(|e| e.to_string())?;
-            }
-            opt.max_grad_norm = args.clip;
-            Box::new(opt)
-        }
+        None => Box::new(spec.build(&vs).map_err(|e| e.to_string())?),
+        Some(gpu) => Box::new(FusedOptimizer::new(gpu.clone(), spec.0.entry.clone(), &vs, &spec.0.hparams).map_err(|e| e.to_string())?),
     };
+    if has_decay {
+        opt.split_group(&no_decay, &zero).map_err(|e| e.to_string())?;
+    }
+    opt.clip_grad_norm(args.clip);
     println!(
         "training a CNN on {} generated images ({}) on {device:?}{}: norm `{}`, optimizer `{}` (lr {})",
         args.train_size,

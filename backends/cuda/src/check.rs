@@ -181,22 +181,17 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, ste
         let mut norm = spec.build_layer(&(vs.root() / "norm"), &sample).map_err(|e| e.0)?;
         let overrides = [("lr".to_string(), 1e-2)];
         let zero_decay = [("weight_decay".to_string(), 0.0)];
-        let mut opt: Box<dyn Optimize> = if fused {
-            norm = crate::fused_layer(norm, gpu).map_err(|e| e.0)?;
-            let mut o = crate::FusedOptimizer::new(gpu.clone(), rule.clone(), &vs, &overrides).map_err(|e| e.0)?;
-            if decay {
-                o.split_group(|name| name.starts_with("norm"), &zero_decay).map_err(|e| e.0)?;
+        let mut opt: Box<dyn Optimize> = match fused {
+            true => {
+                norm = crate::fused_layer(norm, gpu).map_err(|e| e.0)?;
+                Box::new(crate::FusedOptimizer::new(gpu.clone(), rule.clone(), &vs, &overrides).map_err(|e| e.0)?)
             }
-            o.max_grad_norm = Some(1.0);
-            Box::new(o)
-        } else {
-            let mut o = DslOptimizer::new(rule.clone(), &vs, &overrides).map_err(|e| e.0)?;
-            if decay {
-                o.split_group(|name| name.starts_with("norm"), &zero_decay).map_err(|e| e.0)?;
-            }
-            o.max_grad_norm = Some(1.0);
-            Box::new(o)
+            false => Box::new(DslOptimizer::new(rule.clone(), &vs, &overrides).map_err(|e| e.0)?),
         };
+        if decay {
+            opt.split_group(&|name| name.starts_with("norm"), &zero_decay).map_err(|e| e.0)?;
+        }
+        opt.clip_grad_norm(Some(1.0));
         let loss = |x: &Tensor, target: &Tensor| -> Result<Tensor, String> {
             let h = w.matmul(x);
             let y = match channels_last {

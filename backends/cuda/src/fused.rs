@@ -196,4 +196,10 @@ impl Optimize for FusedOptimizer {
     fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error> {
         FusedOptimizer::backward_step(self, loss)
     }
+    fn split_group(&mut self, select: &dyn Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error> {
+        FusedOptimizer::split_group(self, select, overrides)
+    }
+    fn clip_grad_norm(&mut self, max: Option<f64>) {
+        self.max_grad_norm = max;
+    }
 }

@@ -42,16 +42,26 @@ pub enum StepReport {
     SkippedNonFinite { param: String },
 }
 
-/// What a training loop needs of an optimizer, so one loop serves `DslOptimizer` and the CUDA
-/// fast path's `FusedOptimizer` (normforge-cuda).
+/// What a training loop needs of an optimizer, so one loop (and its set-up) serves
+/// `DslOptimizer` and the CUDA fast path's `FusedOptimizer` (normforge-cuda).
 pub trait Optimize {
     /// `zero_grad`, `loss.backward()`, `step`.
     fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error>;
+    /// The parameters `select` takes (by name) into a new group with `overrides`.
+    fn split_group(&mut self, select: &dyn Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error>;
+    /// Clip the global gradient norm to this value before each update.
+    fn clip_grad_norm(&mut self, max: Option<f64>);
 }
 
 impl Optimize for DslOptimizer {
     fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error> {
         DslOptimizer::backward_step(self, loss)
+    }
+    fn split_group(&mut self, select: &dyn Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error> {
+        DslOptimizer::split_group(self, select, overrides)
+    }
+    fn clip_grad_norm(&mut self, max: Option<f64>) {
+        self.max_grad_norm = max;
     }
 }
 
