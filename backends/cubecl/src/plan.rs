@@ -324,9 +324,9 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             }
         }
     }
+    let stored: Vec<bool> = host.iter().map(Option::is_some).collect();
     for (shape, nodes) in by_shape {
         // Materialized nodes are loaded, not recomputed: treat the outputs as roots only.
-        let stored: Vec<bool> = host.iter().map(Option::is_some).collect();
         let (ops, regs, _) = build(&nodes, &stored, &mut t, &mut uniforms)?;
         let target = t.shape(&shape);
         let stores = nodes
@@ -624,7 +624,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             let transposed = |t: usize| phase.ops.iter().any(|op| matches!(*op, LOp::Load(u, s, _) if u == t && s != tensors[t].1));
             // A stored value is read in a later kernel, or in its own kernel by a phase walking
             // the same domain, whose units then read what they stored themselves.
-            let own_walk = |t: usize, d: usize| d == phase.domain && !transposed(t) && phase.ops.iter().all(|op| !matches!(*op, LOp::Load(u, s, _) if u == t && s != phase.domain));
+            let own_walk = |t: usize, d: usize| d == phase.domain && phase.ops.iter().all(|op| !matches!(*op, LOp::Load(u, s, _) if u == t && s != phase.domain));
             let after = reads
                 .iter()
                 .filter_map(|&t| made.iter().position(|m| m.contains(&t)).map(|g| g + usize::from(transposed(t))))

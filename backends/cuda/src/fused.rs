@@ -78,8 +78,7 @@ impl FusedOptimizer {
         }
         let mut hparams = self.groups[0].hparams.clone();
         for (name, v) in overrides {
-            let i = hyper::index(&self.entry, name)?;
-            hparams[i] = hyper::check_value(&self.entry, i, *v)?;
+            hyper::set(&self.entry, &mut hparams, name, *v)?;
         }
         let (mut names, mut vars) = (Vec::new(), Vec::new());
         for g in &mut self.groups {
@@ -106,12 +105,11 @@ impl FusedOptimizer {
 
     /// Set a hyper-parameter in every group: a run-time scalar, nothing recompiles.
     pub fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error> {
-        let i = hyper::index(&self.entry, name)?;
-        let v = hyper::check_value(&self.entry, i, v)?;
+        // (Every group takes the same values: the first refuses a bad one before any changes.)
         for g in &mut self.groups {
-            g.hparams[i] = v;
+            hyper::set(&self.entry, &mut g.hparams, name, v)?;
             if let Some((_, opt)) = &mut g.run {
-                opt.hparams[i] = v;
+                opt.hparams.clone_from(&g.hparams);
             }
         }
         Ok(())

@@ -107,8 +107,7 @@ impl DslOptimizer {
     pub fn split_group(&mut self, select: impl Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error> {
         let mut hparams = self.groups[0].hparams.clone();
         for (name, v) in overrides {
-            let i = self.hparam_index(name)?;
-            hparams[i] = normforge_dsl::hyper::check_value(&self.entry, i, *v)?;
+            normforge_dsl::hyper::set(&self.entry, &mut hparams, name, *v)?;
         }
         let mut moved = Vec::new();
         for g in &mut self.groups {
