@@ -365,6 +365,67 @@ fn saved_state_continues_the_trajectory_exactly() {
 }
 
 #[test]
+fn a_per_tensor_state_is_saved_in_its_declared_shape_and_bad_files_change_nothing() {
+    // NovoGrad keeps one second moment per tensor (`state v[]`) beside a per-element momentum.
+    normforge::tch::manual_seed(7);
+    let shapes: [&[i64]; 2] = [&[3, 4], &[5]];
+    let (vs_a, vs_b) = twin_stores(&shapes);
+    let reg = common::registry();
+    let build = |vs: &nn::VarStore| reg.optimizer("novograd").unwrap().hparam("lr", 0.01).build(vs).unwrap();
+    let (va, vb) = (sorted_vars(&vs_a), sorted_vars(&vs_b));
+    let grads_for = |k: i64| -> Vec<Tensor> {
+        normforge::tch::manual_seed(200 + k);
+        shapes.iter().map(|s| randn(s, Kind::Float)).collect()
+    };
+    let mut a = build(&vs_a);
+    for k in 0..3 {
+        a.backward_step(&loss_with_grads(&va, &grads_for(k))).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("normforge-state-novograd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("novograd.safetensors");
+    a.save(&file).unwrap();
+    let saved: Vec<(String, Tensor)> = Tensor::read_safetensors(&file).unwrap();
+    let shape_of = |key: &str| saved.iter().find(|(k, _)| k == key).unwrap().1.size();
+    assert_eq!(shape_of("p0::m"), vec![3, 4]);
+    assert_eq!(shape_of("p0::v"), Vec::<i64>::new(), "a per-tensor state is one value");
+    for (b, a) in vb.iter().zip(&va) {
+        set(b, a);
+    }
+    let mut b = build(&vs_b);
+    b.load(&file).unwrap();
+    for k in 3..8 {
+        let gs = grads_for(k);
+        a.backward_step(&loss_with_grads(&va, &gs)).unwrap();
+        b.backward_step(&loss_with_grads(&vb, &gs)).unwrap();
+    }
+    assert_eq!(bits(&va), bits(&vb), "parameters diverged after loading the state");
+
+    // Each broken file is refused with what is wrong, and the optimizer keeps no part of it.
+    let good: Vec<(String, Tensor)> = saved.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+    let with = |key: &str, t: Option<Tensor>| -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = good.iter().filter(|(k, _)| k != key).map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+        v.extend(t.map(|t| (key.to_string(), t)));
+        v
+    };
+    let cases = [
+        (with("p1::m", Some(Tensor::zeros([4], (Kind::Float, Device::Cpu)))), "the state of this parameter [5]"),
+        (with("p0::v", Some(Tensor::zeros([3], (Kind::Float, Device::Cpu)))), "the state of this parameter []"),
+        (with("p1::step", Some(Tensor::from_slice(&[0i64]))), "`p1::step` is not a step count"),
+        (with("p1::v", None), "no tensor `p1::v`"),
+        (with("p2::m", Some(Tensor::zeros([1], (Kind::Float, Device::Cpu)))), "`p2::m` belongs to no parameter"),
+    ];
+    for (i, (tensors, why)) in cases.into_iter().enumerate() {
+        let bad = dir.join(format!("bad{i}.safetensors"));
+        Tensor::write_safetensors(&tensors, &bad).unwrap();
+        let mut c = build(&vs_b);
+        let err = c.load(&bad).unwrap_err().0;
+        assert!(err.contains(why), "case {i}: {err}");
+        assert!(c.state_of("p0").is_none() && c.state_of("p1").is_none(), "case {i}: a refused file left a state");
+    }
+}
+
+#[test]
 fn a_non_finite_gradient_changes_nothing_and_is_reported() {
     normforge::tch::manual_seed(6);
     let shapes: [&[i64]; 2] = [&[4, 4], &[6]];

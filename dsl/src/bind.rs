@@ -113,3 +113,10 @@ pub fn param_view(entry: &Entry, shape: &[usize]) -> Vec<usize> {
     v.extend_from_slice(shape);
     v
 }
+
+/// The dims of each state an update rule keeps for a parameter of `shape`: what a saved
+/// state must hold, whichever backend saved it.
+pub fn state_dims(entry: &Entry, shape: &[usize], hparams: &[f64], what: &str) -> Result<Vec<Vec<usize>>, String> {
+    let b = bind_axes(&entry.axes, &param_view(entry, shape), what)?;
+    entry.states.iter().map(|d| dims_of(&d.shape, &b, hparams)).collect()
+}

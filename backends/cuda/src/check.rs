@@ -156,12 +156,15 @@ pub fn layer_against_reference(entry: &Arc<Entry>, hparams: &[f64], call: &Layer
     Ok((forward, backward))
 }
 
-/// A few training steps of a small model through the user's API, twice from the same start on
-/// the same batches: its norm layer and optimizer on libtorch's operations (`DslLayer`,
-/// `DslOptimizer`), then on our kernels (`fused_layer`, `FusedOptimizer`), each with two
+/// A few training steps of a small model through the user's API, from the same start on the
+/// same batches: its norm layer and optimizer on libtorch's operations (`DslLayer`,
+/// `DslOptimizer`), and on our kernels (`fused_layer`, `FusedOptimizer`), each with two
 /// parameter groups (the norm's parameters without weight decay, where the rule has it) and
-/// gradient clipping. The largest relative error of any variable after (parameters and
-/// buffers). Then a step whose gradients are NaN, which both must skip, changing nothing.
+/// gradient clipping. Halfway, each run saves its optimizer's state and goes on with a fresh
+/// optimizer that loaded it: of the same kind, and (two more runs) of the other kind, so
+/// either resumes from the other's file. The largest relative error of any variable after
+/// (parameters and buffers) against libtorch's run. Then a step whose gradients are NaN, which
+/// every run must skip, changing nothing.
 pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, steps: usize) -> Result<f64, String> {
     use normforge_tch::{DslOptimizer, Optimize, Spec, StepReport};
     let dev = Device::Cuda(gpu.ordinal());
@@ -170,7 +173,9 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, ste
     let batches: Vec<(Tensor, Tensor)> = (0..steps).map(|_| (Tensor::randn([n, c, s], (Kind::Float, dev)), Tensor::randn([n, c, s], (Kind::Float, dev)))).collect();
     let layer_hparams: Vec<(String, f64)> = layer.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect();
     let decay = rule.hparams.iter().any(|h| h.name == "weight_decay");
-    let run = |fused: bool| -> Result<Vec<(String, Tensor)>, String> {
+    let file = std::env::temp_dir().join(format!("normforge-check-{}-{}.safetensors", std::process::id(), rule.name));
+    // Layer and first optimizer fused or not, then the optimizer that resumes fused or not.
+    let run = |fused: bool, resumed_fused: bool| -> Result<Vec<(String, Tensor)>, String> {
         tch::manual_seed(3);
         let vs = tch::nn::VarStore::new(dev);
         let w = vs.root().randn("w", &[c, c], 0.0, 0.5);
@@ -181,17 +186,21 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, ste
         let mut norm = spec.build_layer(&(vs.root() / "norm"), &sample).map_err(|e| e.0)?;
         let overrides = [("lr".to_string(), 1e-2)];
         let zero_decay = [("weight_decay".to_string(), 0.0)];
-        let mut opt: Box<dyn Optimize> = match fused {
-            true => {
-                norm = crate::fused_layer(norm, gpu).map_err(|e| e.0)?;
-                Box::new(crate::FusedOptimizer::new(gpu.clone(), rule.clone(), &vs, &overrides).map_err(|e| e.0)?)
-            }
-            false => Box::new(DslOptimizer::new(rule.clone(), &vs, &overrides).map_err(|e| e.0)?),
-        };
-        if decay {
-            opt.split_group(&|name| name.starts_with("norm"), &zero_decay).map_err(|e| e.0)?;
+        if fused {
+            norm = crate::fused_layer(norm, gpu).map_err(|e| e.0)?;
         }
-        opt.clip_grad_norm(Some(1.0));
+        let optimizer = |fused: bool| -> Result<Box<dyn Optimize>, String> {
+            let mut opt: Box<dyn Optimize> = match fused {
+                true => Box::new(crate::FusedOptimizer::new(gpu.clone(), rule.clone(), &vs, &overrides).map_err(|e| e.0)?),
+                false => Box::new(DslOptimizer::new(rule.clone(), &vs, &overrides).map_err(|e| e.0)?),
+            };
+            if decay {
+                opt.split_group(&|name| name.starts_with("norm"), &zero_decay).map_err(|e| e.0)?;
+            }
+            opt.clip_grad_norm(Some(1.0));
+            Ok(opt)
+        };
+        let mut opt = optimizer(fused)?;
         let loss = |x: &Tensor, target: &Tensor| -> Result<Tensor, String> {
             let h = w.matmul(x);
             let y = match channels_last {
@@ -200,7 +209,12 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, ste
             };
             Ok((y - target).square().mean(Kind::Float))
         };
-        for (x, target) in &batches {
+        for (i, (x, target)) in batches.iter().enumerate() {
+            if i == steps / 2 {
+                opt.save(&file).map_err(|e| format!("saving: {}", e.0))?;
+                opt = optimizer(resumed_fused)?;
+                opt.load(&file).map_err(|e| format!("loading: {}", e.0))?;
+            }
             match opt.backward_step(&loss(x, target)?).map_err(|e| e.0)? {
                 StepReport::Applied { .. } => {}
                 skipped => return Err(format!("a finite step was not applied: {skipped:?}")),
@@ -225,14 +239,18 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, ste
         }
         Ok(after)
     };
-    let (theirs, ours) = (run(false)?, run(true)?);
+    let theirs = run(false, false)?;
     let mut worst = 0f64;
-    for ((name, a), (_, b)) in ours.iter().zip(&theirs) {
-        let e = rel_err(&host(a)?, &host(b)?);
-        if !e.is_finite() {
-            return Err(format!("`{name}`: not finite"));
+    for (fused, resumed_fused) in [(true, true), (true, false), (false, true)] {
+        let ours = run(fused, resumed_fused)?;
+        for ((name, a), (_, b)) in ours.iter().zip(&theirs) {
+            let e = rel_err(&host(a)?, &host(b)?);
+            if !e.is_finite() {
+                return Err(format!("`{name}` (fused {fused}, resumed fused {resumed_fused}): not finite"));
+            }
+            worst = worst.max(e);
         }
-        worst = worst.max(e);
     }
+    let _ = std::fs::remove_file(&file);
     Ok(worst)
 }

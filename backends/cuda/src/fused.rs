@@ -1,17 +1,19 @@
 //! The fast path behind the user's API: a registry layer whose forward and derived backward
 //! run our kernels inside autograd ([`fused_layer`]), and an optimizer with `DslOptimizer`'s
 //! options — parameter groups, gradient clipping, skipping a step whose gradients are not
-//! finite — whose groups each step through [`CudaOptimizer`] on a flat arena
-//! ([`FusedOptimizer`]).
+//! finite, saving and loading its state in `DslOptimizer`'s format — whose groups each step
+//! through [`CudaOptimizer`] on a flat arena ([`FusedOptimizer`]).
 
 use crate::arena::Arena;
 use crate::driver::Gpu;
 use crate::layer::CudaLayerKernels;
-use crate::optimizer::CudaOptimizer;
+use crate::optimizer::{CudaOptimizer, RuleState};
 use normforge_cubecl::Dtype;
 use normforge_dsl::hyper;
 use normforge_dsl::ir::{Entry, Kind as EntryKind};
+use normforge_tch::state_file::{self, Expected, Saved};
 use normforge_tch::{DslLayer, Error, Optimize, StepReport};
+use std::path::Path;
 use std::sync::Arc;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -188,6 +190,54 @@ impl FusedOptimizer {
         }
         Ok(StepReport::Applied { grad_norm, clipped })
     }
+
+    /// Save every group's state and step count in `DslOptimizer`'s format (`state_file`), so
+    /// either optimizer resumes from it.
+    pub fn save(&self, path: &Path) -> Result<(), Error> {
+        let mut saved = Vec::new();
+        for g in &self.groups {
+            let Some((arena, opt)) = &g.run else { continue };
+            let Some(RuleState { step, tensors: states }) = opt.states(arena).map_err(|e| Error(e.to_string()))? else { continue };
+            for (name, states) in g.names.iter().zip(states) {
+                saved.push((name.as_str(), Saved { step: step as i64, states }));
+            }
+        }
+        state_file::write(path, &self.entry, saved)
+    }
+
+    /// Load a state saved by [`FusedOptimizer::save`] or `DslOptimizer::save` for the same
+    /// parameters: every parameter of a group, at one step count (a group steps them
+    /// together), or none. All or nothing: the file is checked whole before anything changes;
+    /// before the first step, the groups are then fixed.
+    pub fn load(&mut self, path: &Path) -> Result<(), Error> {
+        let expected = self.groups.iter().flat_map(|g| g.names.iter().zip(&g.vars).map(|(name, v)| Expected::of(&self.entry, name, v, &g.hparams)));
+        let mut saved = state_file::read(path, &self.entry, &expected.collect::<Result<Vec<_>, _>>()?)?;
+        let mut per_group = Vec::new();
+        for g in &self.groups {
+            let found: Vec<Option<Saved>> = g.names.iter().map(|n| saved.remove(n)).collect();
+            let Some(Some(first)) = found.iter().find(|s| s.is_some()) else {
+                per_group.push(None);
+                continue;
+            };
+            let t = first.step;
+            let odd = found.iter().position(|s| s.as_ref().is_none_or(|s| s.step != t)).map(|k| match &found[k] {
+                None => format!("no state for `{}`, which shares a group with saved ones", g.names[k]),
+                Some(s) => format!("`{}` at step {}, others of its group at step {t}", g.names[k], s.step),
+            });
+            if let Some(odd) = odd {
+                return Err(Error(format!("{}: the parameters of a fused group step together, and the file holds {odd}", path.display())));
+            }
+            per_group.push(Some(RuleState { step: t as u64, tensors: found.into_iter().flatten().map(|s| s.states).collect() }));
+        }
+        if !self.started() {
+            self.start()?;
+        }
+        for (g, loaded) in self.groups.iter_mut().zip(per_group) {
+            let (Some((arena, opt)), Some(state)) = (&mut g.run, loaded) else { continue };
+            opt.set_states(arena, &state).map_err(|e| Error(e.to_string()))?;
+        }
+        Ok(())
+    }
 }
 
 impl Optimize for FusedOptimizer {
@@ -199,5 +249,11 @@ impl Optimize for FusedOptimizer {
     }
     fn clip_grad_norm(&mut self, max: Option<f64>) {
         self.max_grad_norm = max;
+    }
+    fn save(&self, path: &Path) -> Result<(), Error> {
+        FusedOptimizer::save(self, path)
+    }
+    fn load(&mut self, path: &Path) -> Result<(), Error> {
+        FusedOptimizer::load(self, path)
     }
 }

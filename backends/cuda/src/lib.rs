@@ -20,4 +20,4 @@ pub use driver::{Gpu, Timed};
 pub use fused::{fused_layer, FusedOptimizer};
 pub use layer::CudaLayerKernels;
 pub use nvrtc::{Compiled, Compiler, Error, Origin, Usage};
-pub use optimizer::CudaOptimizer;
+pub use optimizer::{CudaOptimizer, RuleState};

@@ -15,8 +15,10 @@ use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
 use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, BLOCKS_PER_CUBE, COMBINE_BLOCK};
 use normforge_cubecl::{compile, compile_for, stacks, Compiled, Dtype, Source, Stacked};
-use normforge_dsl::bind;
-use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target};
+use normforge_cubecl::{Layout, Plan};
+use normforge_dsl::bind::{self, AxisBinding};
+use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target, TensorDecl};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
@@ -33,6 +35,24 @@ impl From<normforge_dsl::Error> for Error {
     fn from(e: normforge_dsl::Error) -> Self {
         Error::Rule(e.0)
     }
+}
+
+/// A rule's state after `step` steps: per tensor, a value per declared state.
+pub struct RuleState {
+    pub step: u64,
+    pub tensors: Vec<Vec<Tensor>>,
+}
+
+/// A stack of same-shaped neighbours of the arena (`tensors`), bound and laid out.
+struct Stack {
+    tensors: Range<usize>,
+    binding: AxisBinding,
+    layout: Layout,
+}
+
+/// Whether the work arenas kept since the first step still serve these stacks.
+fn fits(works: &[Tensor], stacks: &[Stack]) -> bool {
+    works.len() == stacks.len() && works.iter().zip(stacks).all(|(w, s)| w.numel() >= s.layout.work_len)
 }
 
 /// A phase's kernel and, when it reduces, the combine that folds its partials.
@@ -186,15 +206,15 @@ impl CudaOptimizer {
             return self.step_per_tensor(arena);
         }
         let Path::Fused { step_prog, init_prog, steps, inits, bound } = &self.path else { unreachable!("fused") };
-        let first = bound.is_none();
-        if first {
+        if bound.is_none() {
             let b = self.bind(arena, step_prog, init_prog, steps, inits);
             if let Path::Fused { bound, .. } = &mut self.path {
                 *bound = Some(b);
             }
         }
         let Path::Fused { step_prog, init_prog, steps, inits, bound: Some(b) } = &self.path else { unreachable!("bound above") };
-        if first {
+        // (A state taken with `set_states` is not initialised again.)
+        if self.step == 0 {
             self.run(b, init_prog, inits, true, arena, stream, 0.0)?;
         }
         let t = self.step + 1;
@@ -203,40 +223,44 @@ impl CudaOptimizer {
         Ok(())
     }
 
+    /// Each stack of same-shaped neighbours in `arena` (read in place as one tensor), bound and
+    /// laid out with its states where the step after `steps` reads them; and whether the layout
+    /// swaps them from step to step (`Layout::swap_states`). Every binding checked.
+    fn laid_stacks(&self, arena: &Arena, steps: u64) -> Result<(Vec<Stack>, bool), Error> {
+        let Path::PerTensor { plans, kernels, .. } = &self.path else { unreachable!("per tensor") };
+        let t = steps as f64 + 1.0;
+        let mut out = Vec::new();
+        for r in stacks(&arena.shapes, |k| arena.joins(k)) {
+            let shape = bind::param_view(&self.entry, &arena.shapes[r.start]);
+            let b = plans.bind(r.len(), &shape, &self.hparams, &format!("parameters {}..{}", r.start, r.end))?;
+            let lay = kernels.layout(&plans.step, &b, &self.hparams, t, Dtype::F32).map_err(rule)?;
+            out.push(Stack { tensors: r, binding: b, layout: lay });
+        }
+        let swaps = out.first().is_some_and(|s| s.layout.clone().swap_states(&plans.step));
+        if swaps && steps % 2 == 1 {
+            out.iter_mut().for_each(|s| _ = s.layout.swap_states(&plans.step));
+        }
+        Ok((out, swaps))
+    }
+
     /// A rule that runs through layer kernels, a stack of same-shaped neighbours at a time
     /// (read in place from the arena): every binding is checked before anything runs. Each
     /// stack keeps its work arena between steps and its states in it, read on alternate steps
     /// from where the last step wrote them (`Layout::swap_states`), so no state is copied; the
     /// first step computes them.
     fn step_per_tensor(&mut self, arena: &Arena) -> Result<(), Error> {
-        let runs = stacks(&arena.shapes, |k| arena.joins(k));
-        let (t, odd, hparams, entry, state_kind) = (self.step as f64 + 1.0, self.step % 2 == 1, &self.hparams, &self.entry, kind_of(self.state_dtype));
+        let (laid, swaps) = self.laid_stacks(arena, self.step)?;
+        let (hparams, entry, state_kind) = (&self.hparams, &self.entry, kind_of(self.state_dtype));
         let Path::PerTensor { plans, kernels, works } = &mut self.path else { unreachable!("per tensor") };
-        let rule = |e: normforge_tch::Error| Error::Rule(e.0);
-        let mut bound = Vec::new();
-        for r in &runs {
-            let shape = bind::param_view(entry, &arena.shapes[r.start]);
-            let b = plans.bind(r.len(), &shape, hparams, &format!("parameters {}..{}", r.start, r.end))?;
-            let lay = kernels.layout(&plans.step, &b, hparams, t, Dtype::F32).map_err(rule)?;
-            bound.push((b, lay));
-        }
-        if !works.is_empty() && (works.len() != runs.len() || works.iter().zip(&bound).any(|(w, (_, lay))| w.numel() < lay.work_len)) {
+        if !works.is_empty() && !fits(works, &laid) {
             return Err(Error::Rule("the parameters changed since the first step".into()));
         }
-        // Where each state is read in the unswapped layout (`None`: the step never reads it).
-        let slots = |lay: &normforge_cubecl::Layout| -> Vec<Option<(i64, i64)>> {
-            (0..entry.states.len() as u32)
-                .map(|i| plans.step.tensors.iter().position(|x| x.0 == Source::State(i)))
-                .map(|k| k.map(|k| (lay.offsets[k] as i64, lay.len(&plans.step, k) as i64)))
-                .collect()
-        };
-        let swaps = bound.first().is_some_and(|(_, lay)| lay.clone().swap_states(&plans.step));
         if works.is_empty() {
-            for (r, (b, lay)) in runs.iter().zip(&bound) {
+            for Stack { tensors: r, binding: b, layout: lay } in &laid {
                 let p = arena.stack(&arena.p, r.clone());
                 let out = kernels.run(&plans.init, b, hparams, 0.0, Dtype::F32, &|src| (src == Source::Input).then_some(&p)).map_err(rule)?;
                 let work = Tensor::zeros([lay.work_len.max(1) as i64], (Kind::Float, arena.device));
-                for (i, slot) in slots(lay).into_iter().enumerate() {
+                for (i, slot) in state_slots(&plans.step, entry, lay).into_iter().enumerate() {
                     let Some((off, len)) = slot else { continue };
                     let v = pick(&out, Target::State(i as u32)).map_err(rule)?;
                     tch::no_grad(|| work.narrow(0, off, len).copy_(&v.to_kind(state_kind).to_kind(Kind::Float).reshape([-1])));
@@ -244,10 +268,7 @@ impl CudaOptimizer {
                 works.push(work);
             }
         }
-        for ((r, (_, lay)), work) in runs.iter().zip(bound.iter_mut()).zip(works.iter()) {
-            if odd && swaps {
-                lay.swap_states(&plans.step);
-            }
+        for (Stack { tensors: r, layout: lay, .. }, work) in laid.iter().zip(works.iter()) {
             let (p, g) = (arena.stack(&arena.p, r.clone()), arena.stack(&arena.g, r.clone()));
             let data = |src: Source| match src {
                 Source::Input => Some(&p),
@@ -255,7 +276,7 @@ impl CudaOptimizer {
                 _ => None,
             };
             let out = kernels.run_laid(&plans.step, lay, Dtype::F32, &data, Some(work)).map_err(rule)?;
-            let read_at = slots(lay);
+            let read_at = state_slots(&plans.step, entry, lay);
             // The stream runs these after the kernels that read p and the state.
             tch::no_grad(|| -> Result<(), Error> {
                 // (Nothing to copy where the plan wrote the new parameter over the old one.)
@@ -278,6 +299,131 @@ impl CudaOptimizer {
             })?;
         }
         self.step += 1;
+        Ok(())
+    }
+
+    /// Where each state of each tensor of `arena` is, flat, for the step after `steps` to read:
+    /// `None` before the storage exists (and for a state no step reads).
+    fn state_views(&self, arena: &Arena, steps: u64) -> Result<Vec<Vec<Option<Tensor>>>, Error> {
+        let count = arena.sizes.len();
+        let mut views: Vec<Vec<Option<Tensor>>> = (0..count).map(|_| (0..self.entry.states.len()).map(|_| None).collect()).collect();
+        match &self.path {
+            Path::Fused { bound: Some(b), .. } => {
+                let n = arena.len() as i64;
+                for (k, v) in views.iter_mut().enumerate() {
+                    for (i, slot) in v.iter_mut().enumerate() {
+                        *slot = Some(arena.tensor(&b.state.narrow(0, i as i64 * n, n), k));
+                    }
+                }
+            }
+            Path::PerTensor { plans, works, .. } if !works.is_empty() => {
+                let (laid, _) = self.laid_stacks(arena, steps)?;
+                for (Stack { tensors: r, layout: lay, .. }, work) in laid.iter().zip(works) {
+                    for (i, slot) in state_slots(&plans.step, &self.entry, lay).into_iter().enumerate() {
+                        let Some((off, len)) = slot else { continue };
+                        let each = len / r.len() as i64;
+                        for k in r.clone() {
+                            views[k][i] = Some(work.narrow(0, off + (k - r.start) as i64 * each, each));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(views)
+    }
+
+    /// Each state's dims, as `DslOptimizer` holds it, for a parameter of `shape`.
+    fn state_dims(&self, shape: &[usize], what: &str) -> Result<Vec<Vec<i64>>, Error> {
+        let b = bind::bind_axes(&self.entry.axes, &bind::param_view(&self.entry, shape), what).map_err(Error::Rule)?;
+        let dims = |d: &TensorDecl| bind::dims_of(&d.shape, &b, &self.hparams).map(|v| v.into_iter().map(|x| x as i64).collect());
+        self.entry.states.iter().map(|d| dims(d).map_err(Error::Rule)).collect()
+    }
+
+    /// The step count and, per tensor of `arena`, its state values where the next step reads
+    /// them — each in its declared shape, as `DslOptimizer` holds it, f32, a copy; `None`
+    /// before the first step. (The fused kernels hold a per-tensor value at every element.)
+    pub fn states(&self, arena: &Arena) -> Result<Option<RuleState>, Error> {
+        if self.step == 0 {
+            return Ok(None);
+        }
+        let views = self.state_views(arena, self.step)?;
+        let mut out = Vec::new();
+        for (k, v) in views.iter().enumerate() {
+            let mut states = Vec::new();
+            for ((view, dims), d) in v.iter().zip(self.state_dims(&arena.shapes[k], &format!("parameter {k}"))?).zip(&self.entry.states) {
+                let view = view.as_ref().ok_or_else(|| Error::Rule(format!("the CUDA path keeps no value of state `{}` between steps", d.name)))?;
+                let numel: i64 = dims.iter().product();
+                let held = if numel == view.numel() as i64 { view.shallow_clone() } else { view.narrow(0, 0, 1) };
+                states.push(tch::no_grad(|| held.to_kind(Kind::Float).reshape(dims.as_slice()).copy()));
+            }
+            out.push(states);
+        }
+        Ok(Some(RuleState { step: self.step, tensors: out }))
+    }
+
+    /// Take `state` (per tensor of `arena`, per state, each of its declared shape's element
+    /// count) as the state after `state.step` steps (at least one). All or nothing: every
+    /// value is checked before anything changes.
+    pub fn set_states(&mut self, arena: &Arena, state: &RuleState) -> Result<(), Error> {
+        let (step, states) = (state.step, &state.tensors);
+        if step == 0 {
+            return Err(Error::Rule("a state is taken after one step or more, not 0".into()));
+        }
+        if arena.device != Device::Cuda(self.gpu.ordinal()) {
+            return Err(Error::Rule(format!("the parameters are on {:?}, this optimizer runs on cuda:{}", arena.device, self.gpu.ordinal())));
+        }
+        if states.len() != arena.sizes.len() {
+            return Err(Error::Rule(format!("{} parameters' states for {} parameters", states.len(), arena.sizes.len())));
+        }
+        for (k, v) in states.iter().enumerate() {
+            let dims = self.state_dims(&arena.shapes[k], &format!("parameter {k}"))?;
+            if v.len() != dims.len() {
+                return Err(Error::Rule(format!("parameter {k}: {} states, the rule has {}", v.len(), dims.len())));
+            }
+            for ((t, dims), d) in v.iter().zip(&dims).zip(&self.entry.states) {
+                if t.numel() as i64 != dims.iter().product::<i64>() || !t.is_floating_point() {
+                    return Err(Error::Rule(format!("parameter {k}: state `{}` is {:?} {:?}, not {dims:?}", d.name, t.kind(), t.size())));
+                }
+            }
+        }
+        // Where the states go: bound now for a rule that has not stepped (its first step then
+        // skips the initialisation), checked against this arena for one that has.
+        let changed = || Error::Rule("the parameters changed since the first step".into());
+        let state_kind = kind_of(self.state_dtype);
+        match &self.path {
+            Path::Fused { bound: Some(b), .. } => {
+                if b.state.numel() != self.entry.states.len().max(1) * arena.len() {
+                    return Err(changed());
+                }
+            }
+            Path::Fused { step_prog, init_prog, steps, inits, bound: None } => {
+                let b = self.bind(arena, step_prog, init_prog, steps, inits);
+                if let Path::Fused { bound, .. } = &mut self.path {
+                    *bound = Some(b);
+                }
+            }
+            Path::PerTensor { works, .. } => {
+                let (laid, _) = self.laid_stacks(arena, step)?;
+                if works.is_empty() {
+                    let fresh = laid.iter().map(|s| Tensor::zeros([s.layout.work_len.max(1) as i64], (Kind::Float, arena.device))).collect();
+                    if let Path::PerTensor { works, .. } = &mut self.path {
+                        *works = fresh;
+                    }
+                } else if !fits(works, &laid) {
+                    return Err(changed());
+                }
+            }
+        }
+        let views = self.state_views(arena, step)?;
+        tch::no_grad(|| {
+            for (view, t) in views.iter().flatten().zip(states.iter().flatten()) {
+                let Some(view) = view else { continue };
+                let t = t.to_device(arena.device).to_kind(state_kind).to_kind(view.kind()).reshape([-1]);
+                view.shallow_clone().copy_(&t.expand([view.numel() as i64], false));
+            }
+        });
+        self.step = step;
         Ok(())
     }
 
@@ -305,6 +451,19 @@ impl CudaOptimizer {
         }
         Ok(())
     }
+}
+
+fn rule(e: normforge_tch::Error) -> Error {
+    Error::Rule(e.0)
+}
+
+/// Where the step of `plan` reads each state of the rule in `work` as `lay` places it: offset
+/// and length (`None`: the step never reads it).
+fn state_slots(plan: &Plan, entry: &Entry, lay: &Layout) -> Vec<Option<(i64, i64)>> {
+    (0..entry.states.len() as u32)
+        .map(|i| plan.tensors.iter().position(|x| x.0 == Source::State(i)))
+        .map(|k| k.map(|k| (lay.offsets[k] as i64, lay.len(plan, k) as i64)))
+        .collect()
 }
 
 /// The kernels of each phase, compiled and loaded.

@@ -13,6 +13,7 @@ pub mod shim;
 pub mod layer;
 pub mod lower;
 pub mod optimizer;
+pub mod state_file;
 pub mod wrappers;
 
 pub use shim::LayerKernels;

@@ -4,10 +4,10 @@
 //! when all exist (and, unless disabled, every gradient is finite) are they written back.
 
 use crate::lower::{Leaves, Lowering};
+use crate::state_file::{self, Expected, Saved};
 use crate::{float_kind, Error};
 use normforge_dsl::bind;
 use normforge_dsl::ir::{Entry, Kind as EntryKind, Program, Programs, Target};
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use tch::{nn, Kind, Tensor};
@@ -51,6 +51,10 @@ pub trait Optimize {
     fn split_group(&mut self, select: &dyn Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error>;
     /// Clip the global gradient norm to this value before each update.
     fn clip_grad_norm(&mut self, max: Option<f64>);
+    /// Save the rule's state and step counts (`state_file`: either optimizer reads it).
+    fn save(&self, path: &Path) -> Result<(), Error>;
+    /// Load a state saved for the same parameters. All or nothing.
+    fn load(&mut self, path: &Path) -> Result<(), Error>;
 }
 
 impl Optimize for DslOptimizer {
@@ -62,6 +66,12 @@ impl Optimize for DslOptimizer {
     }
     fn clip_grad_norm(&mut self, max: Option<f64>) {
         self.max_grad_norm = max;
+    }
+    fn save(&self, path: &Path) -> Result<(), Error> {
+        DslOptimizer::save(self, path)
+    }
+    fn load(&mut self, path: &Path) -> Result<(), Error> {
+        DslOptimizer::load(self, path)
     }
 }
 
@@ -283,49 +293,27 @@ impl DslOptimizer {
             .collect()
     }
 
-    /// Save the state (every state tensor and step count, dtypes kept) as safetensors.
+    /// Save the state (every state tensor and step count, dtypes kept) as safetensors
+    /// (`state_file`: `FusedOptimizer` reads it too).
     pub fn save(&self, path: &Path) -> Result<(), Error> {
-        let mut named: Vec<(String, Tensor)> = Vec::new();
-        for g in &self.groups {
-            for s in &g.slots {
-                let Some(states) = &s.states else { continue };
-                named.push((format!("{}::step", s.name), Tensor::from_slice(&[s.step])));
-                for (d, t) in self.entry.states.iter().zip(states) {
-                    named.push((format!("{}::{}", s.name, d.name), t.shallow_clone()));
-                }
-            }
-        }
-        Tensor::write_safetensors(&named, path)?;
-        Ok(())
+        let slots = self.groups.iter().flat_map(|g| &g.slots);
+        let saved = slots.filter_map(|s| {
+            let states = s.states.as_ref()?.iter().map(Tensor::shallow_clone).collect();
+            Some((s.name.as_str(), Saved { step: s.step, states }))
+        });
+        state_file::write(path, &self.entry, saved.collect())
     }
 
-    /// Load a state saved by [`DslOptimizer::save`] for the same parameters. All or nothing.
+    /// Load a state saved by [`DslOptimizer::save`] (or `FusedOptimizer::save`) for the same
+    /// parameters. All or nothing.
     pub fn load(&mut self, path: &Path) -> Result<(), Error> {
-        let mut map: HashMap<String, Tensor> = Tensor::read_safetensors(path)?.into_iter().collect();
-        let mut loaded: Vec<(usize, usize, i64, Vec<Tensor>)> = Vec::new();
-        for (gi, g) in self.groups.iter().enumerate() {
-            for (si, s) in g.slots.iter().enumerate() {
-                let Some(step) = map.remove(&format!("{}::step", s.name)) else { continue };
-                let step = i64::try_from(&step).map_err(|_| Error(format!("{}: a bad step count", s.name)))?;
-                let mut states = Vec::new();
-                for d in &self.entry.states {
-                    let key = format!("{}::{}", s.name, d.name);
-                    let t = map.remove(&key).ok_or_else(|| Error(format!("{}: no tensor `{key}`", path.display())))?;
-                    if t.kind() != s.var.kind() {
-                        return Err(Error(format!("`{key}` is {:?}, the parameter {:?}", t.kind(), s.var.kind())));
-                    }
-                    states.push(t.to_device(s.var.device()));
-                }
-                loaded.push((gi, si, step, states));
+        let expected = self.groups.iter().flat_map(|g| g.slots.iter().map(|s| Expected::of(&self.entry, &s.name, &s.var, &g.hparams)));
+        let mut saved = state_file::read(path, &self.entry, &expected.collect::<Result<Vec<_>, _>>()?)?;
+        for s in self.groups.iter_mut().flat_map(|g| &mut g.slots) {
+            if let Some(v) = saved.remove(&s.name) {
+                s.step = v.step;
+                s.states = Some(v.states.iter().map(|t| t.to_device(s.var.device())).collect());
             }
-        }
-        if let Some(extra) = map.keys().next() {
-            return Err(Error(format!("{}: `{extra}` belongs to no parameter of this optimizer", path.display())));
-        }
-        for (gi, si, step, states) in loaded {
-            let s = &mut self.groups[gi].slots[si];
-            s.step = step;
-            s.states = Some(states);
         }
         Ok(())
     }
