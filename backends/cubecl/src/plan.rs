@@ -883,13 +883,34 @@ impl Layout {
     }
 }
 
+/// Whether the kernels' 32-bit shape tables and offsets index every tensor of `plan` bound to
+/// `b` — its shapes (a product's fold among them: Muon's at 1024 x 4096 has 2^32 values) and
+/// its arenas — as `layout` needs (which refuses a call where they do not; it also sizes a
+/// layer's column partials per launch, and checks those).
+pub fn indexable(plan: &Plan, b: &AxisBinding, hparams: &[f64]) -> Result<bool, Error> {
+    let sizes: Vec<usize> = plan.shapes.iter().map(|s| bind::extents(s, b, hparams).map(|e| e.iter().product())).collect::<Result<_, _>>().map_err(Error)?;
+    let (mut io, mut work) = (0usize, 0usize);
+    for &(_, shape, buf) in &plan.tensors {
+        match buf {
+            Buf::Io => io += sizes[shape],
+            Buf::Work => work += sizes[shape],
+            Buf::Input | Buf::GradOutput => {}
+        }
+    }
+    let fits = sizes.iter().chain([&io, &work]).all(|&n| n <= u32::MAX as usize);
+    Ok(fits)
+}
+
 /// Bind a plan to shapes, its kernels launched as `launch` says.
 pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: &Launch) -> Result<Layout, Error> {
     launch.check()?;
+    let too_big = || Error("a tensor of this layer call exceeds 2^32 values".into());
+    if !indexable(plan, b, hparams)? {
+        return Err(too_big());
+    }
     let rank = b.extents.len();
     let mut meta: Vec<u32> = Vec::new();
     let mut sizes = Vec::new();
-    let too_big = || Error("a tensor of this layer call exceeds 2^32 values".into());
     let size = |s: usize| bind::extents(&plan.shapes[s], b, hparams).map(|e| e.iter().product::<usize>()).map_err(Error);
     // Whether the column sums fold inside the row kernel, and for `Fold::Registers` over how
     // many of its cubes and for rows of how many positions: rows short enough for

@@ -481,3 +481,35 @@ fn every_std_rule_is_covered() {
         }
     }
 }
+
+/// Muon's Newton–Schulz products fold a Gram matrix's every entry over a row — a stack's m x m
+/// x n values for the wide form of m x n matrices, n x n x m for the tall form, both laid out
+/// whichever a call takes — past the 32-bit shape tables from 2^32 on. `indexable` says so
+/// before `layout` is asked (the CUDA path then steps such matrices in libtorch's operations),
+/// and `layout` refuses exactly what it does not index.
+#[test]
+fn products_past_32_bit_indexing_are_found_before_layout() {
+    let entry = registry().get("muon").unwrap().entry;
+    let Programs::Optimizer { step } = &entry.programs else { unreachable!() };
+    let plans = normforge_cubecl::Stacked::new(&entry, step).unwrap();
+    let hp = normforge_dsl::hyper::resolve(&entry, &[]).unwrap();
+    let cases = [
+        (1, [64, 300], true),
+        (1, [1024, 4096], false),
+        (1, [4096, 1024], false),
+        // 1625^3 < 2^32 <= 1626^3
+        (1, [1625, 1625], true),
+        (1, [1626, 1626], false),
+        // The wide form would fit; the tall one's 4096 x 4096 x 1000 does not.
+        (1, [1000, 4096], false),
+        (3, [1024, 1024], true),
+        (4, [1024, 1024], false),
+    ];
+    for (count, shape, fits) in cases {
+        let b = plans.bind(count, &shape, &hp, "p").unwrap();
+        let indexable = normforge_cubecl::indexable(&plans.step, &b, &hp).unwrap();
+        let laid = normforge_cubecl::layout(&plans.step, &b, &hp, 1.0, &normforge_cubecl::Launch::default());
+        assert_eq!(indexable, fits, "{count} x {shape:?}");
+        assert_eq!(laid.is_ok(), fits, "{count} x {shape:?}: {:?}", laid.err());
+    }
+}

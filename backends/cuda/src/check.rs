@@ -1,7 +1,7 @@
 //! Correctness on a GPU, shared by the tests and the GPU check binary: a rule on CUDA tensors
 //! (fused, or through layer kernels) against the reference backend (f64), and against libtorch's own
-//! optimizer where it has one, over several steps; one call of a layer (on any device) against
-//! the reference backend.
+//! optimizer where it has one, and against the same rule in libtorch's operations, over several
+//! steps; one call of a layer (on any device) against the reference backend.
 
 use crate::{Arena, CudaOptimizer, Gpu};
 use normforge_cubecl::Dtype;
@@ -60,40 +60,65 @@ pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize
 /// As [`against_reference`], against libtorch's own optimizer on the same GPU
 /// (`normforge_tch::builtins`); `None` for a rule libtorch lacks.
 pub fn against_builtin(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize) -> Option<Result<f64, String>> {
-    let dev = Device::Cuda(gpu.ordinal());
     let hparams = normforge_dsl::hyper::resolve(entry, &[]).ok()?;
-    let vs = tch::nn::VarStore::new(dev);
+    let vs = tch::nn::VarStore::new(Device::Cuda(gpu.ordinal()));
     let mut theirs = match normforge_tch::builtins::optimizer(entry, &hparams, &vs)? {
         Ok(o) => o,
         Err(e) => return Some(Err(e.0)),
     };
-    let mut run = || -> Result<f64, String> {
-        let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Dtype::F32).map_err(|e| e.to_string())?;
-        tch::manual_seed(11);
-        let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
-        let twins: Vec<Tensor> = vars.iter().enumerate().map(|(i, v)| vs.root().var_copy(&format!("p{i}"), v)).collect();
-        let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
-        for _ in 0..steps {
-            let grads: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev))).collect();
-            tch::no_grad(|| {
-                for (v, g) in vars.iter().zip(&grads) {
-                    v.grad().copy_(g);
-                }
-            });
-            // Theirs get the same gradients by backpropagation: d/dt sum(t * g) = g.
-            theirs.zero_grad();
-            let loss = twins.iter().zip(&grads).map(|(t, g)| (t * g).sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, dev)), |a, b| a + b);
-            loss.f_backward().map_err(|e| e.to_string())?;
-            opt.step(&arena).map_err(|e| e.to_string())?;
-            theirs.step();
+    Some(beside(gpu, entry, shapes, steps, &vs, &mut |loss| {
+        theirs.zero_grad();
+        loss.f_backward().map_err(|e| e.to_string())?;
+        theirs.step();
+        Ok(())
+    }))
+}
+
+/// As [`against_builtin`], against the same rule in libtorch's operations (`DslOptimizer`) on
+/// the same GPU: what the CUDA path runs there for tensors its kernels cannot index (Muon on
+/// large matrices), and the kernels' results for the rest.
+pub fn against_lowered(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize) -> Result<f64, String> {
+    let vs = tch::nn::VarStore::new(Device::Cuda(gpu.ordinal()));
+    let mut theirs: Option<normforge_tch::DslOptimizer> = None;
+    beside(gpu, entry, shapes, steps, &vs, &mut |loss| {
+        // Built at the first step, once `beside` has put the parameters in `vs`.
+        if theirs.is_none() {
+            theirs = Some(normforge_tch::DslOptimizer::new(entry.clone(), &vs, &[]).map_err(|e| e.0)?);
         }
-        let mut worst = 0f64;
-        for (v, t) in vars.iter().zip(&twins) {
-            worst = worst.max(rel_err(&host(v)?, &host(t)?));
+        let report = theirs.as_mut().expect("built above").backward_step(loss).map_err(|e| e.0)?;
+        match report {
+            normforge_tch::StepReport::Applied { .. } => Ok(()),
+            skipped => Err(format!("libtorch's step was {skipped:?}")),
         }
-        Ok(worst)
-    };
-    Some(run())
+    })
+}
+
+/// `steps` steps of `entry` on the GPU on parameters of `shapes` in an arena, and of `theirs`
+/// on copies of them in `vs` (given `sum(t * g)`, whose gradient is the same `g`), from the
+/// same values; the largest relative error between the two after.
+fn beside(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize, vs: &tch::nn::VarStore, theirs: &mut dyn FnMut(&Tensor) -> Result<(), String>) -> Result<f64, String> {
+    let dev = Device::Cuda(gpu.ordinal());
+    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Dtype::F32).map_err(|e| e.to_string())?;
+    tch::manual_seed(11);
+    let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
+    let twins: Vec<Tensor> = vars.iter().enumerate().map(|(i, v)| vs.root().var_copy(&format!("p{i}"), v)).collect();
+    let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
+    for _ in 0..steps {
+        let grads: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev))).collect();
+        tch::no_grad(|| {
+            for (v, g) in vars.iter().zip(&grads) {
+                v.grad().copy_(g);
+            }
+        });
+        let loss = twins.iter().zip(&grads).map(|(t, g)| (t * g).sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, dev)), |a, b| a + b);
+        theirs(&loss)?;
+        opt.step(&arena).map_err(|e| e.to_string())?;
+    }
+    let mut worst = 0f64;
+    for (v, t) in vars.iter().zip(&twins) {
+        worst = worst.max(rel_err(&host(v)?, &host(t)?));
+    }
+    Ok(worst)
 }
 
 /// One training or evaluation call of a layer, forward and backward, as some implementation ran

@@ -15,9 +15,9 @@ use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
 use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, BLOCKS_PER_CUBE, COMBINE_BLOCK};
 use normforge_cubecl::{compile, compile_for, stacks, Compiled, Dtype, Source, Stacked};
-use normforge_cubecl::{Layout, Plan};
+use normforge_cubecl::{indexable, Layout, Plan};
 use normforge_dsl::bind::{self, AxisBinding};
-use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target, TensorDecl};
+use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,16 +43,42 @@ pub struct RuleState {
     pub tensors: Vec<Vec<Tensor>>,
 }
 
-/// A stack of same-shaped neighbours of the arena (`tensors`), bound and laid out.
+/// A stack of same-shaped neighbours of the arena (`tensors`), bound and laid out — or, where
+/// the kernels' 32-bit tables cannot index its products (`indexable`: Muon on 1024 x 4096), not
+/// laid out: each of its tensors then steps in libtorch's operations (`lowered_step`, whose
+/// matrix products are cuBLAS's), on the same stream.
 struct Stack {
     tensors: Range<usize>,
     binding: AxisBinding,
-    layout: Layout,
+    layout: Option<Layout>,
 }
 
-/// Whether the work arenas kept since the first step still serve these stacks.
-fn fits(works: &[Tensor], stacks: &[Stack]) -> bool {
-    works.len() == stacks.len() && works.iter().zip(stacks).all(|(w, s)| w.numel() >= s.layout.work_len)
+/// What a stack keeps between steps.
+enum Kept {
+    /// Its work arena, which holds its states.
+    Work(Tensor),
+    /// Per tensor, its states (`None` before its first step).
+    Lowered(Vec<Option<Vec<Tensor>>>),
+}
+
+impl Kept {
+    /// Storage for `stack`, its states not yet computed.
+    fn new(stack: &Stack, device: Device) -> Kept {
+        match &stack.layout {
+            Some(lay) => Kept::Work(Tensor::zeros([lay.work_len.max(1) as i64], (Kind::Float, device))),
+            None => Kept::Lowered(stack.tensors.clone().map(|_| None).collect()),
+        }
+    }
+}
+
+/// Whether what was kept since the first step still serves these stacks.
+fn fits(kept: &[Kept], stacks: &[Stack]) -> bool {
+    kept.len() == stacks.len()
+        && kept.iter().zip(stacks).all(|(k, s)| match (k, &s.layout) {
+            (Kept::Work(w), Some(lay)) => w.numel() >= lay.work_len,
+            (Kept::Lowered(each), None) => each.len() == s.tensors.len(),
+            _ => false,
+        })
 }
 
 /// A phase's kernel and, when it reduces, the combine that folds its partials.
@@ -87,9 +113,9 @@ pub struct CudaOptimizer {
 enum Path {
     /// Every tensor in one launch per phase.
     Fused { step_prog: Compiled, init_prog: Compiled, steps: Vec<Phase>, inits: Vec<Phase>, bound: Option<Bound> },
-    /// Through the layer kernels, a stack of same-shaped tensors at a time; per stack its work
-    /// arena, which holds its states.
-    PerTensor { plans: Stacked, kernels: PlanKernels, works: Vec<Tensor> },
+    /// Through the layer kernels, a stack of same-shaped tensors at a time; per stack what it
+    /// keeps (its work arena, which holds its states).
+    PerTensor { plans: Stacked, kernels: PlanKernels, works: Vec<Kept> },
 }
 
 impl CudaOptimizer {
@@ -233,12 +259,15 @@ impl CudaOptimizer {
         for r in stacks(&arena.shapes, |k| arena.joins(k)) {
             let shape = bind::param_view(&self.entry, &arena.shapes[r.start]);
             let b = plans.bind(r.len(), &shape, &self.hparams, &format!("parameters {}..{}", r.start, r.end))?;
-            let lay = kernels.layout(&plans.step, &b, &self.hparams, t, Dtype::F32).map_err(rule)?;
-            out.push(Stack { tensors: r, binding: b, layout: lay });
+            let layout = match indexable(&plans.step, &b, &self.hparams)? {
+                true => Some(kernels.layout(&plans.step, &b, &self.hparams, t, Dtype::F32).map_err(rule)?),
+                false => None,
+            };
+            out.push(Stack { tensors: r, binding: b, layout });
         }
-        let swaps = out.first().is_some_and(|s| s.layout.clone().swap_states(&plans.step));
+        let swaps = out.iter().find_map(|s| s.layout.as_ref()).is_some_and(|lay| lay.clone().swap_states(&plans.step));
         if swaps && steps % 2 == 1 {
-            out.iter_mut().for_each(|s| _ = s.layout.swap_states(&plans.step));
+            out.iter_mut().filter_map(|s| s.layout.as_mut()).for_each(|lay| _ = lay.swap_states(&plans.step));
         }
         Ok((out, swaps))
     }
@@ -250,25 +279,43 @@ impl CudaOptimizer {
     /// first step computes them.
     fn step_per_tensor(&mut self, arena: &Arena) -> Result<(), Error> {
         let (laid, swaps) = self.laid_stacks(arena, self.step)?;
-        let (hparams, entry, state_kind) = (&self.hparams, &self.entry, kind_of(self.state_dtype));
+        let (t, hparams, entry, state_kind) = (self.step + 1, &self.hparams, &self.entry, kind_of(self.state_dtype));
+        let Programs::Optimizer { step: step_program } = &entry.programs else { unreachable!("an optimizer") };
         let Path::PerTensor { plans, kernels, works } = &mut self.path else { unreachable!("per tensor") };
         if !works.is_empty() && !fits(works, &laid) {
             return Err(Error::Rule("the parameters changed since the first step".into()));
         }
         if works.is_empty() {
-            for Stack { tensors: r, binding: b, layout: lay } in &laid {
-                let p = arena.stack(&arena.p, r.clone());
-                let out = kernels.run(&plans.init, b, hparams, 0.0, Dtype::F32, &|src| (src == Source::Input).then_some(&p)).map_err(rule)?;
-                let work = Tensor::zeros([lay.work_len.max(1) as i64], (Kind::Float, arena.device));
-                for (i, slot) in state_slots(&plans.step, entry, lay).into_iter().enumerate() {
-                    let Some((off, len)) = slot else { continue };
-                    let v = pick(&out, Target::State(i as u32)).map_err(rule)?;
-                    tch::no_grad(|| work.narrow(0, off, len).copy_(&v.to_kind(state_kind).to_kind(Kind::Float).reshape([-1])));
+            for stack in &laid {
+                let mut kept = Kept::new(stack, arena.device);
+                if let (Kept::Work(work), Some(lay)) = (&mut kept, &stack.layout) {
+                    let p = arena.stack(&arena.p, stack.tensors.clone());
+                    let out = kernels.run(&plans.init, &stack.binding, hparams, 0.0, Dtype::F32, &|src| (src == Source::Input).then_some(&p)).map_err(rule)?;
+                    for (i, slot) in state_slots(&plans.step, entry, lay).into_iter().enumerate() {
+                        let Some((off, len)) = slot else { continue };
+                        let v = pick(&out, Target::State(i as u32)).map_err(rule)?;
+                        tch::no_grad(|| work.narrow(0, off, len).copy_(&v.to_kind(state_kind).to_kind(Kind::Float).reshape([-1])));
+                    }
                 }
-                works.push(work);
+                works.push(kept);
             }
         }
-        for (Stack { tensors: r, layout: lay, .. }, work) in laid.iter().zip(works.iter()) {
+        for (stack, kept) in laid.iter().zip(works.iter_mut()) {
+            let (r, lay, work) = match (&stack.layout, kept) {
+                (Some(lay), Kept::Work(work)) => (stack.tensors.clone(), lay, work),
+                (_, Kept::Lowered(each)) => {
+                    for (k, states) in stack.tensors.clone().zip(each.iter_mut()) {
+                        let dims: Vec<i64> = arena.shapes[k].iter().map(|&d| d as i64).collect();
+                        let (p, g) = (arena.tensor(&arena.p, k).view(dims.as_slice()), arena.tensor(&arena.g, k).view(dims.as_slice()));
+                        let (p_new, new) = normforge_tch::optimizer::lowered_step(entry, step_program, hparams, t as i64, &p, &g, states.as_deref(), &format!("parameter {k}")).map_err(rule)?;
+                        tch::no_grad(|| p.shallow_clone().copy_(&p_new));
+                        // Kept in the state dtype's values, as the kernels keep them.
+                        *states = Some(new.into_iter().map(|v| if state_kind == Kind::Float { v } else { v.to_kind(state_kind).to_kind(Kind::Float) }).collect());
+                    }
+                    continue;
+                }
+                _ => unreachable!("fits"),
+            };
             let (p, g) = (arena.stack(&arena.p, r.clone()), arena.stack(&arena.g, r.clone()));
             let data = |src: Source| match src {
                 Source::Input => Some(&p),
@@ -318,13 +365,26 @@ impl CudaOptimizer {
             }
             Path::PerTensor { plans, works, .. } if !works.is_empty() => {
                 let (laid, _) = self.laid_stacks(arena, steps)?;
-                for (Stack { tensors: r, layout: lay, .. }, work) in laid.iter().zip(works) {
-                    for (i, slot) in state_slots(&plans.step, &self.entry, lay).into_iter().enumerate() {
-                        let Some((off, len)) = slot else { continue };
-                        let each = len / r.len() as i64;
-                        for k in r.clone() {
-                            views[k][i] = Some(work.narrow(0, off + (k - r.start) as i64 * each, each));
+                for (stack, kept) in laid.iter().zip(works) {
+                    let r = stack.tensors.clone();
+                    match (kept, &stack.layout) {
+                        (Kept::Work(work), Some(lay)) => {
+                            for (i, slot) in state_slots(&plans.step, &self.entry, lay).into_iter().enumerate() {
+                                let Some((off, len)) = slot else { continue };
+                                let each = len / r.len() as i64;
+                                for k in r.clone() {
+                                    views[k][i] = Some(work.narrow(0, off + (k - r.start) as i64 * each, each));
+                                }
+                            }
                         }
+                        (Kept::Lowered(each), _) => {
+                            for (k, states) in r.zip(each) {
+                                for (i, t) in states.iter().flatten().enumerate() {
+                                    views[k][i] = Some(t.reshape([-1]));
+                                }
+                            }
+                        }
+                        _ => return Err(Error::Rule("the parameters changed since the first step".into())),
                     }
                 }
             }
@@ -335,9 +395,8 @@ impl CudaOptimizer {
 
     /// Each state's dims, as `DslOptimizer` holds it, for a parameter of `shape`.
     fn state_dims(&self, shape: &[usize], what: &str) -> Result<Vec<Vec<i64>>, Error> {
-        let b = bind::bind_axes(&self.entry.axes, &bind::param_view(&self.entry, shape), what).map_err(Error::Rule)?;
-        let dims = |d: &TensorDecl| bind::dims_of(&d.shape, &b, &self.hparams).map(|v| v.into_iter().map(|x| x as i64).collect());
-        self.entry.states.iter().map(|d| dims(d).map_err(Error::Rule)).collect()
+        let dims = bind::state_dims(&self.entry, shape, &self.hparams, what).map_err(Error::Rule)?;
+        Ok(dims.into_iter().map(|d| d.into_iter().map(|x| x as i64).collect()).collect())
     }
 
     /// The step count and, per tensor of `arena`, its state values where the next step reads
@@ -405,13 +464,21 @@ impl CudaOptimizer {
             }
             Path::PerTensor { works, .. } => {
                 let (laid, _) = self.laid_stacks(arena, step)?;
-                if works.is_empty() {
-                    let fresh = laid.iter().map(|s| Tensor::zeros([s.layout.work_len.max(1) as i64], (Kind::Float, arena.device))).collect();
-                    if let Path::PerTensor { works, .. } = &mut self.path {
-                        *works = fresh;
-                    }
-                } else if !fits(works, &laid) {
+                if !works.is_empty() && !fits(works, &laid) {
                     return Err(changed());
+                }
+                let Path::PerTensor { works, .. } = &mut self.path else { unreachable!("per tensor") };
+                if works.is_empty() {
+                    *works = laid.iter().map(|s| Kept::new(s, arena.device)).collect();
+                }
+                // Tensors stepped in libtorch's operations take fresh tensors, filled below.
+                for (stack, kept) in laid.iter().zip(works.iter_mut()) {
+                    if let Kept::Lowered(each) = kept {
+                        for (k, states) in stack.tensors.clone().zip(each) {
+                            let dims = bind::state_dims(&self.entry, &arena.shapes[k], &self.hparams, "a parameter").map_err(Error::Rule)?;
+                            *states = Some(dims.iter().map(|d| Tensor::zeros(d.iter().map(|&x| x as i64).collect::<Vec<_>>(), (Kind::Float, arena.device))).collect());
+                        }
+                    }
                 }
             }
         }

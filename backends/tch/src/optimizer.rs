@@ -235,7 +235,7 @@ impl DslOptimizer {
                     Some(c) => grad * c,
                     None => grad.shallow_clone(),
                 };
-                let (p, states) = tch::no_grad(|| self.update(prog, &g.hparams, s, &grad))?;
+                let (p, states) = lowered_step(&self.entry, prog, &g.hparams, s.step + 1, &s.var, &grad, s.states.as_deref(), &s.name)?;
                 updates.push((gi, si, p, states));
             }
         }
@@ -246,51 +246,6 @@ impl DslOptimizer {
             s.step += 1;
         }
         Ok(StepReport::Applied { grad_norm, clipped: scale.is_some() })
-    }
-
-    /// The new value of one parameter and of its state tensors.
-    fn update(&self, prog: &Program, hparams: &[f64], s: &Slot, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>), Error> {
-        let shape: Vec<usize> = s.var.size().iter().map(|&d| d as usize).collect();
-        let view = bind::param_view(&self.entry, &shape);
-        let binding = bind::bind_axes(&self.entry.axes, &view, &format!("`{}`", s.name)).map_err(Error)?;
-        let kind = float_kind(s.var.kind());
-        let step = (s.step + 1) as f64;
-        let low = Lowering::new(&[prog, &self.entry.init], &binding, hparams, step, kind, s.var.device())?;
-        let states = match &s.states {
-            Some(st) => st.iter().map(|t| t.shallow_clone()).collect(),
-            None => self.init_states(&low, s)?,
-        };
-        let leaves = Leaves { input: Some(&s.var), grad: Some(grad), states: &states, ..Leaves::default() };
-        let vals = low.run(prog, &leaves)?;
-        let p = low.output(prog, &vals, Target::P, &self.entry.input_shape())?.reshape(s.var.size()).to_kind(s.var.kind());
-        let new_states = self
-            .entry
-            .states
-            .iter()
-            .enumerate()
-            .map(|(k, d)| match prog.output(Target::State(k as u32)) {
-                Some(node) => Ok(kept(low.output(prog, &vals, Target::State(k as u32), &d.shape)?.to_kind(s.var.kind()), prog, node)),
-                None => Ok(states[k].shallow_clone()),
-            })
-            .collect::<Result<_, Error>>()?;
-        Ok((p, new_states))
-    }
-
-    fn init_states(&self, low: &Lowering, s: &Slot) -> Result<Vec<Tensor>, Error> {
-        let init = &self.entry.init;
-        let vals = low.run(init, &Leaves { input: Some(&s.var), ..Leaves::default() })?;
-        self.entry
-            .states
-            .iter()
-            .enumerate()
-            .map(|(k, d)| {
-                let t = low.output(init, &vals, Target::State(k as u32), &d.shape)?.to_kind(s.var.kind());
-                Ok(match init.output(Target::State(k as u32)) {
-                    Some(node) => kept(t, init, node),
-                    None => t,
-                })
-            })
-            .collect()
     }
 
     /// Save the state (every state tensor and step count, dtypes kept) as safetensors
@@ -327,6 +282,43 @@ impl DslOptimizer {
     pub fn state_of(&self, name: &str) -> Option<(i64, &[Tensor])> {
         self.groups.iter().flat_map(|g| &g.slots).find(|s| s.name == name).and_then(|s| s.states.as_deref().map(|st| (s.step, st)))
     }
+}
+
+/// Step `step` (from 1) of rule `entry` (whose step program is `prog`) for one parameter `p`
+/// in libtorch operations: its new value and new states, the states initialised from `p`
+/// first where there are none yet. `name` is for messages. The CUDA path runs this on its own
+/// tensors where its kernels cannot index a rule's products (Muon on large matrices).
+#[allow(clippy::too_many_arguments)]
+pub fn lowered_step(entry: &Entry, prog: &Program, hparams: &[f64], step: i64, p: &Tensor, grad: &Tensor, states: Option<&[Tensor]>, name: &str) -> Result<(Tensor, Vec<Tensor>), Error> {
+    tch::no_grad(|| {
+        let shape: Vec<usize> = p.size().iter().map(|&d| d as usize).collect();
+        let view = bind::param_view(entry, &shape);
+        let binding = bind::bind_axes(&entry.axes, &view, &format!("`{name}`")).map_err(Error)?;
+        let kind = float_kind(p.kind());
+        let low = Lowering::new(&[prog, &entry.init], &binding, hparams, step as f64, kind, p.device())?;
+        // Each state in the parameter's kind, copied where it may view a leaf (`kept`).
+        let outputs = |prog: &Program, vals: &[Tensor]| -> Result<Vec<Option<Tensor>>, Error> {
+            let each = entry.states.iter().enumerate().map(|(k, d)| {
+                let target = Target::State(k as u32);
+                let Some(node) = prog.output(target) else { return Ok(None) };
+                Ok(Some(kept(low.output(prog, vals, target, &d.shape)?.to_kind(p.kind()), prog, node)))
+            });
+            each.collect()
+        };
+        let states: Vec<Tensor> = match states {
+            Some(st) => st.iter().map(Tensor::shallow_clone).collect(),
+            None => {
+                let vals = low.run(&entry.init, &Leaves { input: Some(p), ..Leaves::default() })?;
+                let init = outputs(&entry.init, &vals)?.into_iter().zip(&entry.states);
+                init.map(|(t, d)| t.ok_or_else(|| Error(format!("`{}` does not initialise state `{}`", entry.name, d.name)))).collect::<Result<_, _>>()?
+            }
+        };
+        let leaves = Leaves { input: Some(p), grad: Some(grad), states: &states, ..Leaves::default() };
+        let vals = low.run(prog, &leaves)?;
+        let new_p = low.output(prog, &vals, Target::P, &entry.input_shape())?.reshape(p.size()).to_kind(p.kind());
+        let new_states = outputs(prog, &vals)?.into_iter().zip(states).map(|(new, old)| new.unwrap_or(old)).collect();
+        Ok((new_p, new_states))
+    })
 }
 
 /// A state tensor to keep until the next step: a copy where it may view the gradient (zeroed
