@@ -114,7 +114,20 @@ impl Arena {
     /// The gradients' 2-norm (padding is zero), in f64: one reduction over the flat buffer,
     /// finite exactly when every gradient is (no square of a finite f32 overflows an f64).
     pub fn grad_norm(&self) -> f64 {
-        tch::no_grad(|| self.g.linalg_norm(2.0, None::<&[i64]>, false, Kind::Double).double_value(&[]))
+        Self::grad_norms(&[self])[0]
+    }
+
+    /// [`Self::grad_norm`] of each arena (on one device), read back together: an optimizer
+    /// with several groups waits for the device once per step, not once per group.
+    pub fn grad_norms(arenas: &[&Arena]) -> Vec<f64> {
+        if arenas.is_empty() {
+            return Vec::new();
+        }
+        tch::no_grad(|| {
+            let norms: Vec<Tensor> = arenas.iter().map(|a| a.g.linalg_norm(2.0, None::<&[i64]>, false, Kind::Double)).collect();
+            let host = Tensor::stack(&norms, 0).to_device(Device::Cpu);
+            Vec::<f64>::try_from(&host).unwrap_or_else(|_| vec![f64::NAN; arenas.len()])
+        })
     }
 
     /// Which tensor's gradient holds NaN or infinity first, if one does.

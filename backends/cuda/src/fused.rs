@@ -157,13 +157,14 @@ impl FusedOptimizer {
         if !self.started() {
             self.start()?;
         }
-        // One pass over each group's gradients serves both checks (`Arena::grad_norm`).
+        // One pass over each group's gradients serves both checks, every group's norm read
+        // back at once (`Arena::grad_norms`).
         let (mut clipped, mut grad_norm) = (false, None);
         if self.skip_nonfinite || self.max_grad_norm.is_some() {
+            let running: Vec<(&Group, &Arena)> = self.groups.iter().filter_map(|g| g.run.as_ref().map(|(arena, _)| (g, arena))).collect();
+            let norms = Arena::grad_norms(&running.iter().map(|(_, a)| *a).collect::<Vec<_>>());
             let mut sq = 0f64;
-            for g in &self.groups {
-                let Some((arena, _)) = &g.run else { continue };
-                let norm = arena.grad_norm();
+            for ((g, arena), norm) in running.into_iter().zip(norms) {
                 if self.skip_nonfinite && !norm.is_finite() {
                     let at = arena.nonfinite_grad();
                     return Ok(StepReport::SkippedNonFinite { param: at.map_or_else(|| "a parameter".into(), |k| g.names[k].clone()) });
@@ -255,5 +256,8 @@ impl Optimize for FusedOptimizer {
     }
     fn load(&mut self, path: &Path) -> Result<(), Error> {
         FusedOptimizer::load(self, path)
+    }
+    fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error> {
+        FusedOptimizer::set_hparam(self, name, v)
     }
 }

@@ -170,6 +170,14 @@ fn the_arena_makes_parameters_views_and_gradients_accumulate_in_place() {
     // The norm in f64, padding contributing nothing: sqrt(3 * 6^2 + sum_i (8 i)^2).
     let want = (3.0 * 36.0 + (0..300).map(|i| (8.0 * i as f64).powi(2)).sum::<f64>()).sqrt();
     assert!((arena.grad_norm() - want).abs() < 1e-9 * want, "{} vs {want}", arena.grad_norm());
+    // Several arenas' norms read back together: each its own.
+    let mut other_vars = vec![Tensor::from_slice(&[3.0f32, 4.0]).set_requires_grad(true)];
+    let other = Arena::adopt(&mut other_vars).unwrap();
+    tch::no_grad(|| {
+        other_vars[0].grad().copy_(&Tensor::from_slice(&[3.0f32, 4.0]));
+    });
+    assert_eq!(Arena::grad_norms(&[&other, &arena, &other]), vec![5.0, arena.grad_norm(), 5.0]);
+    assert!(Arena::grad_norms(&[]).is_empty());
     assert_eq!(arena.nonfinite_grad(), None);
     arena.scale_grads(0.5);
     assert_eq!(f64::try_from(arena.g.get(2)).unwrap(), 3.0);

@@ -55,6 +55,8 @@ pub trait Optimize {
     fn save(&self, path: &Path) -> Result<(), Error>;
     /// Load a state saved for the same parameters. All or nothing.
     fn load(&mut self, path: &Path) -> Result<(), Error>;
+    /// Set a hyper-parameter in every group (a schedule's learning rate): a run-time value.
+    fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error>;
 }
 
 impl Optimize for DslOptimizer {
@@ -72,6 +74,9 @@ impl Optimize for DslOptimizer {
     }
     fn load(&mut self, path: &Path) -> Result<(), Error> {
         DslOptimizer::load(self, path)
+    }
+    fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error> {
+        DslOptimizer::set_hparam(self, name, v)
     }
 }
 
