@@ -158,9 +158,18 @@ fn main() {
     // libtorch's operations: groups, clipping, a skipped NaN step, and the state saved after
     // three steps and resumed by either optimizer (an odd count: a rule through layer kernels
     // then reads its states from the swapped layout).
-    for (layer, rule) in [("batch_norm", "adamw"), ("group_norm", "lamb"), ("layer_norm", "adamp")] {
-        let Some(r) = rules.iter().find(|r| r.name == rule) else { continue };
-        match guarded(|| check::fused_training(&gpu, &layer_entry(&reg, layer), &r.entry, 7)) {
+    // Muon with AdamW: two optimizers sharing the model, the matrix for Muon.
+    let every: check::Select = |_, _| true;
+    let (matrix, not_matrix): (check::Select, check::Select) = (|_, t| t.dim() == 2, |_, t| t.dim() != 2);
+    let pairings = [
+        ("batch_norm", "adamw", vec![("adamw", every)]),
+        ("group_norm", "lamb", vec![("lamb", every)]),
+        ("layer_norm", "adamp", vec![("adamp", every)]),
+        ("rms_norm", "muon+adamw", vec![("muon", matrix), ("adamw", not_matrix)]),
+    ];
+    for (layer, rule, each) in pairings {
+        let Some(chosen) = each.iter().map(|(name, select)| rules.iter().find(|r| r.name == *name).map(|r| (r.entry.clone(), *select))).collect::<Option<Vec<_>>>() else { continue };
+        match guarded(|| check::fused_training(&gpu, &layer_entry(&reg, layer), &chosen, 7)) {
             Ok(err) => {
                 failed += usize::from(err >= 1e-4);
                 emit(format!(r#"{{"check":"fused_training","layer":"{layer}","rule":"{rule}","rel_err":{err:e},"ok":{}}}"#, err < 1e-4))

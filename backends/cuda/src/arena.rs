@@ -26,6 +26,8 @@ pub struct Arena {
     /// step phase that reduces, four to a cube in one that does not (`KProgram::cubes`).
     pub cubes: usize,
     pub device: Device,
+    /// Where each parameter's data and gradient live in `p` and `g`.
+    places: Vec<(usize, usize)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +75,8 @@ impl Arena {
             }
             Ok(())
         })?;
-        Ok(Arena { p, g, blocks: bits(&blocks), ranges: bits(&ranges), sizes, shapes, cubes, device })
+        let places = vars.iter().map(|v| (v.data_ptr() as usize, v.grad().data_ptr() as usize)).collect();
+        Ok(Arena { p, g, blocks: bits(&blocks), ranges: bits(&ranges), sizes, shapes, cubes, device, places })
     }
 
     /// Tensor `k`'s elements in `flat` (`p` or `g`), flat: a view.
@@ -104,6 +107,17 @@ impl Arena {
         self.cubes == 0
     }
 
+    /// The first of `vars` (those adopted, in order) that no longer lives where the arena put
+    /// it, data or gradient: another arena adopted it, its data was replaced, or its gradient
+    /// was set to none — a step would then update a copy, or miss its gradient. Host-side
+    /// pointers only: nothing waits for the device.
+    pub fn moved(&self, vars: &[Tensor]) -> Option<usize> {
+        (0..self.places.len()).find(|&k| {
+            let grad = vars[k].grad();
+            (vars[k].data_ptr() as usize, if grad.defined() { grad.data_ptr() as usize } else { 0 }) != self.places[k]
+        })
+    }
+
     /// Every gradient to zero, in place (one operation).
     pub fn zero_grad(&mut self) {
         tch::no_grad(|| {
@@ -124,7 +138,9 @@ impl Arena {
             return Vec::new();
         }
         tch::no_grad(|| {
-            let norms: Vec<Tensor> = arenas.iter().map(|a| a.g.linalg_norm(2.0, None::<&[i64]>, false, Kind::Double)).collect();
+            // (An empty arena's buffers are on the CPU: its norm joins the others' device.)
+            let device = arenas.iter().find(|a| !a.is_empty()).map_or(Device::Cpu, |a| a.device);
+            let norms: Vec<Tensor> = arenas.iter().map(|a| a.g.linalg_norm(2.0, None::<&[i64]>, false, Kind::Double).to_device(device)).collect();
             let host = Tensor::stack(&norms, 0).to_device(Device::Cpu);
             Vec::<f64>::try_from(&host).unwrap_or_else(|_| vec![f64::NAN; arenas.len()])
         })

@@ -9,6 +9,9 @@ use normforge_dsl::ir::Entry;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
+/// Which variables (by name and tensor) an optimizer takes.
+pub type Select = fn(&str, &Tensor) -> bool;
+
 fn host(t: &Tensor) -> Result<Vec<f64>, String> {
     let v = Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1)).map_err(|e| e.to_string())?;
     Ok(v.into_iter().map(f64::from).collect())
@@ -189,16 +192,16 @@ pub fn layer_against_reference(entry: &Arc<Entry>, hparams: &[f64], call: &Layer
 /// optimizer that loaded it: of the same kind, and (two more runs) of the other kind, so
 /// either resumes from the other's file. The largest relative error of any variable after
 /// (parameters and buffers) against libtorch's run. Then a step whose gradients are NaN, which
-/// every run must skip, changing nothing.
-pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, steps: usize) -> Result<f64, String> {
+/// every run must skip, changing nothing. Each of `rules` updates the variables its selector
+/// takes (Muon the matrix, AdamW the rest), with an optimizer of its own.
+pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, Select)], steps: usize) -> Result<f64, String> {
     use normforge_tch::{DslOptimizer, Optimize, Spec, StepReport};
     let dev = Device::Cuda(gpu.ordinal());
     let (n, c, s) = (8i64, 8i64, 12i64);
     tch::manual_seed(5);
     let batches: Vec<(Tensor, Tensor)> = (0..steps).map(|_| (Tensor::randn([n, c, s], (Kind::Float, dev)), Tensor::randn([n, c, s], (Kind::Float, dev)))).collect();
     let layer_hparams: Vec<(String, f64)> = layer.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect();
-    let decay = rule.hparams.iter().any(|h| h.name == "weight_decay");
-    let file = std::env::temp_dir().join(format!("normforge-check-{}-{}.safetensors", std::process::id(), rule.name));
+    let file = |i: usize| std::env::temp_dir().join(format!("normforge-check-{}-{}-{i}.safetensors", std::process::id(), layer.name));
     // Layer and first optimizer fused or not, then the optimizer that resumes fused or not.
     let run = |fused: bool, resumed_fused: bool| -> Result<Vec<(String, Tensor)>, String> {
         tch::manual_seed(3);
@@ -214,18 +217,28 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, ste
         if fused {
             norm = crate::fused_layer(norm, gpu).map_err(|e| e.0)?;
         }
-        let optimizer = |fused: bool| -> Result<Box<dyn Optimize>, String> {
-            let mut opt: Box<dyn Optimize> = match fused {
-                true => Box::new(crate::FusedOptimizer::new(gpu.clone(), rule.clone(), &vs, &overrides).map_err(|e| e.0)?),
-                false => Box::new(DslOptimizer::new(rule.clone(), &vs, &overrides).map_err(|e| e.0)?),
-            };
-            if decay {
-                opt.split_group(&|name| name.starts_with("norm"), &zero_decay).map_err(|e| e.0)?;
+        let optimizers = |fused: bool| -> Result<Vec<Box<dyn Optimize>>, String> {
+            let mut out = Vec::new();
+            for (rule, select) in rules {
+                let mut opt: Box<dyn Optimize> = match fused {
+                    true => Box::new(crate::FusedOptimizer::selected(gpu.clone(), rule.clone(), &vs, &overrides, select).map_err(|e| e.0)?),
+                    false => Box::new(DslOptimizer::selected(rule.clone(), &vs, &overrides, select).map_err(|e| e.0)?),
+                };
+                if rule.hparams.iter().any(|h| h.name == "weight_decay") {
+                    opt.split_group(&|name| name.starts_with("norm"), &zero_decay).map_err(|e| e.0)?;
+                }
+                opt.clip_grad_norm(Some(1.0));
+                out.push(opt);
             }
-            opt.clip_grad_norm(Some(1.0));
-            Ok(opt)
+            Ok(out)
         };
-        let mut opt = optimizer(fused)?;
+        let mut opts = optimizers(fused)?;
+        // Every optimizer's gradients cleared, one backpropagation, every optimizer's step.
+        let step = |opts: &mut Vec<Box<dyn Optimize>>, loss: &Tensor| -> Result<Vec<StepReport>, String> {
+            opts.iter_mut().for_each(|o| o.zero_grad());
+            loss.f_backward().map_err(|e| e.to_string())?;
+            opts.iter_mut().map(|o| o.step().map_err(|e| e.0)).collect()
+        };
         let loss = |x: &Tensor, target: &Tensor| -> Result<Tensor, String> {
             let h = w.matmul(x);
             let y = match channels_last {
@@ -236,13 +249,18 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, ste
         };
         for (i, (x, target)) in batches.iter().enumerate() {
             if i == steps / 2 {
-                opt.save(&file).map_err(|e| format!("saving: {}", e.0))?;
-                opt = optimizer(resumed_fused)?;
-                opt.load(&file).map_err(|e| format!("loading: {}", e.0))?;
+                for (k, opt) in opts.iter().enumerate() {
+                    opt.save(&file(k)).map_err(|e| format!("saving: {}", e.0))?;
+                }
+                opts = optimizers(resumed_fused)?;
+                for (k, opt) in opts.iter_mut().enumerate() {
+                    opt.load(&file(k)).map_err(|e| format!("loading: {}", e.0))?;
+                }
             }
-            match opt.backward_step(&loss(x, target)?).map_err(|e| e.0)? {
-                StepReport::Applied { .. } => {}
-                skipped => return Err(format!("a finite step was not applied: {skipped:?}")),
+            for report in step(&mut opts, &loss(x, target)?)? {
+                if !matches!(report, StepReport::Applied { .. }) {
+                    return Err(format!("a finite step was not applied: {report:?}"));
+                }
             }
         }
         let mut after: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
@@ -251,9 +269,10 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, ste
         let (x, target) = &batches[0];
         let nan = target.copy();
         let _ = tch::no_grad(|| nan.get(0).get(0).get(0).fill_(f64::NAN));
-        match opt.backward_step(&loss(x, &nan)?).map_err(|e| e.0)? {
-            StepReport::SkippedNonFinite { .. } => {}
-            applied => return Err(format!("a step with NaN gradients was {applied:?}")),
+        for report in step(&mut opts, &loss(x, &nan)?)? {
+            if !matches!(report, StepReport::SkippedNonFinite { .. }) {
+                return Err(format!("a step with NaN gradients was {report:?}"));
+            }
         }
         // Nothing but the forward's buffers changed (the layer ran once more, in training).
         for (k, v) in vs.variables() {
@@ -276,6 +295,8 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rule: &Arc<Entry>, ste
             worst = worst.max(e);
         }
     }
-    let _ = std::fs::remove_file(&file);
+    for k in 0..rules.len() {
+        let _ = std::fs::remove_file(file(k));
+    }
     Ok(worst)
 }

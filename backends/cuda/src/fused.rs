@@ -53,11 +53,18 @@ impl FusedOptimizer {
     /// One group holding every trainable variable of `vs` (in name order), which must be
     /// contiguous f32 tensors on `gpu`: checked here, before anything changes.
     pub fn new(gpu: Arc<Gpu>, entry: Arc<Entry>, vs: &nn::VarStore, overrides: &[(String, f64)]) -> Result<Self, Error> {
+        Self::selected(gpu, entry, vs, overrides, |_, _| true)
+    }
+
+    /// As `DslOptimizer::selected`: one group holding the trainable variables of `vs` that
+    /// `select` takes, so that two rules can share a model — Muon for the 2-D weights
+    /// (`|_, t| t.dim() == 2`), AdamW for the rest — each moving its own into arenas.
+    pub fn selected(gpu: Arc<Gpu>, entry: Arc<Entry>, vs: &nn::VarStore, overrides: &[(String, f64)], select: impl Fn(&str, &Tensor) -> bool) -> Result<Self, Error> {
         if entry.kind != EntryKind::Optimizer {
             return Err(Error(format!("`{}` is a {}, not an optimizer", entry.name, entry.kind.keyword())));
         }
         let hparams = hyper::resolve(&entry, overrides)?;
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(n, t)| t.requires_grad() && select(n, t)).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let device = Device::Cuda(gpu.ordinal());
         if let Some((name, v)) = vars.iter().find(|(_, v)| v.kind() != Kind::Float || v.device() != device || !v.is_contiguous()) {
@@ -157,6 +164,15 @@ impl FusedOptimizer {
         if !self.started() {
             self.start()?;
         }
+        for g in &self.groups {
+            let Some((arena, _)) = &g.run else { continue };
+            if let Some(k) = arena.moved(&g.vars) {
+                return Err(Error(format!(
+                    "`{}` no longer lives in this optimizer's flat buffers (another fused optimizer took it, its data was replaced, or its gradient set to none): nothing was updated",
+                    g.names[k]
+                )));
+            }
+        }
         // One pass over each group's gradients serves both checks, every group's norm read
         // back at once (`Arena::grad_norms`).
         let (mut clipped, mut grad_norm) = (false, None);
@@ -242,8 +258,11 @@ impl FusedOptimizer {
 }
 
 impl Optimize for FusedOptimizer {
-    fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error> {
-        FusedOptimizer::backward_step(self, loss)
+    fn zero_grad(&mut self) {
+        FusedOptimizer::zero_grad(self)
+    }
+    fn step(&mut self) -> Result<StepReport, Error> {
+        FusedOptimizer::step(self)
     }
     fn split_group(&mut self, select: &dyn Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error> {
         FusedOptimizer::split_group(self, select, overrides)

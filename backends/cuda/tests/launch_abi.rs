@@ -178,6 +178,10 @@ fn the_arena_makes_parameters_views_and_gradients_accumulate_in_place() {
     });
     assert_eq!(Arena::grad_norms(&[&other, &arena, &other]), vec![5.0, arena.grad_norm(), 5.0]);
     assert!(Arena::grad_norms(&[]).is_empty());
+    // An arena of no parameters (a group a split left empty) has a zero norm.
+    let empty = Arena::adopt(&mut []).unwrap();
+    assert!(empty.is_empty());
+    assert_eq!(Arena::grad_norms(&[&empty, &other]), vec![0.0, 5.0]);
     assert_eq!(arena.nonfinite_grad(), None);
     arena.scale_grads(0.5);
     assert_eq!(f64::try_from(arena.g.get(2)).unwrap(), 3.0);
@@ -196,6 +200,17 @@ fn the_arena_makes_parameters_views_and_gradients_accumulate_in_place() {
     arena.zero_grad();
     assert_eq!(f64::try_from(vars[1].grad().abs().sum(Kind::Float)).unwrap(), 0.0);
     assert_eq!(arena.grad_norm(), 0.0);
+    // Every parameter where the arena put it; then one taken by a second arena, and one whose
+    // gradient was set to none, are found.
+    assert_eq!(arena.moved(&vars), None);
+    let mut taken = vec![vars[1].shallow_clone()];
+    let _second = Arena::adopt(&mut taken).unwrap();
+    assert_eq!(arena.moved(&vars), Some(1));
+    let mut fresh = vec![Tensor::from_slice(&[1.0f32]).set_requires_grad(true)];
+    let own = Arena::adopt(&mut fresh).unwrap();
+    assert_eq!(own.moved(&fresh), None);
+    normforge_tch::shim::clear_grad(&mut fresh[0]).unwrap();
+    assert_eq!(own.moved(&fresh), Some(0));
 }
 
 #[test]

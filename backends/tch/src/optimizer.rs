@@ -43,10 +43,19 @@ pub enum StepReport {
 }
 
 /// What a training loop needs of an optimizer, so one loop (and its set-up) serves
-/// `DslOptimizer` and the CUDA fast path's `FusedOptimizer` (normforge-cuda).
+/// `DslOptimizer` and the CUDA fast path's `FusedOptimizer` (normforge-cuda), and several
+/// rules can share a model (Muon for the matrices, AdamW for the rest: `zero_grad` each,
+/// backpropagate once, `step` each).
 pub trait Optimize {
+    fn zero_grad(&mut self);
+    /// Update the parameters from their gradients (or skip, where one is not finite).
+    fn step(&mut self) -> Result<StepReport, Error>;
     /// `zero_grad`, `loss.backward()`, `step`.
-    fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error>;
+    fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error> {
+        self.zero_grad();
+        loss.f_backward()?;
+        self.step()
+    }
     /// The parameters `select` takes (by name) into a new group with `overrides`.
     fn split_group(&mut self, select: &dyn Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error>;
     /// Clip the global gradient norm to this value before each update.
@@ -60,8 +69,11 @@ pub trait Optimize {
 }
 
 impl Optimize for DslOptimizer {
-    fn backward_step(&mut self, loss: &Tensor) -> Result<StepReport, Error> {
-        DslOptimizer::backward_step(self, loss)
+    fn zero_grad(&mut self) {
+        DslOptimizer::zero_grad(self)
+    }
+    fn step(&mut self) -> Result<StepReport, Error> {
+        DslOptimizer::step(self)
     }
     fn split_group(&mut self, select: &dyn Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error> {
         DslOptimizer::split_group(self, select, overrides)
