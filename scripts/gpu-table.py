@@ -114,6 +114,14 @@ def tables(ours, peers, card="(card unknown)"):
             points[f"{label} faster than torch"] = faster
             out.append(f"| {name} | {dtype} | {pass_} | {ms(mine)} | {pct(frac)} | {pct(target)} | {verdict(met)} | "
                        f"{ms(t_native)} | {ms(t_compiled)} | {verdict(faster)} |")
+    # For the record (no target): Muon on one matrix, our kernels against libtorch's ops.
+    muon = [r for r in ours if r.get("op") == "muon_routing" and "ms" in r]
+    if muon:
+        out.append("\n| muon, one matrix | the kernels index it | CUDA path (ms) | libtorch's operations (ms) |")
+        out.append("|---|---|---|---|")
+        for r in muon:
+            shape = " x ".join(str(d) for d in r["shape"])
+            out.append(f"| {shape} | {'yes' if r.get('kernels_index_it') else 'no'} | {ms(r['ms'])} | {ms(r.get('lowered_ms'))} |")
     missing = [f"{n} ({p})" for n, (nat, comp) in LAYER_PEERS.items() for p, which in (("torch's kernel", nat), ("torch.compile", comp)) if which is None]
     out.append(f"\nNot measured by gpu_peers.py: {', '.join(missing)}.")
     unmet = [k for k, v in points.items() if v is False]
@@ -135,6 +143,7 @@ def self_test():
         {"op": "lamb_step", "impl": "normforge", "ms": 3.0, "of_copy": 0.70, "first_step_s": 2.5},
         {"op": "rms_norm", "impl": "normforge", "dtype": "BFloat16", "fwd_ms": 0.10, "fwd_of_copy": 0.91, "fwd_bwd_ms": 0.30, "fwd_bwd_of_copy": 0.74},
         {"op": "layer_norm", "impl": "normforge", "dtype": "Float", "fwd_ms": 0.20, "fwd_of_copy": 0.95, "fwd_bwd_ms": 0.50, "fwd_bwd_of_copy": 0.80},
+        {"op": "muon_routing", "shape": [1024, 4096], "kernels_index_it": False, "ms": 1.5, "lowered_ms": 1.4},
     ]
     peers = [
         {"op": "copy", "impl": "torch", "ms": 1.0, "GBps": 3100.0},
@@ -166,6 +175,9 @@ def self_test():
         assert p.get(k, "absent") == v, (k, p.get(k, "absent"), text)
     assert "| adamw | 2.000 | 93% | 90% | yes | 0.4 | yes | adamw_fused | 2.100 | 84% |" in text, text
     assert "Not measured by gpu_peers.py: layer_norm (torch.compile)." in text, text
+    # Muon's routing figures are reported, and hold no acceptance point.
+    assert "| 1024 x 4096 | no | 1.500 | 1.400 |" in text, text
+    assert not any("muon" in k for k in p), p
     # A line cut short by a timeout is skipped, not fatal.
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gpu-table-{os.getpid()}.jsonl")
     with open(path, "w") as f:

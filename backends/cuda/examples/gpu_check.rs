@@ -310,6 +310,33 @@ fn main() {
         });
         emit(line.unwrap_or_else(|e| format!(r#"{{"op":"{name}","dtype":"{kind:?}","error":{e:?}}}"#)));
     }
+    // For the record (no target): Muon's step on one matrix through our kernels (products as
+    // folds, no tensor cores) and in libtorch's operations (cuBLAS), which the CUDA path runs
+    // where the kernels cannot index a matrix: where the second wins, it should run there
+    // sooner than the 32-bit limit makes it.
+    if let Some(muon) = rules.iter().find(|r| r.name == "muon") {
+        for shape in [[256i64, 256], [512, 2048], [1024, 1024], [1024, 4096]] {
+            let line = guarded(|| -> Result<String, String> {
+                let mut vars = vec![Tensor::randn(shape, (Kind::Float, dev)).set_requires_grad(true)];
+                let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
+                tch::no_grad(|| {
+                    let _ = arena.g.shallow_clone().normal_(0.0, 1.0);
+                });
+                let mut ours = CudaOptimizer::new(gpu.clone(), muon.entry.clone(), &[], Dtype::F32).map_err(|e| e.to_string())?;
+                ours.step(&arena).map_err(|e| e.to_string())?;
+                let kernels_ms = time_ms(&gpu, 20, || ours.step(&arena).expect("step")).ms;
+                let vs = nn::VarStore::new(dev);
+                let p = vs.root().var_copy("p", &vars[0]);
+                let mut theirs = normforge_tch::DslOptimizer::new(muon.entry.clone(), &vs, &[]).map_err(|e| e.0)?;
+                normforge_tch::shim::set_grad(&mut p.shallow_clone(), &vars[0].grad().copy()).map_err(|e| e.0)?;
+                theirs.step().map_err(|e| e.0)?;
+                let lowered_ms = time_ms(&gpu, 20, || _ = theirs.step().expect("step")).ms;
+                let indexable = shape[0] * shape[0] * shape[1] < 1 << 32 && shape[1] * shape[1] * shape[0] < 1 << 32;
+                Ok(format!(r#"{{"op":"muon_routing","shape":{shape:?},"kernels_index_it":{indexable},"ms":{kernels_ms:.4},"lowered_ms":{lowered_ms:.4}}}"#))
+            });
+            emit(line.unwrap_or_else(|e| format!(r#"{{"op":"muon_routing","shape":{shape:?},"error":{e:?}}}"#)));
+        }
+    }
     if failed > 0 {
         eprintln!("gpu_check: {failed} rule(s) disagree with the reference backend");
         std::process::exit(1);
