@@ -186,24 +186,32 @@ pub fn layer_against_reference(entry: &Arc<Entry>, hparams: &[f64], call: &Layer
 
 /// A few training steps of a small model through the user's API, from the same start on the
 /// same batches: its norm layer and optimizer on libtorch's operations (`DslLayer`,
-/// `DslOptimizer`), and on our kernels (`fused_layer`, `FusedOptimizer`), each with two
-/// parameter groups (the norm's parameters without weight decay, where the rule has it) and
-/// gradient clipping. Halfway, each run saves its optimizer's state and goes on with a fresh
-/// optimizer that loaded it: of the same kind, and (two more runs) of the other kind, so
-/// either resumes from the other's file. The largest relative error of any variable after
-/// (parameters and buffers) against libtorch's run. Then a step whose gradients are NaN, which
-/// every run must skip, changing nothing. Each of `rules` updates the variables its selector
-/// takes (Muon the matrix, AdamW the rest), with an optimizer of its own.
+/// `DslOptimizer`), uninterrupted, and on our kernels (`fused_layer`, `FusedOptimizer`), each
+/// with two parameter groups (the norm's parameters without weight decay, where the rule has
+/// it) and gradient clipping. Our runs also save their optimizers' state halfway and go on
+/// with fresh optimizers that loaded it — of the same kind, and of the other kind both ways
+/// (fused -> libtorch, libtorch -> fused) — so that either resumes from the other's file. The
+/// largest relative error of any variable after (parameters and buffers) against the
+/// uninterrupted libtorch run. Then a step whose gradients are NaN, which every run must skip,
+/// changing nothing. Each of `rules` updates the variables its selector takes (Muon the matrix,
+/// AdamW the rest), with an optimizer of its own.
 pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, Select)], steps: usize) -> Result<f64, String> {
+    training_runs(Device::Cuda(gpu.ordinal()), Some(gpu), layer, rules, steps)
+}
+
+/// [`fused_training`] with `fast` the GPU whose kernels a run marked fused uses; with none,
+/// every run is on libtorch's operations on `dev` — the harness itself, on a CPU, where the
+/// interrupted runs must match the uninterrupted one exactly.
+pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, Select)], steps: usize) -> Result<f64, String> {
     use normforge_tch::{DslOptimizer, Optimize, Spec, StepReport};
-    let dev = Device::Cuda(gpu.ordinal());
     let (n, c, s) = (8i64, 8i64, 12i64);
     tch::manual_seed(5);
     let batches: Vec<(Tensor, Tensor)> = (0..steps).map(|_| (Tensor::randn([n, c, s], (Kind::Float, dev)), Tensor::randn([n, c, s], (Kind::Float, dev)))).collect();
     let layer_hparams: Vec<(String, f64)> = layer.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect();
     let file = |i: usize| std::env::temp_dir().join(format!("normforge-check-{}-{}-{i}.safetensors", std::process::id(), layer.name));
-    // Layer and first optimizer fused or not, then the optimizer that resumes fused or not.
-    let run = |fused: bool, resumed_fused: bool| -> Result<Vec<(String, Tensor)>, String> {
+    // Layer and first optimizer fused or not; then, if it is interrupted, whether the optimizer
+    // that resumes is fused.
+    let run = |fused: bool, resumed: Option<bool>| -> Result<Vec<(String, Tensor)>, String> {
         tch::manual_seed(3);
         let vs = tch::nn::VarStore::new(dev);
         let w = vs.root().randn("w", &[c, c], 0.0, 0.5);
@@ -214,15 +222,15 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, 
         let mut norm = spec.build_layer(&(vs.root() / "norm"), &sample).map_err(|e| e.0)?;
         let overrides = [("lr".to_string(), 1e-2)];
         let zero_decay = [("weight_decay".to_string(), 0.0)];
-        if fused {
+        if let (true, Some(gpu)) = (fused, fast) {
             norm = crate::fused_layer(norm, gpu).map_err(|e| e.0)?;
         }
         let optimizers = |fused: bool| -> Result<Vec<Box<dyn Optimize>>, String> {
             let mut out = Vec::new();
             for (rule, select) in rules {
-                let mut opt: Box<dyn Optimize> = match fused {
-                    true => Box::new(crate::FusedOptimizer::selected(gpu.clone(), rule.clone(), &vs, &overrides, select).map_err(|e| e.0)?),
-                    false => Box::new(DslOptimizer::selected(rule.clone(), &vs, &overrides, select).map_err(|e| e.0)?),
+                let mut opt: Box<dyn Optimize> = match (fused, fast) {
+                    (true, Some(gpu)) => Box::new(crate::FusedOptimizer::selected(gpu.clone(), rule.clone(), &vs, &overrides, select).map_err(|e| e.0)?),
+                    _ => Box::new(DslOptimizer::selected(rule.clone(), &vs, &overrides, select).map_err(|e| e.0)?),
                 };
                 if rule.hparams.iter().any(|h| h.name == "weight_decay") {
                     opt.split_group(&|name| name.starts_with("norm"), &zero_decay).map_err(|e| e.0)?;
@@ -248,7 +256,7 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, 
             Ok((y - target).square().mean(Kind::Float))
         };
         for (i, (x, target)) in batches.iter().enumerate() {
-            if i == steps / 2 {
+            if let (true, Some(resumed_fused)) = (i == steps / 2, resumed) {
                 for (k, opt) in opts.iter().enumerate() {
                     opt.save(&file(k)).map_err(|e| format!("saving: {}", e.0))?;
                 }
@@ -283,14 +291,14 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, 
         }
         Ok(after)
     };
-    let theirs = run(false, false)?;
+    let theirs = run(false, None)?;
     let mut worst = 0f64;
-    for (fused, resumed_fused) in [(true, true), (true, false), (false, true)] {
-        let ours = run(fused, resumed_fused)?;
+    for (fused, resumed) in [(true, None), (true, Some(true)), (true, Some(false)), (false, Some(true))] {
+        let ours = run(fused, resumed)?;
         for ((name, a), (_, b)) in ours.iter().zip(&theirs) {
             let e = rel_err(&host(a)?, &host(b)?);
             if !e.is_finite() {
-                return Err(format!("`{name}` (fused {fused}, resumed fused {resumed_fused}): not finite"));
+                return Err(format!("`{name}` (fused {fused}, resumed {resumed:?}): not finite"));
             }
             worst = worst.max(e);
         }

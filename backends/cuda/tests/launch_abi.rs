@@ -351,3 +351,28 @@ fn same_shaped_tensors_that_fill_whole_cubes_read_as_one_stack() {
     assert_eq!(stack, (0..768).map(|i| (i / 256) as f32).collect::<Vec<_>>());
     assert_eq!(Vec::<f32>::try_from(arena.stack(&arena.p, 4..5)).unwrap(), vec![4.0; 3]);
 }
+
+/// The training harness the GPU check holds `fused_layer` and `FusedOptimizer` to, run here on
+/// libtorch's CPU operations alone: every run interrupted halfway (each optimizer's state
+/// saved, fresh ones loading it) ends bit for bit where the uninterrupted run does, every
+/// optimizer skips the NaN step, and two rules can share the model (Muon the matrix, AdamW the
+/// rest). A hand-off that lost or misplaced a state, or a harness that let one run see
+/// another's batches, would show here before it cost a GPU run.
+#[test]
+fn the_training_harness_resumes_exactly_on_libtorch() {
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let entry = |name: &str| reg.get(name).unwrap().entry.clone();
+    let every: normforge_cuda::check::Select = |_, _| true;
+    let (matrix, rest): (normforge_cuda::check::Select, normforge_cuda::check::Select) = (|_, t| t.dim() == 2, |_, t| t.dim() != 2);
+    let cases = [
+        ("batch_norm", vec![(entry("adamw"), every)]),
+        ("group_norm", vec![(entry("lamb"), every)]),
+        ("layer_norm", vec![(entry("adamp"), every)]),
+        ("rms_norm", vec![(entry("muon"), matrix), (entry("adamw"), rest)]),
+    ];
+    for (layer, rules) in cases {
+        let worst = normforge_cuda::check::training_runs(tch::Device::Cpu, None, &entry(layer), &rules, 7).unwrap_or_else(|e| panic!("{layer}: {e}"));
+        assert_eq!(worst, 0.0, "{layer}: an interrupted run ended elsewhere");
+    }
+}
