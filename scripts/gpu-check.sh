@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (issue 6), run ON the GPU machine with binaries built on a CPU machine:
-#   here:  bash scripts/gpu-stage.sh   (builds the binary, puts gpu_peers.py beside it in target/)
+#   here:  bash scripts/gpu-stage.sh   (builds the binary, puts it stripped and gpu_peers.py in target/)
 #   there: bash scripts/gpu-check.sh [BINARY] [OUT_DIR] [all|ours|peers]
 # It uses that machine's PyTorch (python3, CUDA build) for libtorch and its NVRTC/driver, runs
 # the correctness checks and our timings, then gpu_peers.py in the same session, and prints
@@ -11,7 +11,7 @@
 # writes its figures as it measures them, so a part cut short keeps what it measured.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-bin="${1:-$root/target/debug/examples/gpu_check}"
+bin="${1:-$root/target/gpu_check}"
 out="${2:-${OUT:-$root/gpu-check-out}}"
 parts="${3:-all}"
 case "$parts" in all | ours | peers) ;; *) echo "gpu-check: parts are all, ours or peers, not $parts" >&2; exit 2 ;; esac

@@ -15,7 +15,10 @@ if ! [ -f "$peers" ]; then
     exit 1
 fi
 install -m 0644 "$peers" target/gpu_peers.py
-bin=target/debug/examples/gpu_check
+# Carried without its debug information (half its size; a panic there is caught and reported
+# as a message, with no need of a symbolised backtrace).
+bin=target/gpu_check
+strip --strip-debug -o "$bin" target/debug/examples/gpu_check 2>/dev/null || cp target/debug/examples/gpu_check "$bin"
 # Every library the binary links resolves against a libtorch alone (there: the machine's torch).
 if LD_LIBRARY_PATH="$LIBTORCH/lib" ldd "$bin" | grep 'not found'; then
     echo "gpu-stage: $bin needs libraries a torch installation does not give" >&2
