@@ -80,10 +80,10 @@ impl FusedOptimizer {
     }
 
     /// As `DslOptimizer::split_group`: the parameters whose name `select` takes move to a new
-    /// group with the first group's hyper-parameters and `overrides`. Before the first step.
+    /// group with the first group's hyper-parameters and `overrides`. Before the first step or load.
     pub fn split_group(&mut self, select: impl Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error> {
         if self.started() {
-            return Err(Error("parameter groups are fixed at the first step".into()));
+            return Err(Error("parameter groups are fixed once the optimizer has stepped or loaded a state".into()));
         }
         let mut hparams = self.groups[0].hparams.clone();
         for (name, v) in overrides {
