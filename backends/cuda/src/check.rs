@@ -193,7 +193,9 @@ pub fn layer_against_reference(entry: &Arc<Entry>, hparams: &[f64], call: &Layer
 /// (fused -> libtorch, libtorch -> fused) — so that either resumes from the other's file. The
 /// largest relative error of any variable after (parameters and buffers) against the
 /// uninterrupted libtorch run. Then a step whose gradients are NaN, which every run must skip,
-/// changing nothing. Each of `rules` updates the variables its selector takes (Muon the matrix,
+/// changing nothing. The model also holds a parameter the loss never reads, which no optimizer
+/// may step, and one it reads from the third batch on, whose steps count from then (and whose
+/// saved step count differs from its group's). Each of `rules` updates the variables its selector takes (Muon the matrix,
 /// AdamW the rest), with an optimizer of its own.
 pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, Select)], steps: usize) -> Result<f64, String> {
     training_runs(Device::Cuda(gpu.ordinal()), Some(gpu), layer, rules, steps)
@@ -215,6 +217,10 @@ pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, r
         tch::manual_seed(3);
         let vs = tch::nn::VarStore::new(dev);
         let w = vs.root().randn("w", &[c, c], 0.0, 0.5);
+        // Never in the loss: no optimizer may step it (weight decay would move it).
+        let _unused = vs.root().randn("unused", &[c], 0.0, 0.5);
+        // In the loss from the third batch on: its first step comes late, counted from one.
+        let late = vs.root().randn("late", &[c], 0.0, 0.5);
         let spec = Spec { entry: layer.clone(), hparams: layer_hparams.clone() };
         // The layer sees channels second (`x[n, c, s...]`) or last (`x[..., d]`).
         let channels_last = !(layer.axes.len() == 3 && layer.axes[2].variadic);
@@ -247,8 +253,9 @@ pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, r
             loss.f_backward().map_err(|e| e.to_string())?;
             opts.iter_mut().map(|o| o.step().map_err(|e| e.0)).collect()
         };
-        let loss = |x: &Tensor, target: &Tensor| -> Result<Tensor, String> {
+        let loss = |x: &Tensor, target: &Tensor, late_on: bool| -> Result<Tensor, String> {
             let h = w.matmul(x);
+            let h = if late_on { h + late.view([1, c, 1]) } else { h };
             let y = match channels_last {
                 true => norm.try_forward_t(&h.transpose(1, 2), true).map_err(|e| e.0)?.transpose(1, 2),
                 false => norm.try_forward_t(&h, true).map_err(|e| e.0)?,
@@ -265,7 +272,7 @@ pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, r
                     opt.load(&file(k)).map_err(|e| format!("loading: {}", e.0))?;
                 }
             }
-            for report in step(&mut opts, &loss(x, target)?)? {
+            for report in step(&mut opts, &loss(x, target, i >= 2)?)? {
                 if !matches!(report, StepReport::Applied { .. }) {
                     return Err(format!("a finite step was not applied: {report:?}"));
                 }
@@ -277,7 +284,7 @@ pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, r
         let (x, target) = &batches[0];
         let nan = target.copy();
         let _ = tch::no_grad(|| nan.get(0).get(0).get(0).fill_(f64::NAN));
-        for report in step(&mut opts, &loss(x, &nan)?)? {
+        for report in step(&mut opts, &loss(x, &nan, true)?)? {
             if !matches!(report, StepReport::SkippedNonFinite { .. }) {
                 return Err(format!("a step with NaN gradients was {report:?}"));
             }

@@ -24,25 +24,46 @@ pub fn fused_layer(layer: DslLayer, gpu: &Arc<Gpu>) -> Result<DslLayer, Error> {
     Ok(layer.with_kernels(Arc::new(kernels)))
 }
 
-/// Parameters sharing hyper-parameter values; from the first step on, in an arena of their
-/// own, stepped by a rule of their own.
+/// Parameters of a group stepped together: views into one arena, one rule instance (so one
+/// step count).
+struct Part {
+    /// Indices into the group's parameters.
+    members: Vec<usize>,
+    vars: Vec<Tensor>,
+    arena: Arena,
+    opt: CudaOptimizer,
+}
+
+/// Parameters sharing hyper-parameter values. From the first step on, those with a gradient
+/// are stepped in parts: the ones that had one by the first step in one part, any that gets
+/// its first later in a part of its own, with its own step count (as `DslOptimizer` keeps one
+/// per parameter); the rest (`idle`) wait, unstepped, as `DslOptimizer`'s do.
 struct Group {
     names: Vec<String>,
     vars: Vec<Tensor>,
     hparams: Vec<f64>,
-    run: Option<(Arena, CudaOptimizer)>,
+    parts: Vec<Part>,
+    idle: Vec<usize>,
+}
+
+impl Group {
+    fn new(names: Vec<String>, vars: Vec<Tensor>, hparams: Vec<f64>) -> Group {
+        let idle = (0..vars.len()).collect();
+        Group { names, vars, hparams, parts: Vec::new(), idle }
+    }
 }
 
 /// A registry update rule over the trainable variables of a `VarStore` on the GPU, each group
 /// updated in one launch per phase (a few for rules through layer kernels). The first step
-/// moves each group's parameters into a flat arena (their values kept, the `VarStore` still
-/// naming them) and their gradients into another, where backpropagation accumulates them; from
-/// then on every parameter of a group is stepped each step, a missing gradient counting as
-/// zero, and the groups are fixed.
+/// moves each group's parameters that have a gradient into a flat arena (their values kept,
+/// the `VarStore` still naming them) and their gradients into another, where backpropagation
+/// then accumulates them; a parameter whose first gradient comes later moves then, into an
+/// arena of its own. The groups are fixed from the first step (or load) on.
 pub struct FusedOptimizer {
     gpu: Arc<Gpu>,
     entry: Arc<Entry>,
     groups: Vec<Group>,
+    started: bool,
     /// Clip the global gradient norm to this value before the update (`clip_grad_norm_`).
     pub max_grad_norm: Option<f64>,
     /// Skip a step whose gradients are not all finite (the default).
@@ -76,13 +97,13 @@ impl FusedOptimizer {
             )));
         }
         let (names, vars) = vars.into_iter().unzip();
-        Ok(FusedOptimizer { gpu, entry, groups: vec![Group { names, vars, hparams, run: None }], max_grad_norm: None, skip_nonfinite: true })
+        Ok(FusedOptimizer { gpu, entry, groups: vec![Group::new(names, vars, hparams)], started: false, max_grad_norm: None, skip_nonfinite: true })
     }
 
     /// As `DslOptimizer::split_group`: the parameters whose name `select` takes move to a new
     /// group with the first group's hyper-parameters and `overrides`. Before the first step or load.
     pub fn split_group(&mut self, select: impl Fn(&str) -> bool, overrides: &[(String, f64)]) -> Result<usize, Error> {
-        if self.started() {
+        if self.started {
             return Err(Error("parameter groups are fixed once the optimizer has stepped or loaded a state".into()));
         }
         let mut hparams = self.groups[0].hparams.clone();
@@ -98,8 +119,9 @@ impl FusedOptimizer {
                 to_vars.push(var);
             }
         }
+        self.groups.iter_mut().for_each(|g| g.idle = (0..g.vars.len()).collect());
         let n = names.len();
-        self.groups.push(Group { names, vars, hparams, run: None });
+        self.groups.push(Group::new(names, vars, hparams));
         Ok(n)
     }
 
@@ -108,17 +130,13 @@ impl FusedOptimizer {
         self.groups.iter().map(|g| g.names.as_slice()).collect()
     }
 
-    fn started(&self) -> bool {
-        self.groups.iter().any(|g| g.run.is_some())
-    }
-
     /// Set a hyper-parameter in every group: a run-time scalar, nothing recompiles.
     pub fn set_hparam(&mut self, name: &str, v: f64) -> Result<(), Error> {
         // (Every group takes the same values: the first refuses a bad one before any changes.)
         for g in &mut self.groups {
             hyper::set(&self.entry, &mut g.hparams, name, v)?;
-            if let Some((_, opt)) = &mut g.run {
-                opt.hparams.clone_from(&g.hparams);
+            for part in &mut g.parts {
+                part.opt.hparams.clone_from(&g.hparams);
             }
         }
         Ok(())
@@ -130,9 +148,9 @@ impl FusedOptimizer {
 
     pub fn zero_grad(&mut self) {
         for g in &mut self.groups {
-            match &mut g.run {
-                Some((arena, _)) => arena.zero_grad(),
-                None => g.vars.iter_mut().for_each(Tensor::zero_grad),
+            g.parts.iter_mut().for_each(|part| part.arena.zero_grad());
+            for &k in &g.idle {
+                g.vars[k].zero_grad();
             }
         }
     }
@@ -144,46 +162,65 @@ impl FusedOptimizer {
         self.step()
     }
 
-    /// Compile each group's rule, then move its parameters into their arena: every compile
-    /// done before any parameter moves.
-    fn start(&mut self) -> Result<(), Error> {
-        let mut rules = Vec::new();
-        for g in &self.groups {
-            let mut opt = CudaOptimizer::new(self.gpu.clone(), self.entry.clone(), &[], Dtype::F32).map_err(|e| Error(e.to_string()))?;
-            opt.hparams = g.hparams.clone();
-            rules.push(opt);
+    /// A rule for a new part of group `g`, compiled (or found compiled).
+    fn rule(&self, g: &Group) -> Result<CudaOptimizer, Error> {
+        let mut opt = CudaOptimizer::new(self.gpu.clone(), self.entry.clone(), &[], Dtype::F32).map_err(|e| Error(e.to_string()))?;
+        opt.hparams = g.hparams.clone();
+        Ok(opt)
+    }
+
+    /// Waiting parameters become parts (`members`: a group and its parameters, per part), each
+    /// with a rule and an arena of its own: every rule compiled before any parameter moves.
+    /// Where each part went (group, part).
+    fn add_parts(&mut self, members: Vec<(usize, Vec<usize>)>) -> Result<Vec<(usize, usize)>, Error> {
+        let rules = members.iter().map(|(gi, _)| self.rule(&self.groups[*gi])).collect::<Result<Vec<_>, _>>()?;
+        let mut added = Vec::new();
+        for ((gi, members), opt) in members.into_iter().zip(rules) {
+            let g = &mut self.groups[gi];
+            let mut vars: Vec<Tensor> = members.iter().map(|&k| g.vars[k].shallow_clone()).collect();
+            let arena = Arena::adopt(&mut vars).map_err(|e| Error(e.0))?;
+            g.idle.retain(|k| !members.contains(k));
+            g.parts.push(Part { members, vars, arena, opt });
+            added.push((gi, g.parts.len() - 1));
         }
-        for (g, opt) in self.groups.iter_mut().zip(rules) {
-            let arena = Arena::adopt(&mut g.vars).map_err(|e| Error(e.0))?;
-            g.run = Some((arena, opt));
+        Ok(added)
+    }
+
+    /// The waiting parameters that now have a gradient join, a part per group.
+    fn activate(&mut self) -> Result<(), Error> {
+        let mut members = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            let ready: Vec<usize> = g.idle.iter().copied().filter(|&k| g.vars[k].grad().defined()).collect();
+            if !ready.is_empty() {
+                members.push((gi, ready));
+            }
         }
+        self.add_parts(members)?;
+        self.started = true;
         Ok(())
     }
 
     pub fn step(&mut self) -> Result<StepReport, Error> {
-        if !self.started() {
-            self.start()?;
-        }
-        for g in &self.groups {
-            let Some((arena, _)) = &g.run else { continue };
-            if let Some(k) = arena.moved(&g.vars) {
+        self.activate()?;
+        let parts = || self.groups.iter().flat_map(|g| g.parts.iter().map(move |part| (g, part)));
+        for (g, part) in parts() {
+            if let Some(k) = part.arena.moved(&part.vars) {
                 return Err(Error(format!(
                     "`{}` no longer lives in this optimizer's flat buffers (another fused optimizer took it, its data was replaced, or its gradient set to none): nothing was updated",
-                    g.names[k]
+                    g.names[part.members[k]]
                 )));
             }
         }
-        // One pass over each group's gradients serves both checks, every group's norm read
-        // back at once (`Arena::grad_norms`).
+        // One pass over each part's gradients serves both checks, every part's norm read back
+        // at once (`Arena::grad_norms`).
         let (mut clipped, mut grad_norm) = (false, None);
         if self.skip_nonfinite || self.max_grad_norm.is_some() {
-            let running: Vec<(&Group, &Arena)> = self.groups.iter().filter_map(|g| g.run.as_ref().map(|(arena, _)| (g, arena))).collect();
-            let norms = Arena::grad_norms(&running.iter().map(|(_, a)| *a).collect::<Vec<_>>());
+            let norms = Arena::grad_norms(&parts().map(|(_, part)| &part.arena).collect::<Vec<_>>());
             let mut sq = 0f64;
-            for ((g, arena), norm) in running.into_iter().zip(norms) {
+            for ((g, part), norm) in parts().zip(norms) {
                 if self.skip_nonfinite && !norm.is_finite() {
-                    let at = arena.nonfinite_grad();
-                    return Ok(StepReport::SkippedNonFinite { param: at.map_or_else(|| "a parameter".into(), |k| g.names[k].clone()) });
+                    let at = part.arena.nonfinite_grad();
+                    return Ok(StepReport::SkippedNonFinite { param: at.map_or_else(|| "a parameter".into(), |k| g.names[part.members[k]].clone()) });
                 }
                 sq += norm * norm;
             }
@@ -192,67 +229,65 @@ impl FusedOptimizer {
                 let norm = sq.sqrt();
                 let coef = max / (norm + 1e-6);
                 if coef < 1.0 {
-                    for (arena, _) in self.groups.iter().filter_map(|g| g.run.as_ref()) {
-                        arena.scale_grads(coef);
-                    }
+                    parts().for_each(|(_, part)| part.arena.scale_grads(coef));
                     clipped = true;
                 }
                 grad_norm = Some(norm);
             }
         }
-        for g in &mut self.groups {
-            if let Some((arena, opt)) = &mut g.run {
-                opt.step(arena).map_err(|e| Error(e.to_string()))?;
-            }
+        for part in self.groups.iter_mut().flat_map(|g| &mut g.parts) {
+            part.opt.step(&part.arena).map_err(|e| Error(e.to_string()))?;
         }
         Ok(StepReport::Applied { grad_norm, clipped })
     }
 
-    /// Save every group's state and step count in `DslOptimizer`'s format (`state_file`), so
-    /// either optimizer resumes from it.
+    /// Save every part's state and step count in `DslOptimizer`'s format (`state_file`), so
+    /// either optimizer resumes from it (a parameter not yet stepped has none).
     pub fn save(&self, path: &Path) -> Result<(), Error> {
         let mut saved = Vec::new();
         for g in &self.groups {
-            let Some((arena, opt)) = &g.run else { continue };
-            let Some(RuleState { step, tensors: states }) = opt.states(arena).map_err(|e| Error(e.to_string()))? else { continue };
-            for (name, states) in g.names.iter().zip(states) {
-                saved.push((name.as_str(), Saved { step: step as i64, states }));
+            for part in &g.parts {
+                let Some(RuleState { step, tensors }) = part.opt.states(&part.arena).map_err(|e| Error(e.to_string()))? else { continue };
+                for (&k, states) in part.members.iter().zip(tensors) {
+                    saved.push((g.names[k].as_str(), Saved { step: step as i64, states }));
+                }
             }
         }
         state_file::write(path, &self.entry, saved)
     }
 
     /// Load a state saved by [`FusedOptimizer::save`] or `DslOptimizer::save` for the same
-    /// parameters: every parameter of a group, at one step count (a group steps them
-    /// together), or none. All or nothing: the file is checked whole before anything changes;
-    /// before the first step, the groups are then fixed.
+    /// parameters, before the first step: the parameters of a group that share a step count
+    /// become a part; one with no state in the file waits for its first gradient. All or
+    /// nothing: the file is checked whole, and every rule compiled, before anything changes;
+    /// the groups are then fixed.
     pub fn load(&mut self, path: &Path) -> Result<(), Error> {
+        if self.started {
+            return Err(Error("a fused optimizer loads a state before its first step (make a fresh one)".into()));
+        }
         let expected = self.groups.iter().flat_map(|g| g.names.iter().zip(&g.vars).map(|(name, v)| Expected::of(&self.entry, name, v, &g.hparams)));
         let mut saved = state_file::read(path, &self.entry, &expected.collect::<Result<Vec<_>, _>>()?)?;
-        let mut per_group = Vec::new();
-        for g in &self.groups {
-            let found: Vec<Option<Saved>> = g.names.iter().map(|n| saved.remove(n)).collect();
-            let Some(Some(first)) = found.iter().find(|s| s.is_some()) else {
-                per_group.push(None);
-                continue;
-            };
-            let t = first.step;
-            let odd = found.iter().position(|s| s.as_ref().is_none_or(|s| s.step != t)).map(|k| match &found[k] {
-                None => format!("no state for `{}`, which shares a group with saved ones", g.names[k]),
-                Some(s) => format!("`{}` at step {}, others of its group at step {t}", g.names[k], s.step),
-            });
-            if let Some(odd) = odd {
-                return Err(Error(format!("{}: the parameters of a fused group step together, and the file holds {odd}", path.display())));
+        // Per group, its saved parameters by step count.
+        let mut parts = Vec::new();
+        let mut states = Vec::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            let mut by_step: std::collections::BTreeMap<i64, Vec<(usize, Vec<Tensor>)>> = Default::default();
+            for (k, name) in g.names.iter().enumerate() {
+                if let Some(s) = saved.remove(name) {
+                    by_step.entry(s.step).or_default().push((k, s.states));
+                }
             }
-            per_group.push(Some(RuleState { step: t as u64, tensors: found.into_iter().flatten().map(|s| s.states).collect() }));
+            for (step, each) in by_step {
+                let (members, tensors): (Vec<usize>, Vec<Vec<Tensor>>) = each.into_iter().unzip();
+                parts.push((gi, members));
+                states.push(RuleState { step: step as u64, tensors });
+            }
         }
-        if !self.started() {
-            self.start()?;
+        for ((gi, p), state) in self.add_parts(parts)?.into_iter().zip(states) {
+            let part = &mut self.groups[gi].parts[p];
+            part.opt.set_states(&part.arena, &state).map_err(|e| Error(e.to_string()))?;
         }
-        for (g, loaded) in self.groups.iter_mut().zip(per_group) {
-            let (Some((arena, opt)), Some(state)) = (&mut g.run, loaded) else { continue };
-            opt.set_states(arena, &state).map_err(|e| Error(e.to_string()))?;
-        }
+        self.started = true;
         Ok(())
     }
 }
