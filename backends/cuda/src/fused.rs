@@ -37,19 +37,27 @@ struct Part {
 /// Parameters sharing hyper-parameter values. From the first step on, those with a gradient
 /// are stepped in parts: the ones that had one by the first step in one part, any that gets
 /// its first later in a part of its own, with its own step count (as `DslOptimizer` keeps one
-/// per parameter); the rest (`idle`) wait, unstepped, as `DslOptimizer`'s do.
+/// per parameter); the rest (`idle`) wait, unstepped, as `DslOptimizer`'s do. A parameter
+/// whose state was loaded waits too (`loaded`: its step count and states), until its first
+/// gradient since, and joins a part of the parameters sharing its step count.
 struct Group {
     names: Vec<String>,
     vars: Vec<Tensor>,
     hparams: Vec<f64>,
     parts: Vec<Part>,
     idle: Vec<usize>,
+    loaded: Vec<(usize, u64, Vec<Tensor>)>,
 }
 
 impl Group {
     fn new(names: Vec<String>, vars: Vec<Tensor>, hparams: Vec<f64>) -> Group {
         let idle = (0..vars.len()).collect();
-        Group { names, vars, hparams, parts: Vec::new(), idle }
+        Group { names, vars, hparams, parts: Vec::new(), idle, loaded: Vec::new() }
+    }
+
+    /// The parameters that wait, idle or loaded.
+    fn waiting(&self) -> impl Iterator<Item = usize> + '_ {
+        self.idle.iter().copied().chain(self.loaded.iter().map(|l| l.0))
     }
 }
 
@@ -149,7 +157,8 @@ impl FusedOptimizer {
     pub fn zero_grad(&mut self) {
         for g in &mut self.groups {
             g.parts.iter_mut().for_each(|part| part.arena.zero_grad());
-            for &k in &g.idle {
+            let waiting: Vec<usize> = g.waiting().collect();
+            for k in waiting {
                 g.vars[k].zero_grad();
             }
         }
@@ -169,33 +178,46 @@ impl FusedOptimizer {
         Ok(opt)
     }
 
-    /// Waiting parameters become parts (`members`: a group and its parameters, per part), each
-    /// with a rule and an arena of its own: every rule compiled before any parameter moves.
-    /// Where each part went (group, part).
-    fn add_parts(&mut self, members: Vec<(usize, Vec<usize>)>) -> Result<Vec<(usize, usize)>, Error> {
-        let rules = members.iter().map(|(gi, _)| self.rule(&self.groups[*gi])).collect::<Result<Vec<_>, _>>()?;
-        let mut added = Vec::new();
-        for ((gi, members), opt) in members.into_iter().zip(rules) {
+    /// Waiting parameters become parts (per part: a group, its parameters, and the state they
+    /// take, if loaded), each with a rule and an arena of its own: every rule compiled before
+    /// any parameter moves.
+    fn add_parts(&mut self, parts: Vec<(usize, Vec<usize>, Option<RuleState>)>) -> Result<(), Error> {
+        let rules = parts.iter().map(|(gi, ..)| self.rule(&self.groups[*gi])).collect::<Result<Vec<_>, _>>()?;
+        for ((gi, members, state), mut opt) in parts.into_iter().zip(rules) {
             let g = &mut self.groups[gi];
             let mut vars: Vec<Tensor> = members.iter().map(|&k| g.vars[k].shallow_clone()).collect();
             let arena = Arena::adopt(&mut vars).map_err(|e| Error(e.0))?;
+            if let Some(state) = state {
+                opt.set_states(&arena, &state).map_err(|e| Error(e.to_string()))?;
+            }
             g.idle.retain(|k| !members.contains(k));
+            g.loaded.retain(|l| !members.contains(&l.0));
             g.parts.push(Part { members, vars, arena, opt });
-            added.push((gi, g.parts.len() - 1));
         }
-        Ok(added)
+        Ok(())
     }
 
-    /// The waiting parameters that now have a gradient join, a part per group.
+    /// The waiting parameters that now have a gradient join: per group, the idle ones in a
+    /// part, the loaded ones in a part per step count.
     fn activate(&mut self) -> Result<(), Error> {
-        let mut members = Vec::new();
+        let mut parts = Vec::new();
         for (gi, g) in self.groups.iter().enumerate() {
-            let ready: Vec<usize> = g.idle.iter().copied().filter(|&k| g.vars[k].grad().defined()).collect();
-            if !ready.is_empty() {
-                members.push((gi, ready));
+            let ready = |k: usize| g.vars[k].grad().defined();
+            let mut by_step: std::collections::BTreeMap<u64, (Vec<usize>, Vec<Vec<Tensor>>)> = Default::default();
+            for (k, step, states) in g.loaded.iter().filter(|l| ready(l.0)) {
+                let (members, tensors) = by_step.entry(*step).or_default();
+                members.push(*k);
+                tensors.push(states.iter().map(Tensor::shallow_clone).collect());
+            }
+            for (step, (members, tensors)) in by_step {
+                parts.push((gi, members, Some(RuleState { step, tensors })));
+            }
+            let fresh: Vec<usize> = g.idle.iter().copied().filter(|&k| ready(k)).collect();
+            if !fresh.is_empty() {
+                parts.push((gi, fresh, None));
             }
         }
-        self.add_parts(members)?;
+        self.add_parts(parts)?;
         self.started = true;
         Ok(())
     }
@@ -241,8 +263,9 @@ impl FusedOptimizer {
         Ok(StepReport::Applied { grad_norm, clipped })
     }
 
-    /// Save every part's state and step count in `DslOptimizer`'s format (`state_file`), so
-    /// either optimizer resumes from it (a parameter not yet stepped has none).
+    /// Save every part's state and step count, and the loaded states still waiting, in
+    /// `DslOptimizer`'s format (`state_file`), so either optimizer resumes from it (a parameter
+    /// not yet stepped has none).
     pub fn save(&self, path: &Path) -> Result<(), Error> {
         let mut saved = Vec::new();
         for g in &self.groups {
@@ -252,40 +275,32 @@ impl FusedOptimizer {
                     saved.push((g.names[k].as_str(), Saved { step: step as i64, states }));
                 }
             }
+            for (k, step, states) in &g.loaded {
+                saved.push((g.names[*k].as_str(), Saved { step: *step as i64, states: states.iter().map(Tensor::shallow_clone).collect() }));
+            }
         }
         state_file::write(path, &self.entry, saved)
     }
 
     /// Load a state saved by [`FusedOptimizer::save`] or `DslOptimizer::save` for the same
-    /// parameters, before the first step: the parameters of a group that share a step count
-    /// become a part; one with no state in the file waits for its first gradient. All or
-    /// nothing: the file is checked whole, and every rule compiled, before anything changes;
-    /// the groups are then fixed.
+    /// parameters, before the first step: each saved parameter waits with its state for its
+    /// first gradient, then joins the parameters of its group that share its step count; one
+    /// the file does not name waits as a fresh one does. All or nothing: the file is checked
+    /// whole before anything changes; the groups are then fixed.
     pub fn load(&mut self, path: &Path) -> Result<(), Error> {
         if self.started {
             return Err(Error("a fused optimizer loads a state before its first step (make a fresh one)".into()));
         }
         let expected = self.groups.iter().flat_map(|g| g.names.iter().zip(&g.vars).map(|(name, v)| Expected::of(&self.entry, name, v, &g.hparams)));
         let mut saved = state_file::read(path, &self.entry, &expected.collect::<Result<Vec<_>, _>>()?)?;
-        // Per group, its saved parameters by step count.
-        let mut parts = Vec::new();
-        let mut states = Vec::new();
-        for (gi, g) in self.groups.iter().enumerate() {
-            let mut by_step: std::collections::BTreeMap<i64, Vec<(usize, Vec<Tensor>)>> = Default::default();
+        for g in &mut self.groups {
             for (k, name) in g.names.iter().enumerate() {
                 if let Some(s) = saved.remove(name) {
-                    by_step.entry(s.step).or_default().push((k, s.states));
+                    g.loaded.push((k, s.step as u64, s.states));
                 }
             }
-            for (step, each) in by_step {
-                let (members, tensors): (Vec<usize>, Vec<Vec<Tensor>>) = each.into_iter().unzip();
-                parts.push((gi, members));
-                states.push(RuleState { step: step as u64, tensors });
-            }
-        }
-        for ((gi, p), state) in self.add_parts(parts)?.into_iter().zip(states) {
-            let part = &mut self.groups[gi].parts[p];
-            part.opt.set_states(&part.arena, &state).map_err(|e| Error(e.to_string()))?;
+            let loaded: Vec<usize> = g.loaded.iter().map(|l| l.0).collect();
+            g.idle.retain(|k| !loaded.contains(k));
         }
         self.started = true;
         Ok(())
