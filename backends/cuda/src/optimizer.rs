@@ -280,7 +280,6 @@ impl CudaOptimizer {
     fn step_per_tensor(&mut self, arena: &Arena) -> Result<(), Error> {
         let (laid, swaps) = self.laid_stacks(arena, self.step)?;
         let (t, hparams, entry, state_kind) = (self.step + 1, &self.hparams, &self.entry, kind_of(self.state_dtype));
-        let Programs::Optimizer { step: step_program } = &entry.programs else { unreachable!("an optimizer") };
         let Path::PerTensor { plans, kernels, works } = &mut self.path else { unreachable!("per tensor") };
         if !works.is_empty() && !fits(works, &laid) {
             return Err(Error::Rule("the parameters changed since the first step".into()));
@@ -307,7 +306,7 @@ impl CudaOptimizer {
                     for (k, states) in stack.tensors.clone().zip(each.iter_mut()) {
                         let dims: Vec<i64> = arena.shapes[k].iter().map(|&d| d as i64).collect();
                         let (p, g) = (arena.tensor(&arena.p, k).view(dims.as_slice()), arena.tensor(&arena.g, k).view(dims.as_slice()));
-                        let (p_new, new) = normforge_tch::optimizer::lowered_step(entry, step_program, hparams, t as i64, &p, &g, states.as_deref(), &format!("parameter {k}")).map_err(rule)?;
+                        let (p_new, new) = normforge_tch::optimizer::lowered_step(entry, hparams, t as i64, &p, &g, states.as_deref(), &format!("parameter {k}")).map_err(rule)?;
                         tch::no_grad(|| p.shallow_clone().copy_(&p_new));
                         // Kept in the state dtype's values, as the kernels keep them.
                         *states = Some(new.into_iter().map(|v| if state_kind == Kind::Float { v } else { v.to_kind(state_kind).to_kind(Kind::Float) }).collect());
@@ -435,6 +434,8 @@ impl CudaOptimizer {
         if states.len() != arena.sizes.len() {
             return Err(Error::Rule(format!("{} parameters' states for {} parameters", states.len(), arena.sizes.len())));
         }
+        // Each tensor's state dims, kept for the tensors stepped in libtorch's operations.
+        let mut all_dims = Vec::new();
         for (k, v) in states.iter().enumerate() {
             let dims = self.state_dims(&arena.shapes[k], &format!("parameter {k}"))?;
             if v.len() != dims.len() {
@@ -445,6 +446,7 @@ impl CudaOptimizer {
                     return Err(Error::Rule(format!("parameter {k}: state `{}` is {:?} {:?}, not {dims:?}", d.name, t.kind(), t.size())));
                 }
             }
+            all_dims.push(dims);
         }
         // Where the states go: bound now for a rule that has not stepped (its first step then
         // skips the initialisation), checked against this arena for one that has.
@@ -475,8 +477,7 @@ impl CudaOptimizer {
                 for (stack, kept) in laid.iter().zip(works.iter_mut()) {
                     if let Kept::Lowered(each) = kept {
                         for (k, states) in stack.tensors.clone().zip(each) {
-                            let dims = bind::state_dims(&self.entry, &arena.shapes[k], &self.hparams, "a parameter").map_err(Error::Rule)?;
-                            *states = Some(dims.iter().map(|d| Tensor::zeros(d.iter().map(|&x| x as i64).collect::<Vec<_>>(), (Kind::Float, arena.device))).collect());
+                            *states = Some(all_dims[k].iter().map(|d| Tensor::zeros(d.as_slice(), (Kind::Float, arena.device))).collect());
                         }
                     }
                 }

@@ -184,13 +184,6 @@ impl DslOptimizer {
         self.step()
     }
 
-    fn program(&self) -> &Program {
-        match &self.entry.programs {
-            Programs::Optimizer { step } => step,
-            Programs::Layer { .. } => unreachable!("DslOptimizer::new refuses layers"),
-        }
-    }
-
     pub fn step(&mut self) -> Result<StepReport, Error> {
         // Gradients, checked against their parameters.
         let mut grads: Vec<Vec<Option<Tensor>>> = Vec::new();
@@ -243,7 +236,6 @@ impl DslOptimizer {
             }
         };
         // Compute every update before writing any.
-        let prog = self.program();
         let mut updates: Vec<(usize, usize, Tensor, Vec<Tensor>)> = Vec::new();
         for (gi, (g, gs)) in self.groups.iter().zip(&grads).enumerate() {
             for (si, (s, grad)) in g.slots.iter().zip(gs).enumerate() {
@@ -252,7 +244,7 @@ impl DslOptimizer {
                     Some(c) => grad * c,
                     None => grad.shallow_clone(),
                 };
-                let (p, states) = lowered_step(&self.entry, prog, &g.hparams, s.step + 1, &s.var, &grad, s.states.as_deref(), &s.name)?;
+                let (p, states) = lowered_step(&self.entry, &g.hparams, s.step + 1, &s.var, &grad, s.states.as_deref(), &s.name)?;
                 updates.push((gi, si, p, states));
             }
         }
@@ -301,12 +293,14 @@ impl DslOptimizer {
     }
 }
 
-/// Step `step` (from 1) of rule `entry` (whose step program is `prog`) for one parameter `p`
-/// in libtorch operations: its new value and new states, the states initialised from `p`
-/// first where there are none yet. `name` is for messages. The CUDA path runs this on its own
-/// tensors where its kernels cannot index a rule's products (Muon on large matrices).
-#[allow(clippy::too_many_arguments)]
-pub fn lowered_step(entry: &Entry, prog: &Program, hparams: &[f64], step: i64, p: &Tensor, grad: &Tensor, states: Option<&[Tensor]>, name: &str) -> Result<(Tensor, Vec<Tensor>), Error> {
+/// Step `step` (from 1) of update rule `entry` for one parameter `p` in libtorch operations:
+/// its new value and new states, the states initialised from `p` first where there are none
+/// yet. `name` is for messages. The CUDA path runs this on its own tensors where its kernels
+/// cannot index a rule's products (Muon on large matrices).
+pub fn lowered_step(entry: &Entry, hparams: &[f64], step: i64, p: &Tensor, grad: &Tensor, states: Option<&[Tensor]>, name: &str) -> Result<(Tensor, Vec<Tensor>), Error> {
+    let Programs::Optimizer { step: prog } = &entry.programs else {
+        return Err(Error(format!("`{}` is a {}, not an optimizer", entry.name, entry.kind.keyword())));
+    };
     tch::no_grad(|| {
         let shape: Vec<usize> = p.size().iter().map(|&d| d as usize).collect();
         let view = bind::param_view(entry, &shape);
