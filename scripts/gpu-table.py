@@ -122,6 +122,16 @@ def tables(ours, peers, card="(card unknown)"):
         for r in muon:
             shape = " x ".join(str(d) for d in r["shape"])
             out.append(f"| {shape} | {'yes' if r.get('kernels_index_it') else 'no'} | {ms(r['ms'])} | {ms(r.get('lowered_ms'))} |")
+    # For the record (no target): a rule on bf16 or f16 parameters, ours beside torch's fused
+    # kernel timed in the same binary (gpu_peers.py times f32 only).
+    half = [r for r in ours if r.get("op") == "half_params" and "ms" in r]
+    if half:
+        out.append("\n| rule on half-precision parameters | dtype | ours (ms) | of copy | torch fused (ms) | its share of copy |")
+        out.append("|---|---|---|---|---|---|")
+        for r in (r for r in half if r.get("impl") == "normforge"):
+            theirs = next((p for p in half if p.get("impl") == "torch_fused" and (p.get("rule"), p.get("dtype")) == (r.get("rule"), r.get("dtype"))), None)
+            out.append(f"| {r.get('rule')} | {r.get('dtype')} | {ms(r['ms'])} | {pct(r.get('of_copy'))} | "
+                       f"{ms(theirs['ms']) if theirs else '—'} | {pct(theirs.get('of_copy')) if theirs else '—'} |")
     missing = [f"{n} ({p})" for n, (nat, comp) in LAYER_PEERS.items() for p, which in (("torch's kernel", nat), ("torch.compile", comp)) if which is None]
     out.append(f"\nNot measured by gpu_peers.py: {', '.join(missing)}.")
     unmet = [k for k, v in points.items() if v is False]
@@ -144,6 +154,8 @@ def self_test():
         {"op": "rms_norm", "impl": "normforge", "dtype": "BFloat16", "fwd_ms": 0.10, "fwd_of_copy": 0.91, "fwd_bwd_ms": 0.30, "fwd_bwd_of_copy": 0.74},
         {"op": "layer_norm", "impl": "normforge", "dtype": "Float", "fwd_ms": 0.20, "fwd_of_copy": 0.95, "fwd_bwd_ms": 0.50, "fwd_bwd_of_copy": 0.80},
         {"op": "muon_routing", "shape": [1024, 4096], "kernels_index_it": False, "ms": 1.5, "lowered_ms": 1.4},
+        {"op": "half_params", "rule": "adamw", "dtype": "bf16", "impl": "normforge", "ms": 1.1, "of_copy": 0.88},
+        {"op": "half_params", "rule": "adamw", "dtype": "bf16", "impl": "torch_fused", "ms": 1.3, "of_copy": 0.75},
     ]
     peers = [
         {"op": "copy", "impl": "torch", "ms": 1.0, "GBps": 3100.0},
@@ -178,6 +190,9 @@ def self_test():
     # Muon's routing figures are reported, and hold no acceptance point.
     assert "| 1024 x 4096 | no | 1.500 | 1.400 |" in text, text
     assert not any("muon" in k for k in p), p
+    # So are the half-precision parameters', beside torch's fused kernel.
+    assert "| adamw | bf16 | 1.100 | 88% | 1.300 | 75% |" in text, text
+    assert not any("half" in k or "bf16" in k for k in p), p
     # A line cut short by a timeout is skipped, not fatal.
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gpu-table-{os.getpid()}.jsonl")
     with open(path, "w") as f:

@@ -54,8 +54,8 @@ enum Command {
         /// `forward`.
         #[arg(long)]
         pass: Option<String>,
-        /// Storage type of a rule's state, or of a layer's input, output and their gradients:
-        /// `f32`, `f16` or `bf16` (arithmetic is f32).
+        /// Storage type of a rule's parameters, their gradients and its state, or of a layer's
+        /// input, output and their gradients: `f32`, `f16` or `bf16` (arithmetic is f32).
         #[arg(long, default_value = "f32")]
         dtype: String,
         #[command(flatten)]

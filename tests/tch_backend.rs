@@ -588,3 +588,104 @@ fn loading_cuda_is_harmless_without_a_gpu() {
     let available = normforge::torch::load_cuda();
     assert_eq!(available, normforge::tch::Cuda::is_available());
 }
+
+const ADAMW_AWAY: [(&str, f64); 5] = [("lr", 0.02), ("beta1", 0.85), ("beta2", 0.99), ("eps", 1e-6), ("weight_decay", 0.2)];
+
+/// torch's fused AdamW with [`ADAMW_AWAY`], from copies of `init`.
+fn fused_adamw(init: &[Tensor]) -> normforge::torch::builtins::FusedAdamW {
+    let entry = common::registry().get("adamw").unwrap().entry;
+    let overrides: Vec<(String, f64)> = ADAMW_AWAY.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let resolved = normforge::dsl::hyper::resolve(&entry, &overrides).unwrap();
+    normforge::torch::builtins::FusedAdamW::new(&entry, &resolved, init).expect("adamw has one").unwrap()
+}
+
+/// The oracle's binding (`builtins::fused_adamw`, the shim's argument order, the step count):
+/// in f32, torch's fused kernel takes the rule's trajectory.
+#[test]
+fn torchs_fused_adamw_takes_the_adamw_rules_steps() {
+    normforge::tch::manual_seed(7);
+    let shapes: [&[i64]; 3] = [&[4, 3], &[7], &[2, 3, 5]];
+    let (vs, _) = twin_stores(&shapes);
+    let vars = sorted_vars(&vs);
+    let mut torch = fused_adamw(&vars);
+    let mut spec = common::registry().optimizer("adamw").unwrap();
+    for (k, v) in ADAMW_AWAY {
+        spec = spec.hparam(k, v);
+    }
+    let mut ours = spec.build(&vs).unwrap();
+    for step in 1..=20 {
+        let gs: Vec<Tensor> = shapes.iter().map(|s| randn(s, Kind::Float)).collect();
+        ours.backward_step(&loss_with_grads(&vars, &gs)).unwrap();
+        torch.step(&gs).unwrap();
+        for (i, (a, b)) in vars.iter().zip(&torch.params).enumerate() {
+            assert_close(&format!("tensor {i} after step {step}"), a, b, 1e-5);
+        }
+    }
+}
+
+fn host(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap()
+}
+
+/// bf16 and f16 parameters, computed in f32 and stored in their dtype with their moments, as
+/// torch's fused AdamW does: the CubeCL step kernels (lavapipe; bf16 held in f32 words,
+/// rounded at every store) and the libtorch path (`DslOptimizer`, what the CUDA path runs for
+/// rules its kernels cannot fuse) against torch's fused kernel on the CPU, over 10 steps. A
+/// value rounded differently in some step (the f32 arithmetic's order differs) is one unit in
+/// the last place apart, at the largest magnitude it has had (it keeps that absolute
+/// difference as it shrinks: `check::ulps_apart`), two where that happened twice; at most 1%
+/// of values differ at all (computed in bf16, or a formula off, nearly every one would).
+#[test]
+fn half_precision_parameters_step_as_torchs_fused_adamw_does() {
+    use normforge::cubecl::{cpu_device, CubeOptimizer, Dtype};
+    let device = cpu_device().unwrap();
+    let shapes: [&[i64]; 3] = [&[40, 30], &[300], &[3, 7]];
+    let overrides: Vec<(String, f64)> = ADAMW_AWAY.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    for (kind, dtype) in [(Kind::BFloat16, Dtype::BF16), (Kind::Half, Dtype::F16)] {
+        normforge::tch::manual_seed(11);
+        let init: Vec<Tensor> = shapes.iter().map(|s| randn(s, Kind::Float).to_kind(kind)).collect();
+        let mut torch = fused_adamw(&init);
+        let entry = common::registry().get("adamw").unwrap().entry;
+        let mut kernels = CubeOptimizer::new(entry, &overrides, &device).unwrap().with_param_dtype(dtype).unwrap().with_state_dtype(dtype).unwrap();
+        let mut kernel_p: Vec<Vec<f32>> = init.iter().map(host).collect();
+        let dims: Vec<Vec<usize>> = shapes.iter().map(|s| s.iter().map(|&d| d as usize).collect()).collect();
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        for (i, t) in init.iter().enumerate() {
+            let _ = vs.root().var_copy(&format!("p{i}"), t);
+        }
+        match kind {
+            Kind::BFloat16 => vs.bfloat16(),
+            _ => vs.half(),
+        }
+        let vars = sorted_vars(&vs);
+        let mut spec = common::registry().optimizer("adamw").unwrap();
+        for (k, v) in ADAMW_AWAY {
+            spec = spec.hparam(k, v);
+        }
+        let mut lowered = spec.build(&vs).unwrap();
+        let (mut worst, mut differ, mut total) = (0f64, 0, 0);
+        // Per path, per tensor, the largest magnitude each value has had (`ulps_apart`).
+        let mut peaks: Vec<Vec<Vec<f32>>> = (0..2).map(|_| kernel_p.iter().map(|p| vec![0.0; p.len()]).collect()).collect();
+        for step in 1..=10 {
+            let gs: Vec<Tensor> = shapes.iter().map(|s| randn(s, Kind::Float).to_kind(kind)).collect();
+            torch.step(&gs).unwrap();
+            kernels.step_shaped(&mut kernel_p, &gs.iter().map(host).collect::<Vec<_>>(), dims.clone()).unwrap();
+            lowered.backward_step(&loss_with_grads(&vars, &gs)).unwrap();
+            for (i, theirs) in torch.params.iter().enumerate() {
+                assert_eq!(vars[i].kind(), kind);
+                let theirs = host(theirs);
+                for (j, (what, ours)) in [("step kernels", kernel_p[i].clone()), ("libtorch path", host(&vars[i]))].into_iter().enumerate() {
+                    // Stored in `kind`: every value is one of its values.
+                    assert_eq!(host(&Tensor::from_slice(&ours).to_kind(kind)), ours, "{kind:?} {what}: tensor {i} holds values {kind:?} cannot");
+                    let (ulps, n) = normforge::cuda::check::ulps_apart(&ours, &theirs, kind, &mut peaks[j][i]);
+                    assert!(ulps <= 2.0, "{kind:?} {what}: tensor {i} after step {step}: {ulps} units in the last place from torch's");
+                    worst = worst.max(ulps);
+                    differ += n;
+                    total += ours.len();
+                }
+            }
+        }
+        eprintln!("{kind:?}: {differ} of {total} values differ from torch's, by {worst:.2} units in the last place at most");
+        assert!(differ * 100 <= total, "{kind:?}: {differ} of {total} values differ from torch's");
+    }
+}

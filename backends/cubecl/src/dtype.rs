@@ -5,7 +5,7 @@ use crate::Error;
 use cubecl::ir::{ElemType, FloatKind};
 use half::{bf16, f16};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Dtype {
     #[default]
     F32,
@@ -129,3 +129,41 @@ impl Held {
         }
     }
 }
+
+/// What an update rule stores its parameters (and their gradients) and its states in; it
+/// computes in f32 whatever they are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Precision {
+    pub param: Dtype,
+    pub state: Dtype,
+}
+
+impl Precision {
+    /// Parameters and states in `d`: torch's way, whose optimizers keep a state in its
+    /// parameter's dtype.
+    pub fn uniform(d: Dtype) -> Precision {
+        Precision { param: d, state: d }
+    }
+}
+
+/// `$body` with `$t` naming the Rust type of dtype `$d`: one generic kernel, launched or
+/// printed for the storage type a caller chose at run time.
+macro_rules! with_type {
+    ($d:expr, $t:ident => $body:expr) => {
+        match $d {
+            $crate::Dtype::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::Dtype::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            $crate::Dtype::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_type;

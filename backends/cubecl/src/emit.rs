@@ -6,7 +6,8 @@
 //! the text is the same on every machine and needs no driver.
 
 use crate::kernel::{combine_kernel, layer_kernel, step_kernel, KProgram, LProgram, Reach, BLOCK, COMBINE_BLOCK};
-use crate::{Compiled, Dtype, Error, Fold, Plan};
+use crate::dtype::with_type;
+use crate::{Compiled, Dtype, Error, Fold, Plan, Precision};
 use cubecl::ir::{DeviceIdentity, DeviceProperties, HardwareProperties, MemoryDeviceProperties, TargetProperties};
 use cubecl::prelude::*;
 use cubecl::Compiler;
@@ -84,9 +85,9 @@ fn source_of(kernel: &impl cubecl::CubeKernel, lang: Lang) -> Result<Source, Err
     out.map_err(|e| Error(format!("generating {lang:?}: {e:?}")))
 }
 
-fn step_source<S: Float>(props: &Arc<DeviceProperties>, phase: &KProgram, lang: Lang) -> Result<Source, Error> {
+fn step_source<P: Float, S: Float>(props: &Arc<DeviceProperties>, phase: &KProgram, lang: Lang) -> Result<Source, Error> {
     let b = || unbound(1);
-    let kernel = step_kernel::create_dummy_kernel::<S>(
+    let kernel = step_kernel::create_dummy_kernel::<P, S>(
         props.clone(),
         Arc::new(TargetProperties::default()),
         CubeCount::Static(1, 1, 1),
@@ -99,6 +100,7 @@ fn step_source<S: Float>(props: &Arc<DeviceProperties>, phase: &KProgram, lang: 
         b(),
         b(),
         phase.clone(),
+        false,
         false,
     );
     source_of(&kernel, lang)
@@ -149,19 +151,15 @@ pub fn joined(units: &[Unit]) -> String {
 }
 
 /// Every kernel a program launches, in launch order: its phases, each followed by the combine
-/// of its reductions. `state` is the state's storage type.
-pub fn program_units(prog: &Compiled, state: Dtype, lang: Lang) -> Result<Vec<Unit>, Error> {
+/// of its reductions, for parameters and states stored as `types` says.
+pub fn program_units(prog: &Compiled, types: Precision, lang: Lang) -> Result<Vec<Unit>, Error> {
     let props = Arc::new(properties());
     let target = Arc::new(TargetProperties::default());
     let count = prog.phases.len();
     let mut units = Vec::new();
     for (k, phase) in prog.phases.iter().enumerate() {
         let comment = if count > 1 { format!("// phase {} of {count}\n", k + 1) } else { String::new() };
-        let source = match state {
-            Dtype::F32 => step_source::<f32>(&props, phase, lang)?,
-            Dtype::F16 => step_source::<half::f16>(&props, phase, lang)?,
-            Dtype::BF16 => step_source::<half::bf16>(&props, phase, lang)?,
-        };
+        let source = with_type!(types.param, P => with_type!(types.state, S => step_source::<P, S>(&props, phase, lang)?));
         units.push(Unit::new(comment, source));
         if phase.accums.is_empty() {
             continue;
@@ -231,9 +229,5 @@ pub fn layer_unit(prog: &LProgram, io: Dtype, lang: Lang) -> Result<Unit, Error>
 }
 
 fn layer_kernel_source(props: &Arc<DeviceProperties>, prog: &LProgram, io: Dtype, lang: Lang) -> Result<Source, Error> {
-    match io {
-        Dtype::F32 => layer_source::<f32>(props, prog, lang),
-        Dtype::F16 => layer_source::<half::f16>(props, prog, lang),
-        Dtype::BF16 => layer_source::<half::bf16>(props, prog, lang),
-    }
+    with_type!(io, F => layer_source::<F>(props, prog, lang))
 }

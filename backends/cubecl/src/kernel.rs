@@ -242,22 +242,25 @@ impl StepSizes {
 
 /// Update element `u` of each of the cube's `blocks_per_cube` blocks (`BLOCK` elements each) of
 /// the flat parameter buffer `p` (all tensors of one launch back to back, each padded to whole
-/// blocks) and of each state (`s` holds state k at `k * len(p) + i`, stored as `S`, computed in
-/// f32). Launched with `prog.cubes(blocks)` cubes of `BLOCK` units over a `padded_layout`, so
+/// blocks; it and the gradient `g` stored as `P`) and of each state (`s` holds state k at
+/// `k * len(p) + i`, stored as `S`); everything computed in f32, as torch's fused optimizers do
+/// for bf16 and f16 parameters, and rounded where it is stored (`round_p`, `round_s`: bf16 held
+/// in f32 words, `dtype::Held`). Launched with `prog.cubes(blocks)` cubes of `BLOCK` units over a `padded_layout`, so
 /// every index is in bounds and no cube diverges around a barrier (a phase that reduces takes
 /// one block per cube).
 #[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
-pub fn step_kernel<S: Float>(
-    p: &mut [f32],
-    g: &[f32],
+pub fn step_kernel<P: Float, S: Float>(
+    p: &mut [P],
+    g: &[P],
     s: &mut [S],
     scalars: &[f32],
     blocks: &[u32],
     partial: &mut [f32],
     red: &[f32],
     #[comptime] prog: KProgram,
-    #[comptime] round_bf16: bool,
+    #[comptime] round_p: bool,
+    #[comptime] round_s: bool,
 ) {
     let n = p.len();
     let u = UNIT_POS as usize;
@@ -277,8 +280,8 @@ pub fn step_kernel<S: Float>(
             let op = comptime! { prog.ops[k].clone() };
             let at = comptime! { m * nl + prog.load_slot(k) };
             match op {
-                KOp::LoadP => ld[at] = p[i],
-                KOp::LoadG => ld[at] = g[i],
+                KOp::LoadP => ld[at] = f32::cast_from(p[i]),
+                KOp::LoadG => ld[at] = f32::cast_from(g[i]),
                 KOp::LoadState(j) => ld[at] = f32::cast_from(s[j * n + i]),
                 _ => {}
             }
@@ -310,11 +313,11 @@ pub fn step_kernel<S: Float>(
                     r.push(r[a]);
                 }
                 KOp::StoreP(a) => {
-                    p[i] = r[a];
+                    p[i] = P::cast_from(stored(r[a], round_p));
                     r.push(r[a]);
                 }
                 KOp::StoreState(j, a) => {
-                    s[j * n + i] = S::cast_from(stored(r[a], round_bf16));
+                    s[j * n + i] = S::cast_from(stored(r[a], round_s));
                     r.push(r[a]);
                 }
             }

@@ -6,6 +6,7 @@ use crate::compile::{compile, compile_for, Compiled};
 use crate::kernel::{combine_kernel, padded_layout, step_kernel, KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
 use crate::plan::{layout, run, Launch, Source};
 use crate::stack::{stacks, Stacked};
+use crate::dtype::with_type;
 use crate::{unfused, Dtype, Error, Held};
 use normforge_dsl::bind;
 use cubecl::prelude::*;
@@ -27,6 +28,8 @@ pub struct Flat {
     sizes: Vec<usize>,
     shapes: Vec<Vec<usize>>,
     cubes: usize,
+    /// How `p` and `g` hold their values.
+    held: Held,
 }
 
 impl Flat {
@@ -73,6 +76,9 @@ pub struct CubeOptimizer {
     state_dtype: Dtype,
     /// How the device keeps it.
     state_held: Held,
+    /// What the parameters and their gradients are stored in, and how the device keeps them.
+    param_dtype: Dtype,
+    param_held: Held,
     step: u64,
 }
 
@@ -92,7 +98,7 @@ impl CubeOptimizer {
             },
         };
         let kernels = step_prog.phases.clone();
-        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), launch: Launch::for_device(device), state: None, state_dtype: Dtype::F32, state_held: Held::Native(Dtype::F32), step: 0 })
+        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), launch: Launch::for_device(device), state: None, state_dtype: Dtype::F32, state_held: Held::Native(Dtype::F32), param_dtype: Dtype::F32, param_held: Held::Native(Dtype::F32), step: 0 })
     }
 
     /// The same rule launched one kernel per operation, intermediates through memory: the
@@ -130,6 +136,19 @@ impl CubeOptimizer {
             self.kernels = self.step_prog.phases.clone();
         }
         self.state_dtype = dtype;
+        Ok(self)
+    }
+
+    /// Store the parameters and their gradients in `dtype` (as torch's fused optimizers take
+    /// bf16 or f16 parameters): each is loaded as f32, and the new parameter rounded where it
+    /// is stored. The values `step` takes are rounded to `dtype` first, as storing them would.
+    /// Set it before the first step.
+    pub fn with_param_dtype(mut self, dtype: Dtype) -> Result<Self, Error> {
+        if self.state.is_some() || self.per_tensor.as_ref().is_some_and(|p| !p.states.is_empty()) {
+            return Err(Error("the parameters' dtype is chosen before the first step".into()));
+        }
+        self.param_held = dtype.held_on(&self.client)?;
+        self.param_dtype = dtype;
         Ok(self)
     }
 
@@ -176,16 +195,17 @@ impl CubeOptimizer {
             g[start..start + gt.len()].copy_from_slice(gt);
             start += pt.len().div_ceil(BLOCK) * BLOCK;
         }
-        let up = |v: &[f32]| self.client.create_from_slice(f32::as_bytes(v));
+        let held = self.param_held;
+        let up = |v: &[f32]| self.client.create_from_slice(&held.encode(v));
         let blocks = self.client.create_from_slice(u32::as_bytes(&blocks));
         let ranges = self.client.create_from_slice(u32::as_bytes(&ranges));
-        Ok(Flat { p: up(&p), g: up(&g), blocks, ranges, sizes, shapes, cubes })
+        Ok(Flat { p: up(&p), g: up(&g), blocks, ranges, sizes, shapes, cubes, held })
     }
 
     /// The parameters, back from the device, one vector per tensor.
     pub fn download(&self, flat: &Flat) -> Result<Vec<Vec<f32>>, Error> {
         let bytes = self.client.read_one(flat.p.clone()).map_err(|e| Error(format!("reading back the parameters: {e:?}")))?;
-        let out = f32::from_bytes(&bytes);
+        let out = flat.held.decode(&bytes);
         let mut first = 0;
         Ok(flat
             .sizes
@@ -244,12 +264,8 @@ impl CubeOptimizer {
                 BufferArg::from_raw_parts(red.clone(), nre),
             );
             let c = &self.client;
-            let (ty, round) = self.state_held.kernel_type();
-            match ty {
-                Dtype::F32 => step_kernel::launch_unchecked::<f32>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone(), round),
-                Dtype::F16 => step_kernel::launch_unchecked::<half::f16>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone(), round),
-                Dtype::BF16 => step_kernel::launch_unchecked::<half::bf16>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone(), round),
-            }
+            let ((param, round_p), (state, round_s)) = (flat.held.kernel_type(), self.state_held.kernel_type());
+            with_type!(param, P => with_type!(state, S => step_kernel::launch_unchecked::<P, S>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone(), round_p, round_s)));
             if !kernel.accums.is_empty() {
                 let [npa, nra, nre] = sizes.combine();
                 combine_kernel::launch_unchecked(
@@ -281,6 +297,9 @@ impl CubeOptimizer {
     pub fn step_flat(&mut self, flat: &Flat) -> Result<(), Error> {
         if self.per_tensor.is_some() {
             return Err(Error(format!("`{}` runs through layer kernels: use `step` or `step_shaped`", self.entry.name)));
+        }
+        if flat.held != self.param_held {
+            return Err(Error(format!("the parameters were uploaded as {:?}, this optimizer takes {:?} (`with_param_dtype`)", flat.held, self.param_held)));
         }
         if flat.cubes == 0 {
             return Ok(());
@@ -325,6 +344,15 @@ impl CubeOptimizer {
             return Err(Error("every parameter needs a gradient and a shape".into()));
         }
         let pt = self.per_tensor.as_ref().expect("per-tensor rule");
+        // The values as the parameters' storage holds them (the fused path rounds them where it
+        // uploads them).
+        let stored = |v: &[Vec<f32>]| -> Vec<Vec<f32>> {
+            let mut v = v.to_vec();
+            v.iter_mut().for_each(|t| self.param_dtype.round(t));
+            v
+        };
+        let (params_in, grads) = (stored(params), stored(grads));
+        let (params_in, grads) = (params_in.as_slice(), grads.as_slice());
         // Everything is checked and computed before anything is written back.
         for (k, ((p, g), s)) in params.iter().zip(grads).zip(shapes).enumerate() {
             if g.len() != p.len() || s.iter().product::<usize>() != p.len() {
@@ -357,7 +385,7 @@ impl CubeOptimizer {
         if states.is_empty() {
             states = vec![Vec::new(); params.len()];
             for (r, b) in runs.iter().zip(&bindings) {
-                let p = concat(r, |k| &params[k]);
+                let p = concat(r, |k| &params_in[k]);
                 let data = |src: Source| if src == Source::Input { Some(p.as_slice()) } else { None };
                 let lay = layout(&pt.plans.init, b, &self.hparams, 0.0, &self.launch)?;
                 let out = run(&self.client, &pt.plans.init, &lay, Dtype::F32, &data)?;
@@ -371,7 +399,7 @@ impl CubeOptimizer {
         let t = (self.step + 1) as f64;
         let mut new_params = vec![Vec::new(); params.len()];
         for (r, b) in runs.iter().zip(&bindings) {
-            let (p, g) = (concat(r, |k| &params[k]), concat(r, |k| &grads[k]));
+            let (p, g) = (concat(r, |k| &params_in[k]), concat(r, |k| &grads[k]));
             let st: Vec<Vec<f32>> = (0..n_states).map(|i| concat(r, |k| &states[k][i])).collect();
             let data = |src: Source| match src {
                 Source::Input => Some(p.as_slice()),
@@ -387,7 +415,8 @@ impl CubeOptimizer {
                 lay.swap_states(&pt.plans.step);
             }
             let out = run(&self.client, &pt.plans.step, &lay, Dtype::F32, &data)?;
-            for (k, v) in r.clone().zip(split(r, pick(&out, Target::P)?)) {
+            for (k, mut v) in r.clone().zip(split(r, pick(&out, Target::P)?)) {
+                self.param_dtype.round(&mut v);
                 new_params[k] = v;
             }
             #[allow(clippy::needless_range_loop)] // (`i` also names the state's target)

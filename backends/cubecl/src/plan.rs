@@ -9,6 +9,7 @@
 
 use crate::compile::{binary, reduce, unary, Uniforms};
 use crate::kernel::{layer_kernel, spreads, AxisKind, Buf, LOp, LPhase, LProgram, Pure, Reach, BLOCK, MAX_UNITS};
+use crate::dtype::with_type;
 use crate::{Dtype, Error};
 use cubecl::prelude::*;
 use normforge_dsl::bind::{self, AxisBinding};
@@ -1079,28 +1080,19 @@ pub(crate) fn run<'a>(client: &cubecl::client::Client, plan: &Plan, lay: &Layout
         // shapes), so inside its buffer, whose length is passed.
         unsafe {
             let arg = |h: &cubecl::server::Handle, len: usize| BufferArg::from_raw_parts(h.clone(), len);
-            macro_rules! launch {
-                ($f:ty) => {
-                    layer_kernel::launch_unchecked::<$f>(
-                        client,
-                        cc,
-                        cd,
-                        arg(&x_h, x.len()),
-                        arg(&dy_h, dy.len()),
-                        arg(&io_h, io_arena.len()),
-                        arg(&work_h, work.len()),
-                        arg(&meta_h, meta.len()),
-                        arg(&sc, scalars.len()),
-                        k.clone(),
-                        round,
-                    )
-                };
-            }
-            match ty {
-                Dtype::F32 => launch!(f32),
-                Dtype::F16 => launch!(half::f16),
-                Dtype::BF16 => launch!(half::bf16),
-            }
+            with_type!(ty, F => layer_kernel::launch_unchecked::<F>(
+                client,
+                cc,
+                cd,
+                arg(&x_h, x.len()),
+                arg(&dy_h, dy.len()),
+                arg(&io_h, io_arena.len()),
+                arg(&work_h, work.len()),
+                arg(&meta_h, meta.len()),
+                arg(&sc, scalars.len()),
+                k.clone(),
+                round,
+            ))
         }
     }
     let read = |h: cubecl::server::Handle| client.read_one(h).map_err(|e| Error(format!("reading back: {e:?}")));

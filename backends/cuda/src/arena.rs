@@ -7,6 +7,8 @@
 //! block and block count).
 
 use normforge_tch::shim;
+use crate::plans::dtype_of;
+use normforge_cubecl::Dtype;
 use tch::{Device, Kind, Tensor};
 
 /// Units per cube of the step kernels.
@@ -26,6 +28,8 @@ pub struct Arena {
     /// step phase that reduces, four to a cube in one that does not (`KProgram::cubes`).
     pub cubes: usize,
     pub device: Device,
+    /// What every parameter and gradient is stored in: f32, bf16 or f16.
+    pub kind: Kind,
     /// Where each parameter's data and gradient live in `p` and `g`.
     places: Vec<(usize, usize)>,
 }
@@ -35,14 +39,19 @@ pub struct Arena {
 pub struct ArenaError(pub String);
 
 impl Arena {
-    /// Move `vars` (f32, contiguous, all on one device) into flat buffers; their values and
-    /// existing gradients are kept. Checks everything before changing anything.
+    /// Move `vars` (contiguous, all of one kind — f32, bf16 or f16 — on one device) into flat
+    /// buffers of that kind; their values and existing gradients are kept. Checks everything
+    /// before changing anything.
     pub fn adopt(vars: &mut [Tensor]) -> Result<Arena, ArenaError> {
         let device = vars.first().map_or(Device::Cpu, Tensor::device);
+        let kind = vars.first().map_or(Kind::Float, Tensor::kind);
+        if dtype_of(kind).is_none() {
+            return Err(ArenaError(format!("parameter 0 is {kind:?}: a flat arena takes f32, bf16 or f16 tensors")));
+        }
         for (i, v) in vars.iter().enumerate() {
-            if v.kind() != Kind::Float || v.device() != device || !v.is_contiguous() {
+            if v.kind() != kind || v.device() != device || !v.is_contiguous() {
                 return Err(ArenaError(format!(
-                    "parameter {i} is {:?} on {:?}{}: a flat arena takes contiguous f32 tensors on one device ({device:?})",
+                    "parameter {i} is {:?} on {:?}{}: a flat arena takes contiguous tensors of one kind ({kind:?}) on one device ({device:?})",
                     v.kind(),
                     v.device(),
                     if v.is_contiguous() { "" } else { ", not contiguous" }
@@ -56,7 +65,7 @@ impl Arena {
             return Err(ArenaError(format!("{} elements exceed the 32-bit indexing of the step kernels", cubes * BLOCK)));
         }
         let bits = |v: &[u32]| Tensor::from_slice(&v.iter().map(|&x| x as i32).collect::<Vec<_>>()).to_device(device);
-        let opts = (Kind::Float, device);
+        let opts = (kind, device);
         let p = Tensor::zeros([(cubes * BLOCK).max(1) as i64], opts);
         let g = Tensor::zeros([(cubes * BLOCK).max(1) as i64], opts);
         tch::no_grad(|| -> Result<(), ArenaError> {
@@ -76,7 +85,7 @@ impl Arena {
             Ok(())
         })?;
         let places = vars.iter().map(|v| (v.data_ptr() as usize, v.grad().data_ptr() as usize)).collect();
-        Ok(Arena { p, g, blocks: bits(&blocks), ranges: bits(&ranges), sizes, shapes, cubes, device, places })
+        Ok(Arena { p, g, blocks: bits(&blocks), ranges: bits(&ranges), sizes, shapes, cubes, device, kind, places })
     }
 
     /// Tensor `k`'s elements in `flat` (`p` or `g`), flat: a view.
@@ -96,6 +105,11 @@ impl Arena {
         debug_assert!((r.start + 1..r.end).all(|k| self.joins(k)));
         let first: usize = self.sizes[..r.start].iter().map(|n| n.div_ceil(BLOCK) * BLOCK).sum();
         flat.narrow(0, first as i64, self.sizes[r].iter().sum::<usize>() as i64)
+    }
+
+    /// What the parameters are stored in, as the kernels name it.
+    pub fn dtype(&self) -> Dtype {
+        dtype_of(self.kind).expect("checked at adoption")
     }
 
     /// Elements in the padded layout.

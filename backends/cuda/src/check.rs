@@ -4,7 +4,7 @@
 //! steps; one call of a layer (on any device) against the reference backend.
 
 use crate::{Arena, CudaOptimizer, Gpu};
-use normforge_cubecl::Dtype;
+use normforge_cubecl::Precision;
 use normforge_dsl::ir::Entry;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
@@ -32,7 +32,7 @@ fn rel_err(got: &[f64], want: &[f64]) -> f64 {
 /// reference backend; the largest relative error over the tensors (max |diff| / max
 /// |reference|). `Err` for a rule the CUDA path refuses or a failed launch.
 pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize, blocks_per_cube: usize) -> Result<f64, String> {
-    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Dtype::F32).and_then(|o| o.with_blocks_per_cube(blocks_per_cube)).map_err(|e| e.to_string())?;
+    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Precision::default()).and_then(|o| o.with_blocks_per_cube(blocks_per_cube)).map_err(|e| e.to_string())?;
     let mut oracle = normforge_reference::Optimizer::new(entry.clone(), &[]).map_err(|e| e.0)?;
     let dev = Device::Cuda(gpu.ordinal());
     tch::manual_seed(7);
@@ -101,7 +101,7 @@ pub fn against_lowered(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>]
 /// same values; the largest relative error between the two after.
 fn beside(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize, vs: &tch::nn::VarStore, theirs: &mut dyn FnMut(&Tensor) -> Result<(), String>) -> Result<f64, String> {
     let dev = Device::Cuda(gpu.ordinal());
-    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Dtype::F32).map_err(|e| e.to_string())?;
+    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Precision::default()).map_err(|e| e.to_string())?;
     tch::manual_seed(11);
     let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
     let twins: Vec<Tensor> = vars.iter().enumerate().map(|(i, v)| vs.root().var_copy(&format!("p{i}"), v)).collect();
@@ -122,6 +122,63 @@ fn beside(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usiz
         worst = worst.max(rel_err(&host(v)?, &host(t)?));
     }
     Ok(worst)
+}
+
+/// How far apart two sets of values stored in `kind` (bf16 or f16) are, in units in the last
+/// place of that kind at the largest magnitude each value has had (`peak`, per value, kept up
+/// to date here): a value once rounded differently at that magnitude keeps that absolute
+/// difference as it shrinks. The largest distance, and how many values differ at all.
+pub fn ulps_apart(a: &[f32], b: &[f32], kind: Kind, peak: &mut [f32]) -> (f64, usize) {
+    let (mantissa, min_exp) = match kind {
+        Kind::BFloat16 => (7, -133),
+        Kind::Half => (10, -24),
+        _ => (23, -149),
+    };
+    let ulp = |x: f32| 2f64.powi(((x as f64).log2().floor() as i32 - mantissa).max(min_exp));
+    let (mut worst, mut differ) = (0f64, 0);
+    for ((&x, &y), m) in a.iter().zip(b).zip(peak) {
+        *m = m.max(x.abs()).max(y.abs()).max(f32::MIN_POSITIVE);
+        worst = worst.max((x - y).abs() as f64 / ulp(*m));
+        differ += usize::from(x != y);
+    }
+    (worst, differ)
+}
+
+/// AdamW on parameters of `kind` (bf16 or f16: states in it too, everything computed in f32)
+/// through the fused kernels, and through torch's fused AdamW kernel on copies, `steps` steps
+/// from the same values with the same gradients: per [`ulps_apart`], the largest distance
+/// between the two after any step, how many values differed after the steps, and of how many.
+pub fn against_fused_adamw(gpu: &Arc<Gpu>, entry: &Arc<Entry>, kind: Kind, shapes: &[Vec<usize>], steps: usize) -> Result<(f64, usize, usize), String> {
+    let dtype = crate::plans::dtype_of(kind).ok_or_else(|| format!("{kind:?} is not a parameter dtype"))?;
+    let hparams = normforge_dsl::hyper::resolve(entry, &[("weight_decay".into(), 0.1)]).map_err(|e| e.0)?;
+    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Precision::uniform(dtype)).map_err(|e| e.to_string())?;
+    opt.hparams.clone_from(&hparams);
+    let dev = Device::Cuda(gpu.ordinal());
+    tch::manual_seed(13);
+    let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).to_kind(kind).set_requires_grad(true)).collect();
+    let mut theirs = normforge_tch::builtins::FusedAdamW::new(entry, &hparams, &vars).ok_or("torch's fused kernel is AdamW's")?.map_err(|e| e.0)?;
+    let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
+    let (mut worst, mut differ, mut total) = (0f64, 0, 0);
+    let mut peaks: Vec<Vec<f32>> = vars.iter().map(|v| vec![0.0; v.numel()]).collect();
+    for _ in 0..steps {
+        let grads: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).to_kind(kind)).collect();
+        tch::no_grad(|| {
+            for (v, g) in vars.iter().zip(&grads) {
+                v.grad().copy_(g);
+            }
+        });
+        opt.step(&arena).map_err(|e| e.to_string())?;
+        theirs.step(&grads).map_err(|e| e.0)?;
+        (differ, total) = (0, 0);
+        for ((v, t), peak) in vars.iter().zip(&theirs.params).zip(&mut peaks) {
+            let f32s = |t: &Tensor| host(t).map(|v| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>());
+            let (ulps, n) = ulps_apart(&f32s(v)?, &f32s(t)?, kind, peak);
+            worst = worst.max(ulps);
+            differ += n;
+            total += v.numel();
+        }
+    }
+    Ok((worst, differ, total))
 }
 
 /// One training or evaluation call of a layer, forward and backward, as some implementation ran
@@ -196,15 +253,17 @@ pub fn layer_against_reference(entry: &Arc<Entry>, hparams: &[f64], call: &Layer
 /// changing nothing. The model also holds a parameter the loss never reads, which no optimizer
 /// may step, and one it reads from the third batch on, whose steps count from then (and whose
 /// saved step count differs from its group's). Each of `rules` updates the variables its selector takes (Muon the matrix,
-/// AdamW the rest), with an optimizer of its own.
-pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, Select)], steps: usize) -> Result<f64, String> {
-    training_runs(Device::Cuda(gpu.ordinal()), Some(gpu), layer, rules, steps)
+/// AdamW the rest), with an optimizer of its own. The model's matrix is stored as
+/// `matrix_kind` (f32, or bf16 or f16 beside the f32 rest: a group of two dtypes, its states
+/// saved in each parameter's).
+pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, Select)], steps: usize, matrix_kind: Kind) -> Result<f64, String> {
+    training_runs(Device::Cuda(gpu.ordinal()), Some(gpu), layer, rules, steps, matrix_kind)
 }
 
 /// [`fused_training`] with `fast` the GPU whose kernels a run marked fused uses; with none,
 /// every run is on libtorch's operations on `dev` — the harness itself, on a CPU, where the
 /// interrupted runs must match the uninterrupted one exactly.
-pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, Select)], steps: usize) -> Result<f64, String> {
+pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, Select)], steps: usize, matrix_kind: Kind) -> Result<f64, String> {
     use normforge_tch::{DslOptimizer, Optimize, Spec, StepReport};
     let (n, c, s) = (8i64, 8i64, 12i64);
     tch::manual_seed(5);
@@ -216,7 +275,10 @@ pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, r
     let run = |fused: bool, resumed: Option<bool>| -> Result<Vec<(String, Tensor)>, String> {
         tch::manual_seed(3);
         let vs = tch::nn::VarStore::new(dev);
-        let w = vs.root().randn("w", &[c, c], 0.0, 0.5);
+        let mut w = vs.root().randn("w", &[c, c], 0.0, 0.5);
+        if matrix_kind != Kind::Float {
+            tch::no_grad(|| w.set_data(&w.to_kind(matrix_kind)));
+        }
         // Never in the loss: no optimizer may step it (weight decay would move it).
         let _unused = vs.root().randn("unused", &[c], 0.0, 0.5);
         // In the loss from the third batch on: its first step comes late, counted from one.
@@ -254,7 +316,7 @@ pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, r
             opts.iter_mut().map(|o| o.step().map_err(|e| e.0)).collect()
         };
         let loss = |x: &Tensor, target: &Tensor, late_on: bool| -> Result<Tensor, String> {
-            let h = w.matmul(x);
+            let h = w.to_kind(Kind::Float).matmul(x);
             let h = if late_on { h + late.view([1, c, 1]) } else { h };
             let y = match channels_last {
                 true => norm.try_forward_t(&h.transpose(1, 2), true).map_err(|e| e.0)?.transpose(1, 2),
@@ -277,6 +339,9 @@ pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, r
                     return Err(format!("a finite step was not applied: {report:?}"));
                 }
             }
+        }
+        if w.kind() != matrix_kind {
+            return Err(format!("the matrix became {:?}", w.kind()));
         }
         let mut after: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect();
         after.sort_by(|a, b| a.0.cmp(&b.0));

@@ -8,14 +8,16 @@ use crate::arena::Arena;
 use crate::driver::Gpu;
 use crate::layer::CudaLayerKernels;
 use crate::optimizer::{CudaOptimizer, RuleState};
-use normforge_cubecl::Dtype;
+use crate::plans::dtype_of;
+use normforge_cubecl::{Dtype, Precision};
+use std::collections::BTreeMap;
 use normforge_dsl::hyper;
 use normforge_dsl::ir::{Entry, Kind as EntryKind};
 use normforge_tch::state_file::{self, Expected, Saved};
 use normforge_tch::{DslLayer, Error, Optimize, StepReport};
 use std::path::Path;
 use std::sync::Arc;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// `layer` with its forward and backward run by our CUDA kernels, recorded as one custom
 /// autograd node (its inputs must be f32, bf16 or f16 tensors on `gpu`).
@@ -24,8 +26,8 @@ pub fn fused_layer(layer: DslLayer, gpu: &Arc<Gpu>) -> Result<DslLayer, Error> {
     Ok(layer.with_kernels(Arc::new(kernels)))
 }
 
-/// Parameters of a group stepped together: views into one arena, one rule instance (so one
-/// step count).
+/// Parameters of a group stepped together: views into one arena (so of one dtype), one rule
+/// instance (so one step count).
 struct Part {
     /// Indices into the group's parameters.
     members: Vec<usize>,
@@ -35,8 +37,8 @@ struct Part {
 }
 
 /// Parameters sharing hyper-parameter values. From the first step on, those with a gradient
-/// are stepped in parts: the ones that had one by the first step in one part, any that gets
-/// its first later in a part of its own, with its own step count (as `DslOptimizer` keeps one
+/// are stepped in parts: the ones that had one by the first step in one part per dtype, any
+/// that gets its first later in a part of its own, with its own step count (as `DslOptimizer` keeps one
 /// per parameter); the rest (`idle`) wait, unstepped, as `DslOptimizer`'s do. A parameter
 /// whose state was loaded waits too (`loaded`: its step count and states), until its first
 /// gradient since, and joins a part of the parameters sharing its step count.
@@ -55,14 +57,21 @@ impl Group {
         Group { names, vars, hparams, parts: Vec::new(), idle, loaded: Vec::new() }
     }
 
+    /// Parameter `k`'s dtype (checked when the group was made).
+    fn dtype(&self, k: usize) -> Dtype {
+        dtype_of(self.vars[k].kind()).expect("checked by `FusedOptimizer::selected`")
+    }
+
     /// The parameters that wait, idle or loaded.
     fn waiting(&self) -> impl Iterator<Item = usize> + '_ {
         self.idle.iter().copied().chain(self.loaded.iter().map(|l| l.0))
     }
 }
 
-/// A registry update rule over the trainable variables of a `VarStore` on the GPU, each group
-/// updated in one launch per phase (a few for rules through layer kernels). The first step
+/// A registry update rule over the trainable variables of a `VarStore` on the GPU, each group's
+/// parameters of one dtype (f32, bf16 or f16) updated in one launch per phase (a few for rules
+/// through layer kernels), computed in f32, each state kept in its parameter's dtype as
+/// torch's optimizers keep it. The first step
 /// moves each group's parameters that have a gradient into a flat arena (their values kept,
 /// the `VarStore` still naming them) and their gradients into another, where backpropagation
 /// then accumulates them; a parameter whose first gradient comes later moves then, into an
@@ -80,7 +89,7 @@ pub struct FusedOptimizer {
 
 impl FusedOptimizer {
     /// One group holding every trainable variable of `vs` (in name order), which must be
-    /// contiguous f32 tensors on `gpu`: checked here, before anything changes.
+    /// contiguous f32, bf16 or f16 tensors on `gpu`: checked here, before anything changes.
     pub fn new(gpu: Arc<Gpu>, entry: Arc<Entry>, vs: &nn::VarStore, overrides: &[(String, f64)]) -> Result<Self, Error> {
         Self::selected(gpu, entry, vs, overrides, |_, _| true)
     }
@@ -96,9 +105,9 @@ impl FusedOptimizer {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(n, t)| t.requires_grad() && select(n, t)).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let device = Device::Cuda(gpu.ordinal());
-        if let Some((name, v)) = vars.iter().find(|(_, v)| v.kind() != Kind::Float || v.device() != device || !v.is_contiguous()) {
+        if let Some((name, v)) = vars.iter().find(|(_, v)| dtype_of(v.kind()).is_none() || v.device() != device || !v.is_contiguous()) {
             return Err(Error(format!(
-                "`{name}` is {:?} on {:?}{}: the fused optimizer takes contiguous f32 parameters on {device:?}",
+                "`{name}` is {:?} on {:?}{}: the fused optimizer takes contiguous f32, bf16 or f16 parameters on {device:?}",
                 v.kind(),
                 v.device(),
                 if v.is_contiguous() { "" } else { ", not contiguous" }
@@ -171,9 +180,10 @@ impl FusedOptimizer {
         self.step()
     }
 
-    /// A rule for a new part of group `g`, compiled (or found compiled).
-    fn rule(&self, g: &Group) -> Result<CudaOptimizer, Error> {
-        let mut opt = CudaOptimizer::new(self.gpu.clone(), self.entry.clone(), &[], Dtype::F32).map_err(|e| Error(e.to_string()))?;
+    /// A rule for a new part of group `g` whose parameters are `dtype`, compiled (or found
+    /// compiled).
+    fn rule(&self, g: &Group, dtype: Dtype) -> Result<CudaOptimizer, Error> {
+        let mut opt = CudaOptimizer::new(self.gpu.clone(), self.entry.clone(), &[], Precision::uniform(dtype)).map_err(|e| Error(e.to_string()))?;
         opt.hparams = g.hparams.clone();
         Ok(opt)
     }
@@ -182,7 +192,7 @@ impl FusedOptimizer {
     /// take, if loaded), each with a rule and an arena of its own: every rule compiled before
     /// any parameter moves.
     fn add_parts(&mut self, parts: Vec<(usize, Vec<usize>, Option<RuleState>)>) -> Result<(), Error> {
-        let rules = parts.iter().map(|(gi, ..)| self.rule(&self.groups[*gi])).collect::<Result<Vec<_>, _>>()?;
+        let rules = parts.iter().map(|(gi, members, _)| self.rule(&self.groups[*gi], self.groups[*gi].dtype(members[0]))).collect::<Result<Vec<_>, _>>()?;
         for ((gi, members, state), mut opt) in parts.into_iter().zip(rules) {
             let g = &mut self.groups[gi];
             let mut vars: Vec<Tensor> = members.iter().map(|&k| g.vars[k].shallow_clone()).collect();
@@ -197,25 +207,25 @@ impl FusedOptimizer {
         Ok(())
     }
 
-    /// The waiting parameters that now have a gradient join: per group, the idle ones in a
-    /// part, the loaded ones in a part per step count.
+    /// The waiting parameters that now have a gradient join: per group and dtype, the idle
+    /// ones in a part, the loaded ones in a part per step count.
     fn activate(&mut self) -> Result<(), Error> {
         let mut parts = Vec::new();
         for (gi, g) in self.groups.iter().enumerate() {
             let ready = |k: usize| g.vars[k].grad().defined();
-            let mut by_step: std::collections::BTreeMap<u64, (Vec<usize>, Vec<Vec<Tensor>>)> = Default::default();
+            let mut by_step = BTreeMap::<(u64, Dtype), Vec<_>>::new();
             for (k, step, states) in g.loaded.iter().filter(|l| ready(l.0)) {
-                let (members, tensors) = by_step.entry(*step).or_default();
-                members.push(*k);
-                tensors.push(states.iter().map(Tensor::shallow_clone).collect());
+                by_step.entry((*step, g.dtype(*k))).or_default().push((*k, states.iter().map(Tensor::shallow_clone).collect()));
             }
-            for (step, (members, tensors)) in by_step {
+            for ((step, _), each) in by_step {
+                let (members, tensors) = each.into_iter().unzip();
                 parts.push((gi, members, Some(RuleState { step, tensors })));
             }
-            let fresh: Vec<usize> = g.idle.iter().copied().filter(|&k| ready(k)).collect();
-            if !fresh.is_empty() {
-                parts.push((gi, fresh, None));
+            let mut fresh: BTreeMap<Dtype, Vec<usize>> = Default::default();
+            for k in g.idle.iter().copied().filter(|&k| ready(k)) {
+                fresh.entry(g.dtype(k)).or_default().push(k);
             }
+            parts.extend(fresh.into_values().map(|members| (gi, members, None)));
         }
         self.add_parts(parts)?;
         self.started = true;
@@ -272,6 +282,9 @@ impl FusedOptimizer {
             for part in &g.parts {
                 let Some(RuleState { step, tensors }) = part.opt.states(&part.arena).map_err(|e| Error(e.to_string()))? else { continue };
                 for (&k, states) in part.members.iter().zip(tensors) {
+                    // In the parameter's kind, as `DslOptimizer` saves them (the values are the
+                    // ones that kind holds: the states were stored in it).
+                    let states = states.iter().map(|t| t.to_kind(g.vars[k].kind())).collect();
                     saved.push((g.names[k].as_str(), Saved { step: step as i64, states }));
                 }
             }

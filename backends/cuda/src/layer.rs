@@ -5,14 +5,14 @@
 //! arena the kernels wrote.
 
 use crate::driver::Gpu;
-use crate::plans::{pick, PlanKernels};
-use normforge_cubecl::{plan, Dtype, Plan, Source};
+use crate::plans::{dtype_of, pick, PlanKernels};
+use normforge_cubecl::{plan, Plan, Source};
 use normforge_dsl::bind;
 use normforge_dsl::ir::{Entry, Programs, Target};
 use normforge_tch::layer::{input_grads, saved_inputs, split_inputs};
 use normforge_tch::{Error, LayerKernels};
 use std::sync::Arc;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 pub struct CudaLayerKernels {
     entry: Arc<Entry>,
@@ -48,12 +48,7 @@ impl CudaLayerKernels {
             _ => None,
         };
         // (`PlanKernels::run` checks that every tensor it reads is on its GPU.)
-        let io = match x.kind() {
-            Kind::Float => Dtype::F32,
-            Kind::BFloat16 => Dtype::BF16,
-            Kind::Half => Dtype::F16,
-            k => return Err(Error(format!("the CUDA kernels take f32, bf16 or f16 inputs, not {k:?}"))),
-        };
+        let io = dtype_of(x.kind()).ok_or_else(|| Error(format!("the CUDA kernels take f32, bf16 or f16 inputs, not {:?}", x.kind())))?;
         let dims: Vec<usize> = x.size().iter().map(|&d| d as usize).collect();
         let b = bind::bind_axes(&self.entry.axes, &dims, "the input").map_err(Error)?;
         self.kernels.run(plan, &b, &self.hparams, 0.0, io, &data)

@@ -14,7 +14,7 @@ use crate::plans::{kind_of, pick, PlanKernels};
 use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
 use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, BLOCKS_PER_CUBE, COMBINE_BLOCK};
-use normforge_cubecl::{compile, compile_for, stacks, Compiled, Dtype, Source, Stacked};
+use normforge_cubecl::{compile, compile_for, stacks, Compiled, Dtype, Precision, Source, Stacked};
 use normforge_cubecl::{indexable, Layout, Plan};
 use normforge_dsl::bind::{self, AxisBinding};
 use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target};
@@ -102,7 +102,8 @@ pub struct CudaOptimizer {
     entry: Arc<Entry>,
     pub hparams: Vec<f64>,
     path: Path,
-    state_dtype: Dtype,
+    /// What the parameters (the arena) and the states are stored in.
+    types: Precision,
     step: u64,
     /// Compile (or cache) and load time of every kernel, at construction.
     pub prepared_in: Duration,
@@ -119,31 +120,35 @@ enum Path {
 }
 
 impl CudaOptimizer {
-    /// Compile the rule's kernels for `gpu` (state kept in `state_dtype`).
-    pub fn new(gpu: Arc<Gpu>, entry: Arc<Entry>, overrides: &[(String, f64)], state_dtype: Dtype) -> Result<Self, Error> {
+    /// Compile the rule's kernels for `gpu`, for arenas of `types.param` (f32, bf16, f16) and
+    /// states kept in `types.state`. A rule that runs through layer kernels takes them for f32
+    /// parameters; on narrower ones it steps in libtorch's operations, in f32 (`lowered_step`).
+    pub fn new(gpu: Arc<Gpu>, entry: Arc<Entry>, overrides: &[(String, f64)], types: Precision) -> Result<Self, Error> {
         if entry.kind != EntryKind::Optimizer {
             return Err(Error::Rule(format!("`{}` is a {}, not an optimizer", entry.name, entry.kind.keyword())));
         }
         let hparams = normforge_dsl::hyper::resolve(&entry, overrides)?;
         let Programs::Optimizer { step } = &entry.programs else { unreachable!("checked above") };
         let start = std::time::Instant::now();
-        let path = match compile_for(&entry, step, state_dtype) {
+        let path = match compile_for(&entry, step, types.state) {
             Ok(step_prog) => {
                 let init_prog = compile(&entry, &entry.init)?;
-                let steps = phases(&gpu, &step_prog, state_dtype)?;
-                let inits = phases(&gpu, &init_prog, state_dtype)?;
+                let steps = phases(&gpu, &step_prog, types)?;
+                let inits = phases(&gpu, &init_prog, types)?;
                 Path::Fused { step_prog, init_prog, steps, inits, bound: None }
             }
             Err(fused) => {
                 let plans = Stacked::new(&entry, step).map_err(|e| Error::Rule(format!("`{}` cannot run on the CUDA path: {}; {}", entry.name, fused.0, e.0)))?;
                 let kernels = PlanKernels::new(gpu.clone());
-                for p in [&plans.step, &plans.init] {
-                    kernels.prepare(p, Dtype::F32).map_err(|e| Error::Rule(e.0))?;
+                if types.param == Dtype::F32 {
+                    for p in [&plans.step, &plans.init] {
+                        kernels.prepare(p, Dtype::F32).map_err(|e| Error::Rule(e.0))?;
+                    }
                 }
                 Path::PerTensor { plans, kernels, works: Vec::new() }
             }
         };
-        Ok(CudaOptimizer { gpu, entry, hparams, path, state_dtype, step: 0, prepared_in: start.elapsed() })
+        Ok(CudaOptimizer { gpu, entry, hparams, path, types, step: 0, prepared_in: start.elapsed() })
     }
 
     /// The same rule with the step phases that reduce nothing updating `blocks` blocks of the
@@ -160,8 +165,8 @@ impl CudaOptimizer {
             for prog in [&mut *step_prog, &mut *init_prog] {
                 prog.phases.iter_mut().filter(|p| p.accums.is_empty()).for_each(|p| p.blocks_per_cube = blocks);
             }
-            *steps = phases(&self.gpu, step_prog, self.state_dtype)?;
-            *inits = phases(&self.gpu, init_prog, self.state_dtype)?;
+            *steps = phases(&self.gpu, step_prog, self.types)?;
+            *inits = phases(&self.gpu, init_prog, self.types)?;
         }
         Ok(self)
     }
@@ -193,7 +198,7 @@ impl CudaOptimizer {
         let slots = self.entry.states.len().max(1);
         let n = arena.len();
         let r = step_prog.slots().max(1).max(init_prog.slots().max(1));
-        let state = Tensor::zeros([(slots * n) as i64], (kind_of(self.state_dtype), arena.device));
+        let state = Tensor::zeros([(slots * n) as i64], (kind_of(self.types.state), arena.device));
         let partial = Tensor::zeros([(arena.cubes.max(1) * r) as i64], (Kind::Float, arena.device));
         let infos = |prog: &Compiled, phases: &[Phase]| -> Vec<(Tensor, Option<Tensor>)> {
             phases
@@ -223,9 +228,7 @@ impl CudaOptimizer {
         if arena.is_empty() {
             return Ok(());
         }
-        if arena.device != Device::Cuda(self.gpu.ordinal()) {
-            return Err(Error::Rule(format!("the parameters are on {:?}, this optimizer runs on cuda:{}", arena.device, self.gpu.ordinal())));
-        }
+        self.check_arena(arena)?;
         let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal())
             .ok_or_else(|| Error::Rule("libtorch's CUDA support is not loaded (normforge_tch::load_cuda)".into()))?;
         if !self.fused() {
@@ -249,6 +252,17 @@ impl CudaOptimizer {
         Ok(())
     }
 
+    /// Whether `arena` is on this optimizer's GPU and of the parameters' dtype it compiled for.
+    fn check_arena(&self, arena: &Arena) -> Result<(), Error> {
+        if arena.device != Device::Cuda(self.gpu.ordinal()) {
+            return Err(Error::Rule(format!("the parameters are on {:?}, this optimizer runs on cuda:{}", arena.device, self.gpu.ordinal())));
+        }
+        if arena.dtype() != self.types.param {
+            return Err(Error::Rule(format!("the parameters are {:?}, this optimizer was compiled for {:?} parameters", arena.dtype(), self.types.param)));
+        }
+        Ok(())
+    }
+
     /// Each stack of same-shaped neighbours in `arena` (read in place as one tensor), bound and
     /// laid out with its states where the step after `steps` reads them; and whether the layout
     /// swaps them from step to step (`Layout::swap_states`). Every binding checked.
@@ -259,7 +273,8 @@ impl CudaOptimizer {
         for r in stacks(&arena.shapes, |k| arena.joins(k)) {
             let shape = bind::param_view(&self.entry, &arena.shapes[r.start]);
             let b = plans.bind(r.len(), &shape, &self.hparams, &format!("parameters {}..{}", r.start, r.end))?;
-            let layout = match indexable(&plans.step, &b, &self.hparams)? {
+            // (The layer kernels take f32 parameters only.)
+            let layout = match self.types.param == Dtype::F32 && indexable(&plans.step, &b, &self.hparams)? {
                 true => Some(kernels.layout(&plans.step, &b, &self.hparams, t, Dtype::F32).map_err(rule)?),
                 false => None,
             };
@@ -279,7 +294,7 @@ impl CudaOptimizer {
     /// first step computes them.
     fn step_per_tensor(&mut self, arena: &Arena) -> Result<(), Error> {
         let (laid, swaps) = self.laid_stacks(arena, self.step)?;
-        let (t, hparams, entry, state_kind) = (self.step + 1, &self.hparams, &self.entry, kind_of(self.state_dtype));
+        let (t, hparams, entry, state_kind) = (self.step + 1, &self.hparams, &self.entry, kind_of(self.types.state));
         let Path::PerTensor { plans, kernels, works } = &mut self.path else { unreachable!("per tensor") };
         if !works.is_empty() && !fits(works, &laid) {
             return Err(Error::Rule("the parameters changed since the first step".into()));
@@ -306,7 +321,10 @@ impl CudaOptimizer {
                     for (k, states) in stack.tensors.clone().zip(each.iter_mut()) {
                         let dims: Vec<i64> = arena.shapes[k].iter().map(|&d| d as i64).collect();
                         let (p, g) = (arena.tensor(&arena.p, k).view(dims.as_slice()), arena.tensor(&arena.g, k).view(dims.as_slice()));
-                        let (p_new, new) = normforge_tch::optimizer::lowered_step(entry, hparams, t as i64, &p, &g, states.as_deref(), &format!("parameter {k}")).map_err(rule)?;
+                        // In f32 whatever the parameters' dtype, as the kernels compute (a
+                        // narrower state would otherwise be kept in the parameter's).
+                        let f32 = |t: &Tensor| if t.kind() == Kind::Float { t.shallow_clone() } else { t.to_kind(Kind::Float) };
+                        let (p_new, new) = normforge_tch::optimizer::lowered_step(entry, hparams, t as i64, &f32(&p), &f32(&g), states.as_deref(), &format!("parameter {k}")).map_err(rule)?;
                         tch::no_grad(|| p.shallow_clone().copy_(&p_new));
                         // Kept in the state dtype's values, as the kernels keep them.
                         *states = Some(new.into_iter().map(|v| if state_kind == Kind::Float { v } else { v.to_kind(state_kind).to_kind(Kind::Float) }).collect());
@@ -428,9 +446,7 @@ impl CudaOptimizer {
         if step == 0 {
             return Err(Error::Rule("a state is taken after one step or more, not 0".into()));
         }
-        if arena.device != Device::Cuda(self.gpu.ordinal()) {
-            return Err(Error::Rule(format!("the parameters are on {:?}, this optimizer runs on cuda:{}", arena.device, self.gpu.ordinal())));
-        }
+        self.check_arena(arena)?;
         if states.len() != arena.sizes.len() {
             return Err(Error::Rule(format!("{} parameters' states for {} parameters", states.len(), arena.sizes.len())));
         }
@@ -451,7 +467,7 @@ impl CudaOptimizer {
         // Where the states go: bound now for a rule that has not stepped (its first step then
         // skips the initialisation), checked against this arena for one that has.
         let changed = || Error::Rule("the parameters changed since the first step".into());
-        let state_kind = kind_of(self.state_dtype);
+        let state_kind = kind_of(self.types.state);
         match &self.path {
             Path::Fused { bound: Some(b), .. } => {
                 if b.state.numel() != self.entry.states.len().max(1) * arena.len() {
@@ -535,8 +551,8 @@ fn state_slots(plan: &Plan, entry: &Entry, lay: &Layout) -> Vec<Option<(i64, i64
 }
 
 /// The kernels of each phase, compiled and loaded.
-fn phases(gpu: &Gpu, prog: &Compiled, state: Dtype) -> Result<Vec<Phase>, Error> {
-    let units = emit::program_units(prog, state, Lang::Cuda)?;
+fn phases(gpu: &Gpu, prog: &Compiled, types: Precision) -> Result<Vec<Phase>, Error> {
+    let units = emit::program_units(prog, types, Lang::Cuda)?;
     // Compiled at once; taken below in launch order from the loaded ones.
     each_in_parallel(&units, |u| gpu.kernel(&u.source, u.shared_bytes).map(|_| ()))?;
     let mut units = units.into_iter();

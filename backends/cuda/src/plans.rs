@@ -33,6 +33,16 @@ pub fn kind_of(d: Dtype) -> Kind {
     }
 }
 
+/// The storage dtype of a tch kind, where the kernels have one.
+pub fn dtype_of(kind: Kind) -> Option<Dtype> {
+    match kind {
+        Kind::Float => Some(Dtype::F32),
+        Kind::BFloat16 => Some(Dtype::BF16),
+        Kind::Half => Some(Dtype::F16),
+        _ => None,
+    }
+}
+
 /// Buffers a layer kernel takes (then its `info_st`): the input, the output gradient, the `io`
 /// and `work` arenas, the shape table, the scalars.
 pub const LAYER_BUFFERS: usize = 6;

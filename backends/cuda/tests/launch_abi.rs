@@ -6,7 +6,7 @@
 
 use normforge_cubecl::emit::{self, Lang};
 use normforge_cubecl::kernel::{LProgram, BLOCK};
-use normforge_cubecl::{compile, Dtype};
+use normforge_cubecl::{compile, Dtype, Precision};
 use normforge_cuda::plans::LAYER_BUFFERS;
 use normforge_cuda::{driver, Arena, Gpu};
 use normforge_dsl::ir::{Kind as EntryKind, Programs};
@@ -40,25 +40,31 @@ fn every_fused_rule_kernel_takes_the_arguments_the_cuda_path_passes() {
         for prog in [step, &e.init] {
             // Rules with per-axis reductions are not on the fused path (CudaOptimizer refuses them).
             let Ok(c) = compile(e, prog) else { continue };
-            let mut units = emit::program_units(&c, Dtype::F32, Lang::Cuda).unwrap().into_iter();
-            for phase in &c.phases {
-                let unit = units.next().unwrap();
-                // A launch gives exactly the shared memory the tree reduction indexes.
-                assert_eq!(unit.shared_bytes, phase.accums.len() * BLOCK * 4, "{}: step kernel shared memory", e.name);
-                let (buffers, meta) = signature(&unit.source);
-                assert_eq!(buffers, 7, "{}: step kernel buffers", e.name);
-                assert_eq!(meta * 4, driver::info(&[1; 7]).len(), "{}: step kernel info", e.name);
-                if !phase.accums.is_empty() {
-                    let (buffers, meta) = signature(&units.next().unwrap().source);
-                    assert_eq!(buffers, 3, "{}: combine kernel buffers", e.name);
-                    assert_eq!(meta * 4, driver::info(&[1; 3]).len(), "{}: combine kernel info", e.name);
+            // The parameter and gradient arenas in the parameters' dtype, the state in its own,
+            // the rest f32 and the block table's words: as `CudaOptimizer::run` passes them.
+            for (types, p, s) in [(Precision::default(), "float", "float"), (Precision { param: Dtype::BF16, state: Dtype::F32 }, "__nv_bfloat16", "float"), (Precision::uniform(Dtype::F16), "__half", "__half")] {
+                let mut units = emit::program_units(&c, types, Lang::Cuda).unwrap().into_iter();
+                for phase in &c.phases {
+                    let unit = units.next().unwrap();
+                    // A launch gives exactly the shared memory the tree reduction indexes.
+                    assert_eq!(unit.shared_bytes, phase.accums.len() * BLOCK * 4, "{}: step kernel shared memory", e.name);
+                    let (buffers, meta) = signature(&unit.source);
+                    assert_eq!(buffers, 7, "{}: step kernel buffers", e.name);
+                    assert_eq!(meta * 4, driver::info(&[1; 7]).len(), "{}: step kernel info", e.name);
+                    let elements: Vec<String> = parameter_types(&unit.source).iter().map(|t| t.split([' ', '*']).next().unwrap().to_string()).collect();
+                    assert_eq!(elements, [p, p, s, "float", "uint32_t", "float", "float", "info_st"], "{} {types:?}: step kernel parameters", e.name);
+                    if !phase.accums.is_empty() {
+                        let (buffers, meta) = signature(&units.next().unwrap().source);
+                        assert_eq!(buffers, 3, "{}: combine kernel buffers", e.name);
+                        assert_eq!(meta * 4, driver::info(&[1; 3]).len(), "{}: combine kernel info", e.name);
+                    }
+                    checked += 1;
                 }
-                checked += 1;
+                assert!(units.next().is_none(), "{}: a unit no phase launches", e.name);
             }
-            assert!(units.next().is_none(), "{}: a unit no phase launches", e.name);
         }
     }
-    assert!(checked >= 28, "{checked} phases");
+    assert!(checked >= 3 * 28, "{checked} phases");
 }
 
 #[test]
@@ -219,9 +225,20 @@ fn the_arena_refuses_mixed_tensors_and_changes_nothing() {
     let b = Tensor::from_slice(&[1.0f64]).set_requires_grad(true);
     let before = a.data_ptr();
     let mut vars = vec![a.shallow_clone(), b];
-    let e = Arena::adopt(&mut vars).err().expect("f64 refused");
-    assert!(e.0.contains("f32"), "{e}");
+    let e = Arena::adopt(&mut vars).err().expect("f64 after f32 refused");
+    assert!(e.0.contains("parameter 1 is Double") && e.0.contains("of one kind (Float)"), "{e}");
     assert_eq!(a.data_ptr(), before, "the first parameter was not moved");
+    let mut doubles = vec![Tensor::from_slice(&[1.0f64]).set_requires_grad(true)];
+    let e = Arena::adopt(&mut doubles).err().expect("f64 refused");
+    assert!(e.0.contains("f32, bf16 or f16"), "{e}");
+    // bf16 parameters get bf16 buffers, their values kept.
+    let values = [1.5f32, -2.0, 3.25];
+    let mut halves: Vec<Tensor> = [&values[..2], &values[2..]].iter().map(|v| Tensor::from_slice(v).to_kind(Kind::BFloat16).set_requires_grad(true)).collect();
+    let arena = Arena::adopt(&mut halves).unwrap();
+    assert_eq!((arena.p.kind(), arena.g.kind(), arena.dtype()), (Kind::BFloat16, Kind::BFloat16, Dtype::BF16));
+    let kept: Vec<f32> = halves.iter().flat_map(|t| Vec::<f32>::try_from(t.to_kind(Kind::Float)).unwrap()).collect();
+    assert_eq!(kept, values);
+    assert_eq!(halves[1].data_ptr() as usize, arena.p.data_ptr() as usize + 2 * BLOCK, "the second tensor's view is a block on, in bf16");
 }
 
 /// The harness the GPU check holds our CUDA layer kernels to the reference backend with, run
@@ -356,7 +373,7 @@ fn same_shaped_tensors_that_fill_whole_cubes_read_as_one_stack() {
 /// libtorch's CPU operations alone: every run interrupted halfway (each optimizer's state
 /// saved, fresh ones loading it) ends bit for bit where the uninterrupted run does, every
 /// optimizer skips the NaN step, and two rules can share the model (Muon the matrix, AdamW the
-/// rest). A hand-off that lost or misplaced a state, or a harness that let one run see
+/// rest), and a bf16 matrix among f32 parameters. A hand-off that lost or misplaced a state, or a harness that let one run see
 /// another's batches, would show here before it cost a GPU run.
 #[test]
 fn the_training_harness_resumes_exactly_on_libtorch() {
@@ -372,7 +389,10 @@ fn the_training_harness_resumes_exactly_on_libtorch() {
         ("rms_norm", vec![(entry("muon"), matrix), (entry("adamw"), rest)]),
     ];
     for (layer, rules) in cases {
-        let worst = normforge_cuda::check::training_runs(tch::Device::Cpu, None, &entry(layer), &rules, 7).unwrap_or_else(|e| panic!("{layer}: {e}"));
+        let worst = normforge_cuda::check::training_runs(tch::Device::Cpu, None, &entry(layer), &rules, 7, Kind::Float).unwrap_or_else(|e| panic!("{layer}: {e}"));
         assert_eq!(worst, 0.0, "{layer}: an interrupted run ended elsewhere");
     }
+    // The matrix in bf16 beside the f32 rest: its state saved and resumed in bf16.
+    let worst = normforge_cuda::check::training_runs(tch::Device::Cpu, None, &entry("layer_norm"), &[(entry("adamw"), every)], 7, Kind::BFloat16).unwrap();
+    assert_eq!(worst, 0.0, "bf16 matrix: an interrupted run ended elsewhere");
 }

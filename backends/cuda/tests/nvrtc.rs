@@ -4,7 +4,7 @@
 //! installs NVRTC and sets it), where a missing library fails them.
 
 use normforge_cubecl::emit::Lang;
-use normforge_cubecl::Dtype;
+use normforge_cubecl::{Dtype, Precision};
 use normforge_cuda::{Compiler, Error, Origin};
 use normforge_dsl::ir::Kind;
 use std::path::PathBuf;
@@ -320,7 +320,8 @@ fn a_skippable_load_is_found() {
 /// A fused step phase that reduces nothing updates several blocks per cube, every block's
 /// loads made before any work, under no branch (only the stores of a block past the end are
 /// skipped): each unit has 4 x (p, g, states) in flight, held in registers (ptxas spills
-/// nothing). Every std rule fused this way, f32 and bf16 states.
+/// nothing). Every std rule fused this way, f32 parameters with f32 or bf16 states, and bf16
+/// or f16 parameters with states of their dtype.
 #[test]
 fn step_kernels_load_under_no_branch() {
     let Some(nvrtc) = compiler(None) else { return };
@@ -330,7 +331,8 @@ fn step_kernels_load_under_no_branch() {
     for r in reg.list(None) {
         let normforge_dsl::ir::Programs::Optimizer { step } = &r.entry.programs else { continue };
         let Ok(prog) = normforge_cubecl::compile(&r.entry, step) else { continue };
-        for dtype in [Dtype::F32, Dtype::BF16] {
+        let (f32s, bf16s) = (Precision::default(), Precision { param: Dtype::F32, state: Dtype::BF16 });
+        for dtype in [f32s, bf16s, Precision::uniform(Dtype::BF16), Precision::uniform(Dtype::F16)] {
             let units = normforge_cubecl::emit::program_units(&prog, dtype, Lang::Cuda).unwrap();
             // (A reducing phase's unit is followed by its combine's.)
             let mut units = units.into_iter();
@@ -355,5 +357,5 @@ fn step_kernels_load_under_no_branch() {
             }
         }
     }
-    assert!(checked >= 2 * 10, "{checked} step phases");
+    assert!(checked >= 4 * 10, "{checked} step phases");
 }

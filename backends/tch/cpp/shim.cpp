@@ -1,5 +1,6 @@
 // What tch cannot reach: a libtorch custom autograd function whose forward and backward are
-// Rust callbacks, torch's current CUDA stream, and setting a variable's gradient tensor. Built by build.rs with `cc` against the
+// Rust callbacks, torch's current CUDA stream, setting a variable's gradient tensor, and
+// torch's fused AdamW kernel (an oracle). Built by build.rs with `cc` against the
 // headers of the libtorch tch links. No C++ exception crosses into Rust: every entry point
 // catches and reports through an error string.
 
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <ATen/ops/_fused_adamw.h>
 
 extern "C" {
 
@@ -209,6 +211,28 @@ at::Tensor* nf_upload_pinned(const uint8_t* bytes, size_t n, int device, char** 
         *err = copy_message(e.what());
     }
     return nullptr;
+}
+
+// torch's fused AdamW — the kernel of `torch.optim.AdamW(fused=True)`, on the CPU or CUDA, for
+// f32, bf16 or f16 tensors computed in f32 — one step over `n` parameters with their gradients,
+// moments and step counts (f32 scalars, each already counted up to this step, as torch.optim
+// does before it calls the kernel): an oracle for our fused kernels, bf16 parameters included.
+char* nf_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs, at::Tensor** steps, size_t n,
+                     double lr, double beta1, double beta2, double weight_decay, double eps) {
+    try {
+        auto list = [n](at::Tensor** ts) {
+            std::vector<at::Tensor> out;
+            for (size_t i = 0; i < n; ++i) out.push_back(*ts[i]);
+            return out;
+        };
+        at::_fused_adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), {}, list(steps), lr, beta1, beta2, weight_decay, eps,
+                          /*amsgrad=*/false, /*maximize=*/false, std::nullopt, std::nullopt);
+        return nullptr;
+    } catch (const c10::Error& e) {
+        return copy_message(e.what_without_backtrace());
+    } catch (const std::exception& e) {
+        return copy_message(e.what());
+    }
 }
 
 }  // extern "C"

@@ -57,3 +57,37 @@ pub fn optimizer(entry: &Entry, hparams: &[f64], vs: &nn::VarStore) -> Option<Re
     };
     OPTIMIZERS.contains(&entry.name.as_str()).then(build)
 }
+
+/// torch's fused AdamW (`torch.optim.AdamW(fused=True)`'s kernel, through `shim::fused_adamw`)
+/// over its own copies of some parameters, with their moments in the parameters' kind and
+/// their step counts, as torch.optim keeps them: the oracle for bf16 and f16 parameters, which
+/// torch's fused optimizers compute in f32 and libtorch's C++ ones in the parameters' dtype.
+pub struct FusedAdamW {
+    pub params: Vec<Tensor>,
+    exp_avgs: Vec<Tensor>,
+    exp_avg_sqs: Vec<Tensor>,
+    steps: Vec<Tensor>,
+    h: crate::shim::AdamW,
+}
+
+impl FusedAdamW {
+    /// For std rule `adamw` with these hyper-parameters (resolved values), from copies of
+    /// `init`; `None` for any other rule.
+    pub fn new(entry: &Entry, hparams: &[f64], init: &[Tensor]) -> Option<Result<FusedAdamW, Error>> {
+        let h = |name| hparam(entry, hparams, name);
+        let build = || -> Result<FusedAdamW, Error> {
+            let h = crate::shim::AdamW { lr: h("lr")?, beta1: h("beta1")?, beta2: h("beta2")?, weight_decay: h("weight_decay")?, eps: h("eps")? };
+            let zeros = || init.iter().map(Tensor::zeros_like).collect();
+            let steps = init.iter().map(|t| Tensor::zeros([], (tch::Kind::Float, t.device()))).collect();
+            Ok(FusedAdamW { params: init.iter().map(|t| t.detach().copy()).collect(), exp_avgs: zeros(), exp_avg_sqs: zeros(), steps, h })
+        };
+        (entry.name == "adamw").then(build)
+    }
+
+    /// One step with these gradients (one per parameter, of its kind).
+    pub fn step(&mut self, grads: &[Tensor]) -> Result<(), Error> {
+        // (torch.optim counts the step up before it calls the kernel.)
+        tch::no_grad(|| self.steps.iter_mut().for_each(|s| _ = s.g_add_scalar_(1.0)));
+        crate::shim::fused_adamw(&self.params, grads, &self.exp_avgs, &self.exp_avg_sqs, &self.steps, self.h)
+    }
+}

@@ -48,6 +48,19 @@ extern "C" {
     fn nf_clear_grad(var: *mut C_tensor) -> *mut c_char;
     fn nf_backward_with_grad(y: *const C_tensor, gy: *const C_tensor) -> *mut c_char;
     fn nf_current_cuda_stream(device: i32, out: *mut *mut c_void) -> i32;
+    fn nf_fused_adamw(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        steps: *const *mut C_tensor,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
     fn nf_upload_pinned(bytes: *const u8, n: usize, device: i32, err: *mut *mut c_char) -> *mut C_tensor;
 }
 
@@ -125,6 +138,31 @@ pub fn set_grad(var: &mut Tensor, grad: &Tensor) -> Result<(), Error> {
 pub fn clear_grad(var: &mut Tensor) -> Result<(), Error> {
     // SAFETY: a live tensor; the shim catches libtorch's errors.
     message_or_ok(unsafe { nf_clear_grad(var.as_mut_ptr()) })
+}
+
+/// The hyper-parameters of torch's AdamW.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One step of torch's fused AdamW (`torch.optim.AdamW(fused=True)`'s kernel, f32 arithmetic
+/// for bf16 and f16 tensors) over `params` in place, with their gradients, moments and step
+/// counts (f32 scalars, already counted up to this step): the oracle for our fused kernels.
+pub fn fused_adamw(params: &[Tensor], grads: &[Tensor], exp_avgs: &[Tensor], exp_avg_sqs: &[Tensor], steps: &[Tensor], h: AdamW) -> Result<(), Error> {
+    let n = params.len();
+    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().any(|&k| k != n) {
+        return Err(Error(format!("fused AdamW takes one gradient, two moments and a step count per parameter ({n})")));
+    }
+    let ptrs = |ts: &[Tensor]| ts.iter().map(|t| t.as_ptr() as *mut C_tensor).collect::<Vec<_>>();
+    let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
+    // SAFETY: `n` live tensors per list; libtorch checks their shapes, dtypes and devices and the
+    // shim catches its errors.
+    message_or_ok(unsafe { nf_fused_adamw(p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), s.as_ptr(), n, h.lr, h.beta1, h.beta2, h.weight_decay, h.eps) })
 }
 
 unsafe fn take_message(err: *mut c_char) -> String {
