@@ -40,9 +40,9 @@ pub fn cpu_device() -> Result<cubecl::Device, Error> {
 /// The generated source of an entry's kernels for one pass: `step` (or `init`, the state
 /// initialiser) for an update rule; `forward`, `backward` (training mode), `forward-eval`,
 /// `backward-eval` or `init` for a layer. `dtype` is the storage type of a rule's parameters,
-/// their gradients and its state (torch keeps a state in its parameter's dtype; the rules that
-/// run through layer kernels are shown for f32 parameters, the only ones they take), or of a
-/// layer's input, output and their gradients. All kernels in one text, as `normforge emit`
+/// their gradients and its state (torch keeps a state in its parameter's dtype; a rule through
+/// layer kernels keeps its states in their f32 work arena), or of a layer's input, output and
+/// their gradients. All kernels in one text, as `normforge emit`
 /// shows them; [`emit_units`] gives each as a translation unit of its own.
 pub fn emit(entry: &Entry, pass: &str, dtype: Dtype, lang: emit::Lang) -> Result<String, Error> {
     Ok(emit::joined(&emit_units(entry, pass, dtype, lang)?))
@@ -55,7 +55,7 @@ pub fn emit_units(entry: &Entry, pass: &str, dtype: Dtype, lang: emit::Lang) -> 
         // Rules with per-axis reductions run through layer kernels, a stack at a time.
         (Programs::Optimizer { step }, "step") => match compile_for(entry, step, dtype) {
             Ok(c) => emit::program_units(&c, Precision::uniform(dtype), lang),
-            Err(e) => emit::plan_units(&Stacked::new(entry, step).map_err(|_| e)?.step, Dtype::F32, lang),
+            Err(e) => emit::plan_units(&Stacked::new(entry, step).map_err(|_| e)?.step, dtype, lang),
         },
         (Programs::Optimizer { .. }, "init") => emit::program_units(&compile(entry, &entry.init)?, Precision::uniform(dtype), lang),
         (Programs::Optimizer { .. }, _) => Err(Error(format!("`{}` is an optimizer: its passes are `step` and `init`, not `{pass}`", entry.name))),

@@ -358,7 +358,8 @@ fn state_dtype_is_selectable() {
 }
 
 /// A parameter dtype changes what is stored, nothing else: every rule of `ELEMENTWISE` (fused,
-/// with reductions, through layer kernels) stepping f16 or bf16 parameters stores exactly the
+/// with reductions, through layer kernels) and Muon (matrix products through layer kernels,
+/// their f32 work arena) stepping f16 or bf16 parameters stores exactly the
 /// rounded parameters the same rule computes for f32 ones from the same values, states of
 /// that dtype in both, over 5 steps (each step the f32 run starts from the rounded values).
 /// Checked exactly: the arithmetic is the same f32 and each store rounds to nearest.
@@ -366,10 +367,12 @@ fn state_dtype_is_selectable() {
 fn parameter_dtype_changes_only_what_is_stored() {
     let reg = registry();
     let device = cpu_device().unwrap();
-    let shapes: Vec<Vec<usize>> = vec![vec![4, 50], vec![300], vec![3, 7], vec![2, 600]];
+    let vectors: Vec<Vec<usize>> = vec![vec![4, 50], vec![300], vec![3, 7], vec![2, 600]];
+    let matrices: Vec<Vec<usize>> = vec![vec![9, 4], vec![4, 9], vec![33, 70]];
+    let rules = ELEMENTWISE.iter().map(|&(name, lr)| (name, lr, &vectors)).chain([("muon", 0.02, &matrices)]);
     for dtype in [Dtype::F16, Dtype::BF16] {
         let held = dtype.held_on(&device.client()).unwrap();
-        for &(name, lr) in ELEMENTWISE {
+        for (name, lr, shapes) in rules.clone() {
             let entry = reg.get(name).unwrap().entry;
             let h = [("lr".to_string(), lr)];
             let mut narrow = CubeOptimizer::new(entry.clone(), &h, &device).unwrap().with_param_dtype(dtype).unwrap().with_state_dtype(dtype).unwrap();

@@ -178,8 +178,8 @@ fn main() {
     // three steps and resumed by either optimizer (an odd count: a rule through layer kernels
     // then reads its states from the swapped layout).
     // Muon with AdamW: two optimizers sharing the model, the matrix for Muon. A bf16 matrix
-    // beside the f32 rest: a group of two dtypes (AdamP's bf16 matrix steps in libtorch's
-    // operations), held to two units in the last place of bf16 (a value rounded differently
+    // beside the f32 rest: a group of two dtypes (AdamP's layer kernels reading and writing
+    // the bf16 matrix in place), held to two units in the last place of bf16 (a value rounded differently
     // twice), relative to each variable's largest.
     let every: check::Select = |_, _| true;
     let (matrix, not_matrix): (check::Select, check::Select) = (|_, t| t.dim() == 2, |_, t| t.dim() != 2);

@@ -14,7 +14,7 @@ use crate::plans::{kind_of, pick, PlanKernels};
 use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
 use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, BLOCKS_PER_CUBE, COMBINE_BLOCK};
-use normforge_cubecl::{compile, compile_for, stacks, Compiled, Dtype, Precision, Source, Stacked};
+use normforge_cubecl::{compile, compile_for, stacks, Compiled, Precision, Source, Stacked};
 use normforge_cubecl::{indexable, Layout, Plan};
 use normforge_dsl::bind::{self, AxisBinding};
 use normforge_dsl::ir::{Entry, Kind as EntryKind, Programs, Target};
@@ -121,8 +121,9 @@ enum Path {
 
 impl CudaOptimizer {
     /// Compile the rule's kernels for `gpu`, for arenas of `types.param` (f32, bf16, f16) and
-    /// states kept in `types.state`. A rule that runs through layer kernels takes them for f32
-    /// parameters; on narrower ones it steps in libtorch's operations, in f32 (`lowered_step`).
+    /// states kept in `types.state`. A rule through layer kernels reads the parameter and its
+    /// gradient in their dtype (the kernels' storage type) and keeps its states and products
+    /// in the f32 work arena.
     pub fn new(gpu: Arc<Gpu>, entry: Arc<Entry>, overrides: &[(String, f64)], types: Precision) -> Result<Self, Error> {
         if entry.kind != EntryKind::Optimizer {
             return Err(Error::Rule(format!("`{}` is a {}, not an optimizer", entry.name, entry.kind.keyword())));
@@ -140,10 +141,8 @@ impl CudaOptimizer {
             Err(fused) => {
                 let plans = Stacked::new(&entry, step).map_err(|e| Error::Rule(format!("`{}` cannot run on the CUDA path: {}; {}", entry.name, fused.0, e.0)))?;
                 let kernels = PlanKernels::new(gpu.clone());
-                if types.param == Dtype::F32 {
-                    for p in [&plans.step, &plans.init] {
-                        kernels.prepare(p, Dtype::F32).map_err(|e| Error::Rule(e.0))?;
-                    }
+                for p in [&plans.step, &plans.init] {
+                    kernels.prepare(p, types.param).map_err(|e| Error::Rule(e.0))?;
                 }
                 Path::PerTensor { plans, kernels, works: Vec::new() }
             }
@@ -273,9 +272,8 @@ impl CudaOptimizer {
         for r in stacks(&arena.shapes, |k| arena.joins(k)) {
             let shape = bind::param_view(&self.entry, &arena.shapes[r.start]);
             let b = plans.bind(r.len(), &shape, &self.hparams, &format!("parameters {}..{}", r.start, r.end))?;
-            // (The layer kernels take f32 parameters only.)
-            let layout = match self.types.param == Dtype::F32 && indexable(&plans.step, &b, &self.hparams)? {
-                true => Some(kernels.layout(&plans.step, &b, &self.hparams, t, Dtype::F32).map_err(rule)?),
+            let layout = match indexable(&plans.step, &b, &self.hparams)? {
+                true => Some(kernels.layout(&plans.step, &b, &self.hparams, t, self.types.param).map_err(rule)?),
                 false => None,
             };
             out.push(Stack { tensors: r, binding: b, layout });
@@ -294,7 +292,7 @@ impl CudaOptimizer {
     /// first step computes them.
     fn step_per_tensor(&mut self, arena: &Arena) -> Result<(), Error> {
         let (laid, swaps) = self.laid_stacks(arena, self.step)?;
-        let (t, hparams, entry, state_kind) = (self.step + 1, &self.hparams, &self.entry, kind_of(self.types.state));
+        let (t, hparams, entry, state_kind, io) = (self.step + 1, &self.hparams, &self.entry, kind_of(self.types.state), self.types.param);
         let Path::PerTensor { plans, kernels, works } = &mut self.path else { unreachable!("per tensor") };
         if !works.is_empty() && !fits(works, &laid) {
             return Err(Error::Rule("the parameters changed since the first step".into()));
@@ -304,7 +302,7 @@ impl CudaOptimizer {
                 let mut kept = Kept::new(stack, arena.device);
                 if let (Kept::Work(work), Some(lay)) = (&mut kept, &stack.layout) {
                     let p = arena.stack(&arena.p, stack.tensors.clone());
-                    let out = kernels.run(&plans.init, &stack.binding, hparams, 0.0, Dtype::F32, &|src| (src == Source::Input).then_some(&p)).map_err(rule)?;
+                    let out = kernels.run(&plans.init, &stack.binding, hparams, 0.0, io, &|src| (src == Source::Input).then_some(&p)).map_err(rule)?;
                     for (i, slot) in state_slots(&plans.step, entry, lay).into_iter().enumerate() {
                         let Some((off, len)) = slot else { continue };
                         let v = pick(&out, Target::State(i as u32)).map_err(rule)?;
@@ -339,7 +337,7 @@ impl CudaOptimizer {
                 Source::Grad => Some(&g),
                 _ => None,
             };
-            let out = kernels.run_laid(&plans.step, lay, Dtype::F32, &data, Some(work)).map_err(rule)?;
+            let out = kernels.run_laid(&plans.step, lay, io, &data, Some(work)).map_err(rule)?;
             let read_at = state_slots(&plans.step, entry, lay);
             // The stream runs these after the kernels that read p and the state.
             tch::no_grad(|| -> Result<(), Error> {
