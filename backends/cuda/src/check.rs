@@ -150,9 +150,9 @@ pub fn ulps_apart(a: &[f32], b: &[f32], kind: Kind, peak: &mut [f32]) -> (f64, u
 /// between the two after any step, how many values differed after the steps, and of how many.
 pub fn against_fused_adamw(gpu: &Arc<Gpu>, entry: &Arc<Entry>, kind: Kind, shapes: &[Vec<usize>], steps: usize) -> Result<(f64, usize, usize), String> {
     let dtype = crate::plans::dtype_of(kind).ok_or_else(|| format!("{kind:?} is not a parameter dtype"))?;
-    let hparams = normforge_dsl::hyper::resolve(entry, &[("weight_decay".into(), 0.1)]).map_err(|e| e.0)?;
-    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Precision::uniform(dtype)).map_err(|e| e.to_string())?;
-    opt.hparams.clone_from(&hparams);
+    let overrides = [("weight_decay".to_string(), 0.1)];
+    let hparams = normforge_dsl::hyper::resolve(entry, &overrides).map_err(|e| e.0)?;
+    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &overrides, Precision::uniform(dtype)).map_err(|e| e.to_string())?;
     let dev = Device::Cuda(gpu.ordinal());
     tch::manual_seed(13);
     let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).to_kind(kind).set_requires_grad(true)).collect();

@@ -320,9 +320,10 @@ impl CudaOptimizer {
                         let dims: Vec<i64> = arena.shapes[k].iter().map(|&d| d as i64).collect();
                         let (p, g) = (arena.tensor(&arena.p, k).view(dims.as_slice()), arena.tensor(&arena.g, k).view(dims.as_slice()));
                         // In f32 whatever the parameters' dtype, as the kernels compute (a
-                        // narrower state would otherwise be kept in the parameter's).
-                        let f32 = |t: &Tensor| if t.kind() == Kind::Float { t.shallow_clone() } else { t.to_kind(Kind::Float) };
-                        let (p_new, new) = normforge_tch::optimizer::lowered_step(entry, hparams, t as i64, &f32(&p), &f32(&g), states.as_deref(), &format!("parameter {k}")).map_err(rule)?;
+                        // narrower state would otherwise be kept in the parameter's; no copy of
+                        // an f32 parameter).
+                        let (p32, g32) = (p.to_kind(Kind::Float), g.to_kind(Kind::Float));
+                        let (p_new, new) = normforge_tch::optimizer::lowered_step(entry, hparams, t as i64, &p32, &g32, states.as_deref(), &format!("parameter {k}")).map_err(rule)?;
                         tch::no_grad(|| p.shallow_clone().copy_(&p_new));
                         // Kept in the state dtype's values, as the kernels keep them.
                         *states = Some(new.into_iter().map(|v| if state_kind == Kind::Float { v } else { v.to_kind(state_kind).to_kind(Kind::Float) }).collect());
