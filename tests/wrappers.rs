@@ -16,7 +16,7 @@ struct Problem {
 
 impl Problem {
     fn new() -> Self {
-        normforge::tch::manual_seed(9);
+        let _seeded = normforge::torch::seeded(9);
         let a = Tensor::randn([20, 5], (Kind::Double, Device::Cpu)) / 4.0;
         let b = Tensor::randn([20], (Kind::Double, Device::Cpu));
         Problem { a, b }
@@ -68,6 +68,7 @@ fn lookahead_pulls_fast_weights_back_every_k_steps() {
 fn sam_steps_with_the_gradient_at_the_perturbed_point() {
     let pb = Problem::new();
     // Representable in f32, since the VarStore creates its variable in f32 first.
+    let _seeded = normforge::torch::seeded(19);
     let init = Tensor::randn([5], (Kind::Float, Device::Cpu)).to_kind(Kind::Double);
     let (vs, w) = store(&init);
     let (lr, rho) = (0.01, 0.05);

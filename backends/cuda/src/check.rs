@@ -35,7 +35,7 @@ pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize
     let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Precision::default()).and_then(|o| o.with_blocks_per_cube(blocks_per_cube)).map_err(|e| e.to_string())?;
     let mut oracle = normforge_reference::Optimizer::new(entry.clone(), &[]).map_err(|e| e.0)?;
     let dev = Device::Cuda(gpu.ordinal());
-    tch::manual_seed(7);
+    let _seeded = normforge_tch::seeded(7);
     let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
     let as_ref = |t: &Tensor| -> Result<normforge_reference::Tensor, String> {
         normforge_reference::Tensor::new(t.size().iter().map(|&d| d as usize).collect(), host(t)?).map_err(|e| e.0)
@@ -102,7 +102,7 @@ pub fn against_lowered(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>]
 fn beside(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize, vs: &tch::nn::VarStore, theirs: &mut dyn FnMut(&Tensor) -> Result<(), String>) -> Result<f64, String> {
     let dev = Device::Cuda(gpu.ordinal());
     let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Precision::default()).map_err(|e| e.to_string())?;
-    tch::manual_seed(11);
+    let _seeded = normforge_tch::seeded(11);
     let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
     let twins: Vec<Tensor> = vars.iter().enumerate().map(|(i, v)| vs.root().var_copy(&format!("p{i}"), v)).collect();
     let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
@@ -154,7 +154,7 @@ pub fn against_fused_adamw(gpu: &Arc<Gpu>, entry: &Arc<Entry>, kind: Kind, shape
     let hparams = normforge_dsl::hyper::resolve(entry, &overrides).map_err(|e| e.0)?;
     let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &overrides, Precision::uniform(dtype)).map_err(|e| e.to_string())?;
     let dev = Device::Cuda(gpu.ordinal());
-    tch::manual_seed(13);
+    let _seeded = normforge_tch::seeded(13);
     let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).to_kind(kind).set_requires_grad(true)).collect();
     let mut theirs = normforge_tch::builtins::FusedAdamW::new(entry, &hparams, &vars).ok_or("torch's fused kernel is AdamW's")?.map_err(|e| e.0)?;
     let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
@@ -266,14 +266,14 @@ pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, 
 pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, Select)], steps: usize, matrix_kind: Kind) -> Result<f64, String> {
     use normforge_tch::{DslOptimizer, Optimize, Spec, StepReport};
     let (n, c, s) = (8i64, 8i64, 12i64);
-    tch::manual_seed(5);
+    let _seeded = normforge_tch::seeded(5);
     let batches: Vec<(Tensor, Tensor)> = (0..steps).map(|_| (Tensor::randn([n, c, s], (Kind::Float, dev)), Tensor::randn([n, c, s], (Kind::Float, dev)))).collect();
     let layer_hparams: Vec<(String, f64)> = layer.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect();
     let file = |i: usize| std::env::temp_dir().join(format!("normforge-check-{}-{}-{i}.safetensors", std::process::id(), layer.name));
     // Layer and first optimizer fused or not; then, if it is interrupted, whether the optimizer
     // that resumes is fused.
     let run = |fused: bool, resumed: Option<bool>| -> Result<Vec<(String, Tensor)>, String> {
-        tch::manual_seed(3);
+        let _seeded = normforge_tch::seeded(3);
         let vs = tch::nn::VarStore::new(dev);
         let mut w = vs.root().randn("w", &[c, c], 0.0, 0.5);
         if matrix_kind != Kind::Float {

@@ -259,7 +259,7 @@ fn layer_calls_hold_to_the_reference_backend() {
         }
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let layer = spec.build(&vs.root(), &shape).unwrap();
-        tch::manual_seed(5);
+        let _seeded = normforge_tch::seeded(5);
         tch::no_grad(|| {
             for t in layer.params().iter().chain(layer.buffers()) {
                 t.shallow_clone().copy_(&(Tensor::rand(t.size(), (Kind::Float, tch::Device::Cpu)) * 0.5 + 0.75));

@@ -79,6 +79,23 @@ pub fn load_cuda() -> bool {
     })
 }
 
+/// libtorch's default generator, seeded with `seed` and held for as long as the guard lives.
+/// There is one generator per process, so two threads drawing from it at once (tests on the
+/// harness's threads) each see values that depend on the other's timing: a check whose verdict
+/// depends on its data — how many values two roundings leave apart, whether interrupted runs
+/// replay an uninterrupted one — holds this while it draws. Reentrant, so a check called under
+/// it reseeds it; never poisoned, so one failed test does not fail the rest.
+pub fn seeded(seed: i64) -> Seeded {
+    static GENERATOR: parking_lot::ReentrantMutex<()> = parking_lot::const_reentrant_mutex(());
+    let guard = GENERATOR.lock();
+    tch::manual_seed(seed);
+    Seeded(guard)
+}
+
+/// What [`seeded`] returns: the generator is this thread's until it drops.
+#[must_use = "the generator is held only while this lives"]
+pub struct Seeded(#[allow(dead_code)] parking_lot::ReentrantMutexGuard<'static, ()>);
+
 /// The type arithmetic runs in: f32 and f64 as they are, half types in f32.
 pub(crate) fn float_kind(k: Kind) -> Kind {
     match k {
