@@ -139,24 +139,35 @@ impl Arena {
         });
     }
 
-    /// The gradients' 2-norm (padding is zero), in f64: one reduction over the flat buffer,
-    /// finite exactly when every gradient is (no square of a finite f32 overflows an f64).
+    /// The gradients' 2-norm (padding is zero): finite exactly when every gradient is.
     pub fn grad_norm(&self) -> f64 {
         Self::grad_norms(&[self])[0]
     }
 
     /// [`Self::grad_norm`] of each arena (on one device), read back together: an optimizer
-    /// with several groups waits for the device once per step, not once per group.
+    /// with several groups waits for the device once per step, not once per group. Summed in
+    /// f32, as `clip_grad_norm_` sums, in one read of each buffer: asking libtorch for an f64
+    /// norm of f32 values first casts the whole buffer (a copy twice its size, and three passes
+    /// over memory where one does). A sum of squares past f32's range comes out infinite though
+    /// every gradient is finite: such an arena is summed again in f64 (no square of a finite f32
+    /// overflows an f64), so only a NaN or an infinity makes a norm non-finite.
     pub fn grad_norms(arenas: &[&Arena]) -> Vec<f64> {
         if arenas.is_empty() {
             return Vec::new();
         }
         tch::no_grad(|| {
+            let norm = |a: &Arena, kind: Kind| a.g.linalg_norm(2.0, None::<&[i64]>, false, kind);
             // (An empty arena's buffers are on the CPU: its norm joins the others' device.)
             let device = arenas.iter().find(|a| !a.is_empty()).map_or(Device::Cpu, |a| a.device);
-            let norms: Vec<Tensor> = arenas.iter().map(|a| a.g.linalg_norm(2.0, None::<&[i64]>, false, Kind::Double).to_device(device)).collect();
-            let host = Tensor::stack(&norms, 0).to_device(Device::Cpu);
-            Vec::<f64>::try_from(&host).unwrap_or_else(|_| vec![f64::NAN; arenas.len()])
+            let norms: Vec<Tensor> = arenas.iter().map(|a| norm(a, Kind::Float).to_device(device)).collect();
+            let host = Tensor::stack(&norms, 0).to_kind(Kind::Double).to_device(Device::Cpu);
+            let mut norms = Vec::<f64>::try_from(&host).unwrap_or_else(|_| vec![f64::NAN; arenas.len()]);
+            for (n, a) in norms.iter_mut().zip(arenas) {
+                if *n == f64::INFINITY {
+                    *n = f64::try_from(norm(a, Kind::Double)).unwrap_or(f64::NAN);
+                }
+            }
+            norms
         })
     }
 
