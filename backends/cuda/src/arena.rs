@@ -152,16 +152,9 @@ impl Arena {
     /// every gradient is finite: such an arena is summed again in f64 (no square of a finite f32
     /// overflows an f64), so only a NaN or an infinity makes a norm non-finite.
     pub fn grad_norms(arenas: &[&Arena]) -> Vec<f64> {
-        if arenas.is_empty() {
-            return Vec::new();
-        }
         tch::no_grad(|| {
             let norm = |a: &Arena, kind: Kind| a.g.linalg_norm(2.0, None::<&[i64]>, false, kind);
-            // (An empty arena's buffers are on the CPU: its norm joins the others' device.)
-            let device = arenas.iter().find(|a| !a.is_empty()).map_or(Device::Cpu, |a| a.device);
-            let norms: Vec<Tensor> = arenas.iter().map(|a| norm(a, Kind::Float).to_device(device)).collect();
-            let host = Tensor::stack(&norms, 0).to_kind(Kind::Double).to_device(Device::Cpu);
-            let mut norms = Vec::<f64>::try_from(&host).unwrap_or_else(|_| vec![f64::NAN; arenas.len()]);
+            let mut norms = normforge_tch::optimizer::gathered(arenas.iter().map(|a| norm(a, Kind::Float).to_kind(Kind::Double)));
             for (n, a) in norms.iter_mut().zip(arenas) {
                 if *n == f64::INFINITY {
                     *n = f64::try_from(norm(a, Kind::Double)).unwrap_or(f64::NAN);

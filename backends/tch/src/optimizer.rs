@@ -209,26 +209,20 @@ impl DslOptimizer {
             }
             grads.push(v);
         }
+        // Each check's values read back together: one wait for a GPU per step, not one per
+        // tensor.
+        let present: Vec<(&str, &Tensor)> =
+            self.groups.iter().zip(&grads).flat_map(|(g, gs)| g.slots.iter().zip(gs).filter_map(|(s, grad)| grad.as_ref().map(|t| (s.name.as_str(), t)))).collect();
         if self.skip_nonfinite {
-            for (g, gs) in self.groups.iter().zip(&grads) {
-                for (s, grad) in g.slots.iter().zip(gs) {
-                    if let Some(grad) = grad {
-                        if !bool::try_from(grad.isfinite().all()).unwrap_or(false) {
-                            return Ok(StepReport::SkippedNonFinite { param: s.name.clone() });
-                        }
-                    }
-                }
+            let finite = gathered(present.iter().map(|(_, t)| t.isfinite().all().to_kind(Kind::Double)));
+            if let Some(k) = finite.iter().position(|&f| f != 1.0) {
+                return Ok(StepReport::SkippedNonFinite { param: present[k].0.to_string() });
             }
         }
         let (scale, grad_norm) = match self.max_grad_norm {
             None => (None, None),
             Some(max) => {
-                let sq: f64 = grads
-                    .iter()
-                    .flatten()
-                    .flatten()
-                    .map(|g| f64::try_from(g.to_kind(Kind::Double).square().sum(Kind::Double)).unwrap_or(f64::NAN))
-                    .sum();
+                let sq: f64 = gathered(present.iter().map(|(_, t)| t.to_kind(Kind::Double).square().sum(Kind::Double))).iter().sum();
                 let norm = sq.sqrt();
                 // As torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when above max.
                 let coef = max / (norm + 1e-6);
@@ -341,4 +335,17 @@ fn kept(t: Tensor, prog: &Program, node: u32) -> Tensor {
     } else {
         t
     }
+}
+
+/// Scalar tensors (f64, on any devices), read back to the host at once — a GPU waited for
+/// once, not once per value (values on the CPU join the others' device): NaN for a value that
+/// cannot be read.
+pub fn gathered(values: impl Iterator<Item = Tensor>) -> Vec<f64> {
+    let values: Vec<Tensor> = values.collect();
+    if values.is_empty() {
+        return Vec::new();
+    }
+    let device = values.iter().map(Tensor::device).find(|&d| d != tch::Device::Cpu).unwrap_or(tch::Device::Cpu);
+    let host = Tensor::stack(&values.iter().map(|v| v.to_device(device)).collect::<Vec<_>>(), 0).to_device(tch::Device::Cpu);
+    Vec::<f64>::try_from(&host).unwrap_or_else(|_| vec![f64::NAN; values.len()])
 }
