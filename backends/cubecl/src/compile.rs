@@ -40,7 +40,8 @@ impl Uniforms {
     pub fn values(&self, p: &Program, hparams: &[f64], t: f64, query: impl Fn(&Op) -> f64) -> Vec<f32> {
         let val = uniform::values(p, &self.flags, hparams, t, query);
         let mut out: Vec<f32> = self.exported.iter().map(|&i| val[i as usize] as f32).collect();
-        out.push(0.0); // never empty: not every runtime allows an empty binding
+        // Never empty (not every runtime allows an empty binding); a rule's gradient scale.
+        out.push(0.0);
         out
     }
 }
@@ -57,9 +58,45 @@ pub struct Compiled {
 }
 
 impl Compiled {
-    /// The kernels' scalar buffer for these hyper-parameters and step count.
-    pub fn scalars(&self, hparams: &[f64], t: f64) -> Vec<f32> {
-        self.uniforms.values(&self.program, hparams, t, |_| unreachable!("no shape queries are uniform in a rule"))
+    /// The kernels' scalar buffer for these hyper-parameters and step count; its last entry is
+    /// the factor the kernels of [`Self::grad_scaled`] multiply every gradient by (the others
+    /// never read it).
+    pub fn scalars(&self, hparams: &[f64], t: f64, grad_scale: f64) -> Vec<f32> {
+        let mut out = self.uniforms.values(&self.program, hparams, t, |_| unreachable!("no shape queries are uniform in a rule"));
+        *out.last_mut().expect("never empty") = grad_scale as f32;
+        out
+    }
+
+    /// The same program reading every gradient times the scalar buffer's last entry: a clipped
+    /// step's scale applied where the gradient is loaded (in f32, as libtorch multiplies an f32
+    /// tensor by a scalar, and as torch's fused optimizers apply their `grad_scale`), instead of
+    /// a pass of its own reading and writing every gradient before the step.
+    pub fn grad_scaled(&self) -> Compiled {
+        let scale = self.uniforms.exported.len();
+        let mut out = self.clone();
+        for ph in &mut out.phases {
+            let mut ops = Vec::with_capacity(ph.ops.len() + 2);
+            // Where each old instruction's value now is: a gradient's, at its product.
+            let mut at: Vec<usize> = Vec::with_capacity(ph.ops.len());
+            for op in &ph.ops {
+                let op = match op.clone() {
+                    KOp::Pure(p) => KOp::Pure(p.map(|a| at[a])),
+                    KOp::Accum(k, a) => KOp::Accum(k, at[a]),
+                    KOp::StoreP(a) => KOp::StoreP(at[a]),
+                    KOp::StoreState(j, a) => KOp::StoreState(j, at[a]),
+                    load => load,
+                };
+                let gradient = op == KOp::LoadG;
+                ops.push(op);
+                if gradient {
+                    ops.push(KOp::Pure(Pure::Scalar(scale)));
+                    ops.push(KOp::Pure(Pure::Binary(BOp::Mul, ops.len() - 2, ops.len() - 1)));
+                }
+                at.push(ops.len() - 1);
+            }
+            ph.ops = ops;
+        }
+        out
     }
 
     /// Per-tensor results the rule needs (the row length of its result buffers).

@@ -68,6 +68,9 @@ pub struct CubeOptimizer {
     /// Extra state slots the baseline keeps its intermediates in.
     temps: usize,
     init_prog: Compiled,
+    /// Both programs reading the gradients scaled ([`Compiled::grad_scaled`]), made at the first
+    /// step that scales them.
+    scaled: Option<(Compiled, Compiled)>,
     client: cubecl::client::Client,
     /// For the per-axis rules' layer kernels.
     launch: Launch,
@@ -98,7 +101,7 @@ impl CubeOptimizer {
             },
         };
         let kernels = step_prog.phases.clone();
-        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, client: device.client(), launch: Launch::for_device(device), state: None, state_dtype: Dtype::F32, state_held: Held::Native(Dtype::F32), param_dtype: Dtype::F32, param_held: Held::Native(Dtype::F32), step: 0 })
+        Ok(CubeOptimizer { per_tensor, entry, hparams, step_prog, kernels, temps: 0, init_prog, scaled: None, client: device.client(), launch: Launch::for_device(device), state: None, state_dtype: Dtype::F32, state_held: Held::Native(Dtype::F32), param_dtype: Dtype::F32, param_held: Held::Native(Dtype::F32), step: 0 })
     }
 
     /// The same rule launched one kernel per operation, intermediates through memory: the
@@ -282,9 +285,9 @@ impl CubeOptimizer {
         }
     }
 
-    /// Launch a program's kernels with its scalars for the current step.
-    fn run(&self, prog: &Compiled, kernels: &[KProgram], flat: &Flat, slots: usize) -> Result<(), Error> {
-        let scalars = prog.scalars(&self.hparams, self.step as f64);
+    /// Launch a program's kernels with its scalars for step `t`.
+    fn run(&self, prog: &Compiled, kernels: &[KProgram], flat: &Flat, slots: usize, t: u64, grad_scale: f64) -> Result<(), Error> {
+        let scalars = prog.scalars(&self.hparams, t as f64, grad_scale);
         let sc = self.client.create_from_slice(f32::as_bytes(&scalars));
         let red = self.client.create_from_slice(f32::as_bytes(&prog.host_values(&self.entry, &self.hparams, &flat.shapes)?));
         for k in kernels {
@@ -295,6 +298,12 @@ impl CubeOptimizer {
 
     /// One step on parameters already on the device; launches only (see [`Self::sync`]).
     pub fn step_flat(&mut self, flat: &Flat) -> Result<(), Error> {
+        self.step_flat_scaled(flat, 1.0)
+    }
+
+    /// [`Self::step_flat`] with every gradient read as `grad_scale` times its value (a clipped
+    /// step): the gradients themselves are left as they are.
+    pub fn step_flat_scaled(&mut self, flat: &Flat, grad_scale: f64) -> Result<(), Error> {
         if self.per_tensor.is_some() {
             return Err(Error(format!("`{}` runs through layer kernels: use `step` or `step_shaped`", self.entry.name)));
         }
@@ -304,12 +313,25 @@ impl CubeOptimizer {
         if flat.cubes == 0 {
             return Ok(());
         }
-        let slots = (self.entry.states.len() + self.temps).max(1);
-        if self.state_for(flat, slots)? {
-            self.run(&self.init_prog, &self.init_prog.phases, flat, slots)?;
+        let scaled = grad_scale != 1.0;
+        if scaled && self.temps > 0 {
+            return Err(Error("the unfused baseline reads its gradients as they are".into()));
         }
+        let slots = (self.entry.states.len() + self.temps).max(1);
+        let fresh = self.state_for(flat, slots)?;
+        if scaled && self.scaled.is_none() {
+            self.scaled = Some((self.step_prog.grad_scaled(), self.init_prog.grad_scaled()));
+        }
+        let (step_prog, init_prog, kernels) = match &self.scaled {
+            Some((step, init)) if scaled => (step, init, &step.phases),
+            _ => (&self.step_prog, &self.init_prog, &self.kernels),
+        };
+        if fresh {
+            self.run(init_prog, &init_prog.phases, flat, slots, self.step, grad_scale)?;
+        }
+        self.run(step_prog, kernels, flat, slots, self.step + 1, grad_scale)?;
         self.step += 1;
-        self.run(&self.step_prog, &self.kernels, flat, slots)
+        Ok(())
     }
 
     /// Wait for every launch so far.
@@ -326,11 +348,17 @@ impl CubeOptimizer {
 
     /// As [`Self::step`], with each tensor's shape.
     pub fn step_shaped(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], shapes: Vec<Vec<usize>>) -> Result<(), Error> {
+        self.step_shaped_scaled(params, grads, shapes, 1.0)
+    }
+
+    /// As [`Self::step_shaped`], every gradient read as `grad_scale` times its value
+    /// ([`Self::step_flat_scaled`]).
+    pub fn step_shaped_scaled(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], shapes: Vec<Vec<usize>>, grad_scale: f64) -> Result<(), Error> {
         if self.per_tensor.is_some() {
-            return self.step_per_tensor(params, grads, &shapes);
+            return self.step_per_tensor(params, grads, &shapes, grad_scale);
         }
         let flat = self.upload_shaped(params, grads, shapes)?;
-        self.step_flat(&flat)?;
+        self.step_flat_scaled(&flat, grad_scale)?;
         if flat.cubes > 0 {
             for (t, new) in params.iter_mut().zip(self.download(&flat)?) {
                 t.copy_from_slice(&new);
@@ -339,7 +367,7 @@ impl CubeOptimizer {
         Ok(())
     }
 
-    fn step_per_tensor(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], shapes: &[Vec<usize>]) -> Result<(), Error> {
+    fn step_per_tensor(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], shapes: &[Vec<usize>], grad_scale: f64) -> Result<(), Error> {
         if grads.len() != params.len() || shapes.len() != params.len() {
             return Err(Error("every parameter needs a gradient and a shape".into()));
         }
@@ -351,7 +379,11 @@ impl CubeOptimizer {
             v.iter_mut().for_each(|t| self.param_dtype.round(t));
             v
         };
-        let (params_in, grads) = (stored(params), stored(grads));
+        let (params_in, mut grads) = (stored(params), stored(grads));
+        // Scaled in f32, as the fused kernels scale them where they load them.
+        if grad_scale != 1.0 {
+            grads.iter_mut().flatten().for_each(|g| *g *= grad_scale as f32);
+        }
         let (params_in, grads) = (params_in.as_slice(), grads.as_slice());
         // Everything is checked and computed before anything is written back.
         for (k, ((p, g), s)) in params.iter().zip(grads).zip(shapes).enumerate() {

@@ -189,7 +189,7 @@ fn changing_the_learning_rate_keeps_the_program() {
     let b = normforge_cubecl::compile(&entry, step_of(&entry)).unwrap();
     assert_eq!(a.phases, b.phases);
     // ...while the scalars it reads do.
-    assert_ne!(a.scalars(&[0.1, 0.9, 0.999, 1e-8, 0.01], 1.0), a.scalars(&[0.0, 0.9, 0.999, 1e-8, 0.01], 1.0));
+    assert_ne!(a.scalars(&[0.1, 0.9, 0.999, 1e-8, 0.01], 1.0, 1.0), a.scalars(&[0.0, 0.9, 0.999, 1e-8, 0.01], 1.0, 1.0));
 }
 
 /// A rule of several phases stores each state once, in the first phase that can compute it, and
@@ -393,6 +393,82 @@ fn parameter_dtype_changes_only_what_is_stored() {
                 }
             }
         }
+    }
+}
+
+/// A clipped step — every gradient read as c times its value (`step_shaped_scaled`: the fused
+/// kernels of `Compiled::grad_scaled` multiply each where they load it; the rules through layer
+/// kernels get their gradients scaled first) — against the same rule fed the gradients
+/// multiplied by c beforehand, in f32 as the kernels multiply: the same steps, and each scaled
+/// gradient load feeds one multiply by the scalar buffer's last entry, and nothing else.
+#[test]
+fn scaled_gradients_step_as_gradients_scaled_first() {
+    use normforge_cubecl::kernel::{BOp, KOp, Pure};
+    let reg = registry();
+    let device = cpu_device().unwrap();
+    let vectors: Vec<Vec<usize>> = vec![vec![4, 50], vec![300], vec![3, 7]];
+    let matrices: Vec<Vec<usize>> = vec![vec![9, 4], vec![33, 70]];
+    let c = 0.37f64;
+    let mut changed = Vec::new();
+    for (name, lr, shapes) in ELEMENTWISE.iter().map(|&(name, lr)| (name, lr, &vectors)).chain([("muon", 0.02, &matrices)]) {
+        let entry = reg.get(name).unwrap().entry;
+        if let Programs::Optimizer { step } = &entry.programs {
+            if let Ok(prog) = normforge_cubecl::compile(&entry, step) {
+                let scaled = prog.grad_scaled();
+                let scalars = prog.scalars(&normforge_dsl::hyper::resolve(&entry, &[]).unwrap(), 1.0, c);
+                let last = scalars.len() - 1;
+                assert_eq!(scalars[last], c as f32, "{name}: the scale is the scalar buffer's last entry");
+                for (a, b) in prog.phases.iter().zip(&scaled.phases) {
+                    assert_eq!(a.loads(), b.loads(), "{name}: the same loads");
+                    let gradients = a.ops.iter().filter(|op| **op == KOp::LoadG).count();
+                    assert_eq!(b.ops.len(), a.ops.len() + 2 * gradients, "{name}");
+                    for (k, _) in b.ops.iter().enumerate().filter(|(_, op)| **op == KOp::LoadG) {
+                        assert_eq!(b.ops[k + 1], KOp::Pure(Pure::Scalar(last)), "{name}");
+                        assert_eq!(b.ops[k + 2], KOp::Pure(Pure::Binary(BOp::Mul, k, k + 1)), "{name}");
+                        // Nothing reads the unscaled load but its product.
+                        let reads = |op: &KOp| match op {
+                            KOp::Pure(p) => {
+                                let mut hit = false;
+                                p.map(|a| {
+                                    hit |= a == k;
+                                    a
+                                });
+                                hit
+                            }
+                            KOp::Accum(_, a) | KOp::StoreP(a) | KOp::StoreState(_, a) => *a == k,
+                            _ => false,
+                        };
+                        assert_eq!(b.ops.iter().filter(|op| reads(op)).count(), 1, "{name}");
+                    }
+                }
+            }
+        }
+        let h = [("lr".to_string(), lr)];
+        let mut scaled = CubeOptimizer::new(entry.clone(), &h, &device).unwrap();
+        let mut first = CubeOptimizer::new(entry.clone(), &h, &device).unwrap();
+        let mut plain = CubeOptimizer::new(entry.clone(), &h, &device).unwrap();
+        let mut p: Vec<Vec<f32>> = shapes.iter().enumerate().map(|(i, s)| values(i as u64 + 5, s.iter().product()).iter().map(|&x| x as f32).collect()).collect();
+        let (mut q, mut u) = (p.clone(), p.clone());
+        for step in 1..=5u64 {
+            let g: Vec<Vec<f32>> = p.iter().enumerate().map(|(i, v)| values(500 + 7 * step + i as u64, v.len()).iter().map(|&x| x as f32).collect()).collect();
+            let gc: Vec<Vec<f32>> = g.iter().map(|v| v.iter().map(|x| x * c as f32).collect()).collect();
+            scaled.step_shaped_scaled(&mut p, &g, shapes.clone(), c).unwrap();
+            first.step_shaped(&mut q, &gc, shapes.clone()).unwrap();
+            plain.step_shaped(&mut u, &g, shapes.clone()).unwrap();
+            // Exactly: lavapipe rounds the product before anything adds to it (CUDA's default
+            // contraction may fuse it into a later add instead: a rounding apart there).
+            for (k, (a, b)) in p.iter().zip(&q).enumerate() {
+                assert_eq!(a, b, "{name}: tensor {k} after step {step}, against the step on gradients scaled first");
+            }
+        }
+        if p != u {
+            changed.push(name);
+        }
+    }
+    // (Rules that normalise the gradient — Adam's kind away from eps, Lion's sign, Muon —
+    // barely see a scale; these see it plainly.)
+    for name in ["sgd", "lars", "sgdp", "adamp"] {
+        assert!(changed.contains(&name), "{name}: the scaled step is the unscaled one");
     }
 }
 

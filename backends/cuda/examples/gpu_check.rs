@@ -253,17 +253,21 @@ fn main() {
             let first = start.elapsed().as_secs_f64();
             let Timing { ms, host_ms } = time_ms(&gpu, 50, || opt.step(&arena).expect("step"));
             let gbps = bytes * n as f64 / ms / 1e6;
-            // The fused rules again with one block per cube (one element per unit).
-            let ms_one = match opt.fused() {
+            // The fused rules again with one block per cube (one element per unit), and reading
+            // every gradient scaled, as a clipped step does (the same passes over memory).
+            let (ms_one, ms_scaled) = match opt.fused() {
                 true => {
                     let mut one = CudaOptimizer::new(gpu.clone(), r.entry.clone(), &[], Precision::default()).and_then(|o| o.with_blocks_per_cube(1)).map_err(|e| e.to_string())?;
                     one.step(&arena).map_err(|e| e.to_string())?;
-                    format!("{:.4}", time_ms(&gpu, 50, || one.step(&arena).expect("step")).ms)
+                    let ms_one = time_ms(&gpu, 50, || one.step(&arena).expect("step")).ms;
+                    opt.step_scaled(&arena, 0.5).map_err(|e| e.to_string())?;
+                    let ms_scaled = time_ms(&gpu, 50, || opt.step_scaled(&arena, 0.5).expect("step")).ms;
+                    (format!("{ms_one:.4}"), format!("{ms_scaled:.4}"))
                 }
-                false => "null".to_string(),
+                false => ("null".to_string(), "null".to_string()),
             };
             Ok(format!(
-                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"host_ms":{host_ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{},"fused":{},"ms_one_block_per_cube":{ms_one}}}"#,
+                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"host_ms":{host_ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{},"fused":{},"ms_one_block_per_cube":{ms_one},"ms_grad_scaled":{ms_scaled}}}"#,
                 vars.len(),
                 gbps / copy_gbps,
                 opt.launches_per_step(),

@@ -81,7 +81,9 @@ pub struct FusedOptimizer {
     entry: Arc<Entry>,
     groups: Vec<Group>,
     started: bool,
-    /// Clip the global gradient norm to this value before the update (`clip_grad_norm_`).
+    /// Clip the global gradient norm to this value before the update (`clip_grad_norm_`): the
+    /// fused kernels read each gradient scaled, leaving the gradients as they are, as
+    /// `DslOptimizer` does (a rule through layer kernels scales them in place first).
     pub max_grad_norm: Option<f64>,
     /// Skip a step whose gradients are not all finite (the default).
     pub skip_nonfinite: bool,
@@ -245,7 +247,7 @@ impl FusedOptimizer {
         }
         // One pass over each part's gradients serves both checks, every part's norm read back
         // at once (`Arena::grad_norms`).
-        let (mut clipped, mut grad_norm) = (false, None);
+        let (mut grad_scale, mut grad_norm) = (1.0, None);
         if self.skip_nonfinite || self.max_grad_norm.is_some() {
             let norms = Arena::grad_norms(&parts().map(|(_, part)| &part.arena).collect::<Vec<_>>());
             let mut sq = 0f64;
@@ -259,18 +261,18 @@ impl FusedOptimizer {
             if let Some(max) = self.max_grad_norm {
                 // As torch.nn.utils.clip_grad_norm_ (the padding between tensors is zero).
                 let norm = sq.sqrt();
+                // The step kernels scale each gradient where they load it (`step_scaled`).
                 let coef = max / (norm + 1e-6);
                 if coef < 1.0 {
-                    parts().for_each(|(_, part)| part.arena.scale_grads(coef));
-                    clipped = true;
+                    grad_scale = coef;
                 }
                 grad_norm = Some(norm);
             }
         }
         for part in self.groups.iter_mut().flat_map(|g| &mut g.parts) {
-            part.opt.step(&part.arena).map_err(|e| Error(e.to_string()))?;
+            part.opt.step_scaled(&part.arena, grad_scale).map_err(|e| Error(e.to_string()))?;
         }
-        Ok(StepReport::Applied { grad_norm, clipped })
+        Ok(StepReport::Applied { grad_norm, clipped: grad_scale != 1.0 })
     }
 
     /// Save every part's state and step count, and the loaded states still waiting, in

@@ -88,6 +88,15 @@ struct Phase {
     combine: Option<Kernel>,
 }
 
+/// A fused rule's programs reading every gradient times the scalar buffer's last entry
+/// ([`Compiled::grad_scaled`]), and their kernels: the same launches, sizes and buffers.
+struct Scaled {
+    step_prog: Compiled,
+    init_prog: Compiled,
+    steps: Vec<Phase>,
+    inits: Vec<Phase>,
+}
+
 /// Device buffers and launch metadata for one arena.
 struct Bound {
     state: Tensor,
@@ -112,8 +121,9 @@ pub struct CudaOptimizer {
 // (One per optimizer, made once: its size costs nothing.)
 #[allow(clippy::large_enum_variant)]
 enum Path {
-    /// Every tensor in one launch per phase.
-    Fused { step_prog: Compiled, init_prog: Compiled, steps: Vec<Phase>, inits: Vec<Phase>, bound: Option<Bound> },
+    /// Every tensor in one launch per phase; `scaled`, the same reading the gradients scaled,
+    /// compiled at the first step that scales them.
+    Fused { step_prog: Compiled, init_prog: Compiled, steps: Vec<Phase>, inits: Vec<Phase>, bound: Option<Bound>, scaled: Option<Box<Scaled>> },
     /// Through the layer kernels, a stack of same-shaped tensors at a time; per stack what it
     /// keeps (its work arena, which holds its states).
     PerTensor { plans: Stacked, kernels: PlanKernels, works: Vec<Kept> },
@@ -136,7 +146,7 @@ impl CudaOptimizer {
                 let init_prog = compile(&entry, &entry.init)?;
                 let steps = phases(&gpu, &step_prog, types)?;
                 let inits = phases(&gpu, &init_prog, types)?;
-                Path::Fused { step_prog, init_prog, steps, inits, bound: None }
+                Path::Fused { step_prog, init_prog, steps, inits, bound: None, scaled: None }
             }
             Err(fused) => {
                 let plans = Stacked::new(&entry, step).map_err(|e| Error::Rule(format!("`{}` cannot run on the CUDA path: {}; {}", entry.name, fused.0, e.0)))?;
@@ -157,7 +167,7 @@ impl CudaOptimizer {
         if blocks == 0 || !BLOCKS_PER_CUBE.is_multiple_of(blocks) {
             return Err(Error::Rule(format!("blocks per cube must divide {BLOCKS_PER_CUBE}, not {blocks}")));
         }
-        if let Path::Fused { step_prog, init_prog, steps, inits, bound } = &mut self.path {
+        if let Path::Fused { step_prog, init_prog, steps, inits, bound, .. } = &mut self.path {
             if bound.is_some() {
                 return Err(Error::Rule("blocks per cube are chosen before the first step".into()));
             }
@@ -206,7 +216,7 @@ impl CudaOptimizer {
                     let sizes = StepSizes {
                         n,
                         slots,
-                        scalars: prog.scalars(&self.hparams, 0.0).len(),
+                        scalars: prog.scalars(&self.hparams, 0.0, 1.0).len(),
                         cubes: arena.cubes,
                         tensors: arena.sizes.len(),
                         results: ph.program.slots,
@@ -224,6 +234,14 @@ impl CudaOptimizer {
     /// launches only, on torch's current stream. The first step binds the state to this
     /// arena's layout; later arenas must have the same sizes.
     pub fn step(&mut self, arena: &Arena) -> Result<(), Error> {
+        self.step_scaled(arena, 1.0)
+    }
+
+    /// [`Self::step`] with every gradient read as `grad_scale` times its value (a clipped step):
+    /// the fused kernels scale each where they load it (compiled at the first such step), so
+    /// the gradients are left as they are; a rule through layer kernels has its stack's
+    /// gradients scaled in place first.
+    pub fn step_scaled(&mut self, arena: &Arena, grad_scale: f64) -> Result<(), Error> {
         if arena.is_empty() {
             return Ok(());
         }
@@ -231,22 +249,36 @@ impl CudaOptimizer {
         let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal())
             .ok_or_else(|| Error::Rule("libtorch's CUDA support is not loaded (normforge_tch::load_cuda)".into()))?;
         if !self.fused() {
+            if grad_scale != 1.0 {
+                arena.scale_grads(grad_scale);
+            }
             return self.step_per_tensor(arena);
         }
-        let Path::Fused { step_prog, init_prog, steps, inits, bound } = &self.path else { unreachable!("fused") };
+        if let Path::Fused { step_prog, init_prog, scaled: scaled @ None, .. } = &mut self.path {
+            if grad_scale != 1.0 {
+                let (step_prog, init_prog) = (step_prog.grad_scaled(), init_prog.grad_scaled());
+                let (steps, inits) = (phases(&self.gpu, &step_prog, self.types)?, phases(&self.gpu, &init_prog, self.types)?);
+                *scaled = Some(Box::new(Scaled { step_prog, init_prog, steps, inits }));
+            }
+        }
+        let Path::Fused { step_prog, init_prog, steps, inits, bound, .. } = &self.path else { unreachable!("fused") };
         if bound.is_none() {
             let b = self.bind(arena, step_prog, init_prog, steps, inits);
             if let Path::Fused { bound, .. } = &mut self.path {
                 *bound = Some(b);
             }
         }
-        let Path::Fused { step_prog, init_prog, steps, inits, bound: Some(b) } = &self.path else { unreachable!("bound above") };
+        let Path::Fused { step_prog, init_prog, steps, inits, bound: Some(b), scaled } = &self.path else { unreachable!("bound above") };
+        let (step_prog, init_prog, steps, inits) = match scaled {
+            Some(s) if grad_scale != 1.0 => (&s.step_prog, &s.init_prog, &s.steps, &s.inits),
+            _ => (step_prog, init_prog, steps, inits),
+        };
         // (A state taken with `set_states` is not initialised again.)
         if self.step == 0 {
-            self.run(b, init_prog, inits, true, arena, stream, 0.0)?;
+            self.run(b, init_prog, inits, true, arena, stream, 0.0, grad_scale)?;
         }
         let t = self.step + 1;
-        self.run(b, step_prog, steps, false, arena, stream, t as f64)?;
+        self.run(b, step_prog, steps, false, arena, stream, t as f64, grad_scale)?;
         self.step = t;
         Ok(())
     }
@@ -473,7 +505,7 @@ impl CudaOptimizer {
                     return Err(changed());
                 }
             }
-            Path::Fused { step_prog, init_prog, steps, inits, bound: None } => {
+            Path::Fused { step_prog, init_prog, steps, inits, bound: None, .. } => {
                 let b = self.bind(arena, step_prog, init_prog, steps, inits);
                 if let Path::Fused { bound, .. } = &mut self.path {
                     *bound = Some(b);
@@ -511,10 +543,10 @@ impl CudaOptimizer {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run(&self, b: &Bound, prog: &Compiled, phases: &[Phase], init: bool, arena: &Arena, stream: *mut std::ffi::c_void, t: f64) -> Result<(), Error> {
+    fn run(&self, b: &Bound, prog: &Compiled, phases: &[Phase], init: bool, arena: &Arena, stream: *mut std::ffi::c_void, t: f64, grad_scale: f64) -> Result<(), Error> {
         // This step's scalars and the per-tensor values known on the host: one copy, queued.
-        let values =
-            upload::pack(&[&words(&prog.scalars(&self.hparams, t)), &words(&prog.host_values(&self.entry, &self.hparams, &arena.shapes)?)], arena.device);
+        let scalars = prog.scalars(&self.hparams, t, grad_scale);
+        let values = upload::pack(&[&words(&scalars), &words(&prog.host_values(&self.entry, &self.hparams, &arena.shapes)?)], arena.device);
         let (scalars, red) = (values.ptr(0), values.ptr(1));
         let ptr = |t: &Tensor| t.data_ptr() as u64;
         let infos = if init { &b.init_infos } else { &b.infos };

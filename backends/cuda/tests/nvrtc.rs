@@ -332,8 +332,12 @@ fn step_kernels_load_under_no_branch() {
         let normforge_dsl::ir::Programs::Optimizer { step } = &r.entry.programs else { continue };
         let Ok(prog) = normforge_cubecl::compile(&r.entry, step) else { continue };
         let (f32s, bf16s) = (Precision::default(), Precision { param: Dtype::F32, state: Dtype::BF16 });
-        for dtype in [f32s, bf16s, Precision::uniform(Dtype::BF16), Precision::uniform(Dtype::F16)] {
-            let units = normforge_cubecl::emit::program_units(&prog, dtype, Lang::Cuda).unwrap();
+        let scaled = prog.grad_scaled();
+        let variants = [f32s, bf16s, Precision::uniform(Dtype::BF16), Precision::uniform(Dtype::F16)].map(|d| (&prog, d, ""));
+        // And the kernels of a clipped step, reading each gradient scaled.
+        let variants = variants.into_iter().chain([f32s, Precision::uniform(Dtype::BF16)].map(|d| (&scaled, d, " scaled")));
+        for (prog, dtype, what) in variants {
+            let units = normforge_cubecl::emit::program_units(prog, dtype, Lang::Cuda).unwrap();
             // (A reducing phase's unit is followed by its combine's.)
             let mut units = units.into_iter();
             for phase in &prog.phases {
@@ -346,16 +350,16 @@ fn step_kernels_load_under_no_branch() {
                 assert_eq!(phase.blocks_per_cube, normforge_cubecl::kernel::BLOCKS_PER_CUBE);
                 let ptx = nvrtc.compile(&unit.source).unwrap().ptx;
                 let loads = ptx.lines().filter(|l| l.trim_start().starts_with("ld.global")).count();
-                assert!(loads >= 2 * phase.blocks_per_cube, "{} {dtype:?}: {loads} loads", r.name);
+                assert!(loads >= 2 * phase.blocks_per_cube, "{}{what} {dtype:?}: {loads} loads", r.name);
                 let found = skippable(&ptx, |l| l.starts_with("ld.global"));
-                assert!(found.is_empty(), "{} {dtype:?}: loads under a branch: {found:?}", r.name);
+                assert!(found.is_empty(), "{}{what} {dtype:?}: loads under a branch: {found:?}", r.name);
                 // The loaded values wait in registers, not in local memory.
                 let u = nvrtc.usage(&unit.source).unwrap();
-                assert_eq!((u.spill_stores, u.stack_bytes), (0, 0), "{} {dtype:?}: {u:?}", r.name);
-                eprintln!("{} {dtype:?}: {} registers", r.name, u.registers);
+                assert_eq!((u.spill_stores, u.stack_bytes), (0, 0), "{}{what} {dtype:?}: {u:?}", r.name);
+                eprintln!("{}{what} {dtype:?}: {} registers", r.name, u.registers);
                 checked += 1;
             }
         }
     }
-    assert!(checked >= 4 * 10, "{checked} step phases");
+    assert!(checked >= 6 * 10, "{checked} step phases");
 }
