@@ -1,11 +1,13 @@
 //! Correctness on a GPU, shared by the tests and the GPU check binary: a rule on CUDA tensors
 //! (fused, or through layer kernels) against the reference backend (f64), and against libtorch's own
 //! optimizer where it has one, and against the same rule in libtorch's operations, over several
-//! steps; one call of a layer (on any device) against the reference backend.
+//! steps; one call of a layer (on any device) against the reference backend, or against itself
+//! lowered to libtorch's operations in f64 where the reference would be slow (`LayerOracle`).
 
 use crate::{Arena, CudaOptimizer, Gpu};
 use normforge_cubecl::Precision;
 use normforge_dsl::ir::Entry;
+use normforge_tch::DslLayer;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -379,4 +381,61 @@ pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, r
         let _ = std::fs::remove_file(file(k));
     }
     Ok(worst)
+}
+
+/// A layer lowered to libtorch's operations in f64 on the device of its input, its output and
+/// gradients (autograd's) in training from given values: the oracle for a layer at shapes
+/// where the reference backend (f64 on the CPU) would take minutes — the GPU check's timed
+/// kernels, held to it where they are timed.
+pub struct LayerOracle {
+    /// Its parameters and buffers, drawn in f32 so a layer of f32 parameters takes them exactly.
+    values: Vec<Tensor>,
+    /// y, dx, then each parameter's gradient.
+    want: Vec<Tensor>,
+}
+
+impl LayerOracle {
+    /// The oracle for layers of `spec` on inputs of `shape`, from `x` and the output gradient `gy`
+    /// (any float dtype: taken exactly in f64), its parameters and buffers drawn at random.
+    pub fn new(spec: &normforge_tch::LayerSpec, shape: &[i64], x: &Tensor, gy: &Tensor) -> Result<Self, String> {
+        let _seeded = normforge_tch::seeded(17);
+        let mut vs = tch::nn::VarStore::new(x.device());
+        let oracle = spec.build(&vs.root(), shape).map_err(|e| e.0)?;
+        vs.double();
+        let values: Vec<Tensor> = oracle.params().iter().chain(oracle.buffers()).map(|t| Tensor::rand(t.size(), (Kind::Float, x.device())) * 0.5 + 0.75).collect();
+        Self::set(&oracle, &values);
+        let want = Self::run(&oracle, &x.to_kind(Kind::Double), &gy.to_kind(Kind::Double))?;
+        Ok(LayerOracle { values, want })
+    }
+
+    /// `layer`'s parameters, then its buffers, to `values` (in their own dtype).
+    fn set(layer: &DslLayer, values: &[Tensor]) {
+        tch::no_grad(|| layer.params().iter().chain(layer.buffers()).zip(values).for_each(|(t, v)| t.shallow_clone().copy_(v)));
+    }
+
+    /// y, dx and the parameters' gradients of `layer` in training, from fresh gradients.
+    fn run(layer: &DslLayer, x: &Tensor, gy: &Tensor) -> Result<Vec<Tensor>, String> {
+        let x = x.detach().set_requires_grad(true);
+        for v in layer.params() {
+            normforge_tch::shim::clear_grad(&mut v.shallow_clone()).map_err(|e| e.0)?;
+        }
+        let y = layer.try_forward_t(&x, true).map_err(|e| e.0)?;
+        normforge_tch::shim::backward_with_grad(&y, gy).map_err(|e| e.0)?;
+        Ok([y.detach(), x.grad()].into_iter().chain(layer.params().iter().map(Tensor::grad)).collect())
+    }
+
+    /// `layer` (the same entry, its parameters and buffers set to the oracle's) from `x` and
+    /// `gy`: the largest relative error (max |diff| / max |oracle|) of its output, and of its
+    /// gradients.
+    pub fn errors(&self, layer: &DslLayer, x: &Tensor, gy: &Tensor) -> Result<(f64, f64), String> {
+        Self::set(layer, &self.values);
+        let got = Self::run(layer, x, gy)?;
+        let rel = |a: &Tensor, b: &Tensor| -> f64 {
+            let d = f64::try_from((a.to_kind(Kind::Double) - b).abs().max()).unwrap_or(f64::NAN);
+            d / f64::try_from(b.abs().max()).unwrap_or(f64::NAN).max(1e-30)
+        };
+        let each: Vec<f64> = got.iter().zip(&self.want).map(|(a, b)| if a.defined() && b.defined() { rel(a, b) } else { f64::NAN }).collect();
+        let worst = |e: &[f64]| e.iter().copied().fold(0f64, |m, e| if m.is_nan() || e.is_nan() { f64::NAN } else { m.max(e) });
+        Ok((worst(&each[..1]), worst(&each[1..])))
+    }
 }

@@ -297,6 +297,43 @@ fn layer_calls_hold_to_the_reference_backend() {
     assert!(layers >= 19, "{layers} layers");
 }
 
+/// The oracle the GPU check holds the timed layer kernels to at their shapes (the layer lowered
+/// to libtorch's operations in f64), here on the CPU with the same layer lowered in f32 in its
+/// place: within the f32 bounds, and in bf16 (x and gy rounded to it, taken exactly in f64)
+/// within the 2^-8 the GPU check allows; a layer whose epsilon differs is found.
+#[test]
+fn the_oracle_at_the_timed_shapes_finds_what_differs() {
+    use normforge_tch::RegistryExt;
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let _seeded = normforge_tch::seeded(23);
+    for (name, shape) in [("layer_norm", vec![64i64, 256]), ("rms_norm", vec![64, 256]), ("evonorm_s0", vec![2, 64, 5, 5])] {
+        let mut spec = reg.layer(name).unwrap();
+        if name == "evonorm_s0" {
+            spec = spec.hparam("groups", 8.0);
+        }
+        let x = Tensor::randn(shape.as_slice(), (Kind::Float, tch::Device::Cpu)) * 2.0 + 0.3;
+        let gy = Tensor::randn(shape.as_slice(), (Kind::Float, tch::Device::Cpu));
+        let oracle = normforge_cuda::check::LayerOracle::new(&spec, &shape, &x, &gy).unwrap();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let same = spec.build(&vs.root(), &shape).unwrap();
+        let (fwd, bwd) = oracle.errors(&same, &x, &gy).unwrap();
+        assert!(fwd < 1e-5 && bwd < 1e-4, "{name}: forward {fwd:e}, backward {bwd:e}");
+        assert!(fwd > 0.0 && bwd > 0.0, "{name}: f32 against f64 agrees exactly ({fwd:e}, {bwd:e}): is the oracle in f64?");
+        // bf16 values, taken exactly: only the f32 arithmetic differs.
+        let (xb, gb) = (x.to_kind(Kind::BFloat16), gy.to_kind(Kind::BFloat16));
+        let oracle_b = normforge_cuda::check::LayerOracle::new(&spec, &shape, &xb, &gb).unwrap();
+        let (fwd, bwd) = oracle_b.errors(&same, &xb.to_kind(Kind::Float), &gb.to_kind(Kind::Float)).unwrap();
+        assert!(fwd < 1e-5 && bwd < 1e-4, "{name} from bf16 values: forward {fwd:e}, backward {bwd:e}");
+        let other = reg.layer(name).unwrap().hparam("eps", 0.1);
+        let other = if name == "evonorm_s0" { other.hparam("groups", 8.0) } else { other };
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let off = other.build(&vs.root(), &shape).unwrap();
+        let (fwd, bwd) = oracle.errors(&off, &x, &gy).unwrap();
+        assert!(fwd > 1e-3 && bwd > 1e-3, "{name} with eps 0.1: forward {fwd:e}, backward {bwd:e}");
+    }
+}
+
 /// The GPU half: skipped, visibly, without a GPU; on one, every rule on CUDA tensors (fused or
 /// through layer kernels) follows the reference backend for 10 steps (the GPU check script runs these with a GPU).
 #[test]
