@@ -490,6 +490,10 @@ fn parameter_groups_take_their_own_hyper_parameters() {
     assert!(matches!(r, StepReport::Applied { clipped: true, grad_norm: Some(n) } if (n - 1200f64.sqrt()).abs() < 1e-3), "{r:?}");
     // At a rate of zero nothing moves, in either group.
     assert_eq!(bits(&[w.copy(), b.copy()]), bits(&[w1, b1]), "a step at lr 0 moved a parameter");
+    // Gradients whose squares overflow f32 are finite: their norm too (summed again in f64).
+    let r = opt.backward_step(&((&w * 1e30).sum(Kind::Float) + (&b * 1e30).sum(Kind::Float))).unwrap();
+    let want = 12f64.sqrt() * f64::from(1e30f32);
+    assert!(matches!(r, StepReport::Applied { clipped: true, grad_norm: Some(n) } if (n - want).abs() < 1e-6 * want), "{r:?}");
 }
 
 /// Muon's usual set-up: it takes the matrices, AdamW the rest. Given a vector, it refuses

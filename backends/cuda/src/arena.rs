@@ -145,23 +145,10 @@ impl Arena {
     }
 
     /// [`Self::grad_norm`] of each arena (on one device), read back together: an optimizer
-    /// with several groups waits for the device once per step, not once per group. Summed in
-    /// f32, as `clip_grad_norm_` sums, in one read of each buffer: asking libtorch for an f64
-    /// norm of f32 values first casts the whole buffer (a copy twice its size, and three passes
-    /// over memory where one does). A sum of squares past f32's range comes out infinite though
-    /// every gradient is finite: such an arena is summed again in f64 (no square of a finite f32
-    /// overflows an f64), so only a NaN or an infinity makes a norm non-finite.
+    /// with several groups waits for the device once per step, not once per group; each in
+    /// one read of its buffer (`normforge_tch::optimizer::norms`).
     pub fn grad_norms(arenas: &[&Arena]) -> Vec<f64> {
-        tch::no_grad(|| {
-            let norm = |a: &Arena, kind: Kind| a.g.linalg_norm(2.0, None::<&[i64]>, false, kind);
-            let mut norms = normforge_tch::optimizer::gathered(arenas.iter().map(|a| norm(a, Kind::Float).to_kind(Kind::Double)));
-            for (n, a) in norms.iter_mut().zip(arenas) {
-                if *n == f64::INFINITY {
-                    *n = f64::try_from(norm(a, Kind::Double)).unwrap_or(f64::NAN);
-                }
-            }
-            norms
-        })
+        normforge_tch::optimizer::norms(arenas.iter().map(|a| &a.g))
     }
 
     /// Which tensor's gradient holds NaN or infinity first, if one does.

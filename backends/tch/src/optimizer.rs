@@ -222,8 +222,7 @@ impl DslOptimizer {
         let (scale, grad_norm) = match self.max_grad_norm {
             None => (None, None),
             Some(max) => {
-                let sq: f64 = gathered(present.iter().map(|(_, t)| t.to_kind(Kind::Double).square().sum(Kind::Double))).iter().sum();
-                let norm = sq.sqrt();
+                let norm = norms(present.iter().map(|(_, t)| *t)).iter().map(|n| n * n).sum::<f64>().sqrt();
                 // As torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when above max.
                 let coef = max / (norm + 1e-6);
                 (if coef < 1.0 { Some(coef) } else { None }, Some(norm))
@@ -348,4 +347,24 @@ pub fn gathered(values: impl Iterator<Item = Tensor>) -> Vec<f64> {
     let device = values.iter().map(Tensor::device).find(|&d| d != tch::Device::Cpu).unwrap_or(tch::Device::Cpu);
     let host = Tensor::stack(&values.iter().map(|v| v.to_device(device)).collect::<Vec<_>>(), 0).to_device(tch::Device::Cpu);
     Vec::<f64>::try_from(&host).unwrap_or_else(|_| vec![f64::NAN; values.len()])
+}
+
+/// Each tensor's 2-norm, read back at once ([`gathered`]): summed in f32, as
+/// `clip_grad_norm_` sums, in one read of each tensor — an f64 norm of f32 values makes
+/// libtorch cast the whole tensor first, a copy twice its size. A sum of squares past f32's
+/// range comes out infinite though every value is finite: such a tensor is summed again in f64
+/// (no square of a finite f32 overflows an f64), so only a NaN or an infinity makes a norm
+/// non-finite.
+pub fn norms<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> Vec<f64> {
+    tch::no_grad(|| {
+        let tensors: Vec<&Tensor> = tensors.collect();
+        let norm = |t: &Tensor, kind: Kind| t.linalg_norm(2.0, None::<&[i64]>, false, kind);
+        let mut out = gathered(tensors.iter().map(|t| norm(t, Kind::Float).to_kind(Kind::Double)));
+        for (n, t) in out.iter_mut().zip(&tensors) {
+            if *n == f64::INFINITY {
+                *n = f64::try_from(norm(t, Kind::Double)).unwrap_or(f64::NAN);
+            }
+        }
+        out
+    })
 }
