@@ -358,7 +358,8 @@ pub fn gathered(values: impl Iterator<Item = Tensor>) -> Vec<f64> {
 pub fn norms<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> Vec<f64> {
     tch::no_grad(|| {
         let tensors: Vec<&Tensor> = tensors.collect();
-        let norm = |t: &Tensor, kind: Kind| t.linalg_norm(2.0, None::<&[i64]>, false, kind);
+        // (Flat: `linalg_norm` of a matrix with ord 2 is its largest singular value.)
+        let norm = |t: &Tensor, kind: Kind| t.reshape([-1]).linalg_norm(2.0, None::<&[i64]>, false, kind);
         let mut out = gathered(tensors.iter().map(|t| norm(t, Kind::Float).to_kind(Kind::Double)));
         for (n, t) in out.iter_mut().zip(&tensors) {
             if *n == f64::INFINITY {
