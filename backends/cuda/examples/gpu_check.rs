@@ -487,10 +487,6 @@ fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name:
             b.shallow_clone().copy_(&v);
         }
     });
-    let rel = |a: &Tensor, b: &Tensor| -> f64 {
-        let d = f64::try_from((a - b).abs().max().to_kind(Kind::Double)).unwrap_or(f64::NAN);
-        d / f64::try_from(b.abs().max().to_kind(Kind::Double)).unwrap_or(f64::NAN).max(1e-30)
-    };
     // Output, buffers after the call (forward); input and parameter gradients (backward).
     let run = |f: &dyn Fn(&Tensor) -> Result<Tensor, String>, params: &[Tensor], buffers: &[Tensor], x: &Tensor, gy: &Tensor| -> Result<(Vec<Tensor>, Vec<Tensor>), String> {
         let xi = x.detach().set_requires_grad(true);
@@ -505,7 +501,7 @@ fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name:
         bwd.extend(params.iter().map(|p| p.grad().copy()));
         Ok((fwd, bwd))
     };
-    let worst = |a: &[Tensor], b: &[Tensor]| a.iter().zip(b).filter(|(a, b)| a.defined() && b.defined()).map(|(a, b)| rel(a, b)).fold(0f64, f64::max);
+    let worst = |a: &[Tensor], b: &[Tensor]| check::worst(a.iter().zip(b).filter(|(a, b)| a.defined() && b.defined()).map(|(a, b)| check::max_rel(a, b)));
     let mut errs = vec![LayerErrors { against: "lowered", forward: 0.0, backward: 0.0 }, LayerErrors { against: "reference", forward: 0.0, backward: 0.0 }];
     for train in [true, false] {
         let x = Tensor::randn(shape, (Kind::Float, dev)) * 2.0 + 0.3;

@@ -29,6 +29,18 @@ fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale
 }
 
+/// max |got - want| / max |want| of two tensors on one device, the difference taken in f64
+/// there (no copy to the host).
+pub fn max_rel(got: &Tensor, want: &Tensor) -> f64 {
+    let d = f64::try_from((got.to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs().max()).unwrap_or(f64::NAN);
+    d / f64::try_from(want.abs().max().to_kind(Kind::Double)).unwrap_or(f64::NAN).max(1e-30)
+}
+
+/// The largest of some errors, NaN if any is (`f64::max` would drop it).
+pub fn worst(errors: impl Iterator<Item = f64>) -> f64 {
+    errors.fold(0f64, |m, e| if m.is_nan() || e.is_nan() { f64::NAN } else { m.max(e) })
+}
+
 /// Run `steps` steps of `entry` on parameters of `shapes` with random gradients, on the GPU
 /// (fused phases that reduce nothing taking `blocks_per_cube` blocks per cube) and in the
 /// reference backend; the largest relative error over the tensors (max |diff| / max
@@ -430,12 +442,7 @@ impl LayerOracle {
     pub fn errors(&self, layer: &DslLayer, x: &Tensor, gy: &Tensor) -> Result<(f64, f64), String> {
         Self::set(layer, &self.values);
         let got = Self::run(layer, x, gy)?;
-        let rel = |a: &Tensor, b: &Tensor| -> f64 {
-            let d = f64::try_from((a.to_kind(Kind::Double) - b).abs().max()).unwrap_or(f64::NAN);
-            d / f64::try_from(b.abs().max()).unwrap_or(f64::NAN).max(1e-30)
-        };
-        let each: Vec<f64> = got.iter().zip(&self.want).map(|(a, b)| if a.defined() && b.defined() { rel(a, b) } else { f64::NAN }).collect();
-        let worst = |e: &[f64]| e.iter().copied().fold(0f64, |m, e| if m.is_nan() || e.is_nan() { f64::NAN } else { m.max(e) });
-        Ok((worst(&each[..1]), worst(&each[1..])))
+        let each: Vec<f64> = got.iter().zip(&self.want).map(|(a, b)| if a.defined() && b.defined() { max_rel(a, b) } else { f64::NAN }).collect();
+        Ok((worst(each[..1].iter().copied()), worst(each[1..].iter().copied())))
     }
 }

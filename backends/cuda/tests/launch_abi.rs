@@ -325,10 +325,8 @@ fn the_oracle_at_the_timed_shapes_finds_what_differs() {
         let oracle_b = normforge_cuda::check::LayerOracle::new(&spec, &shape, &xb, &gb).unwrap();
         let (fwd, bwd) = oracle_b.errors(&same, &xb.to_kind(Kind::Float), &gb.to_kind(Kind::Float)).unwrap();
         assert!(fwd < 1e-5 && bwd < 1e-4, "{name} from bf16 values: forward {fwd:e}, backward {bwd:e}");
-        let other = reg.layer(name).unwrap().hparam("eps", 0.1);
-        let other = if name == "evonorm_s0" { other.hparam("groups", 8.0) } else { other };
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-        let off = other.build(&vs.root(), &shape).unwrap();
+        let off = spec.clone().hparam("eps", 0.1).build(&vs.root(), &shape).unwrap();
         let (fwd, bwd) = oracle.errors(&off, &x, &gy).unwrap();
         assert!(fwd > 1e-3 && bwd > 1e-3, "{name} with eps 0.1: forward {fwd:e}, backward {bwd:e}");
     }
