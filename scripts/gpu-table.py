@@ -146,9 +146,9 @@ def tables(ours, peers, card="(card unknown)"):
 def self_test():
     ours = [
         {"op": "copy", "impl": "tch", "ms": 1.0, "GBps": 3000.0},
-        {"check": "adamw", "blocks_per_cube": 4, "rel_err": 1e-7, "ok": True},
-        {"check": "lamb", "blocks_per_cube": 4, "rel_err": 1e-3, "ok": False},
-        {"check": "muon", "blocks_per_cube": 1, "skipped": "no"},
+        {"check": "adamw", "layout": "4x4", "rel_err": 1e-7, "ok": True},
+        {"check": "lamb", "layout": "4x4", "rel_err": 1e-3, "ok": False},
+        {"check": "muon", "layout": "1x1", "skipped": "no"},
         {"op": "adamw_step", "impl": "normforge", "ms": 2.0, "of_copy": 0.93, "first_step_s": 0.4},
         {"op": "lamb_step", "impl": "normforge", "ms": 3.0, "of_copy": 0.70, "first_step_s": 2.5},
         {"op": "rms_norm", "impl": "normforge", "dtype": "BFloat16", "fwd_ms": 0.10, "fwd_of_copy": 0.91, "fwd_bwd_ms": 0.30, "fwd_bwd_of_copy": 0.74},

@@ -4,7 +4,7 @@
 //! rest into phases (a phase computes what the next one's reductions need); each phase is one
 //! kernel over every element of every tensor.
 
-use crate::kernel::{BOp, KOp, KProgram, Pure, ROp, UOp, BLOCKS_PER_CUBE};
+use crate::kernel::{BOp, KOp, KProgram, Pure, ROp, StepLayout, UOp};
 use crate::{Dtype, Error};
 use normforge_dsl::{bind, uniform};
 use normforge_dsl::ir::{Binary, Entry, Op, Program, ReduceOp, Target, Unary};
@@ -290,8 +290,7 @@ pub fn compile_for(entry: &Entry, p: &Program, states: Dtype) -> Result<Compiled
                 });
             }
         }
-        let blocks_per_cube = if accums.is_empty() { BLOCKS_PER_CUBE } else { 1 };
-        phases.push(KProgram { ops, accums, slots, blocks_per_cube });
+        phases.push(KProgram { ops, accums, slots, blocks_per_cube: 1, lanes: 1 }.laid_out(StepLayout::DEFAULT));
     }
     Ok(Compiled { phases, program: p.clone(), uniforms, host })
 }

@@ -92,6 +92,7 @@ fn step_source<P: Float, S: Float>(props: &Arc<DeviceProperties>, phase: &KProgr
         Arc::new(TargetProperties::default()),
         CubeCount::Static(1, 1, 1),
         CubeDim::new_1d(BLOCK as u32),
+        phase.lanes,
         b(),
         b(),
         b(),

@@ -121,15 +121,61 @@ pub struct KProgram {
     /// reduces (a partial per block), else [`BLOCKS_PER_CUBE`], so each unit has that many
     /// elements' loads in flight at once.
     pub blocks_per_cube: usize,
+    /// Neighbouring elements each unit reads and writes as one vector (dividing
+    /// `blocks_per_cube`): [`LANES`] where the phase reduces nothing, else 1; the launch's
+    /// vector width.
+    pub lanes: usize,
 }
 
 /// Blocks per cube of a step phase that reduces nothing.
 pub const BLOCKS_PER_CUBE: usize = 4;
 
+/// Elements per vector access of a step phase that reduces nothing: 16 bytes of f32.
+pub const LANES: usize = 4;
+
+/// How a step phase that reduces nothing walks the padded layout: blocks per cube and
+/// elements per access. Tuning, never meaning; the GPU check compares them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepLayout {
+    pub blocks_per_cube: usize,
+    pub lanes: usize,
+}
+
+impl StepLayout {
+    pub const DEFAULT: StepLayout = StepLayout { blocks_per_cube: BLOCKS_PER_CUBE, lanes: LANES };
+    /// The default, the same with one element per access, and one block per cube.
+    pub const COMPARED: [StepLayout; 3] =
+        [StepLayout::DEFAULT, StepLayout { blocks_per_cube: BLOCKS_PER_CUBE, lanes: 1 }, StepLayout { blocks_per_cube: 1, lanes: 1 }];
+
+    /// This layout, if the padded layout and the kernel allow it: blocks dividing
+    /// [`BLOCKS_PER_CUBE`], lanes 1, 2 or 4 dividing the blocks.
+    pub fn checked(self) -> Result<Self, String> {
+        let StepLayout { blocks_per_cube: b, lanes: l } = self;
+        match b > 0 && BLOCKS_PER_CUBE.is_multiple_of(b) && matches!(l, 1 | 2 | 4) && b.is_multiple_of(l) {
+            true => Ok(self),
+            false => Err(format!("{b} blocks per cube of {l} lanes: blocks must divide {BLOCKS_PER_CUBE}, lanes (1, 2 or 4) the blocks")),
+        }
+    }
+
+    /// `blocks`x`lanes`, as the GPU check's lines name it.
+    pub fn name(self) -> String {
+        format!("{}x{}", self.blocks_per_cube, self.lanes)
+    }
+}
+
 impl KProgram {
     /// A program with no reductions, a block per cube (the unfused baseline's kernels).
     pub fn elementwise(ops: Vec<KOp>) -> Self {
-        KProgram { ops, accums: Vec::new(), slots: 0, blocks_per_cube: 1 }
+        KProgram { ops, accums: Vec::new(), slots: 0, blocks_per_cube: 1, lanes: 1 }
+    }
+
+    /// The same phase walking the layout as `layout` says, if it reduces nothing (one that
+    /// reduces keeps a block per cube, an element per unit).
+    pub fn laid_out(mut self, layout: StepLayout) -> Self {
+        if self.accums.is_empty() {
+            (self.blocks_per_cube, self.lanes) = (layout.blocks_per_cube, layout.lanes);
+        }
+        self
     }
 
     /// Cubes to launch over `blocks` blocks of the padded layout.
@@ -144,6 +190,15 @@ impl KProgram {
 
     pub fn loads(&self) -> usize {
         self.load_slot(self.ops.len())
+    }
+
+    /// Where store `k` of `ops` keeps its value until the vector is written.
+    pub fn store_slot(&self, k: usize) -> usize {
+        self.ops[..k].iter().filter(|op| matches!(op, KOp::StoreP(_) | KOp::StoreState(..))).count()
+    }
+
+    pub fn stores(&self) -> usize {
+        self.store_slot(self.ops.len())
     }
 }
 
@@ -227,10 +282,12 @@ pub struct StepSizes {
 }
 
 impl StepSizes {
-    /// The lengths of `step_kernel`'s buffers, in parameter order.
-    pub fn step(&self) -> [usize; 7] {
+    /// The lengths of `step_kernel`'s buffers, in parameter order, for a phase reading `lanes`
+    /// elements per access (the parameter, gradient and state buffers count vectors).
+    pub fn step(&self, lanes: usize) -> [usize; 7] {
         let r = self.results.max(1);
-        [self.n, self.n, self.slots * self.n, self.scalars, 3 * self.cubes + 3, self.cubes.max(1) * r, self.tensors.max(1) * r]
+        let v = self.n / lanes;
+        [v, v, self.slots * v, self.scalars, 3 * self.cubes + 3, self.cubes.max(1) * r, self.tensors.max(1) * r]
     }
 
     /// The lengths of `combine_kernel`'s buffers, in parameter order.
@@ -240,20 +297,22 @@ impl StepSizes {
     }
 }
 
-/// Update element `u` of each of the cube's `blocks_per_cube` blocks (`BLOCK` elements each) of
-/// the flat parameter buffer `p` (all tensors of one launch back to back, each padded to whole
-/// blocks; it and the gradient `g` stored as `P`) and of each state (`s` holds state k at
-/// `k * len(p) + i`, stored as `S`); everything computed in f32, as torch's fused optimizers do
-/// for bf16 and f16 parameters, and rounded where it is stored (`round_p`, `round_s`: bf16 held
-/// in f32 words, `dtype::Held`). Launched with `prog.cubes(blocks)` cubes of `BLOCK` units over a `padded_layout`, so
-/// every index is in bounds and no cube diverges around a barrier (a phase that reduces takes
-/// one block per cube).
+/// Update the cube's `blocks_per_cube` blocks (`BLOCK` elements each) of the flat parameter
+/// buffer `p` (all tensors of one launch back to back, each padded to whole blocks; it and the
+/// gradient `g` stored as `P`) and of each state (`s` holds state k at `k * len(p) + i`, stored
+/// as `S`); everything computed in f32, as torch's fused optimizers do for bf16 and f16
+/// parameters, and rounded where it is stored (`round_p`, `round_s`: bf16 held in f32 words,
+/// `dtype::Held`). Each unit reads and writes `N` neighbouring elements at once (`prog.lanes`:
+/// one 16-byte access per f32 stream rather than four, as torch's own elementwise kernels do),
+/// so the buffers' lengths are in vectors of `N`. Launched with `prog.cubes(blocks)` cubes of
+/// `BLOCK` units over a `padded_layout`, so every index is in bounds and no cube diverges
+/// around a barrier (a phase that reduces takes one block per cube, one element per unit).
 #[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
-pub fn step_kernel<P: Float, S: Float>(
-    p: &mut [P],
-    g: &[P],
-    s: &mut [S],
+pub fn step_kernel<P: Float, S: Float, N: Size>(
+    p: &mut [Vector<P, N>],
+    g: &[Vector<P, N>],
+    s: &mut [Vector<S, N>],
     scalars: &[f32],
     blocks: &[u32],
     partial: &mut [f32],
@@ -264,62 +323,86 @@ pub fn step_kernel<P: Float, S: Float>(
 ) {
     let n = p.len();
     let u = UNIT_POS as usize;
-    let per = comptime! { prog.blocks_per_cube.max(1) };
+    let lanes = comptime! { prog.lanes };
+    // Vectors per unit, a cube's width apart.
+    let per = comptime! { prog.blocks_per_cube.max(1) / lanes };
     let nl = comptime! { prog.loads() };
+    let ns = comptime! { prog.stores() };
     let n_acc = comptime! { prog.accums.len() };
     let slots = comptime! { prog.slots };
     let mut sh = Shared::<[f32]>::new_slice(comptime! { n_acc.max(1) * BLOCK });
-    // Every block's loads first, then its work, under no branch (the layout has whole cubes of
-    // blocks): a unit's loads are in flight together.
-    let mut ld = Array::<f32>::new(comptime! { (per * nl).max(1) });
+    // Every vector's loads first, then its work, under no branch (the layout has whole cubes
+    // of blocks): a unit's loads are in flight together.
+    let mut ld = Array::<f32>::new(comptime! { (per * nl * lanes).max(1) });
     #[unroll]
     for m in 0..per {
         let i = (CUBE_POS * per + m) * BLOCK + u;
         #[unroll]
         for k in 0..prog.ops.len() {
             let op = comptime! { prog.ops[k].clone() };
-            let at = comptime! { m * nl + prog.load_slot(k) };
+            let at = comptime! { (m * nl + prog.load_slot(k)) * lanes };
             match op {
-                KOp::LoadP => ld[at] = f32::cast_from(p[i]),
-                KOp::LoadG => ld[at] = f32::cast_from(g[i]),
-                KOp::LoadState(j) => ld[at] = f32::cast_from(s[j * n + i]),
+                KOp::LoadP => unpack(p[i], &mut ld, at, lanes),
+                KOp::LoadG => unpack(g[i], &mut ld, at, lanes),
+                KOp::LoadState(j) => unpack(s[j * n + i], &mut ld, at, lanes),
                 _ => {}
             }
         }
     }
+    let mut st = Array::<f32>::new(comptime! { (ns * lanes).max(1) });
     #[unroll]
     for m in 0..per {
-        let b = CUBE_POS * per + m;
-        let i = b * BLOCK + u;
-        let mut r = Sequence::<f32>::new();
+        let i = (CUBE_POS * per + m) * BLOCK + u;
+        // Every lane of a vector is in the same block (lanes divide `BLOCK`).
+        let b = (i * lanes) / BLOCK;
+        #[unroll]
+        for l in 0..lanes {
+            let mut r = Sequence::<f32>::new();
+            #[unroll]
+            for k in 0..prog.ops.len() {
+                let op = comptime! { prog.ops[k].clone() };
+                let at = comptime! { (m * nl + prog.load_slot(k)) * lanes + l };
+                let out = comptime! { prog.store_slot(k) * lanes + l };
+                match op {
+                    KOp::LoadP => r.push(ld[at]),
+                    KOp::LoadG => r.push(ld[at]),
+                    KOp::LoadState(_) => r.push(ld[at]),
+                    KOp::Pure(op) => {
+                        let v = pure(op, &r, scalars);
+                        r.push(v);
+                    }
+                    KOp::TensorLen => r.push(f32::cast_from(blocks[3 * b + 2])),
+                    KOp::LoadR(j) => r.push(red[blocks[3 * b] as usize * slots + j]),
+                    KOp::Accum(k, a) => {
+                        let (op, _) = comptime! { prog.accums[k] };
+                        let valid = i * lanes + l - (blocks[3 * b + 1] as usize) < blocks[3 * b + 2] as usize;
+                        let v = select(valid, r[a], identity(op));
+                        if comptime! { l == 0 } {
+                            sh[k * BLOCK + u] = v;
+                        } else {
+                            sh[k * BLOCK + u] = fold(op, sh[k * BLOCK + u], v);
+                        }
+                        r.push(r[a]);
+                    }
+                    KOp::StoreP(a) => {
+                        st[out] = stored(r[a], round_p);
+                        r.push(r[a]);
+                    }
+                    KOp::StoreState(_, a) => {
+                        st[out] = stored(r[a], round_s);
+                        r.push(r[a]);
+                    }
+                }
+            }
+        }
         #[unroll]
         for k in 0..prog.ops.len() {
             let op = comptime! { prog.ops[k].clone() };
-            let at = comptime! { m * nl + prog.load_slot(k) };
+            let at = comptime! { prog.store_slot(k) * lanes };
             match op {
-                KOp::LoadP => r.push(ld[at]),
-                KOp::LoadG => r.push(ld[at]),
-                KOp::LoadState(_) => r.push(ld[at]),
-                KOp::Pure(op) => {
-                    let v = pure(op, &r, scalars);
-                    r.push(v);
-                }
-                KOp::TensorLen => r.push(f32::cast_from(blocks[3 * b + 2])),
-                KOp::LoadR(j) => r.push(red[blocks[3 * b] as usize * slots + j]),
-                KOp::Accum(k, a) => {
-                    let (op, _) = comptime! { prog.accums[k] };
-                    let valid = i - (blocks[3 * b + 1] as usize) < blocks[3 * b + 2] as usize;
-                    sh[k * BLOCK + u] = select(valid, r[a], identity(op));
-                    r.push(r[a]);
-                }
-                KOp::StoreP(a) => {
-                    p[i] = P::cast_from(stored(r[a], round_p));
-                    r.push(r[a]);
-                }
-                KOp::StoreState(j, a) => {
-                    s[j * n + i] = S::cast_from(stored(r[a], round_s));
-                    r.push(r[a]);
-                }
+                KOp::StoreP(_) => p[i] = pack::<P, N>(&st, at, lanes),
+                KOp::StoreState(j, _) => s[j * n + i] = pack::<S, N>(&st, at, lanes),
+                _ => {}
             }
         }
     }
@@ -1103,4 +1186,24 @@ fn stored(v: f32, #[comptime] round_bf16: bool) -> f32 {
     } else {
         v
     }
+}
+
+/// The lanes of `v`, as f32, into `ld` from `at` on.
+#[cube]
+fn unpack<E: Float, N: Size>(v: Vector<E, N>, ld: &mut Array<f32>, #[comptime] at: usize, #[comptime] lanes: usize) {
+    #[unroll]
+    for l in 0..lanes {
+        ld[at + l] = f32::cast_from(v.extract(l));
+    }
+}
+
+/// A vector of the values of `st` from `at` on, converted to `E`.
+#[cube]
+fn pack<E: Float, N: Size>(st: &Array<f32>, #[comptime] at: usize, #[comptime] lanes: usize) -> Vector<E, N> {
+    let mut v = Vector::<E, N>::empty();
+    #[unroll]
+    for l in 0..lanes {
+        v.insert(l, E::cast_from(st[at + l]));
+    }
+    v
 }

@@ -3,7 +3,7 @@
 //! padded to whole cubes so a cube never straddles two.
 
 use crate::compile::{compile, compile_for, Compiled};
-use crate::kernel::{combine_kernel, padded_layout, step_kernel, KProgram, StepSizes, BLOCK, COMBINE_BLOCK};
+use crate::kernel::{combine_kernel, padded_layout, step_kernel, KProgram, StepLayout, StepSizes, BLOCK, COMBINE_BLOCK};
 use crate::plan::{layout, run, Launch, Source};
 use crate::stack::{stacks, Stacked};
 use crate::dtype::with_type;
@@ -155,6 +155,24 @@ impl CubeOptimizer {
         Ok(self)
     }
 
+    /// The step phases that reduce nothing walking the layout as `layout` says (default
+    /// [`StepLayout::DEFAULT`]): tuning, never meaning. Set it last before the first step
+    /// (the state dtype compiles the rule again).
+    pub fn with_layout(mut self, layout: StepLayout) -> Result<Self, Error> {
+        let layout = layout.checked().map_err(Error)?;
+        if self.state.is_some() {
+            return Err(Error("the step layout is chosen before the first step".into()));
+        }
+        if self.temps > 0 {
+            return Err(Error("the unfused baseline has a kernel per operation, an element per unit".into()));
+        }
+        for prog in [&mut self.step_prog, &mut self.init_prog] {
+            prog.phases = prog.phases.drain(..).map(|p| p.laid_out(layout)).collect();
+        }
+        self.kernels = self.step_prog.phases.clone();
+        Ok(self)
+    }
+
     /// Whether every tensor of a step goes through the same launches (false for rules with
     /// per-axis reductions or matrix products, which run a stack of same-shaped tensors at a
     /// time).
@@ -250,7 +268,7 @@ impl CubeOptimizer {
         let st = self.state.as_ref().expect("state exists before a launch");
         let tensors = flat.sizes.len();
         let sizes = StepSizes { n: flat.len(), slots, scalars: n_scalars, cubes: flat.cubes, tensors, results: kernel.slots };
-        let [np, ng, ns, nsc, nbl, npa, nre] = sizes.step();
+        let [np, ng, ns, nsc, nbl, npa, nre] = sizes.step(kernel.lanes);
         // SAFETY: the grid has a cube of BLOCK units per `blocks_per_cube` entries of `blocks`
         // (whose count it divides), so every element index is below `n`; states are addressed
         // as `j * n + i` with `j < slots`, partials and results by cube and tensor index times
@@ -268,7 +286,7 @@ impl CubeOptimizer {
             );
             let c = &self.client;
             let ((param, round_p), (state, round_s)) = (flat.held.kernel_type(), self.state_held.kernel_type());
-            with_type!(param, P => with_type!(state, S => step_kernel::launch_unchecked::<P, S>(c, cc, cd, p, g, s, sc, bl, pa, re, kernel.clone(), round_p, round_s)));
+            with_type!(param, P => with_type!(state, S => step_kernel::launch_unchecked::<P, S>(c, cc, cd, kernel.lanes, p, g, s, sc, bl, pa, re, kernel.clone(), round_p, round_s)));
             if !kernel.accums.is_empty() {
                 let [npa, nra, nre] = sizes.combine();
                 combine_kernel::launch_unchecked(

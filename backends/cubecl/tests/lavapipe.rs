@@ -401,6 +401,50 @@ fn parameter_dtype_changes_only_what_is_stored() {
 /// kernels get their gradients scaled first) — against the same rule fed the gradients
 /// multiplied by c beforehand, in f32 as the kernels multiply: the same steps, and each scaled
 /// gradient load feeds one multiply by the scalar buffer's last entry, and nothing else.
+/// The step phases that reduce nothing give the same values in every layout the GPU check
+/// times — vectors of four (the default), an element per access, one block per cube — with f32,
+/// bf16 (held in f32 words) and f16 storage: the same arithmetic per element, so exactly.
+#[test]
+fn every_layout_steps_alike() {
+    use normforge_cubecl::kernel::StepLayout;
+    let reg = registry();
+    let device = cpu_device().unwrap();
+    // Tensors ending inside a vector, a block and a cube, and a reducing rule (LAMB), whose
+    // last phase is elementwise.
+    let shapes: Vec<Vec<usize>> = vec![vec![4, 50], vec![301], vec![3, 7], vec![1030]];
+    for (name, lr) in ELEMENTWISE.iter().copied().chain([("lamb", 1e-2)]) {
+        let entry = reg.get(name).unwrap().entry;
+        for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+            let made = |layout: StepLayout| {
+                let opt = CubeOptimizer::new(entry.clone(), &[("lr".to_string(), lr)], &device).unwrap();
+                opt.with_param_dtype(dtype).and_then(|o| o.with_state_dtype(dtype)).and_then(|o| o.with_layout(layout))
+            };
+            let Ok(mut want) = made(StepLayout::DEFAULT) else {
+                eprintln!("{name} {dtype:?}: this adapter has no such buffers; skipped");
+                continue;
+            };
+            let mut others: Vec<_> = StepLayout::COMPARED[1..].iter().map(|&l| (l, made(l).unwrap())).collect();
+            let mut p: Vec<Vec<f32>> = shapes.iter().enumerate().map(|(i, s)| values(i as u64 + 9, s.iter().product()).iter().map(|&x| x as f32).collect()).collect();
+            let mut theirs = vec![p.clone(); others.len()];
+            for step in 1..=3u64 {
+                let g: Vec<Vec<f32>> = p.iter().enumerate().map(|(i, v)| values(900 + 7 * step + i as u64, v.len()).iter().map(|&x| x as f32).collect()).collect();
+                want.step_shaped(&mut p, &g, shapes.clone()).unwrap();
+                for ((layout, opt), q) in others.iter_mut().zip(&mut theirs) {
+                    opt.step_shaped(q, &g, shapes.clone()).unwrap();
+                    for (k, (a, b)) in p.iter().zip(q.iter()).enumerate() {
+                        let first = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits());
+                        assert!(first.is_none(), "{name} {dtype:?}: layout {} after step {step}, tensor {k} element {}: {} against {} in {}", layout.name(), first.unwrap(), b[first.unwrap()], a[first.unwrap()], StepLayout::DEFAULT.name());
+                    }
+                }
+            }
+        }
+    }
+    let bad = StepLayout { blocks_per_cube: 2, lanes: 4 };
+    let entry = reg.get("adamw").unwrap().entry;
+    let err = CubeOptimizer::new(entry, &[], &device).unwrap().with_layout(bad).err().expect("lanes past the blocks are refused");
+    assert!(err.0.contains("2 blocks per cube of 4 lanes"), "{}", err.0);
+}
+
 #[test]
 fn scaled_gradients_step_as_gradients_scaled_first() {
     use normforge_cubecl::kernel::{BOp, KOp, Pure};

@@ -24,6 +24,7 @@
 //! Prints a table; with an output directory, also one JSON line per figure in `normforge.jsonl`,
 //! each written as it is measured.
 
+use normforge_cubecl::kernel::StepLayout;
 use normforge_cubecl::Precision;
 use normforge_cuda::{check, Arena, CudaLayerKernels, CudaOptimizer, Gpu};
 use normforge_tch::{DslLayer, RegistryExt};
@@ -106,15 +107,17 @@ fn main() {
     let matrices: Vec<Vec<usize>> = vec![vec![9, 4], vec![4, 9], vec![7, 7], vec![33, 70], vec![64, 300]];
     for r in &rules {
         let shapes = if r.entry.axes.iter().any(|a| a.twin.is_some()) { &matrices } else { &vectors };
-        // Fused phases that reduce nothing at four blocks per cube (the default) and at one.
-        for blocks in [normforge_cubecl::kernel::BLOCKS_PER_CUBE, 1] {
-            match guarded(|| check::against_reference(&gpu, &r.entry, shapes, 10, blocks)) {
-                Ok(err) if err < 1e-5 => emit(format!(r#"{{"check":"{}","blocks_per_cube":{blocks},"rel_err":{err:e},"ok":true}}"#, r.name)),
+        // Fused phases that reduce nothing in each layout the timings compare (blocks per cube
+        // x elements per access; the default first).
+        for layout in StepLayout::COMPARED {
+            let name = layout.name();
+            match guarded(|| check::against_reference(&gpu, &r.entry, shapes, 10, layout)) {
+                Ok(err) if err < 1e-5 => emit(format!(r#"{{"check":"{}","layout":"{name}","rel_err":{err:e},"ok":true}}"#, r.name)),
                 Ok(err) => {
                     failed += 1;
-                    emit(format!(r#"{{"check":"{}","blocks_per_cube":{blocks},"rel_err":{err:e},"ok":false}}"#, r.name))
+                    emit(format!(r#"{{"check":"{}","layout":"{name}","rel_err":{err:e},"ok":false}}"#, r.name))
                 }
-                Err(e) => emit(format!(r#"{{"check":"{}","blocks_per_cube":{blocks},"skipped":{:?}}}"#, r.name, e)),
+                Err(e) => emit(format!(r#"{{"check":"{}","layout":"{name}","skipped":{:?}}}"#, r.name, e)),
             }
         }
         // And against libtorch's own optimizer (C++ torch::optim) on the same GPU, where it has one.
@@ -255,21 +258,25 @@ fn main() {
             let first = start.elapsed().as_secs_f64();
             let Timing { ms, host_ms } = time_ms(&gpu, 50, || opt.step(&arena).expect("step"));
             let gbps = bytes * n as f64 / ms / 1e6;
-            // The fused rules again with one block per cube (one element per unit), and reading
-            // every gradient scaled, as a clipped step does (the same passes over memory).
-            let (ms_one, ms_scaled) = match opt.fused() {
+            // The fused rules again in the other layouts (an element per access; one block per
+            // cube), and reading every gradient scaled, as a clipped step does (the same passes
+            // over memory).
+            let (ms_layouts, ms_scaled) = match opt.fused() {
                 true => {
-                    let mut one = CudaOptimizer::new(gpu.clone(), r.entry.clone(), &[], Precision::default()).and_then(|o| o.with_blocks_per_cube(1)).map_err(|e| e.to_string())?;
-                    one.step(&arena).map_err(|e| e.to_string())?;
-                    let ms_one = time_ms(&gpu, 50, || one.step(&arena).expect("step")).ms;
+                    let mut by = Vec::new();
+                    for layout in &StepLayout::COMPARED[1..] {
+                        let mut other = CudaOptimizer::new(gpu.clone(), r.entry.clone(), &[], Precision::default()).and_then(|o| o.with_layout(*layout)).map_err(|e| e.to_string())?;
+                        other.step(&arena).map_err(|e| e.to_string())?;
+                        by.push(format!(r#""{}":{:.4}"#, layout.name(), time_ms(&gpu, 50, || other.step(&arena).expect("step")).ms));
+                    }
                     opt.step_scaled(&arena, 0.5).map_err(|e| e.to_string())?;
                     let ms_scaled = time_ms(&gpu, 50, || opt.step_scaled(&arena, 0.5).expect("step")).ms;
-                    (format!("{ms_one:.4}"), format!("{ms_scaled:.4}"))
+                    (format!("{{{}}}", by.join(",")), format!("{ms_scaled:.4}"))
                 }
                 false => ("null".to_string(), "null".to_string()),
             };
             Ok(format!(
-                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"host_ms":{host_ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{},"fused":{},"ms_one_block_per_cube":{ms_one},"ms_grad_scaled":{ms_scaled}}}"#,
+                r#"{{"op":"{name}_step","impl":"normforge","tensors":{},"elements":{n},"ms":{ms:.4},"host_ms":{host_ms:.4},"GBps":{gbps:.1},"of_copy":{:.3},"first_step_s":{first:.3},"launches":{},"fused":{},"ms_other_layouts":{ms_layouts},"ms_grad_scaled":{ms_scaled}}}"#,
                 vars.len(),
                 gbps / copy_gbps,
                 opt.launches_per_step(),

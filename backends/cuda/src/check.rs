@@ -5,6 +5,7 @@
 //! lowered to libtorch's operations in f64 where the reference would be slow (`LayerOracle`).
 
 use crate::{Arena, CudaOptimizer, Gpu};
+use normforge_cubecl::kernel::StepLayout;
 use normforge_cubecl::Precision;
 use normforge_dsl::ir::Entry;
 use normforge_tch::DslLayer;
@@ -42,11 +43,11 @@ pub fn worst(errors: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// Run `steps` steps of `entry` on parameters of `shapes` with random gradients, on the GPU
-/// (fused phases that reduce nothing taking `blocks_per_cube` blocks per cube) and in the
+/// (fused phases that reduce nothing walking the layout as `layout` says) and in the
 /// reference backend; the largest relative error over the tensors (max |diff| / max
 /// |reference|). `Err` for a rule the CUDA path refuses or a failed launch.
-pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize, blocks_per_cube: usize) -> Result<f64, String> {
-    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Precision::default()).and_then(|o| o.with_blocks_per_cube(blocks_per_cube)).map_err(|e| e.to_string())?;
+pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize, layout: StepLayout) -> Result<f64, String> {
+    let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Precision::default()).and_then(|o| o.with_layout(layout)).map_err(|e| e.to_string())?;
     let mut oracle = normforge_reference::Optimizer::new(entry.clone(), &[]).map_err(|e| e.0)?;
     let dev = Device::Cuda(gpu.ordinal());
     let _seeded = normforge_tch::seeded(7);

@@ -13,7 +13,7 @@ use crate::parallel::each_in_parallel;
 use crate::plans::{kind_of, pick, PlanKernels};
 use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
-use normforge_cubecl::kernel::{KProgram, StepSizes, BLOCK, BLOCKS_PER_CUBE, COMBINE_BLOCK};
+use normforge_cubecl::kernel::{KProgram, StepLayout, StepSizes, BLOCK, COMBINE_BLOCK};
 use normforge_cubecl::{compile, compile_for, stacks, Compiled, Precision, Source, Stacked};
 use normforge_cubecl::{indexable, Layout, Plan};
 use normforge_dsl::bind::{self, AxisBinding};
@@ -160,19 +160,17 @@ impl CudaOptimizer {
         Ok(CudaOptimizer { gpu, entry, hparams, path, types, step: 0, prepared_in: start.elapsed() })
     }
 
-    /// The same rule with the step phases that reduce nothing updating `blocks` blocks of the
-    /// layout per cube (1, 2 or 4; default [`BLOCKS_PER_CUBE`]) — tuning, never meaning: the
-    /// GPU check compares them. Before the first step.
-    pub fn with_blocks_per_cube(mut self, blocks: usize) -> Result<Self, Error> {
-        if blocks == 0 || !BLOCKS_PER_CUBE.is_multiple_of(blocks) {
-            return Err(Error::Rule(format!("blocks per cube must divide {BLOCKS_PER_CUBE}, not {blocks}")));
-        }
+    /// The same rule with the step phases that reduce nothing walking the layout as `layout`
+    /// says (default [`StepLayout::DEFAULT`]) — tuning, never meaning: the GPU check compares
+    /// them. Before the first step.
+    pub fn with_layout(mut self, layout: StepLayout) -> Result<Self, Error> {
+        let layout = layout.checked().map_err(Error::Rule)?;
         if let Path::Fused { step_prog, init_prog, steps, inits, bound, .. } = &mut self.path {
             if bound.is_some() {
-                return Err(Error::Rule("blocks per cube are chosen before the first step".into()));
+                return Err(Error::Rule("the step layout is chosen before the first step".into()));
             }
             for prog in [&mut *step_prog, &mut *init_prog] {
-                prog.phases.iter_mut().filter(|p| p.accums.is_empty()).for_each(|p| p.blocks_per_cube = blocks);
+                prog.phases = prog.phases.drain(..).map(|p| p.laid_out(layout)).collect();
             }
             *steps = phases(&self.gpu, step_prog, self.types)?;
             *inits = phases(&self.gpu, init_prog, self.types)?;
@@ -222,7 +220,7 @@ impl CudaOptimizer {
                         results: ph.program.slots,
                     };
                     let combine = ph.combine.as_ref().map(|_| upload(&driver::info(&sizes.combine()), arena.device));
-                    (upload(&driver::info(&sizes.step()), arena.device), combine)
+                    (upload(&driver::info(&sizes.step(ph.program.lanes)), arena.device), combine)
                 })
                 .collect()
         };
@@ -290,6 +288,12 @@ impl CudaOptimizer {
         }
         if arena.dtype() != self.types.param {
             return Err(Error::Rule(format!("the parameters are {:?}, this optimizer was compiled for {:?} parameters", arena.dtype(), self.types.param)));
+        }
+        // The fused kernels read and write whole vectors of up to 16 bytes (a fresh arena's
+        // buffers are torch allocations, far more aligned); a misaligned access would fault the
+        // context, not just this step.
+        if [&arena.p, &arena.g].iter().any(|t| !(t.data_ptr() as usize).is_multiple_of(16)) {
+            return Err(Error::Rule("the arena's buffers are not 16-byte aligned".into()));
         }
         Ok(())
     }

@@ -52,7 +52,10 @@ fn every_fused_rule_kernel_takes_the_arguments_the_cuda_path_passes() {
                     assert_eq!(buffers, 7, "{}: step kernel buffers", e.name);
                     assert_eq!(meta * 4, driver::info(&[1; 7]).len(), "{}: step kernel info", e.name);
                     let elements: Vec<String> = parameter_types(&unit.source).iter().map(|t| t.split([' ', '*']).next().unwrap().to_string()).collect();
-                    assert_eq!(elements, [p, p, s, "float", "uint32_t", "float", "float", "info_st"], "{} {types:?}: step kernel parameters", e.name);
+                    // The parameter, gradient and state streams as vectors of the phase's lanes
+                    // (their lengths in the info count vectors: `StepSizes::step`).
+                    let lanes = |t: &str| if phase.lanes == 1 { t.to_string() } else { format!("{t}_{}", phase.lanes) };
+                    assert_eq!(elements, [lanes(p), lanes(p), lanes(s), "float".into(), "uint32_t".into(), "float".into(), "float".into(), "info_st".into()], "{} {types:?}: step kernel parameters", e.name);
                     if !phase.accums.is_empty() {
                         let (buffers, meta) = signature(&units.next().unwrap().source);
                         assert_eq!(buffers, 3, "{}: combine kernel buffers", e.name);
@@ -354,11 +357,12 @@ fn rules_on_cuda_tensors_follow_the_reference_backend() {
         }
         // Every rule: fused, or through layer kernels (AdamP, SGDP, Muon); Muon takes matrices.
         let shapes = if r.entry.axes.iter().any(|a| a.twin.is_some()) { &matrices } else { &vectors };
-        // Four blocks per cube where a phase reduces nothing (the default), and one.
-        for blocks in [normforge_cubecl::kernel::BLOCKS_PER_CUBE, 1] {
-            let err = normforge_cuda::check::against_reference(&gpu, &r.entry, shapes, 10, blocks).unwrap_or_else(|e| panic!("{}: {e}", r.name));
-            assert!(err < 1e-5, "{} ({blocks} blocks per cube): relative error {err:e} after 10 steps", r.name);
-            eprintln!("{} ({blocks} blocks per cube): 10 steps match the reference on {} ({}), relative error {err:.1e}", r.name, gpu.name(), gpu.arch());
+        // Every layout of the phases that reduce nothing the GPU check times (the default first).
+        for layout in normforge_cubecl::kernel::StepLayout::COMPARED {
+            let err = normforge_cuda::check::against_reference(&gpu, &r.entry, shapes, 10, layout).unwrap_or_else(|e| panic!("{}: {e}", r.name));
+            let name = layout.name();
+            assert!(err < 1e-5, "{} (layout {name}): relative error {err:e} after 10 steps", r.name);
+            eprintln!("{} (layout {name}): 10 steps match the reference on {} ({}), relative error {err:.1e}", r.name, gpu.name(), gpu.arch());
         }
     }
 }

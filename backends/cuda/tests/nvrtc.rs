@@ -317,10 +317,10 @@ fn a_skippable_load_is_found() {
     assert_eq!(skippable(ptx, |l| l.starts_with("ld.global")), vec!["ld.global.nc.u16 %rs2, [%rd2];"]);
 }
 
-/// A fused step phase that reduces nothing updates several blocks per cube, every block's
-/// loads made before any work, under no branch (only the stores of a block past the end are
-/// skipped): each unit has 4 x (p, g, states) in flight, held in registers (ptxas spills
-/// nothing). Every std rule fused this way, f32 parameters with f32 or bf16 states, and bf16
+/// A fused step phase that reduces nothing updates several blocks per cube, a unit reading and
+/// writing four neighbouring elements of each stream as one vector, every load made before any
+/// work, under no branch: each unit has 4 x (p, g, states) in flight, held in registers (ptxas
+/// spills nothing). Every std rule fused this way, f32 parameters with f32 or bf16 states, and bf16
 /// or f16 parameters with states of their dtype.
 #[test]
 fn step_kernels_load_under_no_branch() {
@@ -347,10 +347,12 @@ fn step_kernels_load_under_no_branch() {
                     assert_eq!(phase.blocks_per_cube, 1, "{}: a reducing phase takes a block per cube", r.name);
                     continue;
                 }
-                assert_eq!(phase.blocks_per_cube, normforge_cubecl::kernel::BLOCKS_PER_CUBE);
+                assert_eq!((phase.blocks_per_cube, phase.lanes), (normforge_cubecl::kernel::BLOCKS_PER_CUBE, normforge_cubecl::kernel::LANES));
                 let ptx = nvrtc.compile(&unit.source).unwrap().ptx;
-                let loads = ptx.lines().filter(|l| l.trim_start().starts_with("ld.global")).count();
-                assert!(loads >= 2 * phase.blocks_per_cube, "{}{what} {dtype:?}: {loads} loads", r.name);
+                // The parameter and the gradient at least, each a whole vector per access.
+                let vector = |op: &str| ptx.lines().filter(|l| l.trim_start().starts_with(op) && l.contains(".v")).count();
+                let (loads, stores) = (vector("ld.global"), vector("st.global"));
+                assert!(loads >= 2 && stores >= 1, "{}{what} {dtype:?}: {loads} vector loads, {stores} vector stores", r.name);
                 let found = skippable(&ptx, |l| l.starts_with("ld.global"));
                 assert!(found.is_empty(), "{}{what} {dtype:?}: loads under a branch: {found:?}", r.name);
                 // The loaded values wait in registers, not in local memory.
