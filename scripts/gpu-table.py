@@ -122,6 +122,17 @@ def tables(ours, peers, card="(card unknown)"):
         for r in muon:
             shape = " x ".join(str(d) for d in r["shape"])
             out.append(f"| {shape} | {'yes' if r.get('kernels_index_it') else 'no'} | {ms(r['ms'])} | {ms(r.get('lowered_ms'))} |")
+    # For the record (no target): each fused rule's step in the other layouts the check times
+    # (blocks per cube x elements per access) against the default's time, so what vector
+    # accesses and several blocks per cube buy is read off the same run.
+    laid = [r for r in ours if r.get("op", "").endswith("_step") and isinstance(r.get("ms_other_layouts"), dict) and r.get("ms")]
+    if laid:
+        names = sorted({k for r in laid for k in r["ms_other_layouts"]}, reverse=True)
+        out.append("\n| step, other layouts | default (ms) | " + " | ".join(f"{n} (ms, x default)" for n in names) + " |")
+        out.append("|---|---|" + "---|" * len(names))
+        for r in laid:
+            cells = [(r["ms_other_layouts"].get(n)) for n in names]
+            out.append(f"| {r['op'][: -len('_step')]} | {ms(r['ms'])} | " + " | ".join("—" if c is None else f"{c:.3f}, {c / r['ms']:.2f}x" for c in cells) + " |")
     # For the record (no target): a rule on bf16 or f16 parameters, ours beside torch's fused
     # kernel timed in the same binary (gpu_peers.py times f32 only).
     half = [r for r in ours if r.get("op") == "half_params" and "ms" in r]
@@ -149,7 +160,7 @@ def self_test():
         {"check": "adamw", "layout": "4x4", "rel_err": 1e-7, "ok": True},
         {"check": "lamb", "layout": "4x4", "rel_err": 1e-3, "ok": False},
         {"check": "muon", "layout": "1x1", "skipped": "no"},
-        {"op": "adamw_step", "impl": "normforge", "ms": 2.0, "of_copy": 0.93, "first_step_s": 0.4},
+        {"op": "adamw_step", "impl": "normforge", "ms": 2.0, "of_copy": 0.93, "first_step_s": 0.4, "ms_other_layouts": {"4x1": 2.2, "1x1": 2.6}},
         {"op": "lamb_step", "impl": "normforge", "ms": 3.0, "of_copy": 0.70, "first_step_s": 2.5},
         {"op": "rms_norm", "impl": "normforge", "dtype": "BFloat16", "fwd_ms": 0.10, "fwd_of_copy": 0.91, "fwd_bwd_ms": 0.30, "fwd_bwd_of_copy": 0.74},
         {"op": "layer_norm", "impl": "normforge", "dtype": "Float", "fwd_ms": 0.20, "fwd_of_copy": 0.95, "fwd_bwd_ms": 0.50, "fwd_bwd_of_copy": 0.80},
@@ -190,6 +201,9 @@ def self_test():
     # Muon's routing figures are reported, and hold no acceptance point.
     assert "| 1024 x 4096 | no | 1.500 | 1.400 |" in text, text
     assert not any("muon" in k for k in p), p
+    # And each step's other layouts, against the default's time.
+    assert "| adamw | 2.000 | 2.200, 1.10x | 2.600, 1.30x |" in text, text
+    assert not any("layout" in k for k in p), p
     # So are the half-precision parameters', beside torch's fused kernel.
     assert "| adamw | bf16 | 1.100 | 88% | 1.300 | 75% |" in text, text
     assert not any("half" in k or "bf16" in k for k in p), p
