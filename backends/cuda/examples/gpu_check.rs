@@ -108,8 +108,11 @@ fn main() {
     for r in &rules {
         let shapes = if r.entry.axes.iter().any(|a| a.twin.is_some()) { &matrices } else { &vectors };
         // Fused phases that reduce nothing in each layout the timings compare (blocks per cube
-        // x elements per access; the default first).
-        for layout in StepLayout::COMPARED {
+        // x elements per access; the default first). A rule through layer kernels has no such
+        // phase: checked once.
+        let fused = CudaOptimizer::new(gpu.clone(), r.entry.clone(), &[], Precision::default()).is_ok_and(|o| o.fused());
+        let layouts = if fused { &StepLayout::COMPARED[..] } else { &StepLayout::COMPARED[..1] };
+        for &layout in layouts {
             let name = layout.name();
             match guarded(|| check::against_reference(&gpu, &r.entry, shapes, 10, layout)) {
                 Ok(err) if err < 1e-5 => emit(format!(r#"{{"check":"{}","layout":"{name}","rel_err":{err:e},"ok":true}}"#, r.name)),
