@@ -3,6 +3,7 @@
 //! `cargo bench -p normforge-cubecl --bench fusion`; it prints a Markdown table for
 //! BENCHMARKS.md.
 
+use normforge_cubecl::kernel::StepLayout;
 use normforge_cubecl::{cpu_device, CubeOptimizer};
 use normforge_registry::Registry;
 use std::time::Instant;
@@ -39,8 +40,12 @@ fn main() {
     println!("| variant | launches/step | first step (compile + run) | ms/step | GB/s (7 x 4 B/param) |");
     println!("|---|---|---|---|---|");
     let mut per_step = Vec::new();
+    // The fused step as it runs (vectors of four), then with an element per access (the
+    // GPU check times the same pair on a GPU), then the baseline.
+    let scalar = StepLayout { lanes: 1, ..StepLayout::DEFAULT };
     for (name, mut opt) in [
         ("fused (normforge)", CubeOptimizer::new(entry.clone(), &[], &device).expect("fused")),
+        ("fused, an element per access", CubeOptimizer::new(entry.clone(), &[], &device).and_then(|o| o.with_layout(scalar)).expect("fused")),
         ("one kernel per operation", CubeOptimizer::unfused(entry.clone(), &[], &device).expect("unfused")),
     ] {
         let flat = opt.upload(&params, &grads).expect("upload");
@@ -63,5 +68,6 @@ fn main() {
         println!("| {name} | {} | {:.0} ms | {:.2} | {:.1} |", opt.launches_per_step(), first * 1e3, t * 1e3, bytes / t / 1e9);
     }
     println!();
-    println!("one kernel per operation / fused: {:.2}x the time per step", per_step[1] / per_step[0]);
+    println!("one kernel per operation / fused: {:.2}x the time per step", per_step[2] / per_step[0]);
+    println!("an element per access / vectors of four: {:.2}x the time per step", per_step[1] / per_step[0]);
 }
