@@ -40,9 +40,10 @@ fn main() {
     println!("| variant | launches/step | first step (compile + run) | ms/step | GB/s (7 x 4 B/param) |");
     println!("|---|---|---|---|---|");
     let mut per_step = Vec::new();
-    // The fused step as it runs (vectors of four), then with an element per access (the
-    // GPU check times the same pair on a GPU), then the baseline.
-    let scalar = StepLayout { lanes: 1, ..StepLayout::DEFAULT };
+    // The fused step as it runs (vectors of four), then with an element per access — the
+    // GPU check's first compared layout, so both time the same pair — then the baseline.
+    let scalar = StepLayout::COMPARED[1];
+    assert_eq!(scalar.lanes, 1, "COMPARED[1] is the scalar layout this bench labels");
     for (name, mut opt) in [
         ("fused (normforge)", CubeOptimizer::new(entry.clone(), &[], &device).expect("fused")),
         ("fused, an element per access", CubeOptimizer::new(entry.clone(), &[], &device).and_then(|o| o.with_layout(scalar)).expect("fused")),
