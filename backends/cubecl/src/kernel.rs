@@ -680,6 +680,25 @@ impl LProgram {
         across_before(&self.phases, self.phases.len())
     }
 
+    /// The entries of the shape table the kernel may read: every shape's, then the offsets of
+    /// the tensors up to the last it names (the table holds every tensor's).
+    pub fn table_len(&self) -> usize {
+        let named = self.phases.iter().flat_map(|p| {
+            let loads = p.ops.iter().filter_map(|op| if let LOp::Load(t, ..) = op { Some(*t) } else { None });
+            loads.chain(p.stores.iter().map(|s| s.0)).chain(p.reduces.iter().map(|r| r.2))
+        });
+        3 * self.rank * self.shapes + named.max().map_or(0, |t| t + 1)
+    }
+
+    /// Whether the kernel reads its shape table once, into registers (`kernel::table`): one
+    /// walking rows unrolled (`unroll`) without column partials. Elsewhere an element reads the
+    /// entries it needs itself: a kernel folding column partials would hold every position's
+    /// addresses at once (ptxas: 210 registers, not 105, so one cube per multiprocessor, not
+    /// two), and one walking its elements in a loop has little to gain.
+    pub fn holds_table(&self) -> bool {
+        self.unroll > 0 && self.across() == 0
+    }
+
     /// Whether phase `ph` walks its positions unrolled, keeping the `kept` loads in registers.
     pub fn keeps(&self, ph: usize) -> bool {
         let p = &self.phases[ph];
@@ -728,10 +747,11 @@ pub fn layer_kernel<F: Float>(
     let per_cube = comptime! { prog.values_per_cube };
     let across = comptime! { prog.across() };
     let unroll = comptime! { prog.unroll.max(1) };
+    let tab = table(meta, comptime! { prog.table_len() });
     let mut count = 1usize;
     #[unroll]
     for a in 0..rank {
-        count *= meta[tgt + a] as usize;
+        count *= tab[tgt + a] as usize;
     }
     // The target element: this unit's, or (cooperative) one of this cube's `per_cube`
     // neighbours, which the cube's units share out in lanes: unit `u` serves value `u %
@@ -775,6 +795,9 @@ pub fn layer_kernel<F: Float>(
     let mut sh = Shared::<[f32]>::new_slice(comptime! { prog.units });
     let mut row = 0usize;
     while row < rows {
+        // (A kernel not holding the table reads it again for each target element.)
+        let own = table(meta, comptime! { if prog.holds_table() { 0 } else { prog.table_len() } });
+        let tab = if comptime! { prog.holds_table() } { &tab } else { &own };
         let mut o = o0 + row * apart;
         let active = o < count;
         if comptime! { per_unit > 1 } {
@@ -794,7 +817,7 @@ pub fn layer_kernel<F: Float>(
             } else if comptime! { prog.kinds[prog.target][..a].iter().all(|k| *k == AxisKind::One) } {
                 oi.push(rem);
             } else {
-                let e = meta[tgt + a] as usize;
+                let e = tab[tgt + a] as usize;
                 oi.push(rem % e);
                 rem /= e;
             }
@@ -806,25 +829,18 @@ pub fn layer_kernel<F: Float>(
             let dom = comptime! { prog.phases[ph].domain };
             let mut loops = 0usize;
             if active {
-                loops = domain_len(meta, prog.clone(), dom, tgt_shape);
+                loops = domain_len(&tab, prog.clone(), dom, tgt_shape);
             }
             let reach = comptime! { prog.phases[ph].reach };
             let nr = comptime! { prog.phases[ph].reduces.len() };
             if comptime! { reach == Reach::Across } {
                 let ka = comptime! { across_before(&prog.phases, ph) };
-                #[unroll]
-                for m in 0..unroll {
-                    let j = first + m * step;
-                    if j < loops {
-                        let at = comptime! { prog.keeps(ph).then_some(m) };
-                        element::<F>(j, &oi, &res, &mut part, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, comptime! { ka * unroll + m }, unroll, at, true, round_bf16);
-                    }
-                }
+                walk::<F>(first, step, loops, &oi, &res, &mut part, &mut cache, x, dy, io, work, meta, &tab, scalars, prog.clone(), ph, comptime! { Some(ka) }, round_bf16);
             } else if comptime! { matches!(reach, Reach::Finer(_)) } {
                 // The finer elements inside this one, each a run of `len` consecutive domain
                 // elements (its own axes are the inner ones: see `plan`), one after another.
                 let fs = comptime! { if let Reach::Finer(f) = reach { f } else { unreachable!() } };
-                let len = domain_len(meta, prog.clone(), dom, fs);
+                let len = domain_len(&tab, prog.clone(), dom, fs);
                 let mut subs = 0usize;
                 if active {
                     subs = loops / len;
@@ -836,17 +852,17 @@ pub fn layer_kernel<F: Float>(
                     identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
                     let mut j = start + first;
                     while j < start + len {
-                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
+                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, &tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
                         j += step;
                     }
                     // The finer element's place: where its first domain element falls.
-                    let idx = domain_index(start, &oi, meta, prog.clone(), ph);
+                    let idx = domain_index(start, &oi, &tab, prog.clone(), ph);
                     let fb = comptime! { 3 * prog.rank * fs };
                     let mut at = 0usize;
                     #[unroll]
                     for q in 0..rank {
                         let a = comptime! { rank - 1 - q };
-                        at += offset_along(idx[q], meta, comptime! { fb + rank + a }, comptime! { fb + 2 * rank + a }, comptime! { prog.kinds[fs][a] });
+                        at += offset_along(idx[q], &tab, comptime! { fb + rank + a }, comptime! { fb + 2 * rank + a }, comptime! { prog.kinds[fs][a] });
                     }
                     #[unroll]
                     for k in 0..nr {
@@ -861,22 +877,16 @@ pub fn layer_kernel<F: Float>(
             } else if comptime! { per_unit > 1 } {
                 // An elementwise kernel's phase (`plan::launched`): the target element itself.
                 let mut none = Array::<f32>::new(1usize);
-                element::<F>(0usize, &oi, &res, &mut none, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, active, round_bf16);
+                element::<F>(0usize, &oi, &res, &mut none, &mut cache, x, dy, io, work, meta, &tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, active, round_bf16);
             } else {
                 let mut acc = Array::<f32>::new(comptime! { nr.max(1) });
                 identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
                 if comptime! { prog.keeps(ph) } {
-                    #[unroll]
-                    for m in 0..unroll {
-                        let j = first + m * step;
-                        if j < loops {
-                            element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { Some(m) }, true, round_bf16);
-                        }
-                    }
+                    walk::<F>(first, step, loops, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, &tab, scalars, prog.clone(), ph, comptime! { None::<usize> }, round_bf16);
                 } else {
                     let mut j = first;
                     while j < loops {
-                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
+                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, &tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
                         j += step;
                     }
                 }
@@ -910,7 +920,7 @@ pub fn layer_kernel<F: Float>(
     for ph in 0..prog.phases.len() {
         if comptime! { prog.phases[ph].reach == Reach::Across } {
             let ka = comptime! { across_before(&prog.phases, ph) };
-            let positions = domain_len(meta, prog.clone(), comptime! { prog.phases[ph].domain }, tgt_shape);
+            let positions = domain_len(&tab, prog.clone(), comptime! { prog.phases[ph].domain }, tgt_shape);
             #[unroll]
             for k in 0..prog.phases[ph].reduces.len() {
                 let (_, _, t) = comptime! { prog.phases[ph].reduces[k] };
@@ -925,6 +935,70 @@ pub fn layer_kernel<F: Float>(
             }
         }
     }
+}
+
+/// The first `len` entries of the shape table, each read once, unconditionally, at the start:
+/// the compiler then keeps in registers those the kernel uses, rather than reading an entry
+/// again for each position under the branch that uses it (where no read dominates another,
+/// none can stand for the rest).
+#[cube]
+fn table(meta: &[u32], #[comptime] len: usize) -> Sequence<u32> {
+    let mut tab = Sequence::<u32>::new();
+    #[unroll]
+    for i in 0..len {
+        tab.push(meta[i]);
+    }
+    tab
+}
+
+/// Phase `ph` at a unit's `unroll` positions of a row `loops` long (`first` on, `step` apart),
+/// unrolled: folded into `acc`, at `partials` (the phase's first `Reach::Across` partial) per
+/// position, else at 0. The positions are read under no branch, so that their loads are in
+/// flight together (past the row's end, the first again: `within`), but in a cube of more than
+/// `BLOCK` units, whose units have too few registers to hold them all at once.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn walk<F: Float>(
+    first: usize,
+    step: usize,
+    loops: usize,
+    oi: &Sequence<usize>,
+    res: &Sequence<f32>,
+    acc: &mut Array<f32>,
+    cache: &mut Array<f32>,
+    x: &[F],
+    dy: &[F],
+    io: &mut [F],
+    work: &mut [f32],
+    meta: &[u32],
+    tab: &Sequence<u32>,
+    scalars: &[f32],
+    #[comptime] prog: LProgram,
+    #[comptime] ph: usize,
+    #[comptime] partials: Option<usize>,
+    #[comptime] round_bf16: bool,
+) {
+    let unroll = comptime! { prog.unroll.max(1) };
+    let unbranched = comptime! { prog.units <= BLOCK };
+    if loops > 0 {
+        #[unroll]
+        for m in 0..unroll {
+            let j = first + m * step;
+            let counts = j < loops;
+            let (slot, stride) = comptime! { partials.map_or((0, 1), |ka| (ka * unroll + m, unroll)) };
+            let at = comptime! { prog.keeps(ph).then_some(m) };
+            if counts || comptime! { unbranched } {
+                element::<F>(within(j, loops), oi, res, acc, cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, slot, stride, at, counts, round_bf16);
+            }
+        }
+    }
+}
+
+/// Where a unit reads position `j` of a row of `loops` positions (at least one): `j`, or past
+/// the row's end the first position, read but not counted.
+#[cube]
+fn within(j: usize, loops: usize) -> usize {
+    select(j < loops, j, 0usize)
 }
 
 /// Start each of `reduces` from its fold's identity, at `acc[slot + k * stride]` (where
@@ -963,7 +1037,7 @@ fn tree(sh: &mut Shared<[f32]>, v: f32, #[comptime] op: ROp, #[comptime] lanes: 
 /// The elements of shape `domain` that fall in one element of shape `target` (shape-table
 /// indices; `target` coarser).
 #[cube]
-fn domain_len(meta: &[u32], #[comptime] prog: LProgram, #[comptime] domain: usize, #[comptime] target: usize) -> usize {
+fn domain_len(tab: &Sequence<u32>, #[comptime] prog: LProgram, #[comptime] domain: usize, #[comptime] target: usize) -> usize {
     let rank = comptime! { prog.rank };
     let tgt = comptime! { 3 * prog.rank * target };
     let dom = comptime! { 3 * prog.rank * domain };
@@ -972,9 +1046,9 @@ fn domain_len(meta: &[u32], #[comptime] prog: LProgram, #[comptime] domain: usiz
     for a in 0..rank {
         let (dk, tk) = comptime! { (prog.kinds[domain][a], prog.kinds[target][a]) };
         if comptime! { tk == AxisKind::One } {
-            loops *= meta[dom + a] as usize;
+            loops *= tab[dom + a] as usize;
         } else if comptime! { spreads(dk, tk) } {
-            loops *= (meta[dom + a] / meta[tgt + a]) as usize;
+            loops *= (tab[dom + a] / tab[tgt + a]) as usize;
         }
     }
     loops
@@ -984,7 +1058,7 @@ fn domain_len(meta: &[u32], #[comptime] prog: LProgram, #[comptime] domain: usiz
 /// (last first): the index along full axes, the first input index of its group along grouped
 /// ones, 0 along broadcast ones.
 #[cube]
-fn domain_index(j: usize, oi: &Sequence<usize>, meta: &[u32], #[comptime] prog: LProgram, #[comptime] ph: usize) -> Sequence<usize> {
+fn domain_index(j: usize, oi: &Sequence<usize>, tab: &Sequence<u32>, #[comptime] prog: LProgram, #[comptime] ph: usize) -> Sequence<usize> {
     let rank = comptime! { prog.rank };
     let tgt = comptime! { 3 * prog.rank * prog.target };
     let dom = comptime! { 3 * prog.rank * prog.phases[ph].domain };
@@ -1003,9 +1077,9 @@ fn domain_index(j: usize, oi: &Sequence<usize>, meta: &[u32], #[comptime] prog: 
             // Full along both: the same index.
             idx.push(oi[k]);
         } else {
-            let mut per = meta[dom + a] as usize;
+            let mut per = tab[dom + a] as usize;
             if comptime! { tk != AxisKind::One } {
-                per /= meta[tgt + a] as usize;
+                per /= tab[tgt + a] as usize;
             }
             // The only axis a value spreads along (a row, a column) takes `j` whole.
             let mut ja = jr;
@@ -1017,7 +1091,7 @@ fn domain_index(j: usize, oi: &Sequence<usize>, meta: &[u32], #[comptime] prog: 
             if comptime! { dk == AxisKind::Full } {
                 idx.push(at);
             } else {
-                idx.push(at * meta[dom + rank + a] as usize);
+                idx.push(at * tab[dom + rank + a] as usize);
             }
         }
     }
@@ -1027,8 +1101,9 @@ fn domain_index(j: usize, oi: &Sequence<usize>, meta: &[u32], #[comptime] prog: 
 /// Domain element `j` of phase `ph` within the target element at `oi` (per axis, last
 /// first): its ops run, its stores made, the phase's reduction `k` folded into `acc[slot + k *
 /// stride]`. `res` holds the reductions of earlier phases; `at`, in a keeping phase, is which
-/// of the unit's positions `j` is, its kept loads at `cache[c * unroll + at]`; without
-/// `writes`, nothing is stored.
+/// of the unit's positions `j` is, its kept loads at `cache[c * unroll + at]`; unless it
+/// `counts`, it is read but neither folded nor stored (a position past a row's end, read at
+/// `within`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn element<F: Float>(
@@ -1042,20 +1117,24 @@ fn element<F: Float>(
     io: &mut [F],
     work: &mut [f32],
     meta: &[u32],
+    held: &Sequence<u32>,
     scalars: &[f32],
     #[comptime] prog: LProgram,
     #[comptime] ph: usize,
     #[comptime] slot: usize,
     #[comptime] stride: usize,
     #[comptime] at: Option<usize>,
-    writes: bool,
+    counts: bool,
     #[comptime] round_bf16: bool,
 ) {
     let rank = comptime! { prog.rank };
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let dom = comptime! { 3 * prog.rank * prog.phases[ph].domain };
     let unroll = comptime! { prog.unroll.max(1) };
-    let idx = domain_index(j, oi, meta, prog.clone(), ph);
+    // The shape table the kernel holds in registers, else its entries read here.
+    let own = table(meta, comptime! { if prog.holds_table() { 0 } else { prog.table_len() } });
+    let tab = if comptime! { prog.holds_table() } { held } else { &own };
+    let idx = domain_index(j, oi, tab, prog.clone(), ph);
     let mut r = Sequence::<f32>::new();
     #[unroll]
     for k in 0..prog.phases[ph].ops.len() {
@@ -1077,11 +1156,11 @@ fn element<F: Float>(
                     }
                     let mut v = 0f32;
                     if take {
-                        v = gather::<F>(&idx, x, dy, io, work, meta, prog.clone(), t, s, buf);
+                        v = gather::<F>(&idx, x, dy, io, work, tab, prog.clone(), t, s, buf);
                     }
                     r.push(v);
                 } else {
-                    let v = gather::<F>(&idx, x, dy, io, work, meta, prog.clone(), t, s, buf);
+                    let v = gather::<F>(&idx, x, dy, io, work, tab, prog.clone(), t, s, buf);
                     if comptime! { kept.is_some() } {
                         cache[comptime! { kept.unwrap().0 }] = v;
                     }
@@ -1099,18 +1178,18 @@ fn element<F: Float>(
     for k in 0..prog.phases[ph].reduces.len() {
         let (op, v, _) = comptime! { prog.phases[ph].reduces[k] };
         let at = comptime! { slot + k * stride };
-        acc[at] = fold(op, acc[at], r[v]);
+        acc[at] = select(counts, fold(op, acc[at], r[v]), acc[at]);
     }
-    if writes {
+    if counts {
         #[unroll]
         for k in 0..prog.phases[ph].stores.len() {
             let (t, v, in_io) = comptime! { prog.phases[ph].stores[k] };
             // This element's place in a tensor of the domain's shape.
-            let mut off = meta[tbase + t] as usize;
+            let mut off = tab[tbase + t] as usize;
             #[unroll]
             for q in 0..rank {
                 let a = comptime! { rank - 1 - q };
-                off += offset_along(idx[q], meta, comptime! { dom + rank + a }, comptime! { dom + 2 * rank + a }, comptime! { prog.kinds[prog.phases[ph].domain][a] });
+                off += offset_along(idx[q], tab, comptime! { dom + rank + a }, comptime! { dom + 2 * rank + a }, comptime! { prog.kinds[prog.phases[ph].domain][a] });
             }
             if comptime! { in_io } {
                 io[off] = F::cast_from(stored(r[v], round_bf16));
@@ -1124,15 +1203,15 @@ fn element<F: Float>(
 /// Tensor `t`'s value (read through shape `s`) where domain element `idx` falls, in f32.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn gather<F: Float>(idx: &Sequence<usize>, x: &[F], dy: &[F], io: &mut [F], work: &mut [f32], meta: &[u32], #[comptime] prog: LProgram, #[comptime] t: usize, #[comptime] s: usize, #[comptime] buf: Buf) -> f32 {
+fn gather<F: Float>(idx: &Sequence<usize>, x: &[F], dy: &[F], io: &mut [F], work: &mut [f32], tab: &Sequence<u32>, #[comptime] prog: LProgram, #[comptime] t: usize, #[comptime] s: usize, #[comptime] buf: Buf) -> f32 {
     let rank = comptime! { prog.rank };
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let sb = comptime! { 3 * prog.rank * s };
-    let mut off = meta[tbase + t] as usize;
+    let mut off = tab[tbase + t] as usize;
     #[unroll]
     for q in 0..rank {
         let a = comptime! { rank - 1 - q };
-        off += offset_along(idx[q], meta, comptime! { sb + rank + a }, comptime! { sb + 2 * rank + a }, comptime! { prog.kinds[s][a] });
+        off += offset_along(idx[q], tab, comptime! { sb + rank + a }, comptime! { sb + 2 * rank + a }, comptime! { prog.kinds[s][a] });
     }
     read::<F>(off, x, dy, io, work, buf)
 }
@@ -1160,16 +1239,16 @@ pub fn spreads(domain: AxisKind, target: AxisKind) -> bool {
     domain != AxisKind::One && !(domain == AxisKind::Full && target == AxisKind::Full)
 }
 
-/// How far along one axis of a shape the domain index `i` lies (`meta[inner]`, `meta[stride]`:
+/// How far along one axis of a shape the domain index `i` lies (`tab[inner]`, `tab[stride]`:
 /// the shape's elements per value and stride there): nothing where the shape is broadcast, `i`
 /// strides where it is full, else its group's.
 #[cube]
-fn offset_along(i: usize, meta: &[u32], #[comptime] inner: usize, #[comptime] stride: usize, #[comptime] kind: AxisKind) -> usize {
+fn offset_along(i: usize, tab: &Sequence<u32>, #[comptime] inner: usize, #[comptime] stride: usize, #[comptime] kind: AxisKind) -> usize {
     let mut off = 0usize;
     if comptime! { kind == AxisKind::Full } {
-        off = i * meta[stride] as usize;
+        off = i * tab[stride] as usize;
     } else if comptime! { kind == AxisKind::Grouped } {
-        off = i / meta[inner] as usize * meta[stride] as usize;
+        off = i / tab[inner] as usize * tab[stride] as usize;
     }
     off
 }

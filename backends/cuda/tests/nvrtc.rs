@@ -317,6 +317,92 @@ fn a_skippable_load_is_found() {
     assert_eq!(skippable(ptx, |l| l.starts_with("ld.global")), vec!["ld.global.nc.u16 %rs2, [%rd2];"]);
 }
 
+/// For each conditional branch of a PTX listing jumping ahead, how many lines matching `is` it
+/// skips.
+fn skipped_per_branch(ptx: &str, is: impl Fn(&str) -> bool) -> Vec<usize> {
+    let lines: Vec<&str> = ptx.lines().map(str::trim).collect();
+    branches(&lines).into_iter().filter(|&(k, at, conditional)| conditional && at > k).map(|(k, at, _)| lines[k..at].iter().filter(|l| is(l)).count()).collect()
+}
+
+#[test]
+fn loads_skipped_per_branch_are_counted() {
+    let ptx = "@%p1 bra $L__BB0_3;\nld.global.nc.u16 %rs1, [%rd1];\n@%p2 bra $L__BB0_2;\nld.global.nc.u16 %rs2, [%rd2];\n$L__BB0_2:\nst.global.u16 [%rd3], %rs2;\n$L__BB0_3:\nret;\n";
+    assert_eq!(skipped_per_branch(ptx, |l| l.starts_with("ld.global")), vec![2, 1]);
+}
+
+/// A row kept in registers is read in an unrolled walk whose loads are under no branch of
+/// their own — a position past the row's end reads the first again and counts for nothing —
+/// so a unit has every position's load in flight at once (each under its own branch, ptxas
+/// issues a few at a time, each after the shape table's entries read again for it): a branch
+/// skips the whole walk or none of it. And each row is read once: the kernels the GPU check's
+/// layers launch at 16384 x 4096 that keep rows in a cube of `BLOCK` units, in bf16 (whose
+/// loads of x and dy are the only 16-bit ones).
+#[test]
+fn kept_rows_are_read_in_one_unbranched_walk() {
+    let Some(nvrtc) = compiler(None) else { return };
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    use normforge_cubecl::kernel::{Buf, BLOCK};
+    let mut checked = 0;
+    for name in ["layer_norm", "rms_norm", "dyt"] {
+        let e = reg.get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
+        let b = normforge_dsl::bind::bind_axes(&e.axes, &[16384, 4096], "x").unwrap();
+        let hp = normforge_dsl::hyper::resolve(&e, &[]).unwrap();
+        for prog in [train, train_backward] {
+            let plan = normforge_cubecl::plan(&e, prog).unwrap();
+            let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &normforge_cubecl::Launch::default()).unwrap();
+            for (k, _) in lay.launches.iter().filter(|(k, _)| !k.kept.is_empty() && k.units == BLOCK) {
+                let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(k, Dtype::BF16, Lang::Cuda).unwrap().source).unwrap().ptx;
+                let storage = |l: &str| l.starts_with("ld.global.nc.u16");
+                let rows = k.kept.iter().filter(|(_, _, buf)| matches!(buf, Buf::Input | Buf::GradOutput)).count();
+                assert_eq!(ptx.lines().filter(|l| storage(l.trim())).count(), rows * k.unroll, "{name}: loads of x and dy");
+                let skipped = skipped_per_branch(&ptx, storage);
+                assert!(skipped.iter().all(|&n| n == 0 || n >= k.unroll), "{name}: loads skipped per branch {skipped:?}, {} per walk", k.unroll);
+                checked += 1;
+            }
+        }
+    }
+    // The forwards of a layer norm and an RMS norm, and the three backwards.
+    assert_eq!(checked, 5);
+}
+
+/// A kernel walking rows unrolled without column partials holds its shape table in registers
+/// (`LProgram::holds_table`): each entry it uses is read once (an EvoNorm's group kernel read
+/// its 23 entries 660 times, again for each position under the branch using them). The table
+/// is the only 32-bit integer data a layer kernel loads.
+#[test]
+fn held_shape_tables_are_read_once() {
+    let Some(nvrtc) = compiler(None) else { return };
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let cases: [(&str, &[usize]); 4] = [("layer_norm", &[16384, 4096]), ("rms_norm", &[16384, 4096]), ("evonorm_s0", &[32, 256, 56, 56]), ("layer_norm", &[64, 32768])];
+    let mut checked = 0;
+    for (name, shape) in cases {
+        let e = reg.get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
+        let b = normforge_dsl::bind::bind_axes(&e.axes, shape, "x").unwrap();
+        let hp = normforge_dsl::hyper::resolve(&e, &[]).unwrap();
+        for prog in [train, train_backward] {
+            let plan = normforge_cubecl::plan(&e, prog).unwrap();
+            let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &normforge_cubecl::Launch::default()).unwrap();
+            for (k, _) in lay.launches.iter().filter(|(k, _)| k.holds_table()) {
+                for dtype in [Dtype::F32, Dtype::BF16] {
+                    let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(k, dtype, Lang::Cuda).unwrap().source).unwrap().ptx;
+                    let reads: Vec<&str> = ptx.lines().filter_map(|l| l.trim().strip_prefix("ld.global.nc.u32")).filter_map(|l| l.split_once('[')).map(|(_, at)| at).collect();
+                    let distinct: std::collections::BTreeSet<&str> = reads.iter().copied().collect();
+                    assert!(!reads.is_empty() && reads.len() <= k.table_len(), "{name} {shape:?} {dtype:?}: {} table reads", reads.len());
+                    assert_eq!(reads.len(), distinct.len(), "{name} {shape:?} {dtype:?}: an entry read twice: {reads:?}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    // The forwards of the four, an EvoNorm's backward group kernel and the long rows' backward
+    // row kernel (rows of 4096 fold column partials in theirs), in f32 and bf16.
+    assert_eq!(checked, 2 * 6, "kernels holding their table");
+}
+
 /// A fused step phase that reduces nothing updates several blocks per cube, a unit reading and
 /// writing four neighbouring elements of each stream as one vector, every load made before any
 /// work, under no branch: each unit has 4 x (p, g, states) in flight, held in registers (ptxas
