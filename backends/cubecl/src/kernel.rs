@@ -654,9 +654,10 @@ pub struct LProgram {
     pub unroll: usize,
     /// Loads `(tensor, shape, buffer)` kept in registers per position between the phases over
     /// the shape `keep` (a layer norm's x, read by its mean, variance and output phases): the
-    /// first such phase to load one reads memory, the later ones its registers, so a row is
-    /// read once. Those phases walk their `unroll` positions unrolled, the registers indexed by
-    /// constants. Empty: every phase reads memory (see `plan::keeping`).
+    /// first such phase reads every kept load from memory (`first_keeping`), the later ones
+    /// their registers, so a row is read once. Those phases walk their `unroll` positions
+    /// unrolled, the registers indexed by constants. Empty: every phase reads memory (see
+    /// `plan::keeping`).
     pub kept: Vec<(usize, usize, Buf)>,
     pub keep: usize,
     /// Units per cube: `BLOCK`, or (a cooperative kernel keeping rows too long for `BLOCK`
@@ -706,12 +707,26 @@ impl LProgram {
     }
 
     /// Where phase `ph` finds `load` in the registers of one position: its index among `kept`,
-    /// and whether this phase is the first keeping one to load it (so reads memory and fills
-    /// the register).
+    /// and whether this phase is the first keeping one (so reads memory and fills the register).
     pub fn kept_slot(&self, ph: usize, load: (usize, usize, Buf)) -> Option<(usize, bool)> {
         let c = self.kept.iter().position(|&h| h == load).filter(|_| self.keeps(ph))?;
-        let loads = |q: usize| self.phases[q].ops.contains(&LOp::Load(load.0, load.1, load.2));
-        Some((c, !(0..ph).any(|q| self.keeps(q) && loads(q))))
+        Some((c, self.first_keeping() == Some(ph)))
+    }
+
+    /// The first phase keeping loads in registers: it fills every kept load's, also those
+    /// only later phases read, so that a row's loads are all made in one walk (a layer norm's
+    /// backward reads dy first in its second phase: there ptxas, short of registers beside the
+    /// column partials, issued each position's load only once the last had arrived).
+    pub fn first_keeping(&self) -> Option<usize> {
+        (0..self.phases.len()).find(|&q| self.keeps(q))
+    }
+
+    /// The kept loads (index among `kept`, load) phase `ph` fills without reading them itself.
+    pub fn prefetches(&self, ph: usize) -> Vec<(usize, (usize, usize, Buf))> {
+        if self.first_keeping() != Some(ph) {
+            return Vec::new();
+        }
+        self.kept.iter().copied().enumerate().filter(|&(_, (t, s, buf))| !self.phases[ph].ops.contains(&LOp::Load(t, s, buf))).collect()
     }
 }
 
@@ -829,18 +844,18 @@ pub fn layer_kernel<F: Float>(
             let dom = comptime! { prog.phases[ph].domain };
             let mut loops = 0usize;
             if active {
-                loops = domain_len(&tab, prog.clone(), dom, tgt_shape);
+                loops = domain_len(tab, prog.clone(), dom, tgt_shape);
             }
             let reach = comptime! { prog.phases[ph].reach };
             let nr = comptime! { prog.phases[ph].reduces.len() };
             if comptime! { reach == Reach::Across } {
                 let ka = comptime! { across_before(&prog.phases, ph) };
-                walk::<F>(first, step, loops, &oi, &res, &mut part, &mut cache, x, dy, io, work, meta, &tab, scalars, prog.clone(), ph, comptime! { Some(ka) }, round_bf16);
+                walk::<F>(first, step, loops, &oi, &res, &mut part, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, comptime! { Some(ka) }, round_bf16);
             } else if comptime! { matches!(reach, Reach::Finer(_)) } {
                 // The finer elements inside this one, each a run of `len` consecutive domain
                 // elements (its own axes are the inner ones: see `plan`), one after another.
                 let fs = comptime! { if let Reach::Finer(f) = reach { f } else { unreachable!() } };
-                let len = domain_len(&tab, prog.clone(), dom, fs);
+                let len = domain_len(tab, prog.clone(), dom, fs);
                 let mut subs = 0usize;
                 if active {
                     subs = loops / len;
@@ -852,17 +867,17 @@ pub fn layer_kernel<F: Float>(
                     identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
                     let mut j = start + first;
                     while j < start + len {
-                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, &tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
+                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
                         j += step;
                     }
                     // The finer element's place: where its first domain element falls.
-                    let idx = domain_index(start, &oi, &tab, prog.clone(), ph);
+                    let idx = domain_index(start, &oi, tab, prog.clone(), ph);
                     let fb = comptime! { 3 * prog.rank * fs };
                     let mut at = 0usize;
                     #[unroll]
                     for q in 0..rank {
                         let a = comptime! { rank - 1 - q };
-                        at += offset_along(idx[q], &tab, comptime! { fb + rank + a }, comptime! { fb + 2 * rank + a }, comptime! { prog.kinds[fs][a] });
+                        at += offset_along(idx[q], tab, comptime! { fb + rank + a }, comptime! { fb + 2 * rank + a }, comptime! { prog.kinds[fs][a] });
                     }
                     #[unroll]
                     for k in 0..nr {
@@ -877,16 +892,16 @@ pub fn layer_kernel<F: Float>(
             } else if comptime! { per_unit > 1 } {
                 // An elementwise kernel's phase (`plan::launched`): the target element itself.
                 let mut none = Array::<f32>::new(1usize);
-                element::<F>(0usize, &oi, &res, &mut none, &mut cache, x, dy, io, work, meta, &tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, active, round_bf16);
+                element::<F>(0usize, &oi, &res, &mut none, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, active, round_bf16);
             } else {
                 let mut acc = Array::<f32>::new(comptime! { nr.max(1) });
                 identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
                 if comptime! { prog.keeps(ph) } {
-                    walk::<F>(first, step, loops, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, &tab, scalars, prog.clone(), ph, comptime! { None::<usize> }, round_bf16);
+                    walk::<F>(first, step, loops, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, comptime! { None::<usize> }, round_bf16);
                 } else {
                     let mut j = first;
                     while j < loops {
-                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, &tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
+                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
                         j += step;
                     }
                 }
@@ -942,6 +957,7 @@ pub fn layer_kernel<F: Float>(
 /// again for each position under the branch that uses it (where no read dominates another,
 /// none can stand for the rest).
 #[cube]
+#[allow(clippy::needless_range_loop)] // (an unrolled range is what a cube function walks)
 fn table(meta: &[u32], #[comptime] len: usize) -> Sequence<u32> {
     let mut tab = Sequence::<u32>::new();
     #[unroll]
@@ -1135,6 +1151,13 @@ fn element<F: Float>(
     let own = table(meta, comptime! { if prog.holds_table() { 0 } else { prog.table_len() } });
     let tab = if comptime! { prog.holds_table() } { held } else { &own };
     let idx = domain_index(j, oi, tab, prog.clone(), ph);
+    if comptime! { at.is_some() } {
+        #[unroll]
+        for q in 0..prog.prefetches(ph).len() {
+            let (c, (t, s, buf)) = comptime! { prog.prefetches(ph)[q] };
+            cache[comptime! { c * unroll + at.unwrap() }] = gather::<F>(&idx, x, dy, io, work, tab, prog.clone(), t, s, buf);
+        }
+    }
     let mut r = Sequence::<f32>::new();
     #[unroll]
     for k in 0..prog.phases[ph].ops.len() {

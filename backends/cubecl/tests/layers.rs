@@ -330,10 +330,12 @@ fn kept_and_reads(name: &str, pass: &str, shape: &[usize], launch: &Launch) -> V
     let entry = registry().get(name).unwrap().entry;
     let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &entry.programs else { unreachable!() };
     let lay = laid(&entry, if pass == "forward" { train } else { train_backward }, shape, launch);
+    // A phase reads memory where a load of its own is not in registers, or where it fills the
+    // registers of a kept load only later phases use.
     let from_memory = |k: &normforge_cubecl::kernel::LProgram, buf: Buf| {
-        (0..k.phases.len())
-            .filter(|&ph| k.phases[ph].ops.iter().any(|op| matches!(*op, LOp::Load(t, s, b) if b == buf && k.kept_slot(ph, (t, s, b)).is_none_or(|(_, fills)| fills))))
-            .count()
+        let own = |ph: usize| k.phases[ph].ops.iter().any(|op| matches!(*op, LOp::Load(t, s, b) if b == buf && k.kept_slot(ph, (t, s, b)).is_none_or(|(_, fills)| fills)));
+        let ahead = |ph: usize| k.prefetches(ph).iter().any(|&(_, (.., b))| b == buf);
+        (0..k.phases.len()).filter(|&ph| own(ph) || ahead(ph)).count()
     };
     lay.launches.iter().filter(|(k, _)| k.cube_per_value()).map(|(k, _)| (k.kept.len(), from_memory(k, Buf::Input), from_memory(k, Buf::GradOutput))).collect()
 }

@@ -330,13 +330,14 @@ fn loads_skipped_per_branch_are_counted() {
     assert_eq!(skipped_per_branch(ptx, |l| l.starts_with("ld.global")), vec![2, 1]);
 }
 
-/// A row kept in registers is read in an unrolled walk whose loads are under no branch of
+/// The rows kept in registers are read in one unrolled walk (the first keeping phase's, also
+/// for rows only later phases use: `LProgram::prefetches`) whose loads are under no branch of
 /// their own — a position past the row's end reads the first again and counts for nothing —
-/// so a unit has every position's load in flight at once (each under its own branch, ptxas
-/// issues a few at a time, each after the shape table's entries read again for it): a branch
-/// skips the whole walk or none of it. And each row is read once: the kernels the GPU check's
-/// layers launch at 16384 x 4096 that keep rows in a cube of `BLOCK` units, in bf16 (whose
-/// loads of x and dy are the only 16-bit ones).
+/// so that ptxas may have them in flight together (each under its own branch, it issued a few
+/// at a time, each after the shape table's entries read again for it): a branch skips all of
+/// them or none. And each row is read once: the kernels the GPU check's layers launch at
+/// 16384 x 4096 that keep rows in a cube of `BLOCK` units, in bf16 (whose loads of x and dy are
+/// the only 16-bit ones).
 #[test]
 fn kept_rows_are_read_in_one_unbranched_walk() {
     let Some(nvrtc) = compiler(None) else { return };
@@ -358,7 +359,7 @@ fn kept_rows_are_read_in_one_unbranched_walk() {
                 let rows = k.kept.iter().filter(|(_, _, buf)| matches!(buf, Buf::Input | Buf::GradOutput)).count();
                 assert_eq!(ptx.lines().filter(|l| storage(l.trim())).count(), rows * k.unroll, "{name}: loads of x and dy");
                 let skipped = skipped_per_branch(&ptx, storage);
-                assert!(skipped.iter().all(|&n| n == 0 || n >= k.unroll), "{name}: loads skipped per branch {skipped:?}, {} per walk", k.unroll);
+                assert!(skipped.iter().all(|&n| n == 0 || n >= rows * k.unroll), "{name}: loads skipped per branch {skipped:?}, {} per row", k.unroll);
                 checked += 1;
             }
         }
