@@ -213,6 +213,23 @@ fn kept_rows_stay_in_registers() {
     assert_eq!(checked, 12);
 }
 
+/// The kernels a std layer launches for an input of `shape` with the default launch, per pass
+/// ("forward", "backward"), in launch order.
+fn launched_at(name: &str, shape: &[usize]) -> Vec<(&'static str, normforge_cubecl::kernel::LProgram)> {
+    normforge_std::link();
+    let e = normforge_registry::Registry::with_builtins().unwrap().get(name).unwrap().entry;
+    let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
+    let b = normforge_dsl::bind::bind_axes(&e.axes, shape, "x").unwrap();
+    let hp = normforge_dsl::hyper::resolve(&e, &[]).unwrap();
+    let mut out = Vec::new();
+    for (pass, prog) in [("forward", train), ("backward", train_backward)] {
+        let plan = normforge_cubecl::plan(&e, prog).unwrap();
+        let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &normforge_cubecl::Launch::default()).unwrap();
+        out.extend(lay.launches.into_iter().map(|(k, _)| (pass, k)));
+    }
+    out
+}
+
 /// What ptxas (sm_90) makes of every kernel the GPU check's layers launch, at its shapes and at
 /// rows of 16384 and 32768 (kept by cubes of 512 and 1024 units): no spills, no stack, and no
 /// more registers per unit than a cube of its units gets (65536 per cube), so each kernel
@@ -220,8 +237,6 @@ fn kept_rows_stay_in_registers() {
 #[test]
 fn launched_layer_kernels_fit_the_register_file() {
     let Some(nvrtc) = compiler(None) else { return };
-    normforge_std::link();
-    let reg = normforge_registry::Registry::with_builtins().unwrap();
     let cases: [(&str, &[usize]); 6] = [
         ("layer_norm", &[16384, 4096]),
         ("rms_norm", &[16384, 4096]),
@@ -232,24 +247,16 @@ fn launched_layer_kernels_fit_the_register_file() {
     ];
     let (mut checked, mut big) = (0, 0);
     for (name, shape) in cases {
-        let e = reg.get(name).unwrap().entry;
-        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
-        let b = normforge_dsl::bind::bind_axes(&e.axes, shape, "x").unwrap();
-        let hp = normforge_dsl::hyper::resolve(&e, &[]).unwrap();
-        for (pass, prog) in [("forward", train), ("backward", train_backward)] {
-            let plan = normforge_cubecl::plan(&e, prog).unwrap();
-            let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &normforge_cubecl::Launch::default()).unwrap();
-            for (k, _) in &lay.launches {
-                for dtype in [Dtype::F32, Dtype::BF16] {
-                    let unit = normforge_cubecl::emit::layer_unit(k, dtype, Lang::Cuda).unwrap();
-                    let u = nvrtc.usage(&unit.source).unwrap();
-                    let what = format!("{name} {shape:?} {pass} {dtype:?}: {} units, {} kept x {}", k.units, k.kept.len(), k.unroll);
-                    eprintln!("{what}: {u:?}");
-                    assert_eq!((u.spill_stores, u.spill_loads, u.stack_bytes), (0, 0, 0), "{what}: spills");
-                    assert!(u.registers as usize * k.units <= normforge_cubecl::REGISTERS_PER_CUBE, "{what}: {} registers", u.registers);
-                    big += (k.units > normforge_cubecl::kernel::BLOCK) as usize;
-                    checked += 1;
-                }
+        for (pass, k) in launched_at(name, shape) {
+            for dtype in [Dtype::F32, Dtype::BF16] {
+                let unit = normforge_cubecl::emit::layer_unit(&k, dtype, Lang::Cuda).unwrap();
+                let u = nvrtc.usage(&unit.source).unwrap();
+                let what = format!("{name} {shape:?} {pass} {dtype:?}: {} units, {} kept x {}", k.units, k.kept.len(), k.unroll);
+                eprintln!("{what}: {u:?}");
+                assert_eq!((u.spill_stores, u.spill_loads, u.stack_bytes), (0, 0, 0), "{what}: spills");
+                assert!(u.registers as usize * k.units <= normforge_cubecl::REGISTERS_PER_CUBE, "{what}: {} registers", u.registers);
+                big += (k.units > normforge_cubecl::kernel::BLOCK) as usize;
+                checked += 1;
             }
         }
     }
@@ -341,27 +348,17 @@ fn loads_skipped_per_branch_are_counted() {
 #[test]
 fn kept_rows_are_read_in_one_unbranched_walk() {
     let Some(nvrtc) = compiler(None) else { return };
-    normforge_std::link();
-    let reg = normforge_registry::Registry::with_builtins().unwrap();
     use normforge_cubecl::kernel::{Buf, BLOCK};
     let mut checked = 0;
     for name in ["layer_norm", "rms_norm", "dyt"] {
-        let e = reg.get(name).unwrap().entry;
-        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
-        let b = normforge_dsl::bind::bind_axes(&e.axes, &[16384, 4096], "x").unwrap();
-        let hp = normforge_dsl::hyper::resolve(&e, &[]).unwrap();
-        for prog in [train, train_backward] {
-            let plan = normforge_cubecl::plan(&e, prog).unwrap();
-            let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &normforge_cubecl::Launch::default()).unwrap();
-            for (k, _) in lay.launches.iter().filter(|(k, _)| !k.kept.is_empty() && k.units == BLOCK) {
-                let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(k, Dtype::BF16, Lang::Cuda).unwrap().source).unwrap().ptx;
-                let storage = |l: &str| l.starts_with("ld.global.nc.u16");
-                let rows = k.kept.iter().filter(|(_, _, buf)| matches!(buf, Buf::Input | Buf::GradOutput)).count();
-                assert_eq!(ptx.lines().filter(|l| storage(l.trim())).count(), rows * k.unroll, "{name}: loads of x and dy");
-                let skipped = skipped_per_branch(&ptx, storage);
-                assert!(skipped.iter().all(|&n| n == 0 || n >= rows * k.unroll), "{name}: loads skipped per branch {skipped:?}, {} per row", k.unroll);
-                checked += 1;
-            }
+        for (_, k) in launched_at(name, &[16384, 4096]).into_iter().filter(|(_, k)| !k.kept.is_empty() && k.units == BLOCK) {
+            let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(&k, Dtype::BF16, Lang::Cuda).unwrap().source).unwrap().ptx;
+            let storage = |l: &str| l.starts_with("ld.global.nc.u16");
+            let rows = k.kept.iter().filter(|(_, _, buf)| matches!(buf, Buf::Input | Buf::GradOutput)).count();
+            assert_eq!(ptx.lines().filter(|l| storage(l.trim())).count(), rows * k.unroll, "{name}: loads of x and dy");
+            let skipped = skipped_per_branch(&ptx, storage);
+            assert!(skipped.iter().all(|&n| n == 0 || n >= rows * k.unroll), "{name}: loads skipped per branch {skipped:?}, {} per row", k.unroll);
+            checked += 1;
         }
     }
     // The forwards of a layer norm and an RMS norm, and the three backwards.
@@ -375,27 +372,17 @@ fn kept_rows_are_read_in_one_unbranched_walk() {
 #[test]
 fn held_shape_tables_are_read_once() {
     let Some(nvrtc) = compiler(None) else { return };
-    normforge_std::link();
-    let reg = normforge_registry::Registry::with_builtins().unwrap();
     let cases: [(&str, &[usize]); 4] = [("layer_norm", &[16384, 4096]), ("rms_norm", &[16384, 4096]), ("evonorm_s0", &[32, 256, 56, 56]), ("layer_norm", &[64, 32768])];
     let mut checked = 0;
     for (name, shape) in cases {
-        let e = reg.get(name).unwrap().entry;
-        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
-        let b = normforge_dsl::bind::bind_axes(&e.axes, shape, "x").unwrap();
-        let hp = normforge_dsl::hyper::resolve(&e, &[]).unwrap();
-        for prog in [train, train_backward] {
-            let plan = normforge_cubecl::plan(&e, prog).unwrap();
-            let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &normforge_cubecl::Launch::default()).unwrap();
-            for (k, _) in lay.launches.iter().filter(|(k, _)| k.holds_table()) {
-                for dtype in [Dtype::F32, Dtype::BF16] {
-                    let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(k, dtype, Lang::Cuda).unwrap().source).unwrap().ptx;
-                    let reads: Vec<&str> = ptx.lines().filter_map(|l| l.trim().strip_prefix("ld.global.nc.u32")).filter_map(|l| l.split_once('[')).map(|(_, at)| at).collect();
-                    let distinct: std::collections::BTreeSet<&str> = reads.iter().copied().collect();
-                    assert!(!reads.is_empty() && reads.len() <= k.table_len(), "{name} {shape:?} {dtype:?}: {} table reads", reads.len());
-                    assert_eq!(reads.len(), distinct.len(), "{name} {shape:?} {dtype:?}: an entry read twice: {reads:?}");
-                    checked += 1;
-                }
+        for (_, k) in launched_at(name, shape).into_iter().filter(|(_, k)| k.holds_table()) {
+            for dtype in [Dtype::F32, Dtype::BF16] {
+                let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(&k, dtype, Lang::Cuda).unwrap().source).unwrap().ptx;
+                let reads: Vec<&str> = ptx.lines().filter_map(|l| l.trim().strip_prefix("ld.global.nc.u32")).filter_map(|l| l.split_once('[')).map(|(_, at)| at).collect();
+                let distinct: std::collections::BTreeSet<&str> = reads.iter().copied().collect();
+                assert!(!reads.is_empty() && reads.len() <= k.table_len(), "{name} {shape:?} {dtype:?}: {} table reads", reads.len());
+                assert_eq!(reads.len(), distinct.len(), "{name} {shape:?} {dtype:?}: an entry read twice: {reads:?}");
+                checked += 1;
             }
         }
     }
