@@ -692,10 +692,11 @@ impl LProgram {
     }
 
     /// Whether the kernel reads its shape table once, into registers (`kernel::table`): one
-    /// walking rows unrolled (`unroll`) without column partials. Elsewhere an element reads the
-    /// entries it needs itself: a kernel folding column partials would hold every position's
-    /// addresses at once (ptxas: 210 registers, not 105, so one cube per multiprocessor, not
-    /// two), and one walking its elements in a loop has little to gain.
+    /// walking rows unrolled (`unroll`) without column partials. Elsewhere each target element
+    /// and each element read the entries they need: a kernel folding column partials would
+    /// hold every position's addresses at once (ptxas: about 210 registers, not 105, so one
+    /// cube per multiprocessor, not two), and in one walking its elements in a loop the
+    /// entries held throughout made ptxas spill (a layer norm's column fold at rows of 16384).
     pub fn holds_table(&self) -> bool {
         self.unroll > 0 && self.across() == 0
     }
@@ -920,6 +921,8 @@ pub fn layer_kernel<F: Float>(
                         writes = active && (UNIT_POS as usize) < per_cube;
                     }
                     if writes {
+                        // (The offset read where it is used: read at the start, it held a
+                        // register through the loop, and a column fold spilled.)
                         work[meta[tbase + t] as usize + o] = v;
                     }
                     res.push(v);
