@@ -271,13 +271,18 @@ fn a_division_in_a_loop_is_found() {
 }
 
 
-/// The lines of a PTX listing that match `is` and lie in a block a branch may skip (between a
-/// conditional branch and its label further down).
+/// The stretches of a PTX listing (its lines trimmed) a branch may skip: from each conditional
+/// branch to its label further down.
+fn skips(lines: &[&str]) -> Vec<std::ops::Range<usize>> {
+    branches(lines).into_iter().filter(|&(k, at, conditional)| conditional && at > k).map(|(k, at, _)| k..at).collect()
+}
+
+/// The lines of a PTX listing that match `is` and lie in a block a branch may skip.
 fn skippable(ptx: &str, is: impl Fn(&str) -> bool) -> Vec<String> {
     let lines: Vec<&str> = ptx.lines().map(str::trim).collect();
     let mut skipped = vec![false; lines.len()];
-    for (k, end, _) in branches(&lines).into_iter().filter(|&(k, at, conditional)| conditional && at > k) {
-        skipped[k..end].iter_mut().for_each(|x| *x = true);
+    for r in skips(&lines) {
+        skipped[r].iter_mut().for_each(|x| *x = true);
     }
     lines.iter().zip(skipped).filter(|(l, s)| *s && is(l)).map(|(l, _)| l.to_string()).collect()
 }
@@ -328,7 +333,7 @@ fn a_skippable_load_is_found() {
 /// skips.
 fn skipped_per_branch(ptx: &str, is: impl Fn(&str) -> bool) -> Vec<usize> {
     let lines: Vec<&str> = ptx.lines().map(str::trim).collect();
-    branches(&lines).into_iter().filter(|&(k, at, conditional)| conditional && at > k).map(|(k, at, _)| lines[k..at].iter().filter(|l| is(l)).count()).collect()
+    skips(&lines).into_iter().map(|r| lines[r].iter().filter(|l| is(l)).count()).collect()
 }
 
 #[test]
