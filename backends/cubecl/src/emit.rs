@@ -114,6 +114,7 @@ fn layer_source<F: Float>(props: &Arc<DeviceProperties>, prog: &LProgram, lang: 
         Arc::new(TargetProperties::default()),
         CubeCount::Static(1, 1, 1),
         CubeDim::new_1d(prog.units as u32),
+        prog.vector.max(1),
         b(),
         b(),
         b(),

@@ -650,7 +650,8 @@ pub struct LProgram {
     /// With `across` phases: the positions of a row each unit keeps a partial for (so a row
     /// is at most `unroll * BLOCK` long); each cube takes a block of consecutive target
     /// elements, as many as the launched cube count leaves to each. With `kept` loads, the
-    /// positions each unit walks in every phase keeping them.
+    /// positions each unit walks in every phase keeping them (each a vector of `vector`
+    /// neighbouring positions).
     pub unroll: usize,
     /// Loads `(tensor, shape, buffer)` kept in registers per position between the phases over
     /// the shape `keep` (a layer norm's x, read by its mean, variance and output phases): the
@@ -664,6 +665,12 @@ pub struct LProgram {
     /// units' registers) up to `MAX_UNITS`. Part of the kernel, not only of its launch: the
     /// generated code takes it as a constant.
     pub units: usize,
+    /// With `kept` loads: the neighbouring positions of a row each unit reads and writes as
+    /// one access (1: one at a time), its `unroll` then counting such vectors. A bf16 row read
+    /// two bytes a load needs eight times the loads in flight a 16-byte vector does to keep a
+    /// GPU's memory busy. Only where `x`, `dy` and `io` are read and written by the keeping
+    /// phases alone, along rows whose vectors are whole and aligned (`plan::vectorized`).
+    pub vector: usize,
 }
 
 impl LProgram {
@@ -729,6 +736,34 @@ impl LProgram {
         }
         self.kept.iter().copied().enumerate().filter(|&(_, (t, s, buf))| !self.phases[ph].ops.contains(&LOp::Load(t, s, buf))).collect()
     }
+
+    /// The same kernel reading a value at a time (a vectorized one's rows misaligned in
+    /// memory: a view's tensor starting mid-vector).
+    pub fn unvectorized(&self) -> LProgram {
+        LProgram { vector: 1, unroll: self.unroll * self.vector.max(1), ..self.clone() }
+    }
+
+    /// The neighbouring positions phase `ph` reads as one (`vector` where it keeps loads).
+    pub fn lanes(&self, ph: usize) -> usize {
+        if self.keeps(ph) {
+            self.vector.max(1)
+        } else {
+            1
+        }
+    }
+
+    /// Where a vector's values for `io` wait in the register array of kept loads, past them:
+    /// a kernel reading vectors writes each store's lanes as one.
+    pub fn staged(&self) -> usize {
+        self.kept.len() * self.unroll.max(1) * self.vector.max(1)
+    }
+
+    /// The register array a unit keeps its loads in (and, reading vectors, its stores' lanes).
+    pub fn cache_len(&self) -> usize {
+        let lanes = self.vector.max(1);
+        let stores = if lanes > 1 { self.phases.iter().map(|p| p.stores.iter().filter(|s| s.2).count()).max().unwrap_or(0) } else { 0 };
+        self.staged() + stores * lanes
+    }
 }
 
 /// The reductions of `phases[..ph]` folding across target elements: where phase `ph`'s
@@ -745,10 +780,10 @@ pub fn across_before(phases: &[LPhase], ph: usize) -> usize {
 /// each tensor's offset in its buffer (0 for `x` and `dy`).
 #[cube(launch_unchecked, create_dummy_kernel)]
 #[allow(clippy::manual_div_ceil)] // (`div_ceil` is not a cube function)
-pub fn layer_kernel<F: Float>(
-    x: &[F],
-    dy: &[F],
-    io: &mut [F],
+pub fn layer_kernel<F: Float, N: Size>(
+    x: &[Vector<F, N>],
+    dy: &[Vector<F, N>],
+    io: &mut [Vector<F, N>],
     work: &mut [f32],
     meta: &[u32],
     scalars: &[f32],
@@ -763,6 +798,9 @@ pub fn layer_kernel<F: Float>(
     let per_cube = comptime! { prog.values_per_cube };
     let across = comptime! { prog.across() };
     let unroll = comptime! { prog.unroll.max(1) };
+    // Registers per kept load or partial: a unit's positions (vectors), times their lanes.
+    let lanes = comptime! { prog.vector.max(1) };
+    let slots = comptime! { unroll * lanes };
     let tab = table(meta, comptime! { prog.table_len() });
     let mut count = 1usize;
     #[unroll]
@@ -795,16 +833,16 @@ pub fn layer_kernel<F: Float>(
         o0 = CUBE_POS * CUBE_DIM as usize * per_unit + UNIT_POS as usize;
     }
     // Per `across` reduction, this unit's partial for positions `first + m * step` of a row.
-    let mut part = Array::<f32>::new(comptime! { (across * unroll).max(1) });
+    let mut part = Array::<f32>::new(comptime! { (across * slots).max(1) });
     // Per kept load, its value at those positions of the current row.
-    let mut cache = Array::<f32>::new(comptime! { (prog.kept.len() * unroll).max(1) });
+    let mut cache = Array::<f32>::new(comptime! { prog.cache_len().max(1) });
     #[unroll]
     for ph in 0..prog.phases.len() {
         if comptime! { prog.phases[ph].reach == Reach::Across } {
             let ka = comptime! { across_before(&prog.phases, ph) };
             #[unroll]
-            for m in 0..unroll {
-                identities(&mut part, comptime! { prog.phases[ph].reduces.clone() }, comptime! { ka * unroll + m }, unroll);
+            for m in 0..slots {
+                identities(&mut part, comptime! { prog.phases[ph].reduces.clone() }, comptime! { ka * slots + m }, slots);
             }
         }
     }
@@ -851,7 +889,7 @@ pub fn layer_kernel<F: Float>(
             let nr = comptime! { prog.phases[ph].reduces.len() };
             if comptime! { reach == Reach::Across } {
                 let ka = comptime! { across_before(&prog.phases, ph) };
-                walk::<F>(first, step, loops, &oi, &res, &mut part, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, comptime! { Some(ka) }, round_bf16);
+                walk::<F, N>(first, step, loops, &oi, &res, &mut part, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, comptime! { Some(ka) }, round_bf16);
             } else if comptime! { matches!(reach, Reach::Finer(_)) } {
                 // The finer elements inside this one, each a run of `len` consecutive domain
                 // elements (its own axes are the inner ones: see `plan`), one after another.
@@ -868,7 +906,7 @@ pub fn layer_kernel<F: Float>(
                     identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
                     let mut j = start + first;
                     while j < start + len {
-                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
+                        element::<F, N>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, comptime! { None::<usize> }, true, round_bf16);
                         j += step;
                     }
                     // The finer element's place: where its first domain element falls.
@@ -893,16 +931,16 @@ pub fn layer_kernel<F: Float>(
             } else if comptime! { per_unit > 1 } {
                 // An elementwise kernel's phase (`plan::launched`): the target element itself.
                 let mut none = Array::<f32>::new(1usize);
-                element::<F>(0usize, &oi, &res, &mut none, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, active, round_bf16);
+                element::<F, N>(0usize, &oi, &res, &mut none, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, comptime! { None::<usize> }, active, round_bf16);
             } else {
                 let mut acc = Array::<f32>::new(comptime! { nr.max(1) });
                 identities(&mut acc, comptime! { prog.phases[ph].reduces.clone() }, 0usize, 1usize);
                 if comptime! { prog.keeps(ph) } {
-                    walk::<F>(first, step, loops, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, comptime! { None::<usize> }, round_bf16);
+                    walk::<F, N>(first, step, loops, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, comptime! { None::<usize> }, round_bf16);
                 } else {
                     let mut j = first;
                     while j < loops {
-                        element::<F>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, true, round_bf16);
+                        element::<F, N>(j, &oi, &res, &mut acc, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { None::<usize> }, comptime! { None::<usize> }, true, round_bf16);
                         j += step;
                     }
                 }
@@ -944,10 +982,11 @@ pub fn layer_kernel<F: Float>(
                 let (_, _, t) = comptime! { prog.phases[ph].reduces[k] };
                 let base = meta[tbase + t] as usize + CUBE_POS * positions;
                 #[unroll]
-                for m in 0..unroll {
-                    let j = first + m * step;
+                for m in 0..slots {
+                    // (A unit's vector `m / lanes`, lane `m % lanes`.)
+                    let j = if comptime! { lanes > 1 } { (first + comptime! { m / lanes } * step) * lanes + comptime! { m % lanes } } else { first + m * step };
                     if j < positions {
-                        work[base + j] = part[(ka + k) * unroll + m];
+                        work[base + j] = part[(ka + k) * slots + m];
                     }
                 }
             }
@@ -974,10 +1013,13 @@ fn table(meta: &[u32], #[comptime] len: usize) -> Sequence<u32> {
 /// unrolled: folded into `acc`, at `partials` (the phase's first `Reach::Across` partial) per
 /// position, else at 0. The positions are read under no branch, so that their loads are in
 /// flight together (past the row's end, the first again: `within`), but in a cube of more than
-/// `BLOCK` units, whose units have too few registers to hold them all at once.
+/// `BLOCK` units, whose units have too few registers to hold them all at once. In a kernel
+/// reading vectors (`LProgram::vector`) a position is a vector of neighbours: the first keeping
+/// phase reads each kept load's as one access, and a phase's stores into `io` are gathered
+/// over its lanes (in `cache`, past the kept loads) and written as one.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn walk<F: Float>(
+fn walk<F: Float, N: Size>(
     first: usize,
     step: usize,
     loops: usize,
@@ -985,9 +1027,9 @@ fn walk<F: Float>(
     res: &Sequence<f32>,
     acc: &mut Array<f32>,
     cache: &mut Array<f32>,
-    x: &[F],
-    dy: &[F],
-    io: &mut [F],
+    x: &[Vector<F, N>],
+    dy: &[Vector<F, N>],
+    io: &mut [Vector<F, N>],
     work: &mut [f32],
     meta: &[u32],
     tab: &Sequence<u32>,
@@ -999,15 +1041,62 @@ fn walk<F: Float>(
 ) {
     let unroll = comptime! { prog.unroll.max(1) };
     let unbranched = comptime! { prog.units <= BLOCK };
+    let lanes = comptime! { prog.lanes(ph) };
+    // Registers per kept load or partial: a unit's positions, times the lanes of each.
+    let slots = comptime! { unroll * prog.vector.max(1) };
+    let in_io = comptime! { prog.phases[ph].stores.iter().filter(|s| s.2).count() };
     if loops > 0 {
+        let vectors = if comptime! { lanes > 1 } { loops / lanes } else { loops };
         #[unroll]
         for m in 0..unroll {
-            let j = first + m * step;
-            let counts = j < loops;
-            let (slot, stride) = comptime! { partials.map_or((0, 1), |ka| (ka * unroll + m, unroll)) };
-            let at = comptime! { prog.keeps(ph).then_some(m) };
+            let v = first + m * step;
+            let counts = v < vectors;
+            let (slot, stride) = comptime! { partials.map_or((0, 1), |ka| (ka * slots + m * lanes, slots)) };
+            let at = comptime! { prog.keeps(ph).then_some(m * lanes) };
             if counts || comptime! { unbranched } {
-                element::<F>(within(j, loops), oi, res, acc, cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, slot, stride, at, counts, round_bf16);
+                if comptime! { lanes > 1 } {
+                    let j = within(v, vectors) * lanes;
+                    let idx = domain_index(j, oi, tab, prog.clone(), ph);
+                    if comptime! { prog.first_keeping() == Some(ph) } {
+                        #[unroll]
+                        for c in 0..prog.kept.len() {
+                            let (t, s, buf) = comptime! { prog.kept[c] };
+                            let off = offset(&idx, tab, prog.clone(), t, s);
+                            let base = comptime! { c * slots + m * lanes };
+                            if comptime! { buf == Buf::Work } {
+                                // (f32 values: each lane's own, or one for all where the tensor
+                                // is broadcast along the row, a DyT's alpha.)
+                                let along = comptime! { prog.kinds[s][prog.rank - 1] != AxisKind::One };
+                                #[unroll]
+                                for l in 0..lanes {
+                                    let at = if comptime! { along } { off + l } else { off };
+                                    cache[base + l] = work[at];
+                                }
+                            } else {
+                                unpack::<F, N>(fetch::<F, N>(off / lanes, x, dy, io, buf), cache, base, lanes);
+                            }
+                        }
+                    }
+                    #[unroll]
+                    for l in 0..lanes {
+                        element::<F, N>(j + l, oi, res, acc, cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, comptime! { if partials.is_some() { slot + l } else { slot } }, stride, comptime! { at.map(|a| a + l) }, comptime! { Some(l) }, counts, round_bf16);
+                    }
+                    if counts {
+                        #[unroll]
+                        for k in 0..in_io {
+                            let t = comptime! { prog.phases[ph].stores.iter().filter(|s| s.2).nth(k).unwrap().0 };
+                            let off = offset(&idx, tab, prog.clone(), t, comptime! { prog.phases[ph].domain });
+                            let mut vec = Vector::<F, N>::empty();
+                            #[unroll]
+                            for l in 0..lanes {
+                                vec.insert(l, F::cast_from(cache[comptime! { prog.staged() + k * lanes + l }]));
+                            }
+                            io[off / lanes] = vec;
+                        }
+                    }
+                } else {
+                    element::<F, N>(within(v, vectors), oi, res, acc, cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, slot, stride, at, comptime! { None::<usize> }, counts, round_bf16);
+                }
             }
         }
     }
@@ -1120,20 +1209,21 @@ fn domain_index(j: usize, oi: &Sequence<usize>, tab: &Sequence<u32>, #[comptime]
 /// Domain element `j` of phase `ph` within the target element at `oi` (per axis, last
 /// first): its ops run, its stores made, the phase's reduction `k` folded into `acc[slot + k *
 /// stride]`. `res` holds the reductions of earlier phases; `at`, in a keeping phase, is which
-/// of the unit's positions `j` is, its kept loads at `cache[c * unroll + at]`; unless it
+/// of the unit's positions `j` is, its kept loads at `cache[c * slots + at]`; unless it
 /// `counts`, it is read but neither folded nor stored (a position past a row's end, read at
-/// `within`).
+/// `within`). As `lane` of a vector (`walk`), its kept loads are already in `cache`, and its
+/// values for `io` go there too, after them (`LProgram::staged`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn element<F: Float>(
+fn element<F: Float, N: Size>(
     j: usize,
     oi: &Sequence<usize>,
     res: &Sequence<f32>,
     acc: &mut Array<f32>,
     cache: &mut Array<f32>,
-    x: &[F],
-    dy: &[F],
-    io: &mut [F],
+    x: &[Vector<F, N>],
+    dy: &[Vector<F, N>],
+    io: &mut [Vector<F, N>],
     work: &mut [f32],
     meta: &[u32],
     held: &Sequence<u32>,
@@ -1143,22 +1233,20 @@ fn element<F: Float>(
     #[comptime] slot: usize,
     #[comptime] stride: usize,
     #[comptime] at: Option<usize>,
+    #[comptime] lane: Option<usize>,
     counts: bool,
     #[comptime] round_bf16: bool,
 ) {
-    let rank = comptime! { prog.rank };
-    let tbase = comptime! { 3 * prog.rank * prog.shapes };
-    let dom = comptime! { 3 * prog.rank * prog.phases[ph].domain };
-    let unroll = comptime! { prog.unroll.max(1) };
+    let slots = comptime! { prog.unroll.max(1) * prog.vector.max(1) };
     // The shape table the kernel holds in registers, else its entries read here.
     let own = table(meta, comptime! { if prog.holds_table() { 0 } else { prog.table_len() } });
     let tab = if comptime! { prog.holds_table() } { held } else { &own };
     let idx = domain_index(j, oi, tab, prog.clone(), ph);
-    if comptime! { at.is_some() } {
+    if comptime! { at.is_some() && lane.is_none() } {
         #[unroll]
         for q in 0..prog.prefetches(ph).len() {
             let (c, (t, s, buf)) = comptime! { prog.prefetches(ph)[q] };
-            cache[comptime! { c * unroll + at.unwrap() }] = gather::<F>(&idx, x, dy, io, work, tab, prog.clone(), t, s, buf);
+            cache[comptime! { c * slots + at.unwrap() }] = gather::<F, N>(&idx, x, dy, io, work, tab, prog.clone(), t, s, buf);
         }
     }
     let mut r = Sequence::<f32>::new();
@@ -1167,8 +1255,8 @@ fn element<F: Float>(
         let op = comptime! { prog.phases[ph].ops[k].clone() };
         match op {
             LOp::Load(t, s, buf) => {
-                // (register, whether this phase fills it)
-                let kept = comptime! { at.and_then(|m| prog.kept_slot(ph, (t, s, buf)).map(|(c, fills)| (c * unroll + m, fills))) };
+                // (register, whether this phase fills it here)
+                let kept = comptime! { at.and_then(|m| prog.kept_slot(ph, (t, s, buf)).map(|(c, fills)| (c * slots + m, fills && lane.is_none()))) };
                 // (A kept load fills registers later phases read: never skipped.)
                 let guard = comptime! { if kept.is_some() { None } else { prog.phases[ph].guards()[k] } };
                 if comptime! { kept.is_some_and(|(_, fills)| !fills) } {
@@ -1182,11 +1270,11 @@ fn element<F: Float>(
                     }
                     let mut v = 0f32;
                     if take {
-                        v = gather::<F>(&idx, x, dy, io, work, tab, prog.clone(), t, s, buf);
+                        v = gather::<F, N>(&idx, x, dy, io, work, tab, prog.clone(), t, s, buf);
                     }
                     r.push(v);
                 } else {
-                    let v = gather::<F>(&idx, x, dy, io, work, tab, prog.clone(), t, s, buf);
+                    let v = gather::<F, N>(&idx, x, dy, io, work, tab, prog.clone(), t, s, buf);
                     if comptime! { kept.is_some() } {
                         cache[comptime! { kept.unwrap().0 }] = v;
                     }
@@ -1210,26 +1298,27 @@ fn element<F: Float>(
         #[unroll]
         for k in 0..prog.phases[ph].stores.len() {
             let (t, v, in_io) = comptime! { prog.phases[ph].stores[k] };
-            // This element's place in a tensor of the domain's shape.
-            let mut off = tab[tbase + t] as usize;
-            #[unroll]
-            for q in 0..rank {
-                let a = comptime! { rank - 1 - q };
-                off += offset_along(idx[q], tab, comptime! { dom + rank + a }, comptime! { dom + 2 * rank + a }, comptime! { prog.kinds[prog.phases[ph].domain][a] });
-            }
-            if comptime! { in_io } {
-                io[off] = F::cast_from(stored(r[v], round_bf16));
+            if comptime! { in_io && lane.is_some() } {
+                // This store's place among the phase's stores into `io`, for `walk` to write.
+                let n = comptime! { prog.phases[ph].stores[..k].iter().filter(|s| s.2).count() };
+                cache[comptime! { prog.staged() + n * prog.vector + lane.unwrap() }] = stored(r[v], round_bf16);
             } else {
-                work[off] = r[v];
+                // This element's place in a tensor of the domain's shape.
+                let off = offset(&idx, tab, prog.clone(), t, comptime! { prog.phases[ph].domain });
+                if comptime! { in_io } {
+                    io[off] = Vector::new(F::cast_from(stored(r[v], round_bf16)));
+                } else {
+                    work[off] = r[v];
+                }
             }
         }
     }
 }
 
-/// Tensor `t`'s value (read through shape `s`) where domain element `idx` falls, in f32.
+/// Where domain element `idx` falls in tensor `t` read through shape `s`: its offset in its
+/// buffer.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn gather<F: Float>(idx: &Sequence<usize>, x: &[F], dy: &[F], io: &mut [F], work: &mut [f32], tab: &Sequence<u32>, #[comptime] prog: LProgram, #[comptime] t: usize, #[comptime] s: usize, #[comptime] buf: Buf) -> f32 {
+fn offset(idx: &Sequence<usize>, tab: &Sequence<u32>, #[comptime] prog: LProgram, #[comptime] t: usize, #[comptime] s: usize) -> usize {
     let rank = comptime! { prog.rank };
     let tbase = comptime! { 3 * prog.rank * prog.shapes };
     let sb = comptime! { 3 * prog.rank * s };
@@ -1239,22 +1328,56 @@ fn gather<F: Float>(idx: &Sequence<usize>, x: &[F], dy: &[F], io: &mut [F], work
         let a = comptime! { rank - 1 - q };
         off += offset_along(idx[q], tab, comptime! { sb + rank + a }, comptime! { sb + 2 * rank + a }, comptime! { prog.kinds[s][a] });
     }
-    read::<F>(off, x, dy, io, work, buf)
+    off
 }
 
-/// The value at `off` of the buffer `buf`, in f32.
+/// Tensor `t`'s value (read through shape `s`) where domain element `idx` falls, in f32.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn gather<F: Float, N: Size>(
+    idx: &Sequence<usize>,
+    x: &[Vector<F, N>],
+    dy: &[Vector<F, N>],
+    io: &mut [Vector<F, N>],
+    work: &mut [f32],
+    tab: &Sequence<u32>,
+    #[comptime] prog: LProgram,
+    #[comptime] t: usize,
+    #[comptime] s: usize,
+    #[comptime] buf: Buf,
+) -> f32 {
+    read::<F, N>(offset(idx, tab, prog, t, s), x, dy, io, work, buf)
+}
+
+/// The value at `off` of the buffer `buf`, in f32. (`x`, `dy` and `io` are read a value at a
+/// time only in kernels reading one value per vector: `LProgram::vector`.)
 #[cube]
 #[allow(unused_assignments)] // (one branch is expanded, the initial value never)
-fn read<F: Float>(off: usize, x: &[F], dy: &[F], io: &mut [F], work: &mut [f32], #[comptime] buf: Buf) -> f32 {
+fn read<F: Float, N: Size>(off: usize, x: &[Vector<F, N>], dy: &[Vector<F, N>], io: &mut [Vector<F, N>], work: &mut [f32], #[comptime] buf: Buf) -> f32 {
     let mut v = 0f32;
     if comptime! { buf == Buf::Input } {
-        v = f32::cast_from(x[off]);
+        v = f32::cast_from(x[off].extract(0usize));
     } else if comptime! { buf == Buf::GradOutput } {
-        v = f32::cast_from(dy[off]);
+        v = f32::cast_from(dy[off].extract(0usize));
     } else if comptime! { buf == Buf::Io } {
-        v = f32::cast_from(io[off]);
+        v = f32::cast_from(io[off].extract(0usize));
     } else {
         v = work[off];
+    }
+    v
+}
+
+/// The vector at `off` (in vectors) of the buffer `buf` (not `work`, which holds f32 values).
+#[cube]
+#[allow(unused_assignments)] // (one branch is expanded, the initial value never)
+fn fetch<F: Float, N: Size>(off: usize, x: &[Vector<F, N>], dy: &[Vector<F, N>], io: &mut [Vector<F, N>], #[comptime] buf: Buf) -> Vector<F, N> {
+    let mut v = Vector::<F, N>::empty();
+    if comptime! { buf == Buf::Input } {
+        v = x[off];
+    } else if comptime! { buf == Buf::GradOutput } {
+        v = dy[off];
+    } else {
+        v = io[off];
     }
     v
 }

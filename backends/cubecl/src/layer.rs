@@ -98,7 +98,7 @@ impl CubeLayer {
             Source::Buffer(i) => self.buffers.get(i as usize).map(Vec::as_slice),
             _ => None,
         };
-        run(&self.client, plan, &layout(plan, b, &self.hparams, 0.0, &self.launch)?, self.storage, &data)
+        run(&self.client, plan, &layout(plan, b, &self.hparams, 0.0, &self.launch)?, self.storage, &self.launch, &data)
     }
 
     /// The output for `x` (of `shape`); in training mode the buffers take their new values.

@@ -438,7 +438,7 @@ impl CubeOptimizer {
                 let p = concat(r, |k| &params_in[k]);
                 let data = |src: Source| if src == Source::Input { Some(p.as_slice()) } else { None };
                 let lay = layout(&pt.plans.init, b, &self.hparams, 0.0, &self.launch)?;
-                let out = run(&self.client, &pt.plans.init, &lay, self.param_dtype, &data)?;
+                let out = run(&self.client, &pt.plans.init, &lay, self.param_dtype, &self.launch, &data)?;
                 for i in 0..n_states as u32 {
                     for (k, v) in r.clone().zip(split(r, pick(&out, Target::State(i))?)) {
                         states[k].push(v);
@@ -464,7 +464,7 @@ impl CubeOptimizer {
             if self.step % 2 == 1 {
                 lay.swap_states(&pt.plans.step);
             }
-            let out = run(&self.client, &pt.plans.step, &lay, self.param_dtype, &data)?;
+            let out = run(&self.client, &pt.plans.step, &lay, self.param_dtype, &self.launch, &data)?;
             for (k, mut v) in r.clone().zip(split(r, pick(&out, Target::P)?)) {
                 self.param_dtype.round(&mut v);
                 new_params[k] = v;

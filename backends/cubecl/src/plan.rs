@@ -294,6 +294,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             kept: Vec::new(),
             keep: 0,
             units: BLOCK,
+            vector: 1,
         };
         match mid {
             // Several axes folded: first a partial value per index of one of them, then a
@@ -339,7 +340,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             })
             .collect();
         let phase = LPhase { domain: target, ops, reduces: Vec::new(), stores, reach: Reach::Element };
-        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK });
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK, vector: 1 });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors, lead);
     if lead > 0 {
@@ -641,7 +642,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             let g = match join {
                 Some(g) => g,
                 None => {
-                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK });
+                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK, vector: 1 });
                     made.push(Vec::new());
                     stored.push(Vec::new());
                     out.len() - 1
@@ -698,13 +699,23 @@ pub struct Launch {
     /// The target elements each unit of an elementwise kernel takes (see
     /// `LProgram::values_per_unit`); a power of two up to [`MAX_UNROLL`].
     pub values_per_unit: usize,
+    /// The bytes a kernel keeping rows reads or writes of a row as one access where the row
+    /// allows (`vectorized`): 16, a GPU's widest load; 0 or a value's size: one at a time. A
+    /// power of two up to [`MAX_VECTOR_BYTES`].
+    pub vector_bytes: usize,
 }
 
 impl Default for Launch {
     fn default() -> Self {
-        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS, values_per_unit: 4 }
+        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS, values_per_unit: 4, vector_bytes: MAX_VECTOR_BYTES }
     }
 }
+
+/// A GPU's widest load (`ld.global.v4.u32`), the most [`Launch::vector_bytes`] may ask.
+pub const MAX_VECTOR_BYTES: usize = 16;
+
+/// The widest vector WGSL has (`vec4`): what CubeCL's own runtimes read at once.
+pub const WGSL_LANES: usize = 4;
 
 /// The default [`Launch::keep_from`].
 pub const KEEP_FROM: usize = 1024;
@@ -811,6 +822,9 @@ impl Launch {
         if !(self.values_per_unit.is_power_of_two() && self.values_per_unit <= MAX_UNROLL) {
             return Err(Error(format!("values per unit must be a power of two up to {MAX_UNROLL}, not {}", self.values_per_unit)));
         }
+        if !(self.vector_bytes == 0 || (self.vector_bytes.is_power_of_two() && self.vector_bytes <= MAX_VECTOR_BYTES)) {
+            return Err(Error(format!("bytes per access must be 0 or a power of two up to {MAX_VECTOR_BYTES}, not {}", self.vector_bytes)));
+        }
         Ok(())
     }
 }
@@ -828,6 +842,64 @@ pub fn launched(k: &LProgram, per_value: usize, last: usize, launch: &Launch) ->
     let elementwise = !k.cooperative && k.phases.iter().all(|p| p.reduces.is_empty() && p.domain == k.target);
     k.values_per_unit = if elementwise { launch.values_per_unit } else { 1 };
     k
+}
+
+/// `k` (a launched variant keeping rows, bound to the shape table `meta`) reading and writing
+/// `lanes` neighbouring positions of a row as one access, where that reads the same values:
+/// `x`, `dy` and `io` read only by its keeping phases' kept loads and written only by their
+/// stores (each a vector of whole lanes in those), along the last axis, whole in every row,
+/// a multiple of `lanes` long, and every such tensor's offset and strides multiples of
+/// `lanes`; its units' positions a multiple of `lanes` (`unroll` then counts vectors). Else
+/// `k` itself.
+pub fn vectorized(k: &LProgram, meta: &[u32], lanes: usize) -> LProgram {
+    let (rank, last) = (k.rank, k.rank.wrapping_sub(1));
+    let shape = |s: usize, part: usize| &meta[3 * rank * s + part * rank..3 * rank * s + (part + 1) * rank];
+    let offset = |t: usize| meta[3 * rank * k.shapes + t] as usize;
+    let whole_rows = rank > 0 && k.kinds[k.keep][last] == AxisKind::Full && k.kinds[k.target][last] == AxisKind::One;
+    let fits = lanes > 1
+        && k.cooperative
+        && !k.kept.is_empty()
+        && k.units == BLOCK
+        && k.values_per_cube == 1
+        && k.unroll.is_multiple_of(lanes)
+        && whole_rows
+        && (shape(k.keep, 0)[last] as usize).is_multiple_of(lanes);
+    if !fits {
+        return k.clone();
+    }
+    // Every phase over the kept shape keeps; every column partial is over it.
+    let phases = k.phases.iter().enumerate().all(|(ph, p)| (p.domain != k.keep || k.keeps(ph)) && (p.reach != Reach::Across || p.domain == k.keep));
+    // What is read or written a vector at a time: (tensor, shape). A kept f32 parameter is
+    // read a value per lane, along the row or broadcast along it.
+    let mut vectors: Vec<(usize, usize)> = k.kept.iter().filter(|&&(.., buf)| buf != Buf::Work).map(|&(t, s, _)| (t, s)).collect();
+    let parameters = k.kept.iter().filter(|&&(.., buf)| buf == Buf::Work).all(|&(_, s, _)| match k.kinds[s][last] {
+        AxisKind::One => true,
+        AxisKind::Full => shape(s, 2)[last] == 1,
+        AxisKind::Grouped => false,
+    });
+    let mut alone = true;
+    for (ph, p) in k.phases.iter().enumerate() {
+        for op in &p.ops {
+            if let &LOp::Load(t, s, buf) = op {
+                alone &= buf == Buf::Work || (k.keeps(ph) && k.kept.contains(&(t, s, buf)));
+            }
+        }
+        for &(t, _, in_io) in &p.stores {
+            alone &= !in_io || k.keeps(ph);
+            if in_io {
+                vectors.push((t, p.domain));
+            }
+        }
+    }
+    let contiguous = vectors.iter().all(|&(t, s)| {
+        let strides = shape(s, 2);
+        let aligned = strides.iter().enumerate().all(|(a, &d)| a == last || k.kinds[s][a] == AxisKind::One || (d as usize).is_multiple_of(lanes));
+        k.kinds[s][last] == AxisKind::Full && strides[last] == 1 && aligned && offset(t).is_multiple_of(lanes)
+    });
+    if !(phases && alone && parameters && contiguous) {
+        return k.clone();
+    }
+    LProgram { vector: lanes, unroll: k.unroll / lanes, ..k.clone() }
 }
 
 /// A plan bound to one call's shapes: what any runtime needs to run it. The input and the
@@ -853,6 +925,15 @@ impl Layout {
     /// Elements of tensor `t` of the plan.
     pub fn len(&self, plan: &Plan, t: usize) -> usize {
         self.sizes[plan.tensors[t].1]
+    }
+
+    /// Its kernels keeping rows of values `bytes` wide reading and writing them
+    /// `launch.vector_bytes` at a time where their rows allow ([`vectorized`]).
+    pub fn vectorize(&mut self, bytes: usize, launch: &Launch) {
+        let lanes = launch.vector_bytes / bytes.max(1);
+        for (k, _) in &mut self.launches {
+            *k = vectorized(k, &self.meta, lanes);
+        }
     }
 
     /// Exchange where each state is read and where its new value is written, so that a caller
@@ -1033,8 +1114,12 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
 /// Run a plan bound to one call's shapes (`lay`) on the device: `data` gives the tensors it
 /// reads (the rest it computes); `io` is the storage type of the input, output and their
 /// gradients. Every output comes back, by target, in f32.
-pub(crate) fn run<'a>(client: &cubecl::client::Client, plan: &Plan, lay: &Layout, io: Dtype, data: &dyn Fn(Source) -> Option<&'a [f32]>) -> Result<Vec<(Target, Vec<f32>)>, Error> {
+/// Kernels keeping rows read `launch.vector_bytes` of a row at a time where they may, in
+/// vectors of at most [`WGSL_LANES`].
+pub(crate) fn run<'a>(client: &cubecl::client::Client, plan: &Plan, lay: &Layout, io: Dtype, launch: &Launch, data: &dyn Fn(Source) -> Option<&'a [f32]>) -> Result<Vec<(Target, Vec<f32>)>, Error> {
     let held = io.held_on(client)?;
+    let mut lay = lay.clone();
+    lay.vectorize(held.size(), &Launch { vector_bytes: launch.vector_bytes.min(WGSL_LANES * held.size()), ..*launch });
     // The input and the output gradient as buffers of their own; two arenas: `io` in the
     // storage type, `work` in f32.
     let (mut x, mut dy) = (Vec::new(), Vec::new());
@@ -1053,11 +1138,13 @@ pub(crate) fn run<'a>(client: &cubecl::client::Client, plan: &Plan, lay: &Layout
             None => return Err(Error(format!("{src:?} is missing"))),
         }
     }
-    // Never an empty binding: not every runtime allows one.
-    for buffer in [&mut x, &mut dy, &mut io_arena, &mut work] {
-        if buffer.is_empty() {
-            buffer.push(0.0);
-        }
+    // Never an empty binding: not every runtime allows one. Whole vectors, for the kernels
+    // reading them.
+    for buffer in [&mut x, &mut dy, &mut io_arena] {
+        buffer.resize(buffer.len().max(1).next_multiple_of(WGSL_LANES), 0.0);
+    }
+    if work.is_empty() {
+        work.push(0.0);
     }
     // A binding past the adapter's limit does not run: refuse it here.
     let limit = client.properties().memory.max_page_size;
@@ -1080,13 +1167,15 @@ pub(crate) fn run<'a>(client: &cubecl::client::Client, plan: &Plan, lay: &Layout
         // shapes), so inside its buffer, whose length is passed.
         unsafe {
             let arg = |h: &cubecl::server::Handle, len: usize| BufferArg::from_raw_parts(h.clone(), len);
+            let lanes = k.vector.max(1);
             with_type!(ty, F => layer_kernel::launch_unchecked::<F>(
                 client,
                 cc,
                 cd,
-                arg(&x_h, x.len()),
-                arg(&dy_h, dy.len()),
-                arg(&io_h, io_arena.len()),
+                lanes,
+                arg(&x_h, x.len() / lanes),
+                arg(&dy_h, dy.len() / lanes),
+                arg(&io_h, io_arena.len() / lanes),
                 arg(&work_h, work.len()),
                 arg(&meta_h, meta.len()),
                 arg(&sc, scalars.len()),

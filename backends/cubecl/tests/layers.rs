@@ -266,6 +266,11 @@ fn every_launch_shape_gives_the_same_results() {
 
 /// A layer's forward in training (buffers updated) and backward agree under every launch.
 fn same_results(name: &str, shape: &[usize], launches: &[Launch]) {
+    same_results_stored(name, shape, launches, Dtype::F32);
+}
+
+/// As `same_results`, the input, output and their gradients stored as `dtype`.
+fn same_results_stored(name: &str, shape: &[usize], launches: &[Launch], dtype: Dtype) {
     let device = cpu_device().unwrap();
     let entry = registry().get(name).unwrap().entry;
     let h = groups(&entry);
@@ -274,7 +279,7 @@ fn same_results(name: &str, shape: &[usize], launches: &[Launch]) {
     let gy = f32s(&values(12, n));
     let mut out = Vec::new();
     for &launch in launches {
-        let mut l = CubeLayer::new(entry.clone(), &h, shape, &device).unwrap().with_launch(launch).unwrap();
+        let mut l = CubeLayer::new(entry.clone(), &h, shape, &device).unwrap().with_storage(dtype).unwrap().with_launch(launch).unwrap();
         let y = l.forward(&x, shape, true).unwrap();
         let g = l.backward(&x, &gy, shape, true).unwrap();
         out.push((y, g, l.buffers.clone()));
@@ -407,9 +412,14 @@ fn launches_the_kernels_cannot_take_are_refused() {
         Launch { max_units: 2048, ..Launch::default() },
         Launch { values_per_unit: 3, ..Launch::default() },
         Launch { values_per_unit: 64, ..Launch::default() },
+        Launch { vector_bytes: 12, ..Launch::default() },
+        Launch { vector_bytes: 32, ..Launch::default() },
     ];
     for launch in bad {
         assert!(launch.check().is_err(), "{launch:?}");
+    }
+    for vector_bytes in [0, 1, 2, 4, 8, 16] {
+        Launch { vector_bytes, ..Launch::default() }.check().unwrap();
     }
     // And so is a layer given one, before anything runs.
     let entry = registry().get("dyt").unwrap().entry;
@@ -454,6 +464,41 @@ fn kept_loads_give_the_same_results() {
         assert!(lay.launches.iter().any(|(k, _)| !k.kept.is_empty()), "{name} {shape:?}: nothing kept");
         same_results(name, &shape, &launches);
     }
+}
+
+#[test]
+fn rows_read_as_vectors_give_the_same_results() {
+    // A kernel keeping rows reads and writes four neighbouring values of a row as one access
+    // where every row is whole vectors: the same results as one value at a time, forward and
+    // backward (a layer norm's column partials per lane among them), in f32 and in half
+    // precision (f16 in vec4<f16>, bf16 held in f32 words). Rows of 1000 take one vector per
+    // unit, a cube's last units none; DyT's broadcast alpha is kept, one value for all lanes.
+    let one = Launch { keep_from: 1, vector_bytes: 0, ..Launch::default() };
+    let four = Launch { keep_from: 1, ..Launch::default() };
+    let vectored = |entry: &normforge_dsl::ir::Entry, p: &normforge_dsl::ir::Program, shape: &[usize]| {
+        let mut lay = laid(entry, p, shape, &four);
+        lay.vectorize(4, &four);
+        lay.launches.iter().filter(|(k, _)| k.vector == 4).count()
+    };
+    for (name, shape) in [("layer_norm", vec![5, 1024]), ("layer_norm", vec![3, 1000]), ("rms_norm", vec![3, 2048]), ("dyt", vec![4, 1024]), ("scale_norm", vec![3, 1024]), ("layer_norm", vec![3, 2, 1024])] {
+        let entry = registry().get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &entry.programs else { unreachable!() };
+        let (forward, backward) = (vectored(&entry, train, &shape), vectored(&entry, train_backward, &shape));
+        assert!(forward + backward > 0, "{name} {shape:?}: no kernel reads vectors");
+        if name == "layer_norm" {
+            // Its forward, and its backward's row kernel with the column partials.
+            assert_eq!((forward, backward), (1, 1), "{name} {shape:?}");
+        }
+        same_results(name, &shape, &[one, four]);
+    }
+    for dtype in [Dtype::F16, Dtype::BF16] {
+        same_results_stored("layer_norm", &[5, 1024], &[one, four], dtype);
+    }
+    // Rows that are not whole vectors read a value at a time.
+    let entry = registry().get("layer_norm").unwrap().entry;
+    let normforge_dsl::ir::Programs::Layer { train, .. } = &entry.programs else { unreachable!() };
+    assert_eq!(vectored(&entry, train, &[5, 1002]), 0);
+    same_results("layer_norm", &[5, 1002], &[one, four]);
 }
 
 /// Two groups where the layer has them.

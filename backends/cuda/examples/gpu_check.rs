@@ -357,6 +357,8 @@ fn main() {
                 ("one_value_per_unit", normforge_cubecl::Launch { values_per_unit: 1, ..default }),
                 // 16 bytes per unit in flight for bf16 as for f32 (four 4-byte values).
                 ("eight_values_per_unit", normforge_cubecl::Launch { values_per_unit: 8, ..default }),
+                // Kept rows read and written a value per access, not 16 bytes.
+                ("one_value_per_access", normforge_cubecl::Launch { vector_bytes: 0, ..default }),
             ];
             for (label, launch) in launches {
                 let layer = spec.build(&(vs.root() / label), &shape).map_err(|e| e.0)?;
@@ -368,7 +370,7 @@ fn main() {
                 if score(f, b) > score(worst.0, worst.1) || worst.2.is_empty() {
                     worst = (f, b, label);
                 }
-                if ["default", "nothing_kept", "kept_in_cubes_of_256", "one_value_per_unit", "eight_values_per_unit"].contains(&label) {
+                if ["default", "nothing_kept", "kept_in_cubes_of_256", "one_value_per_unit", "eight_values_per_unit", "one_value_per_access"].contains(&label) {
                     let t = time_ms(&gpu, 20, || {
                         let _ = tch::no_grad(|| layer.try_forward_t(&x, true).expect("forward"));
                     });

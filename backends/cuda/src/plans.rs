@@ -115,8 +115,14 @@ impl PlanKernels {
     /// kernel folding column sums, whose cubes each take a block of rows, gets no more cubes
     /// than the GPU runs at once (unless the launch sets a limit), so none waits for a second
     /// wave.
+    /// Kernels keeping rows read them `Launch::vector_bytes` at a time where they may.
     pub fn layout(&self, plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, io: Dtype) -> Result<Layout, Error> {
-        let lay = layout(plan, b, hparams, step, &self.launch)?;
+        let laid = |launch: &Launch| -> Result<Layout, Error> {
+            let mut lay = layout(plan, b, hparams, step, launch)?;
+            lay.vectorize(io.size(), launch);
+            Ok(lay)
+        };
+        let lay = laid(&self.launch)?;
         if self.launch.max_cubes > 0 {
             return Ok(lay);
         }
@@ -125,7 +131,7 @@ impl PlanKernels {
         if (*x as usize) * (*y as usize) <= resident {
             return Ok(lay);
         }
-        Ok(layout(plan, b, hparams, step, &Launch { max_cubes: resident, ..self.launch })?)
+        laid(&Launch { max_cubes: resident, ..self.launch })
     }
 
     /// As [`Self::run`], bound by `lay`, with a `work` arena the caller keeps between calls
@@ -189,14 +195,24 @@ impl PlanKernels {
         let tables = self.uploads.pack(vec![words(&lay.meta), words(&lay.scalars), driver::info(&lengths)], dev);
         let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal()).ok_or_else(|| Error("libtorch's CUDA support is not loaded".into()))?;
         let ptr = |t: &Tensor| t.data_ptr() as u64;
+        // A kernel reading vectors needs every buffer it reads so to start at a whole vector
+        // (a view may not): else it reads a value at a time.
+        let launches: Vec<(LProgram, _)> = lay
+            .launches
+            .iter()
+            .map(|(k, grid)| {
+                let whole = [&x, &dy, &io_arena].iter().all(|t| ptr(t) % (k.vector.max(1) * io.size()) as u64 == 0);
+                (if whole { k.clone() } else { k.unvectorized() }, *grid)
+            })
+            .collect();
         // A first call compiles its kernels at once; later ones find them loaded and start no
         // thread.
         let missing: Vec<&LProgram> = {
             let loaded = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
-            lay.launches.iter().map(|(k, _)| k).filter(|k| !loaded.contains_key(&((*k).clone(), io))).collect()
+            launches.iter().map(|(k, _)| k).filter(|k| !loaded.contains_key(&((*k).clone(), io))).collect()
         };
         each_in_parallel(&missing, |k| self.kernel(k, io).map(|_| ()))?;
-        for (k, grid) in &lay.launches {
+        for (k, grid) in &launches {
             let kernel = self.kernel(k, io)?;
             let bufs: [u64; LAYER_BUFFERS] = [ptr(&x), ptr(&dy), ptr(&io_arena), ptr(&work), tables.ptr(0), tables.ptr(1)];
             // SAFETY: the input and gradient are contiguous tensors of the storage type and

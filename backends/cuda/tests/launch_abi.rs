@@ -131,6 +131,44 @@ fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
     assert!(big > 0, "no kernel kept its loads in a cube of more than {BLOCK} units");
 }
 
+/// A kernel reading rows a vector at a time (`LProgram::vector`) takes the input, the output
+/// gradient and the `io` arena as 16-byte vectors of the storage type, aligned to 16 — the
+/// alignment `PlanKernels::run_laid` checks each pointer for —, the rest as any layer kernel:
+/// the kernels the GPU check's layers launch at 16384 x 4096, in f32 and bf16.
+#[test]
+fn vectorized_layer_kernels_take_aligned_vectors_of_the_storage_type() {
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let launch = normforge_cubecl::Launch::default();
+    let mut checked = 0;
+    for name in ["layer_norm", "rms_norm", "dyt"] {
+        let e = reg.get(name).unwrap().entry;
+        let Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
+        let b = normforge_dsl::bind::bind_axes(&e.axes, &[16384, 4096], "x").unwrap();
+        let hp = normforge_dsl::hyper::resolve(&e, &[]).unwrap();
+        for prog in [train, train_backward] {
+            for (dtype, vector) in [(Dtype::F32, "float_4"), (Dtype::BF16, "__nv_bfloat16_8")] {
+                let mut lay = normforge_cubecl::layout(&normforge_cubecl::plan(&e, prog).unwrap(), &b, &hp, 0.0, &launch).unwrap();
+                lay.vectorize(dtype.size(), &launch);
+                for (k, _) in lay.launches.iter().filter(|(k, _)| k.vector > 1) {
+                    assert_eq!(k.vector * dtype.size(), launch.vector_bytes, "{name} {dtype:?}");
+                    let src = emit::layer_unit(k, dtype, Lang::Cuda).unwrap().source;
+                    assert!(src.contains(&format!("struct alignas(16) {vector} {{")), "{name} {dtype:?}: {vector} undeclared or unaligned");
+                    let types = parameter_types(&src);
+                    let io = format!("{vector} *");
+                    assert_eq!(&types[..3], [format!("{vector} const*"), format!("{vector} const*"), io], "{name} {dtype:?}");
+                    assert_eq!(&types[3..], ["float *", "uint32_t const*", "float const*", "info_st const*"], "{name} {dtype:?}");
+                    let (buffers, meta) = signature(&src);
+                    assert_eq!((buffers, meta * 4), (LAYER_BUFFERS, driver::info(&[1; LAYER_BUFFERS]).len()), "{name} {dtype:?}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    // Per dtype: a layer norm's and an RMS norm's forward, and the three backwards' row kernels.
+    assert_eq!(checked, 2 * 5);
+}
+
 #[test]
 fn info_holds_each_buffer_length_in_order() {
     let bytes = driver::info(&[10, 20, 30]);

@@ -213,9 +213,10 @@ fn kept_rows_stay_in_registers() {
     assert_eq!(checked, 12);
 }
 
-/// The kernels a std layer launches for an input of `shape` with the default launch, per pass
-/// ("forward", "backward"), in launch order.
-fn launched_at(name: &str, shape: &[usize]) -> Vec<(&'static str, normforge_cubecl::kernel::LProgram)> {
+/// The kernels a std layer launches for an input of `shape` stored as `dtype` with the default
+/// launch, as the CUDA path launches them (rows read a vector at a time where they may), per
+/// pass ("forward", "backward"), in launch order.
+fn launched_at(name: &str, shape: &[usize], dtype: Dtype) -> Vec<(&'static str, normforge_cubecl::kernel::LProgram)> {
     normforge_std::link();
     let e = normforge_registry::Registry::with_builtins().unwrap().get(name).unwrap().entry;
     let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
@@ -224,7 +225,9 @@ fn launched_at(name: &str, shape: &[usize]) -> Vec<(&'static str, normforge_cube
     let mut out = Vec::new();
     for (pass, prog) in [("forward", train), ("backward", train_backward)] {
         let plan = normforge_cubecl::plan(&e, prog).unwrap();
-        let lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &normforge_cubecl::Launch::default()).unwrap();
+        let launch = normforge_cubecl::Launch::default();
+        let mut lay = normforge_cubecl::layout(&plan, &b, &hp, 0.0, &launch).unwrap();
+        lay.vectorize(dtype.size(), &launch);
         out.extend(lay.launches.into_iter().map(|(k, _)| (pass, k)));
     }
     out
@@ -247,11 +250,11 @@ fn launched_layer_kernels_fit_the_register_file() {
     ];
     let (mut checked, mut big) = (0, 0);
     for (name, shape) in cases {
-        for (pass, k) in launched_at(name, shape) {
-            for dtype in [Dtype::F32, Dtype::BF16] {
+        for dtype in [Dtype::F32, Dtype::BF16] {
+            for (pass, k) in launched_at(name, shape, dtype) {
                 let unit = normforge_cubecl::emit::layer_unit(&k, dtype, Lang::Cuda).unwrap();
                 let u = nvrtc.usage(&unit.source).unwrap();
-                let what = format!("{name} {shape:?} {pass} {dtype:?}: {} units, {} kept x {}", k.units, k.kept.len(), k.unroll);
+                let what = format!("{name} {shape:?} {pass} {dtype:?}: {} units, {} kept x {} x {}", k.units, k.kept.len(), k.unroll, k.vector);
                 eprintln!("{what}: {u:?}");
                 assert_eq!((u.spill_stores, u.spill_loads, u.stack_bytes), (0, 0, 0), "{what}: spills");
                 assert!(u.registers as usize * k.units <= normforge_cubecl::REGISTERS_PER_CUBE, "{what}: {} registers", u.registers);
@@ -347,22 +350,29 @@ fn loads_skipped_per_branch_are_counted() {
 /// their own — a position past the row's end reads the first again and counts for nothing —
 /// so that ptxas may have them in flight together (each under its own branch, it issued a few
 /// at a time, each after the shape table's entries read again for it): a branch skips all of
-/// them or none. And each row is read once: the kernels the GPU check's layers launch at
-/// 16384 x 4096 that keep rows in a cube of `BLOCK` units, in bf16 (whose loads of x and dy are
-/// the only 16-bit ones).
+/// them or none. Each row is read once, and read and written eight bf16 values (16 bytes) an
+/// access, not two bytes (`LProgram::vector`): the kernels the GPU check's layers launch at
+/// 16384 x 4096 that keep rows in a cube of `BLOCK` units, in bf16 (whose vectors of x, dy
+/// and the outputs are the only 16-byte accesses).
 #[test]
 fn kept_rows_are_read_in_one_unbranched_walk() {
     let Some(nvrtc) = compiler(None) else { return };
     use normforge_cubecl::kernel::{Buf, BLOCK};
     let mut checked = 0;
     for name in ["layer_norm", "rms_norm", "dyt"] {
-        for (_, k) in launched_at(name, &[16384, 4096]).into_iter().filter(|(_, k)| !k.kept.is_empty() && k.units == BLOCK) {
+        for (pass, k) in launched_at(name, &[16384, 4096], Dtype::BF16).into_iter().filter(|(_, k)| !k.kept.is_empty() && k.units == BLOCK) {
+            assert_eq!(k.vector, 8, "{name} {pass}: rows of 4096 bf16 values are read 16 bytes at a time");
             let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(&k, Dtype::BF16, Lang::Cuda).unwrap().source).unwrap().ptx;
-            let storage = |l: &str| l.starts_with("ld.global.nc.u16");
+            let count = |op: &str| ptx.lines().filter(|l| l.trim().starts_with(op)).count();
+            let storage = |l: &str| l.starts_with("ld.global.nc.v4.u32");
             let rows = k.kept.iter().filter(|(_, _, buf)| matches!(buf, Buf::Input | Buf::GradOutput)).count();
-            assert_eq!(ptx.lines().filter(|l| storage(l.trim())).count(), rows * k.unroll, "{name}: loads of x and dy");
+            assert_eq!(count("ld.global.nc.v4.u32"), rows * k.unroll, "{name} {pass}: vectors of x and dy");
+            assert_eq!(count("ld.global.nc.u16"), 0, "{name} {pass}: a value of x or dy read alone");
+            // Each output a vector per position, none a value at a time.
+            let outputs = k.phases.iter().flat_map(|p| &p.stores).filter(|s| s.2).count();
+            assert_eq!((count("st.global.v4.u32"), count("st.global.u16")), (outputs * k.unroll, 0), "{name} {pass}: stores");
             let skipped = skipped_per_branch(&ptx, storage);
-            assert!(skipped.iter().all(|&n| n == 0 || n >= rows * k.unroll), "{name}: loads skipped per branch {skipped:?}, {} per row", k.unroll);
+            assert!(skipped.iter().all(|&n| n == 0 || n >= rows * k.unroll), "{name} {pass}: loads skipped per branch {skipped:?}, {} per row", k.unroll);
             checked += 1;
         }
     }
@@ -380,8 +390,8 @@ fn held_shape_tables_are_read_once() {
     let cases: [(&str, &[usize]); 4] = [("layer_norm", &[16384, 4096]), ("rms_norm", &[16384, 4096]), ("evonorm_s0", &[32, 256, 56, 56]), ("layer_norm", &[64, 32768])];
     let mut checked = 0;
     for (name, shape) in cases {
-        for (_, k) in launched_at(name, shape).into_iter().filter(|(_, k)| k.holds_table()) {
-            for dtype in [Dtype::F32, Dtype::BF16] {
+        for dtype in [Dtype::F32, Dtype::BF16] {
+            for (_, k) in launched_at(name, shape, dtype).into_iter().filter(|(_, k)| k.holds_table()) {
                 let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(&k, dtype, Lang::Cuda).unwrap().source).unwrap().ptx;
                 let reads: Vec<&str> = ptx.lines().filter_map(|l| l.trim().strip_prefix("ld.global.nc.u32")).filter_map(|l| l.split_once('[')).map(|(_, at)| at).collect();
                 let distinct: std::collections::BTreeSet<&str> = reads.iter().copied().collect();
@@ -445,3 +455,4 @@ fn step_kernels_load_under_no_branch() {
     }
     assert!(checked >= 6 * 10, "{checked} step phases");
 }
+
