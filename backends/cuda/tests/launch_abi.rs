@@ -134,11 +134,13 @@ fn every_layer_kernel_variant_takes_the_arguments_the_cuda_path_passes() {
 /// A kernel reading rows a vector at a time (`LProgram::vector`) takes the input, the output
 /// gradient and the `io` arena as 16-byte vectors of the storage type, aligned to 16 — the
 /// alignment `PlanKernels::run_laid` checks each pointer for —, the rest as any layer kernel:
-/// the kernels the GPU check's layers launch at 16384 x 4096, in f32 and bf16.
+/// the kernels the GPU check's layers launch at 16384 x 4096, in f32, bf16 and f16 (each
+/// compiled by NVRTC where it is installed).
 #[test]
 fn vectorized_layer_kernels_take_aligned_vectors_of_the_storage_type() {
     normforge_std::link();
     let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let nvrtc = normforge_cuda::Compiler::new("compute_90", normforge_cuda::Compiler::default_include_dirs(), None).ok();
     let launch = normforge_cubecl::Launch::default();
     let mut checked = 0;
     for name in ["layer_norm", "rms_norm", "dyt"] {
@@ -147,7 +149,7 @@ fn vectorized_layer_kernels_take_aligned_vectors_of_the_storage_type() {
         let b = normforge_dsl::bind::bind_axes(&e.axes, &[16384, 4096], "x").unwrap();
         let hp = normforge_dsl::hyper::resolve(&e, &[]).unwrap();
         for prog in [train, train_backward] {
-            for (dtype, vector) in [(Dtype::F32, "float_4"), (Dtype::BF16, "__nv_bfloat16_8")] {
+            for (dtype, vector) in [(Dtype::F32, "float_4"), (Dtype::BF16, "__nv_bfloat16_8"), (Dtype::F16, "__half_8")] {
                 let mut lay = normforge_cubecl::layout(&normforge_cubecl::plan(&e, prog).unwrap(), &b, &hp, 0.0, &launch).unwrap();
                 lay.vectorize(dtype.size(), &launch);
                 for (k, _) in lay.launches.iter().filter(|(k, _)| k.vector > 1) {
@@ -160,13 +162,16 @@ fn vectorized_layer_kernels_take_aligned_vectors_of_the_storage_type() {
                     assert_eq!(&types[3..], ["float *", "uint32_t const*", "float const*", "info_st const*"], "{name} {dtype:?}");
                     let (buffers, meta) = signature(&src);
                     assert_eq!((buffers, meta * 4), (LAYER_BUFFERS, driver::info(&[1; LAYER_BUFFERS]).len()), "{name} {dtype:?}");
+                    if let Some(c) = &nvrtc {
+                        c.compile(&src).unwrap_or_else(|e| panic!("{name} {dtype:?}: {e}"));
+                    }
                     checked += 1;
                 }
             }
         }
     }
     // Per dtype: a layer norm's and an RMS norm's forward, and the three backwards' row kernels.
-    assert_eq!(checked, 2 * 5);
+    assert_eq!(checked, 3 * 5);
 }
 
 #[test]
