@@ -832,6 +832,10 @@ pub fn layer_kernel<F: Float, N: Size>(
         apart = CUBE_DIM as usize;
         o0 = CUBE_POS * CUBE_DIM as usize * per_unit + UNIT_POS as usize;
     }
+    if comptime! { per_unit > 1 && prog.vector > 1 } {
+        // Reading vectors, a unit takes its `per_unit` of them at once (`lanes_of`).
+        rows = 1usize;
+    }
     // Per `across` reduction, this unit's partial for positions `first + m * step` of a row.
     let mut part = Array::<f32>::new(comptime! { (across * slots).max(1) });
     // Per kept load, its value at those positions of the current row.
@@ -859,23 +863,7 @@ pub fn layer_kernel<F: Float, N: Size>(
             // need no branch, so the compiler may issue all of them before the first store.
             o = select(active, o, 0usize);
         }
-        // This element of the target, per axis (last axis first); the outermost axis it
-        // spans takes what is left whole (below its extent wherever the element is used).
-        let mut oi = Sequence::<usize>::new();
-        let mut rem = o;
-        #[unroll]
-        for k in 0..rank {
-            let a = comptime! { rank - 1 - k };
-            if comptime! { prog.kinds[prog.target][a] == AxisKind::One } {
-                oi.push(0usize);
-            } else if comptime! { prog.kinds[prog.target][..a].iter().all(|k| *k == AxisKind::One) } {
-                oi.push(rem);
-            } else {
-                let e = tab[tgt + a] as usize;
-                oi.push(rem % e);
-                rem /= e;
-            }
-        }
+        let oi = target_index(o, tab, prog.clone());
         // The reductions of earlier phases, for this target element.
         let mut res = Sequence::<f32>::new();
         #[unroll]
@@ -928,6 +916,8 @@ pub fn layer_kernel<F: Float, N: Size>(
                     }
                     sub += 1;
                 }
+            } else if comptime! { per_unit > 1 && prog.vector > 1 } {
+                lanes_of::<F, N>(o0, count, &res, &mut cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, round_bf16);
             } else if comptime! { per_unit > 1 } {
                 // An elementwise kernel's phase (`plan::launched`): the target element itself.
                 let mut none = Array::<f32>::new(1usize);
@@ -1044,7 +1034,6 @@ fn walk<F: Float, N: Size>(
     let lanes = comptime! { prog.lanes(ph) };
     // Registers per kept load or partial: a unit's positions, times the lanes of each.
     let slots = comptime! { unroll * prog.vector.max(1) };
-    let in_io = comptime! { prog.phases[ph].stores.iter().filter(|s| s.2).count() };
     if loops > 0 {
         let vectors = if comptime! { lanes > 1 } { loops / lanes } else { loops };
         #[unroll]
@@ -1058,46 +1047,159 @@ fn walk<F: Float, N: Size>(
                     let j = within(v, vectors) * lanes;
                     let idx = domain_index(j, oi, tab, prog.clone(), ph);
                     if comptime! { prog.first_keeping() == Some(ph) } {
-                        #[unroll]
-                        for c in 0..prog.kept.len() {
-                            let (t, s, buf) = comptime! { prog.kept[c] };
-                            let off = offset(&idx, tab, prog.clone(), t, s);
-                            let base = comptime! { c * slots + m * lanes };
-                            if comptime! { buf == Buf::Work } {
-                                // (f32 values: each lane's own, or one for all where the tensor
-                                // is broadcast along the row, a DyT's alpha.)
-                                let along = comptime! { prog.kinds[s][prog.rank - 1] != AxisKind::One };
-                                #[unroll]
-                                for l in 0..lanes {
-                                    let at = if comptime! { along } { off + l } else { off };
-                                    cache[base + l] = work[at];
-                                }
-                            } else {
-                                unpack::<F, N>(fetch::<F, N>(off / lanes, x, dy, io, buf), cache, base, lanes);
-                            }
-                        }
+                        fill::<F, N>(&idx, cache, x, dy, io, work, tab, prog.clone(), comptime! { m * lanes });
                     }
                     #[unroll]
                     for l in 0..lanes {
                         element::<F, N>(j + l, oi, res, acc, cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, comptime! { if partials.is_some() { slot + l } else { slot } }, stride, comptime! { at.map(|a| a + l) }, comptime! { Some(l) }, counts, round_bf16);
                     }
                     if counts {
-                        #[unroll]
-                        for k in 0..in_io {
-                            let t = comptime! { prog.phases[ph].stores.iter().filter(|s| s.2).nth(k).unwrap().0 };
-                            let off = offset(&idx, tab, prog.clone(), t, comptime! { prog.phases[ph].domain });
-                            let mut vec = Vector::<F, N>::empty();
-                            #[unroll]
-                            for l in 0..lanes {
-                                vec.insert(l, F::cast_from(cache[comptime! { prog.staged() + k * lanes + l }]));
-                            }
-                            io[off / lanes] = vec;
-                        }
+                        store_staged::<F, N>(&idx, cache, io, tab, prog.clone(), ph);
                     }
                 } else {
                     element::<F, N>(within(v, vectors), oi, res, acc, cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, slot, stride, at, comptime! { None::<usize> }, counts, round_bf16);
                 }
             }
+        }
+    }
+}
+
+/// Target element `o`, per axis (last axis first); the outermost axis it spans takes what is
+/// left whole (below its extent wherever the element is used).
+#[cube]
+fn target_index(o: usize, tab: &Sequence<u32>, #[comptime] prog: LProgram) -> Sequence<usize> {
+    let rank = comptime! { prog.rank };
+    let tgt = comptime! { 3 * prog.rank * prog.target };
+    let mut oi = Sequence::<usize>::new();
+    let mut rem = o;
+    #[unroll]
+    for k in 0..rank {
+        let a = comptime! { rank - 1 - k };
+        if comptime! { prog.kinds[prog.target][a] == AxisKind::One } {
+            oi.push(0usize);
+        } else if comptime! { prog.kinds[prog.target][..a].iter().all(|k| *k == AxisKind::One) } {
+            oi.push(rem);
+        } else {
+            let e = tab[tgt + a] as usize;
+            oi.push(rem % e);
+            rem /= e;
+        }
+    }
+    oi
+}
+
+/// Every kept load's vector at `idx` (its first lane's place), its lanes into `cache` at `at`
+/// of each load's registers. f32 parameters (in `work`) are read a value per lane, or one for
+/// all where they are broadcast along the row (a DyT's alpha).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fill<F: Float, N: Size>(
+    idx: &Sequence<usize>,
+    cache: &mut Array<f32>,
+    x: &[Vector<F, N>],
+    dy: &[Vector<F, N>],
+    io: &mut [Vector<F, N>],
+    work: &mut [f32],
+    tab: &Sequence<u32>,
+    #[comptime] prog: LProgram,
+    #[comptime] at: usize,
+) {
+    let lanes = comptime! { prog.vector };
+    let slots = comptime! { prog.unroll.max(1) * lanes };
+    #[unroll]
+    for c in 0..prog.kept.len() {
+        let (t, s, buf) = comptime! { prog.kept[c] };
+        let off = offset(idx, tab, prog.clone(), t, s);
+        let base = comptime! { c * slots + at };
+        if comptime! { buf == Buf::Work } {
+            let along = comptime! { prog.kinds[s][prog.rank - 1] != AxisKind::One };
+            #[unroll]
+            for l in 0..lanes {
+                let from = if comptime! { along } { off + l } else { off };
+                cache[base + l] = work[from];
+            }
+        } else {
+            unpack::<F, N>(fetch::<F, N>(off / lanes, x, dy, io, buf), cache, base, lanes);
+        }
+    }
+}
+
+/// Phase `ph`'s stores into `io` of a vector whose first lane is at `idx`, each a vector of
+/// the values its lanes staged in `cache` (`LProgram::staged`).
+#[cube]
+fn store_staged<F: Float, N: Size>(idx: &Sequence<usize>, cache: &mut Array<f32>, io: &mut [Vector<F, N>], tab: &Sequence<u32>, #[comptime] prog: LProgram, #[comptime] ph: usize) {
+    let lanes = comptime! { prog.vector };
+    let in_io = comptime! { prog.phases[ph].stores.iter().filter(|s| s.2).count() };
+    #[unroll]
+    for k in 0..in_io {
+        let t = comptime! { prog.phases[ph].stores.iter().filter(|s| s.2).nth(k).unwrap().0 };
+        let off = offset(idx, tab, prog.clone(), t, comptime! { prog.phases[ph].domain });
+        let mut vec = Vector::<F, N>::empty();
+        #[unroll]
+        for l in 0..lanes {
+            vec.insert(l, F::cast_from(cache[comptime! { prog.staged() + k * lanes + l }]));
+        }
+        io[off / lanes] = vec;
+    }
+}
+
+/// An elementwise kernel's phase `ph` over a unit's `unroll` vectors of target elements, the
+/// first vector `o0`, the rest a cube apart (of `count / vector`; past the end, the first
+/// again, read and not stored): the kept loads of every vector read first, one access each
+/// (the first phase), then each lane's work, each store into `io` written as one vector.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn lanes_of<F: Float, N: Size>(
+    o0: usize,
+    count: usize,
+    res: &Sequence<f32>,
+    cache: &mut Array<f32>,
+    x: &[Vector<F, N>],
+    dy: &[Vector<F, N>],
+    io: &mut [Vector<F, N>],
+    work: &mut [f32],
+    meta: &[u32],
+    tab: &Sequence<u32>,
+    scalars: &[f32],
+    #[comptime] prog: LProgram,
+    #[comptime] ph: usize,
+    #[comptime] round_bf16: bool,
+) {
+    let (rank, lanes, unroll) = comptime! { (prog.rank, prog.vector, prog.unroll.max(1)) };
+    let vectors = count / lanes;
+    let mut firsts = Sequence::<Sequence<usize>>::new();
+    #[unroll]
+    for m in 0..unroll {
+        let o = o0 + m * CUBE_DIM as usize;
+        let oi = target_index(select(o < vectors, o, 0usize) * lanes, tab, prog.clone());
+        if comptime! { prog.first_keeping() == Some(ph) } {
+            let idx = domain_index(0usize, &oi, tab, prog.clone(), ph);
+            fill::<F, N>(&idx, cache, x, dy, io, work, tab, prog.clone(), comptime! { m * lanes });
+        }
+        firsts.push(oi);
+    }
+    let mut none = Array::<f32>::new(1usize);
+    #[unroll]
+    for m in 0..unroll {
+        let active = (o0 + m * CUBE_DIM as usize) < vectors;
+        let oi = firsts.index(m);
+        #[unroll]
+        for l in 0..lanes {
+            // The lane's element: the next along the last axis (`oi` holds it first).
+            let mut lane = Sequence::<usize>::new();
+            #[unroll]
+            for k in 0..rank {
+                if comptime! { k == 0 } {
+                    lane.push(oi[k] + l);
+                } else {
+                    lane.push(oi[k]);
+                }
+            }
+            element::<F, N>(0usize, &lane, res, &mut none, cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, 0usize, 1usize, comptime! { Some(m * lanes + l) }, comptime! { Some(l) }, active, round_bf16);
+        }
+        if active {
+            let idx = domain_index(0usize, oi, tab, prog.clone(), ph);
+            store_staged::<F, N>(&idx, cache, io, tab, prog.clone(), ph);
         }
     }
 }

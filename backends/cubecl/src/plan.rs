@@ -844,48 +844,89 @@ pub fn launched(k: &LProgram, per_value: usize, last: usize, launch: &Launch) ->
     k
 }
 
-/// `k` (a launched variant keeping rows, bound to the shape table `meta`) reading and writing
-/// `lanes` neighbouring positions of a row as one access, where that reads the same values:
-/// `x`, `dy` and `io` read only by its keeping phases' kept loads and written only by their
-/// stores (each a vector of whole lanes in those), along the last axis, whole in every row,
-/// a multiple of `lanes` long, and every such tensor's offset and strides multiples of
-/// `lanes`; its units' positions a multiple of `lanes` (`unroll` then counts vectors). Else
-/// `k` itself.
+/// `k` (a launched variant, bound to the shape table `meta`) reading and writing `lanes`
+/// neighbouring positions along the last axis as one access, where that reads the same values;
+/// else with fewer lanes (down to two), else `k` itself. Two kinds of kernel qualify:
+///
+/// - one keeping rows (`keeping`), `x`, `dy` and `io` read only by its keeping phases' kept
+///   loads and written only by their stores, its rows whole along the last axis and a whole
+///   number of vectors; its units' positions become vectors (`unroll` counts them);
+/// - an elementwise one giving each unit several values (`launched`), its target full along the
+///   last axis, a whole number of vectors long there: each unit then takes as many vectors
+///   (`unroll`), their loads of `x`, `dy` and `io` kept for the phases' lanes (`kept`, over
+///   the target).
+///
+/// Every tensor read or written a vector at a time lies along the last axis, its offset and
+/// strides multiples of the vector; a kept f32 parameter is read a value per lane, along the
+/// row or broadcast along it (other loads of `work` are read per lane anywhere).
 pub fn vectorized(k: &LProgram, meta: &[u32], lanes: usize) -> LProgram {
-    let (rank, last) = (k.rank, k.rank.wrapping_sub(1));
-    let shape = |s: usize, part: usize| &meta[3 * rank * s + part * rank..3 * rank * s + (part + 1) * rank];
-    let offset = |t: usize| meta[3 * rank * k.shapes + t] as usize;
-    let whole_rows = rank > 0 && k.kinds[k.keep][last] == AxisKind::Full && k.kinds[k.target][last] == AxisKind::One;
-    let fits = lanes > 1
-        && k.cooperative
-        && !k.kept.is_empty()
-        && k.units == BLOCK
-        && k.values_per_cube == 1
-        && k.unroll.is_multiple_of(lanes)
-        && whole_rows
-        && (shape(k.keep, 0)[last] as usize).is_multiple_of(lanes);
-    if !fits {
-        return k.clone();
+    let mut lanes = lanes;
+    while lanes > 1 {
+        if let Some(v) = vectors_of(k, meta, lanes) {
+            return v;
+        }
+        lanes /= 2;
     }
-    // Every phase over the kept shape keeps; every column partial is over it.
-    let phases = k.phases.iter().enumerate().all(|(ph, p)| (p.domain != k.keep || k.keeps(ph)) && (p.reach != Reach::Across || p.domain == k.keep));
-    // What is read or written a vector at a time: (tensor, shape). A kept f32 parameter is
-    // read a value per lane, along the row or broadcast along it.
-    let mut vectors: Vec<(usize, usize)> = k.kept.iter().filter(|&&(.., buf)| buf != Buf::Work).map(|&(t, s, _)| (t, s)).collect();
-    let parameters = k.kept.iter().filter(|&&(.., buf)| buf == Buf::Work).all(|&(_, s, _)| match k.kinds[s][last] {
+    k.clone()
+}
+
+/// [`vectorized`] with `lanes` lanes exactly, if `k` qualifies.
+fn vectors_of(k: &LProgram, meta: &[u32], lanes: usize) -> Option<LProgram> {
+    let (rank, last) = (k.rank, k.rank.checked_sub(1)?);
+    let shape = |s: usize, part: usize| &meta[3 * rank * s + part * rank..3 * rank * s + (part + 1) * rank];
+    let size = |s: usize| shape(s, 0).iter().map(|&e| e as usize).product::<usize>();
+    let offset = |t: usize| meta[3 * rank * k.shapes + t] as usize;
+    let elementwise = !k.cooperative && k.values_per_unit > 1 && k.phases.iter().all(|p| p.domain == k.target && p.reduces.is_empty());
+    let v = if elementwise {
+        // Every load of the storage type kept, a vector per unit's value.
+        let mut kept: Vec<(usize, usize, Buf)> = Vec::new();
+        for op in k.phases.iter().flat_map(|p| &p.ops) {
+            if let &LOp::Load(t, s, buf) = op {
+                if buf != Buf::Work && !kept.contains(&(t, s, buf)) {
+                    kept.push((t, s, buf));
+                }
+            }
+        }
+        let along = k.kinds[k.target][last] == AxisKind::Full && (shape(k.target, 0)[last] as usize).is_multiple_of(lanes);
+        (along && !kept.is_empty()).then(|| LProgram { vector: lanes, unroll: k.values_per_unit, kept, keep: k.target, ..k.clone() })?
+    } else {
+        let fits = k.cooperative && !k.kept.is_empty() && k.values_per_cube == 1 && k.kinds[k.keep][last] == AxisKind::Full && k.kinds[k.target][last] == AxisKind::One;
+        let n = size(k.keep) / size(k.target).max(1);
+        if !(fits && (shape(k.keep, 0)[last] as usize).is_multiple_of(lanes)) {
+            return None;
+        }
+        // A cube of `BLOCK` units keeps its power of two positions per unit; a larger one
+        // walks as many vectors as it needs, within its units' share of the registers.
+        let unroll = if k.units == BLOCK {
+            k.unroll.is_multiple_of(lanes).then_some(k.unroll / lanes)?
+        } else {
+            // (As `keeping` bounds it: positions per unit, and the registers of every kept load's.)
+            // (No more registers than it keeps a value at a time: there the cap of 64 per unit
+            // leaves nothing spare — an EvoNorm's groups of 25088 in bf16 spilled at 32
+            // positions where it keeps 25.)
+            let unroll = n.div_ceil(lanes * k.units);
+            (unroll * lanes <= k.unroll).then_some(unroll)?
+        };
+        // Every phase over the kept shape keeps; every column partial is over it.
+        let phases = k.phases.iter().enumerate().all(|(ph, p)| (p.domain != k.keep || k.keeps(ph)) && (p.reach != Reach::Across || p.domain == k.keep));
+        phases.then(|| LProgram { vector: lanes, unroll, ..k.clone() })?
+    };
+    // What is read or written a vector at a time: (tensor, shape).
+    let mut vectors: Vec<(usize, usize)> = v.kept.iter().filter(|&&(.., buf)| buf != Buf::Work).map(|&(t, s, _)| (t, s)).collect();
+    let parameters = v.kept.iter().filter(|&&(.., buf)| buf == Buf::Work).all(|&(_, s, _)| match k.kinds[s][last] {
         AxisKind::One => true,
         AxisKind::Full => shape(s, 2)[last] == 1,
         AxisKind::Grouped => false,
     });
     let mut alone = true;
-    for (ph, p) in k.phases.iter().enumerate() {
+    for (ph, p) in v.phases.iter().enumerate() {
         for op in &p.ops {
             if let &LOp::Load(t, s, buf) = op {
-                alone &= buf == Buf::Work || (k.keeps(ph) && k.kept.contains(&(t, s, buf)));
+                alone &= buf == Buf::Work || (v.keeps(ph) && v.kept.contains(&(t, s, buf)));
             }
         }
         for &(t, _, in_io) in &p.stores {
-            alone &= !in_io || k.keeps(ph);
+            alone &= !in_io || v.keeps(ph);
             if in_io {
                 vectors.push((t, p.domain));
             }
@@ -896,10 +937,7 @@ pub fn vectorized(k: &LProgram, meta: &[u32], lanes: usize) -> LProgram {
         let aligned = strides.iter().enumerate().all(|(a, &d)| a == last || k.kinds[s][a] == AxisKind::One || (d as usize).is_multiple_of(lanes));
         k.kinds[s][last] == AxisKind::Full && strides[last] == 1 && aligned && offset(t).is_multiple_of(lanes)
     });
-    if !(phases && alone && parameters && contiguous) {
-        return k.clone();
-    }
-    LProgram { vector: lanes, unroll: k.unroll / lanes, ..k.clone() }
+    (alone && parameters && contiguous).then_some(v)
 }
 
 /// A plan bound to one call's shapes: what any runtime needs to run it. The input and the

@@ -280,6 +280,11 @@ fn same_results_stored(name: &str, shape: &[usize], launches: &[Launch], dtype: 
     let mut out = Vec::new();
     for &launch in launches {
         let mut l = CubeLayer::new(entry.clone(), &h, shape, &device).unwrap().with_storage(dtype).unwrap().with_launch(launch).unwrap();
+        // Parameters other than their initial ones (a layer norm's gamma of ones would hide a
+        // value read for the wrong position).
+        for (k, p) in l.params.iter_mut().enumerate() {
+            *p = f32s(&values(20 + k as u64, p.len()).iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>());
+        }
         let y = l.forward(&x, shape, true).unwrap();
         let g = l.backward(&x, &gy, shape, true).unwrap();
         out.push((y, g, l.buffers.clone()));
@@ -472,7 +477,9 @@ fn rows_read_as_vectors_give_the_same_results() {
     // where every row is whole vectors: the same results as one value at a time, forward and
     // backward (a layer norm's column partials per lane among them), in f32 and in half
     // precision (f16 in vec4<f16>, bf16 held in f32 words). Rows of 1000 take one vector per
-    // unit, a cube's last units none; DyT's broadcast alpha is kept, one value for all lanes.
+    // unit, a cube's last units none; DyT's broadcast alpha is kept, one value for all lanes;
+    // its forward is an elementwise kernel, each unit taking four vectors. Rows of 16384 keep
+    // in cubes of 512 units, an EvoNorm's groups of 2 x 80 x 128 in cubes of 1024.
     let one = Launch { keep_from: 1, vector_bytes: 0, ..Launch::default() };
     let four = Launch { keep_from: 1, ..Launch::default() };
     let vectored = |entry: &normforge_dsl::ir::Entry, p: &normforge_dsl::ir::Program, shape: &[usize]| {
@@ -480,14 +487,21 @@ fn rows_read_as_vectors_give_the_same_results() {
         lay.vectorize(4, &four);
         lay.launches.iter().filter(|(k, _)| k.vector == 4).count()
     };
-    for (name, shape) in [("layer_norm", vec![5, 1024]), ("layer_norm", vec![3, 1000]), ("rms_norm", vec![3, 2048]), ("dyt", vec![4, 1024]), ("scale_norm", vec![3, 1024]), ("layer_norm", vec![3, 2, 1024])] {
+    for (name, shape) in [("layer_norm", vec![5, 1024]), ("layer_norm", vec![3, 1000]), ("rms_norm", vec![3, 2048]), ("dyt", vec![4, 1024]), ("scale_norm", vec![3, 1024]), ("layer_norm", vec![3, 2, 1024]), ("layer_norm", vec![2, 16384]), ("evonorm_s0", vec![2, 4, 80, 128])] {
         let entry = registry().get(name).unwrap().entry;
         let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &entry.programs else { unreachable!() };
         let (forward, backward) = (vectored(&entry, train, &shape), vectored(&entry, train_backward, &shape));
         assert!(forward + backward > 0, "{name} {shape:?}: no kernel reads vectors");
-        if name == "layer_norm" {
-            // Its forward, and its backward's row kernel with the column partials.
-            assert_eq!((forward, backward), (1, 1), "{name} {shape:?}");
+        match name {
+            // Its forward, and its backward's row kernel (with the column partials at rows of
+            // 1024 or fewer).
+            "layer_norm" => assert_eq!((forward, backward), (1, 1), "{name} {shape:?}"),
+            // The elementwise forward, and the backward's row kernel.
+            "dyt" => assert_eq!((forward, backward), (1, 1), "{name} {shape:?}"),
+            // The forward's group kernel (the backward's folds sums per channel inside each
+            // group, which it walks channel by channel).
+            "evonorm_s0" => assert_eq!(forward, 1, "{name} {shape:?}"),
+            _ => {}
         }
         same_results(name, &shape, &[one, four]);
     }

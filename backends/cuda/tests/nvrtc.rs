@@ -360,7 +360,7 @@ fn kept_rows_are_read_in_one_unbranched_walk() {
     use normforge_cubecl::kernel::{Buf, BLOCK};
     let mut checked = 0;
     for name in ["layer_norm", "rms_norm", "dyt"] {
-        for (pass, k) in launched_at(name, &[16384, 4096], Dtype::BF16).into_iter().filter(|(_, k)| !k.kept.is_empty() && k.units == BLOCK) {
+        for (pass, k) in launched_at(name, &[16384, 4096], Dtype::BF16).into_iter().filter(|(_, k)| k.cooperative && !k.kept.is_empty() && k.units == BLOCK) {
             assert_eq!(k.vector, 8, "{name} {pass}: rows of 4096 bf16 values are read 16 bytes at a time");
             let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(&k, Dtype::BF16, Lang::Cuda).unwrap().source).unwrap().ptx;
             let count = |op: &str| ptx.lines().filter(|l| l.trim().starts_with(op)).count();
@@ -378,6 +378,29 @@ fn kept_rows_are_read_in_one_unbranched_walk() {
     }
     // The forwards of a layer norm and an RMS norm, and the three backwards.
     assert_eq!(checked, 5);
+}
+
+/// An elementwise kernel the GPU check times (DyT's forward at 16384 x 4096) reads and writes
+/// 16 bytes an access, each unit `values_per_unit` vectors, their loads under no branch: in
+/// f32 (four values a vector) and bf16 (eight).
+#[test]
+fn timed_elementwise_kernels_read_vectors_under_no_branch() {
+    let Some(nvrtc) = compiler(None) else { return };
+    let launch = normforge_cubecl::Launch::default();
+    let mut checked = 0;
+    for (dtype, load, store) in [(Dtype::F32, "ld.global.nc.v4.f32", "st.global.v4.f32"), (Dtype::BF16, "ld.global.nc.v4.u32", "st.global.v4.u32")] {
+        for (pass, k) in launched_at("dyt", &[16384, 4096], dtype).into_iter().filter(|(_, k)| !k.cooperative && k.values_per_unit > 1) {
+            assert_eq!(k.vector * dtype.size(), launch.vector_bytes, "dyt {pass} {dtype:?}");
+            let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(&k, dtype, Lang::Cuda).unwrap().source).unwrap().ptx;
+            let count = |op: &str| ptx.lines().filter(|l| l.trim().starts_with(op)).count();
+            assert_eq!((count(load), count(store)), (k.values_per_unit, k.values_per_unit), "dyt {pass} {dtype:?}: vectors of x and y");
+            let found = skippable(&ptx, |l| l.starts_with(load));
+            assert!(found.is_empty(), "dyt {pass} {dtype:?}: loads under a branch: {found:?}");
+            checked += 1;
+        }
+    }
+    // DyT's forward, in f32 and bf16.
+    assert_eq!(checked, 2);
 }
 
 /// A kernel walking rows unrolled without column partials holds its shape table in registers
