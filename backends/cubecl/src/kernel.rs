@@ -669,7 +669,9 @@ pub struct LProgram {
     /// one access (1: one at a time), its `unroll` then counting such vectors. A bf16 row read
     /// two bytes a load needs eight times the loads in flight a 16-byte vector does to keep a
     /// GPU's memory busy. Only where `x`, `dy` and `io` are read and written by the keeping
-    /// phases alone, along rows whose vectors are whole and aligned (`plan::vectorized`).
+    /// phases alone, along rows whose vectors are whole and aligned (`plan::vectorized`); an
+    /// elementwise kernel reading vectors keeps its loads of them, a vector per value a unit
+    /// takes (`lanes_of`).
     pub vector: usize,
 }
 
