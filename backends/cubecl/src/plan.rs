@@ -699,9 +699,9 @@ pub struct Launch {
     /// The target elements each unit of an elementwise kernel takes (see
     /// `LProgram::values_per_unit`); a power of two up to [`MAX_UNROLL`].
     pub values_per_unit: usize,
-    /// The bytes a kernel keeping rows reads or writes of a row as one access where the row
-    /// allows (`vectorized`): 16, a GPU's widest load; 0 or a value's size: one at a time. A
-    /// power of two up to [`MAX_VECTOR_BYTES`].
+    /// The bytes a kernel keeping rows (or an elementwise one) reads or writes along the last
+    /// axis as one access where it may (`vectorized`): 16, a GPU's widest load; 0 or a value's
+    /// size: one at a time. A power of two up to [`MAX_VECTOR_BYTES`].
     pub vector_bytes: usize,
 }
 
@@ -891,20 +891,17 @@ fn vectors_of(k: &LProgram, meta: &[u32], lanes: usize) -> Option<LProgram> {
         (along && !kept.is_empty()).then(|| LProgram { vector: lanes, unroll: k.values_per_unit, kept, keep: k.target, ..k.clone() })?
     } else {
         let fits = k.cooperative && !k.kept.is_empty() && k.values_per_cube == 1 && k.kinds[k.keep][last] == AxisKind::Full && k.kinds[k.target][last] == AxisKind::One;
-        let n = size(k.keep) / size(k.target).max(1);
         if !(fits && (shape(k.keep, 0)[last] as usize).is_multiple_of(lanes)) {
             return None;
         }
-        // A cube of `BLOCK` units keeps its power of two positions per unit; a larger one
-        // walks as many vectors as it needs, within its units' share of the registers.
+        // A cube of `BLOCK` units keeps its power of two positions per unit, as vectors; a
+        // larger one walks as many vectors as its row needs, where that is no more positions
+        // than it keeps a value at a time (the cap of 64 registers per unit leaves nothing
+        // spare: an EvoNorm's groups of 25088 in bf16 spilled at 32 positions where it keeps 25).
         let unroll = if k.units == BLOCK {
             k.unroll.is_multiple_of(lanes).then_some(k.unroll / lanes)?
         } else {
-            // (As `keeping` bounds it: positions per unit, and the registers of every kept load's.)
-            // (No more registers than it keeps a value at a time: there the cap of 64 per unit
-            // leaves nothing spare — an EvoNorm's groups of 25088 in bf16 spilled at 32
-            // positions where it keeps 25.)
-            let unroll = n.div_ceil(lanes * k.units);
+            let unroll = (size(k.keep) / size(k.target).max(1)).div_ceil(lanes * k.units);
             (unroll * lanes <= k.unroll).then_some(unroll)?
         };
         // Every phase over the kept shape keeps; every column partial is over it.
@@ -965,8 +962,8 @@ impl Layout {
         self.sizes[plan.tensors[t].1]
     }
 
-    /// Its kernels keeping rows of values `bytes` wide reading and writing them
-    /// `launch.vector_bytes` at a time where their rows allow ([`vectorized`]).
+    /// Its kernels, over values `bytes` wide in storage, reading and writing them
+    /// `launch.vector_bytes` at a time where they may ([`vectorized`]).
     pub fn vectorize(&mut self, bytes: usize, launch: &Launch) {
         let lanes = launch.vector_bytes / bytes.max(1);
         for (k, _) in &mut self.launches {
@@ -1152,7 +1149,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
 /// Run a plan bound to one call's shapes (`lay`) on the device: `data` gives the tensors it
 /// reads (the rest it computes); `io` is the storage type of the input, output and their
 /// gradients. Every output comes back, by target, in f32.
-/// Kernels keeping rows read `launch.vector_bytes` of a row at a time where they may, in
+/// Kernels read and write `launch.vector_bytes` at a time where they may ([`vectorized`]), in
 /// vectors of at most [`WGSL_LANES`].
 pub(crate) fn run<'a>(client: &cubecl::client::Client, plan: &Plan, lay: &Layout, io: Dtype, launch: &Launch, data: &dyn Fn(Source) -> Option<&'a [f32]>) -> Result<Vec<(Target, Vec<f32>)>, Error> {
     let held = io.held_on(client)?;

@@ -115,7 +115,7 @@ impl PlanKernels {
     /// kernel folding column sums, whose cubes each take a block of rows, gets no more cubes
     /// than the GPU runs at once (unless the launch sets a limit), so none waits for a second
     /// wave.
-    /// Kernels keeping rows read them `Launch::vector_bytes` at a time where they may.
+    /// Kernels read and write `Launch::vector_bytes` at a time where they may.
     pub fn layout(&self, plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, io: Dtype) -> Result<Layout, Error> {
         let laid = |launch: &Launch| -> Result<Layout, Error> {
             let mut lay = layout(plan, b, hparams, step, launch)?;
