@@ -20,5 +20,15 @@ if ! [ -f "$venv/.installed-nvrtc-$nvrtc" ]; then
     "$venv/bin/pip" install -q --disable-pip-version-check --no-deps "nvidia-cuda-nvrtc==$nvrtc" >&2
     touch "$venv/.installed-nvrtc-$nvrtc"
 fi
+# What NVRTC has built in, for the host's C++ compiler: the CUDA compiler's crt/ headers and
+# libcu++'s nv/target, which cuda_bf16.h and cuda_fp16.h include. The tests build the generated
+# CUDA C++ for the CPU with them and run it there (backends/cuda/tests/host_run.rs). In a
+# directory of their own, which NVRTC never reads.
+host="13.0.88"
+if ! [ -f "$venv/.installed-host-cuda-$host" ]; then
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --upgrade --target "$venv/host-cuda" \
+        "nvidia-cuda-crt==$host" nvidia-cuda-cccl==13.0.85 >&2
+    touch "$venv/.installed-host-cuda-$host"
+fi
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "$site/torch"

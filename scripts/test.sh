@@ -23,6 +23,9 @@ export LIBTORCH
 cuda="$(dirname "$LIBTORCH")/nvidia/cu13"
 export LD_LIBRARY_PATH="$cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export NORMFORGE_CUDA_INCLUDE="$cuda/include" NORMFORGE_REQUIRE_NVRTC=1
+# The headers the host's C++ compiler needs beside those to build that CUDA C++ for the CPU and
+# run it there (the same venv, scripts/setup-libtorch.sh).
+export NORMFORGE_HOST_CUDA_INCLUDE="$PWD/.venv-torch/host-cuda/nvidia/cu13/include"
 
 # Build first, with the same profile and flags as the run below, so no test binary is built twice;
 # the examples as programs too (tests/main_job.rs runs the training example).

@@ -141,6 +141,45 @@ impl PlanKernels {
     /// in-place plan updates where `data` gives it.
     pub fn run_laid<'a>(&self, plan: &Plan, lay: &Layout, io: Dtype, data: &dyn Fn(Source) -> Option<&'a Tensor>, work: Option<&Tensor>) -> Result<Vec<(Target, Tensor)>, Error> {
         let dev = Device::Cuda(self.gpu.ordinal());
+        let bound = Bound::new(plan, lay, io, dev, data, work)?;
+        let tables = self.uploads.pack(vec![words(&lay.meta), words(&lay.scalars), driver::info(&bound.lengths(lay))], dev);
+        let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal()).ok_or_else(|| Error("libtorch's CUDA support is not loaded".into()))?;
+        let launches = bound.launches(lay, io);
+        // A first call compiles its kernels at once; later ones find them loaded and start no
+        // thread.
+        let missing: Vec<&LProgram> = {
+            let loaded = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
+            launches.iter().map(|(k, _)| k).filter(|k| !loaded.contains_key(&((*k).clone(), io))).collect()
+        };
+        each_in_parallel(&missing, |k| self.kernel(k, io).map(|_| ()))?;
+        for (k, grid) in &launches {
+            let kernel = self.kernel(k, io)?;
+            let [x, dy, io_arena, work] = bound.pointers();
+            let bufs: [u64; LAYER_BUFFERS] = [x, dy, io_arena, work, tables.ptr(0), tables.ptr(1)];
+            // SAFETY: the input and gradient are contiguous tensors of the storage type and
+            // the arenas hold every other tensor at the offsets of `meta` (built from the same
+            // layout); the info gives every length; units or cubes past the target's size do
+            // nothing; all of them live until the stream has run the launch (torch's allocator
+            // reuses memory in stream order).
+            unsafe { self.gpu.launch(&kernel, *grid, k.units as u32, &bufs, tables.ptr(2), stream) }.map_err(err)?;
+        }
+        Ok(bound.outputs(plan, lay))
+    }
+}
+
+/// The tensors one run of a plan binds (the first four of its [`LAYER_BUFFERS`]), on any
+/// device: CUDA for [`PlanKernels`], the CPU for tests running the same CUDA C++ on the host.
+pub struct Bound {
+    pub x: Tensor,
+    pub dy: Tensor,
+    pub io: Tensor,
+    pub work: Tensor,
+}
+
+impl Bound {
+    /// The buffers of `plan` laid out by `lay` on `dev`, as [`PlanKernels::run_laid`] takes
+    /// `data` and `work`.
+    pub fn new<'a>(plan: &Plan, lay: &Layout, io: Dtype, dev: Device, data: &dyn Fn(Source) -> Option<&'a Tensor>, work: Option<&Tensor>) -> Result<Bound, Error> {
         // Every output element is written by a launch, so neither arena needs clearing: what
         // a kernel skipped for a branch not taken leaves is read only by selects that drop it.
         // A rule writing its new parameter over the old (`Plan::in_place`) gets the parameter
@@ -153,7 +192,7 @@ impl PlanKernels {
         let kept = work.is_some();
         let work = match work {
             Some(w) if w.numel() >= lay.work_len && w.device() == dev && w.kind() == Kind::Float => w.shallow_clone(),
-            Some(_) => return Err(Error(format!("a kept work arena must be f32 on cuda:{}, {} values at least", self.gpu.ordinal(), lay.work_len))),
+            Some(_) => return Err(Error(format!("a kept work arena must be f32 on {}, {} values at least", named(dev), lay.work_len))),
             None => Tensor::empty([lay.work_len.max(1) as i64], (Kind::Float, dev)),
         };
         let (mut x, mut dy) = (None, None);
@@ -165,7 +204,7 @@ impl PlanKernels {
             let (off, len) = (lay.offsets[t] as i64, lay.len(plan, t) as i64);
             match data(src) {
                 Some(d) if d.numel() as i64 != len => return Err(Error(format!("{src:?} has {} values, the plan expects {len}", d.numel()))),
-                Some(d) if d.device() != dev => return Err(Error(format!("{src:?} is on {:?}, these kernels run on cuda:{}", d.device(), self.gpu.ordinal()))),
+                Some(d) if d.device() != dev => return Err(Error(format!("{src:?} is on {}, these kernels run on {}", named(d.device()), named(dev)))),
                 Some(d) if buf == Buf::Work && src.handed() && off == handed_len => {
                     handed.push(d.reshape([-1]).to_kind(Kind::Float));
                     handed_len += len;
@@ -191,46 +230,52 @@ impl PlanKernels {
         // A plan that reads no input or gradient still binds a buffer there (never read).
         let x = x.unwrap_or_else(|| io_arena.shallow_clone());
         let dy = dy.unwrap_or_else(|| io_arena.shallow_clone());
-        let lengths: [usize; LAYER_BUFFERS] = [x.numel(), dy.numel(), io_arena.numel(), work.numel(), lay.meta.len(), lay.scalars.len()];
-        let tables = self.uploads.pack(vec![words(&lay.meta), words(&lay.scalars), driver::info(&lengths)], dev);
-        let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal()).ok_or_else(|| Error("libtorch's CUDA support is not loaded".into()))?;
-        let ptr = |t: &Tensor| t.data_ptr() as u64;
-        // A kernel reading vectors needs every buffer it reads so to start at a whole vector
-        // (a view may not): else it reads a value at a time.
-        let launches: Vec<(LProgram, _)> = lay
-            .launches
+        Ok(Bound { x, dy, io: io_arena, work })
+    }
+
+    /// The buffers' lengths, in elements, for the kernels' `info_st` ([`driver::info`]).
+    pub fn lengths(&self, lay: &Layout) -> [usize; LAYER_BUFFERS] {
+        [self.x.numel(), self.dy.numel(), self.io.numel(), self.work.numel(), lay.meta.len(), lay.scalars.len()]
+    }
+
+    /// Where the buffers start, in the kernels' parameter order.
+    pub fn pointers(&self) -> [u64; 4] {
+        [&self.x, &self.dy, &self.io, &self.work].map(|t| t.data_ptr() as u64)
+    }
+
+    /// `lay`'s launches as they run on these buffers: a kernel reading vectors needs every
+    /// buffer it reads so to start at a whole vector (a view may not); else it reads a value
+    /// at a time.
+    pub fn launches(&self, lay: &Layout, io: Dtype) -> Vec<(LProgram, (u32, u32, u32))> {
+        let [x, dy, io_arena, _] = self.pointers();
+        lay.launches
             .iter()
             .map(|(k, grid)| {
-                let whole = [&x, &dy, &io_arena].iter().all(|t| ptr(t) % (k.vector.max(1) * io.size()) as u64 == 0);
+                let whole = [x, dy, io_arena].iter().all(|p| p % (k.vector.max(1) * io.size()) as u64 == 0);
                 (if whole { k.clone() } else { k.unvectorized() }, *grid)
             })
-            .collect();
-        // A first call compiles its kernels at once; later ones find them loaded and start no
-        // thread.
-        let missing: Vec<&LProgram> = {
-            let loaded = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
-            launches.iter().map(|(k, _)| k).filter(|k| !loaded.contains_key(&((*k).clone(), io))).collect()
-        };
-        each_in_parallel(&missing, |k| self.kernel(k, io).map(|_| ()))?;
-        for (k, grid) in &launches {
-            let kernel = self.kernel(k, io)?;
-            let bufs: [u64; LAYER_BUFFERS] = [ptr(&x), ptr(&dy), ptr(&io_arena), ptr(&work), tables.ptr(0), tables.ptr(1)];
-            // SAFETY: the input and gradient are contiguous tensors of the storage type and
-            // the arenas hold every other tensor at the offsets of `meta` (built from the same
-            // layout); the info gives every length; units or cubes past the target's size do
-            // nothing; all of them live until the stream has run the launch (torch's allocator
-            // reuses memory in stream order).
-            unsafe { self.gpu.launch(&kernel, *grid, k.units as u32, &bufs, tables.ptr(2), stream) }.map_err(err)?;
-        }
-        Ok(plan
-            .outputs
+            .collect()
+    }
+
+    /// Every output of `plan`, by target, flat: views of the arena the kernels wrote.
+    pub fn outputs(&self, plan: &Plan, lay: &Layout) -> Vec<(Target, Tensor)> {
+        plan.outputs
             .iter()
             .map(|&(target, t)| {
                 let (off, len) = (lay.offsets[t] as i64, lay.len(plan, t) as i64);
-                let arena = if plan.tensors[t].2 == Buf::Io { &io_arena } else { &work };
+                let arena = if plan.tensors[t].2 == Buf::Io { &self.io } else { &self.work };
                 (target, arena.narrow(0, off, len))
             })
-            .collect())
+            .collect()
+    }
+}
+
+/// A device as torch writes it.
+fn named(dev: Device) -> String {
+    match dev {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Cpu => "cpu".into(),
+        other => format!("{other:?}"),
     }
 }
 

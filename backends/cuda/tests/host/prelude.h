@@ -1,0 +1,78 @@
+// What a CUDA translation unit of CubeCL's takes from the device, for a host compiler: the
+// kernel runs as one host thread per unit, a cube at a time, `__syncthreads` a barrier of the
+// cube's threads. NVIDIA's own headers give the bf16 and f16 types and their conversions (the
+// host forms of what NVRTC compiles), <math.h> the float overloads of the functions the kernels
+// call. Included ahead of the kernel's source, which `host.rs` wraps in a namespace so that its
+// own integer typedefs do not clash with the host's.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <barrier>
+#include <cstring>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __launch_bounds__(...)
+#undef __device__
+#define __device__
+#undef __align__
+#define __align__(n) alignas(n)
+
+struct nf_dim3 {
+    unsigned x, y, z;
+};
+static thread_local nf_dim3 threadIdx, blockIdx;
+static nf_dim3 blockDim, gridDim;
+static thread_local std::barrier<>* nf_cube;
+// The cube's dynamic shared memory (`host.rs` points each kernel's `extern __shared__` here).
+static thread_local char* nf_shared;
+
+// Shared memory as CUDA aligns it: to 16 bytes at least.
+struct alignas(16) nf_words {
+    float f[4];
+};
+
+static inline void __syncthreads() { nf_cube->arrive_and_wait(); }
+
+static inline float max(float a, float b) { return fmaxf(a, b); }
+static inline float min(float a, float b) { return fminf(a, b); }
+static inline uint32_t max(uint32_t a, uint32_t b) { return a > b ? a : b; }
+static inline uint32_t min(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+// Calls `f` with its arguments as the driver takes them: `args[i]` points at the i-th.
+template <typename... A, size_t... I>
+static void nf_call(void (*f)(A...), void** args, std::index_sequence<I...>) {
+    f(*static_cast<A*>(args[I])...);
+}
+
+// The launch: cubes in order, each with `units` threads. Shared memory starts as NaNs, so a
+// value read before a unit wrote it shows. A unit returning early leaves the cube's barrier.
+template <typename... A>
+static void nf_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {
+    blockDim = {units, 1, 1};
+    gridDim = {gx, gy, gz};
+    std::vector<nf_words> memory(shared / sizeof(nf_words) + 1);
+    for (unsigned z = 0; z < gz; ++z)
+        for (unsigned y = 0; y < gy; ++y)
+            for (unsigned x = 0; x < gx; ++x) {
+                std::barrier<> cube(units);
+                for (auto& w : memory)
+                    for (float& f : w.f) f = NAN;
+                std::vector<std::thread> threads;
+                threads.reserve(units);
+                for (unsigned u = 0; u < units; ++u)
+                    threads.emplace_back([&, u] {
+                        threadIdx = {u, 0, 0};
+                        blockIdx = {x, y, z};
+                        nf_cube = &cube;
+                        nf_shared = reinterpret_cast<char*>(memory.data());
+                        nf_call(f, args, std::index_sequence_for<A...>{});
+                        cube.arrive_and_drop();
+                    });
+                for (auto& t : threads) t.join();
+            }
+}

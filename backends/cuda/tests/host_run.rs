@@ -1,0 +1,144 @@
+//! The layer kernels' CUDA C++, run on the host (`host/`) as the CUDA path launches them: laid
+//! out by `PlanKernels::layout`'s rules, bound by `Bound` (the code `run_laid` runs), against
+//! the reference backend. No GPU needed; this is where the eight-lane bf16 and f16 vector
+//! kernels execute before a GPU runs them.
+
+mod host;
+
+use host::HostCompiler;
+use normforge_cubecl::emit::{layer_unit, Lang};
+use normforge_cubecl::kernel::LProgram;
+use normforge_cubecl::{layout, plan, Dtype, Launch, Source};
+use normforge_cuda::check::{layer_against_reference, LayerCall};
+use normforge_cuda::driver;
+use normforge_cuda::plans::{kind_of, pick, Bound};
+use normforge_dsl::ir::{Entry, Program, Programs, Target};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+fn entry(name: &str) -> Arc<Entry> {
+    normforge_std::link();
+    normforge_registry::Registry::with_builtins().unwrap().get(name).unwrap().entry
+}
+
+/// Values spread over [-1, 1), a different sequence per seed.
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i as f64 * 0.618_034 + seed as f64 * 0.414_214).fract() * 2.0 - 1.0) as f32).collect()
+}
+
+/// `n` values stored as `kind`, starting `skip` elements into their storage (a view that
+/// starts mid-vector where `skip` is odd).
+fn stored(v: &[f32], kind: Kind, skip: usize, shape: &[usize]) -> Tensor {
+    let mut all = vec![0.0; skip];
+    all.extend_from_slice(v);
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    Tensor::from_slice(&all).to_kind(kind).narrow(0, skip as i64, v.len() as i64).view(dims.as_slice())
+}
+
+/// One program of `e` run on the host as the CUDA path runs it: every output by target, and
+/// the kernels as launched.
+fn run(cc: &HostCompiler, e: &Entry, prog: &Program, hp: &[f64], io: Dtype, x: &Tensor, data: &dyn Fn(Source) -> Option<Tensor>) -> (Vec<(Target, Tensor)>, Vec<LProgram>) {
+    let p = plan(e, prog).unwrap();
+    let dims: Vec<usize> = x.size().iter().map(|&d| d as usize).collect();
+    let b = normforge_dsl::bind::bind_axes(&e.axes, &dims, "x").unwrap();
+    let launch = Launch::default();
+    let mut lay = layout(&p, &b, hp, 0.0, &launch).unwrap();
+    lay.vectorize(io.size(), &launch);
+    let given: Vec<(Source, Tensor)> = p.tensors.iter().filter_map(|&(s, _, _)| data(s).map(|t| (s, t))).collect();
+    let find = |s: Source| given.iter().find(|(g, _)| *g == s).map(|(_, t)| t);
+    let bound = Bound::new(&p, &lay, io, Device::Cpu, &find, None).unwrap();
+    // The info as words, so the kernel reads it aligned.
+    let info: Vec<u32> = driver::info(&bound.lengths(&lay)).chunks(4).map(|w| u32::from_le_bytes(w.try_into().unwrap())).collect();
+    let launches = bound.launches(&lay, io);
+    for (k, grid) in &launches {
+        let unit = layer_unit(k, io, Lang::Cuda).unwrap();
+        let kernel = cc.kernel(&unit.source, unit.shared_bytes);
+        let [x, dy, io_arena, work] = bound.pointers();
+        let args = [x, dy, io_arena, work, lay.meta.as_ptr() as u64, lay.scalars.as_ptr() as u64, info.as_ptr() as u64];
+        // SAFETY: the buffers and tables `run_laid` would upload, here in host memory that
+        // lives until the launch returns.
+        unsafe { kernel.launch(*grid, k.units as u32, &args) };
+    }
+    (bound.outputs(&p, &lay), launches.into_iter().map(|(k, _)| k).collect())
+}
+
+/// A training call of layer `name` (forward and backward) on the host, its input of `shape`
+/// stored as `io` and starting `skip` elements into its storage: its largest relative errors
+/// against the reference backend, and the kernels it launched.
+fn call(cc: &HostCompiler, name: &str, shape: &[usize], io: Dtype, skip: usize) -> (f64, f64, Vec<LProgram>) {
+    let e = entry(name);
+    let overrides: Vec<(String, f64)> = e.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect();
+    let hp = normforge_dsl::hyper::resolve(&e, &overrides).unwrap();
+    let Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
+    let n: usize = shape.iter().product();
+    let kind = kind_of(io);
+    let x = stored(&values(1, n).iter().map(|v| 3.0 * v + 1.0).collect::<Vec<_>>(), kind, skip, shape);
+    let gy = stored(&values(2, n), kind, skip, shape);
+    // Parameters other than their initial ones, so a value read at the wrong position shows;
+    // buffers as the reference initialises them.
+    let init = normforge_reference::Layer::new(e.clone(), &overrides, shape).unwrap();
+    let host = |t: &normforge_reference::Tensor, f: &dyn Fn(f64) -> f64| {
+        Tensor::from_slice(&t.data.iter().map(|&v| f(v) as f32).collect::<Vec<_>>()).view(t.shape.iter().map(|&d| d as i64).collect::<Vec<_>>().as_slice())
+    };
+    let params: Vec<Tensor> = init.params.iter().enumerate().map(|(i, p)| host(p, &|v| v + 0.5 * (v * 7.3 + i as f64 * 1.9).sin())).collect();
+    let buffers: Vec<Tensor> = init.buffers.iter().map(|b| host(b, &|v| v)).collect();
+    let data = |s: Source| match s {
+        Source::Input => Some(x.shallow_clone()),
+        Source::GradOutput => Some(gy.shallow_clone()),
+        Source::Param(i) => params.get(i as usize).map(|t| t.shallow_clone()),
+        Source::Buffer(i) => buffers.get(i as usize).map(|t| t.shallow_clone()),
+        _ => None,
+    };
+    let (fwd, fwd_k) = run(cc, &e, train, &hp, io, &x, &data);
+    let (bwd, bwd_k) = run(cc, &e, train_backward, &hp, io, &x, &data);
+    let y = pick(&fwd, Target::Y).unwrap().view(x.size().as_slice());
+    let after: Vec<Tensor> = buffers.iter().enumerate().map(|(i, b)| pick(&fwd, Target::Buffer(i as u32)).map(|t| t.view(b.size().as_slice())).unwrap_or_else(|_| b.shallow_clone())).collect();
+    let grad_x = pick(&bwd, Target::GradInput).unwrap().view(x.size().as_slice());
+    let grad_params: Vec<Tensor> = params.iter().enumerate().map(|(i, p)| pick(&bwd, Target::GradParam(i as u32)).map(|g| g.view(p.size().as_slice())).unwrap_or_else(|_| Tensor::new())).collect();
+    let c = LayerCall { x: &x, gy: &gy, train: true, params: &params, buffers_before: &buffers, buffers_after: &after, y: &y, grad_x: &grad_x, grad_params: &grad_params };
+    let (f, b) = layer_against_reference(&e, &hp, &c).unwrap();
+    (f, b, fwd_k.into_iter().chain(bwd_k).collect())
+}
+
+/// The kernels the GPU check times, at rows a GPU would vectorise (16 bytes an access: f32 in
+/// fours, bf16 and f16 in eights), run as the CUDA C++ says: each within the f32 bounds
+/// of the reference (1e-5 forward, 1e-4 backward), or within what half precision storage
+/// rounds (1e-2). A row of 16384 takes a cube of 512 units.
+#[test]
+fn vector_kernels_compute_on_the_host_what_the_reference_does() {
+    let Some(cc) = HostCompiler::find() else { return };
+    let cases: [(&str, &[usize], &[Dtype]); 6] = [
+        ("layer_norm", &[8, 4096], &[Dtype::F32, Dtype::BF16, Dtype::F16]),
+        ("rms_norm", &[8, 4096], &[Dtype::F32, Dtype::BF16]),
+        ("dyt", &[8, 4096], &[Dtype::F32, Dtype::BF16]),
+        ("scale_norm", &[8, 2048], &[Dtype::BF16]),
+        ("evonorm_s0", &[2, 64, 8, 8], &[Dtype::F32, Dtype::BF16]),
+        ("layer_norm", &[2, 16384], &[Dtype::BF16]),
+    ];
+    for (name, shape, dtypes) in cases {
+        for &io in dtypes {
+            let (f, b, kernels) = call(&cc, name, shape, io, 0);
+            let lanes = kernels.iter().map(|k| k.vector.max(1)).max().unwrap();
+            let units = kernels.iter().map(|k| k.units).max().unwrap();
+            let what = format!("{name} {shape:?} {io:?}, {lanes} lanes, cubes of {units}");
+            eprintln!("{what}: forward {f:.2e}, backward {b:.2e}");
+            let bound = if io == Dtype::F32 { (1e-5, 1e-4) } else { (1e-2, 1e-2) };
+            assert!(f < bound.0 && b < bound.1, "{what}: forward {f:.2e}, backward {b:.2e} from the reference");
+            assert_eq!(lanes, 16 / io.size(), "{what}: no 16-byte vectors");
+            assert_eq!(units > 256, shape[1] == 16384, "{what}: the cube's size");
+        }
+    }
+}
+
+/// A view starting mid-vector runs the same kernels a value at a time (`Bound::launches`), to
+/// the same results.
+#[test]
+fn views_starting_mid_vector_compute_the_same_a_value_at_a_time() {
+    let Some(cc) = HostCompiler::find() else { return };
+    for io in [Dtype::BF16, Dtype::F32] {
+        let (f, b, kernels) = call(&cc, "layer_norm", &[8, 1024], io, 1);
+        assert!(kernels.iter().all(|k| k.vector <= 1), "{io:?}: a misaligned view read as vectors");
+        let bound = if io == Dtype::F32 { (1e-5, 1e-4) } else { (1e-2, 1e-2) };
+        assert!(f < bound.0 && b < bound.1, "{io:?}: forward {f:.2e}, backward {b:.2e} from the reference");
+    }
+}
