@@ -13,7 +13,7 @@ use crate::parallel::each_in_parallel;
 use crate::plans::{kind_of, pick, PlanKernels};
 use crate::upload::{self, upload, words};
 use normforge_cubecl::emit::{self, Lang};
-use normforge_cubecl::kernel::{KProgram, StepLayout, StepSizes, BLOCK, COMBINE_BLOCK};
+use normforge_cubecl::kernel::{StepLayout, StepSizes, BLOCK, COMBINE_BLOCK};
 use normforge_cubecl::{compile, compile_for, stacks, Compiled, Precision, Source, Stacked};
 use normforge_cubecl::{indexable, Layout, Plan};
 use normforge_dsl::bind::{self, AxisBinding};
@@ -81,9 +81,9 @@ fn fits(kept: &[Kept], stacks: &[Stack]) -> bool {
         })
 }
 
-/// A phase's kernel and, when it reduces, the combine that folds its partials.
+/// A phase's kernel and, when it reduces, the combine that folds its partials (the phase's
+/// program is its `Compiled`'s, at the same index).
 struct Phase {
-    program: KProgram,
     step: Kernel,
     combine: Option<Kernel>,
 }
@@ -97,13 +97,75 @@ struct Scaled {
     inits: Vec<Phase>,
 }
 
-/// Device buffers and launch metadata for one arena.
-struct Bound {
+/// A fused rule's buffers for one arena, on the arena's device: the states, the reductions'
+/// partials, and each phase's `info_st`. What every step on that arena launches with — on the
+/// GPU here, on the CPU in the tests that run the same CUDA C++ on the host.
+pub struct Bound {
     state: Tensor,
     partial: Tensor,
-    /// `info_st` of each phase's kernels (step, combine), on the device.
+    /// `info_st` of each phase's kernels (step, combine).
     infos: Vec<(Tensor, Option<Tensor>)>,
     init_infos: Vec<(Tensor, Option<Tensor>)>,
+}
+
+/// One launch of a fused step: phase `phase`'s step kernel or (`combine`) the kernel folding
+/// its partials, over `grid` cubes of `units` units, given `buffers` (device pointers, in the
+/// kernel's parameter order) and `info` (its `info_st`).
+pub struct StepLaunch {
+    pub phase: usize,
+    pub combine: bool,
+    pub grid: (u32, u32, u32),
+    pub units: u32,
+    pub buffers: Vec<u64>,
+    pub info: u64,
+}
+
+impl Bound {
+    /// The buffers for `arena` (states zeroed, stored as `types.state`), for the phases of
+    /// `step_prog` and of `init_prog`.
+    pub fn new(entry: &Entry, hparams: &[f64], types: Precision, arena: &Arena, step_prog: &Compiled, init_prog: &Compiled) -> Bound {
+        let slots = entry.states.len().max(1);
+        let n = arena.len();
+        let r = step_prog.slots().max(1).max(init_prog.slots().max(1));
+        let state = Tensor::zeros([(slots * n) as i64], (kind_of(types.state), arena.device));
+        let partial = Tensor::zeros([(arena.cubes.max(1) * r) as i64], (Kind::Float, arena.device));
+        let infos = |prog: &Compiled| -> Vec<(Tensor, Option<Tensor>)> {
+            prog.phases
+                .iter()
+                .map(|ph| {
+                    let sizes = StepSizes { n, slots, scalars: prog.scalars(hparams, 0.0, 1.0).len(), cubes: arena.cubes, tensors: arena.sizes.len(), results: ph.slots };
+                    // (A phase that reduces has a combine: `phases`.)
+                    let combine = (!ph.accums.is_empty()).then(|| upload(&driver::info(&sizes.combine()), arena.device));
+                    (upload(&driver::info(&sizes.step(ph.lanes)), arena.device), combine)
+                })
+                .collect()
+        };
+        Bound { state, partial, infos: infos(step_prog), init_infos: infos(init_prog) }
+    }
+
+    /// The launches of one step of `prog` at step `t` (or of its state initialiser, `init`),
+    /// each gradient read times `grad_scale`, in order; and the buffer of the step's scalars
+    /// and host values they read, to keep until they have run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launches(&self, entry: &Entry, hparams: &[f64], prog: &Compiled, init: bool, arena: &Arena, t: f64, grad_scale: f64) -> Result<(upload::Packed, Vec<StepLaunch>), Error> {
+        // This step's scalars and the per-tensor values known on the host: one copy, queued.
+        let scalars = prog.scalars(hparams, t, grad_scale);
+        let values = upload::pack(&[&words(&scalars), &words(&prog.host_values(entry, hparams, &arena.shapes)?)], arena.device);
+        let (scalars, red) = (values.ptr(0), values.ptr(1));
+        let ptr = |t: &Tensor| t.data_ptr() as u64;
+        let infos = if init { &self.init_infos } else { &self.infos };
+        let mut out = Vec::new();
+        for (phase, (ph, (info, cinfo))) in prog.phases.iter().zip(infos).enumerate() {
+            let buffers = vec![ptr(&arena.p), ptr(&arena.g), ptr(&self.state), scalars, ptr(&arena.blocks), ptr(&self.partial), red];
+            out.push(StepLaunch { phase, combine: false, grid: (ph.cubes(arena.cubes) as u32, 1, 1), units: BLOCK as u32, buffers, info: ptr(info) });
+            if let Some(ci) = cinfo {
+                let grid = (arena.sizes.len().div_ceil(COMBINE_BLOCK as usize) as u32, 1, 1);
+                let buffers = vec![ptr(&self.partial), ptr(&arena.ranges), red];
+                out.push(StepLaunch { phase, combine: true, grid, units: COMBINE_BLOCK, buffers, info: ptr(ci) });
+            }
+        }
+        Ok((values, out))
+    }
 }
 
 pub struct CudaOptimizer {
@@ -201,33 +263,6 @@ impl CudaOptimizer {
         }
     }
 
-    fn bind(&self, arena: &Arena, step_prog: &Compiled, init_prog: &Compiled, steps: &[Phase], inits: &[Phase]) -> Bound {
-        let slots = self.entry.states.len().max(1);
-        let n = arena.len();
-        let r = step_prog.slots().max(1).max(init_prog.slots().max(1));
-        let state = Tensor::zeros([(slots * n) as i64], (kind_of(self.types.state), arena.device));
-        let partial = Tensor::zeros([(arena.cubes.max(1) * r) as i64], (Kind::Float, arena.device));
-        let infos = |prog: &Compiled, phases: &[Phase]| -> Vec<(Tensor, Option<Tensor>)> {
-            phases
-                .iter()
-                .map(|ph| {
-                    let sizes = StepSizes {
-                        n,
-                        slots,
-                        scalars: prog.scalars(&self.hparams, 0.0, 1.0).len(),
-                        cubes: arena.cubes,
-                        tensors: arena.sizes.len(),
-                        results: ph.program.slots,
-                    };
-                    let combine = ph.combine.as_ref().map(|_| upload(&driver::info(&sizes.combine()), arena.device));
-                    (upload(&driver::info(&sizes.step(ph.program.lanes)), arena.device), combine)
-                })
-                .collect()
-        };
-        let (infos, init_infos) = (infos(step_prog, steps), infos(init_prog, inits));
-        Bound { state, partial, infos, init_infos }
-    }
-
     /// One step over every tensor of `arena` (its gradients as backpropagation left them):
     /// launches only, on torch's current stream. The first step binds the state to this
     /// arena's layout; later arenas must have the same sizes.
@@ -259,9 +294,9 @@ impl CudaOptimizer {
                 *scaled = Some(Box::new(Scaled { step_prog, init_prog, steps, inits }));
             }
         }
-        let Path::Fused { step_prog, init_prog, steps, inits, bound, .. } = &self.path else { unreachable!("fused") };
+        let Path::Fused { step_prog, init_prog, bound, .. } = &self.path else { unreachable!("fused") };
         if bound.is_none() {
-            let b = self.bind(arena, step_prog, init_prog, steps, inits);
+            let b = Bound::new(&self.entry, &self.hparams, self.types, arena, step_prog, init_prog);
             if let Path::Fused { bound, .. } = &mut self.path {
                 *bound = Some(b);
             }
@@ -509,8 +544,8 @@ impl CudaOptimizer {
                     return Err(changed());
                 }
             }
-            Path::Fused { step_prog, init_prog, steps, inits, bound: None, .. } => {
-                let b = self.bind(arena, step_prog, init_prog, steps, inits);
+            Path::Fused { step_prog, init_prog, bound: None, .. } => {
+                let b = Bound::new(&self.entry, &self.hparams, self.types, arena, step_prog, init_prog);
                 if let Path::Fused { bound, .. } = &mut self.path {
                     *bound = Some(b);
                 }
@@ -548,25 +583,19 @@ impl CudaOptimizer {
 
     #[allow(clippy::too_many_arguments)]
     fn run(&self, b: &Bound, prog: &Compiled, phases: &[Phase], init: bool, arena: &Arena, stream: *mut std::ffi::c_void, t: f64, grad_scale: f64) -> Result<(), Error> {
-        // This step's scalars and the per-tensor values known on the host: one copy, queued.
-        let scalars = prog.scalars(&self.hparams, t, grad_scale);
-        let values = upload::pack(&[&words(&scalars), &words(&prog.host_values(&self.entry, &self.hparams, &arena.shapes)?)], arena.device);
-        let (scalars, red) = (values.ptr(0), values.ptr(1));
-        let ptr = |t: &Tensor| t.data_ptr() as u64;
-        let infos = if init { &b.init_infos } else { &b.infos };
-        for (ph, (info, cinfo)) in phases.iter().zip(infos) {
-            let bufs = [ptr(&arena.p), ptr(&arena.g), ptr(&b.state), scalars, ptr(&arena.blocks), ptr(&b.partial), red];
+        // (`_values` holds the buffer they read until they are queued.)
+        let (_values, launches) = b.launches(&self.entry, &self.hparams, prog, init, arena, t, grad_scale)?;
+        for l in &launches {
+            let ph = &phases[l.phase];
+            let kernel = match l.combine {
+                false => &ph.step,
+                true => ph.combine.as_ref().ok_or_else(|| Error::Rule("a reducing phase without its combine".into()))?,
+            };
             // SAFETY: every buffer lives on this device until the stream has run the launch
             // (torch's caching allocator reuses freed memory only in stream order); the info
             // gives each buffer's true length; a cube per `blocks_per_cube` entries of `blocks`
-            // (whose count it divides: `padded_layout`).
-            unsafe { self.gpu.launch(&ph.step, (ph.program.cubes(arena.cubes) as u32, 1, 1), BLOCK as u32, &bufs, ptr(info), stream)? };
-            if let (Some(k), Some(ci)) = (&ph.combine, cinfo) {
-                let tensors = arena.sizes.len();
-                let bufs = [ptr(&b.partial), ptr(&arena.ranges), red];
-                // SAFETY: as above; one unit per tensor, 64 per cube.
-                unsafe { self.gpu.launch(k, (tensors.div_ceil(COMBINE_BLOCK as usize) as u32, 1, 1), COMBINE_BLOCK, &bufs, ptr(ci), stream)? };
-            }
+            // (whose count it divides: `padded_layout`), or for a combine one unit per tensor.
+            unsafe { self.gpu.launch(kernel, l.grid, l.units, &l.buffers, l.info, stream)? };
         }
         Ok(())
     }
@@ -602,7 +631,7 @@ fn phases(gpu: &Gpu, prog: &Compiled, types: Precision) -> Result<Vec<Phase>, Er
                 Some(gpu.kernel(&unit.source, unit.shared_bytes)?)
             }
         };
-        out.push(Phase { program: p.clone(), step, combine });
+        out.push(Phase { step, combine });
     }
     Ok(out)
 }

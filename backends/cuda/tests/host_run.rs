@@ -1,16 +1,17 @@
-//! The layer kernels' CUDA C++, run on the host (`host/`) as the CUDA path launches them: laid
-//! out by `PlanKernels::layout`'s rules, bound by `Bound` (the code `run_laid` runs), against
-//! the reference backend. No GPU needed; this is where the eight-lane bf16 and f16 vector
-//! kernels execute before a GPU runs them.
+//! The CUDA C++ of the layer kernels and of the fused step kernels, run on the host (`host/`)
+//! as the CUDA path launches them — bound by `plans::Bound` and `optimizer::Bound`, the code
+//! `PlanKernels::run_laid` and `CudaOptimizer` run, on CPU tensors — against the reference
+//! backend. No GPU needed; this is where the eight-lane bf16 and f16 vector kernels, and the
+//! buffers and `info_st` the CUDA path hands every kernel, are run before a GPU runs them.
 
 mod host;
 
 use host::HostCompiler;
 use normforge_cubecl::emit::{layer_unit, Lang};
 use normforge_cubecl::kernel::LProgram;
-use normforge_cubecl::{layout, plan, Dtype, Launch, Source};
+use normforge_cubecl::{compile, compile_for, layout, plan, Compiled, Dtype, Launch, Precision, Source};
 use normforge_cuda::check::{layer_against_reference, LayerCall};
-use normforge_cuda::driver;
+use normforge_cuda::{driver, optimizer, Arena};
 use normforge_cuda::plans::{kind_of, pick, Bound};
 use normforge_dsl::ir::{Entry, Program, Programs, Target};
 use std::sync::Arc;
@@ -140,5 +141,94 @@ fn views_starting_mid_vector_compute_the_same_a_value_at_a_time() {
         assert!(kernels.iter().all(|k| k.vector <= 1), "{io:?}: a misaligned view read as vectors");
         let bound = if io == Dtype::F32 { (1e-5, 1e-4) } else { (1e-2, 1e-2) };
         assert!(f < bound.0 && b < bound.1, "{io:?}: forward {f:.2e}, backward {b:.2e} from the reference");
+    }
+}
+
+/// Each phase's step kernel and, where it reduces, its combine, built for the host in the
+/// order the CUDA path loads them.
+fn step_kernels(cc: &HostCompiler, prog: &Compiled, types: Precision) -> Vec<(host::HostKernel, Option<host::HostKernel>)> {
+    let mut units = normforge_cubecl::emit::program_units(prog, types, Lang::Cuda).unwrap().into_iter();
+    let mut kernel = || units.next().map(|u| cc.kernel(&u.source, u.shared_bytes)).unwrap();
+    prog.phases.iter().map(|p| (kernel(), (!p.accums.is_empty()).then(&mut kernel))).collect()
+}
+
+/// `steps` steps of rule `name` at learning rate `lr` on tensors of `shapes` stored as `types.param`, its
+/// states as `types.state`, run on the host as `CudaOptimizer` runs them: the largest relative
+/// error of the parameters' moves against the reference backend's, which starts from the same
+/// (stored) values and gradients. Where `scale` is not 1, the kernels of a clipped step
+/// (`Compiled::grad_scaled`) read every gradient times `scale`, and so does the reference.
+fn steps_on_host(cc: &HostCompiler, name: &str, lr: f64, scale: f64, shapes: &[Vec<usize>], types: Precision, steps: usize) -> f64 {
+    let e = entry(name);
+    let h = [("lr".to_string(), lr)];
+    let hp = normforge_dsl::hyper::resolve(&e, &h).unwrap();
+    let Programs::Optimizer { step } = &e.programs else { unreachable!() };
+    let (mut step_prog, mut init_prog) = (compile_for(&e, step, types.state).unwrap(), compile(&e, &e.init).unwrap());
+    if scale != 1.0 {
+        (step_prog, init_prog) = (step_prog.grad_scaled(), init_prog.grad_scaled());
+    }
+    let (step_k, init_k) = (step_kernels(cc, &step_prog, types), step_kernels(cc, &init_prog, types));
+    let kind = kind_of(types.param);
+    // Parameters small beside a move (lr for most rules, lr times the parameter's norm for
+    // LAMB's), so that half precision keeps most of each.
+    let mut vars: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| stored(&values(10 + i as u64, s.iter().product()).iter().map(|v| 0.02 * v).collect::<Vec<_>>(), kind, 0, s).copy().set_requires_grad(true)).collect();
+    let as_ref = |t: &Tensor| normforge_reference::Tensor::new(t.size().iter().map(|&d| d as usize).collect(), Vec::<f64>::try_from(t.to_kind(Kind::Double).reshape([-1])).unwrap()).unwrap();
+    let start: Vec<normforge_reference::Tensor> = vars.iter().map(as_ref).collect();
+    let mut want = start.clone();
+    let mut oracle = normforge_reference::Optimizer::new(e.clone(), &h).unwrap();
+    let arena = Arena::adopt(&mut vars).unwrap();
+    let bound = optimizer::Bound::new(&e, &hp, types, &arena, &step_prog, &init_prog);
+    let run = |prog: &Compiled, kernels: &[(host::HostKernel, Option<host::HostKernel>)], init: bool, t: usize| {
+        let (_values, launches) = bound.launches(&e, &hp, prog, init, &arena, t as f64, scale).unwrap();
+        for l in launches {
+            let k = if l.combine { kernels[l.phase].1.as_ref().unwrap() } else { &kernels[l.phase].0 };
+            let mut args = l.buffers.clone();
+            args.push(l.info);
+            // SAFETY: the arena's and `bound`'s buffers, in host memory, which `launches` lays
+            // out for these kernels.
+            unsafe { k.launch(l.grid, l.units, &args) };
+        }
+    };
+    run(&init_prog, &init_k, true, 0);
+    for t in 1..=steps {
+        let grads: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| stored(&values(100 + 7 * t as u64 + i as u64, s.iter().product()), kind, 0, s)).collect();
+        tch::no_grad(|| vars.iter().zip(&grads).for_each(|(v, g)| v.grad().copy_(g)));
+        run(&step_prog, &step_k, false, t);
+        let scaled = |g: &Tensor| normforge_reference::Tensor { data: as_ref(g).data.iter().map(|v| v * scale).collect(), ..as_ref(g) };
+        oracle.step(&mut want, &grads.iter().map(scaled).collect::<Vec<_>>()).unwrap();
+    }
+    let mut worst = 0f64;
+    for ((v, w), s) in vars.iter().zip(&want).zip(&start) {
+        let got: Vec<f64> = as_ref(v).data.iter().zip(&s.data).map(|(a, b)| a - b).collect();
+        let moved: Vec<f64> = w.data.iter().zip(&s.data).map(|(a, b)| a - b).collect();
+        let peak = moved.iter().fold(0f64, |m, d| m.max(d.abs()));
+        worst = worst.max(got.iter().zip(&moved).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / peak);
+    }
+    worst
+}
+
+/// The fused step kernels — elementwise rules and rules reducing per tensor (LAMB: a partial
+/// per cube, then a combine) — on f32, bf16 and f16 parameters (states in their dtype, as
+/// torch keeps them), each unit four elements an access, and a clipped step: their moves within
+/// 1e-5 of the reference's for f32, within what half precision storage rounds (1e-2) for the
+/// others.
+#[test]
+fn fused_step_kernels_compute_on_the_host_what_the_reference_does() {
+    let Some(cc) = HostCompiler::find() else { return };
+    // Tensors of whole blocks, of a part of one, and of several cubes' worth.
+    let shapes = vec![vec![64, 33], vec![300], vec![3, 7], vec![4096]];
+    for (name, lr) in [("adamw", 0.01), ("lion", 0.01), ("lamb", 0.25), ("ademamix", 0.01)] {
+        for d in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+            let e = steps_on_host(&cc, name, lr, 1.0, &shapes, Precision::uniform(d), 3);
+            eprintln!("{name} {d:?}: {e:.2e}");
+            assert!(e < if d == Dtype::F32 { 1e-5 } else { 1e-2 }, "{name} {d:?}: moves {e:.2e} from the reference's");
+        }
+    }
+    // A clipped step, by a rule whose move is in proportion to the gradient (Adam's and Lion's
+    // are not: a scale the kernels ignored would not show).
+    for d in [Dtype::F32, Dtype::BF16] {
+        // (lr 0.04: moves as large as the other rules', halved gradients and all.)
+        let e = steps_on_host(&cc, "sgd", 0.04, 0.5, &shapes, Precision::uniform(d), 3);
+        eprintln!("sgd {d:?}, gradients halved: {e:.2e}");
+        assert!(e < if d == Dtype::F32 { 1e-5 } else { 1e-2 }, "sgd {d:?}, gradients halved: moves {e:.2e} from the reference's");
     }
 }
