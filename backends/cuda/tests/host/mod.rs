@@ -9,12 +9,11 @@
 //! libcu++'s `nv/target`, which those include, from two more
 //! (`NORMFORGE_HOST_CUDA_INCLUDE`; both set up by `scripts/setup-libtorch.sh`).
 
-use std::collections::HashSet;
 use std::ffi::c_void;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::OnceLock;
 
 type Entry = unsafe extern "C" fn(u32, u32, u32, u32, usize, *mut *mut c_void);
 
@@ -37,62 +36,97 @@ impl HostKernel {
     }
 }
 
+/// The host's C++ compiler with the CUDA headers; units are built once into a directory of
+/// the target folder, by the hash of what they are built from, so a later test run loads them.
 pub struct HostCompiler {
     includes: [PathBuf; 2],
     dir: PathBuf,
-    built: Mutex<HashSet<u64>>,
+    /// The prelude under a name of its content's hash, precompiled beside it (the CUDA headers
+    /// take most of a unit's compile time).
+    prelude: PathBuf,
 }
+
+/// The options every unit and the precompiled prelude are built with (a precompiled header is
+/// used only under the options it was made with).
+const OPTIONS: [&str; 5] = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w"];
 
 impl HostCompiler {
     /// The compiler, where the CUDA headers are set up; else `None` with the reason printed,
-    /// or a failure where `NORMFORGE_REQUIRE_NVRTC` is set (the test command sets both).
-    pub fn find() -> Option<HostCompiler> {
-        let var = |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|p| p.is_dir());
-        match (var("NORMFORGE_CUDA_INCLUDE"), var("NORMFORGE_HOST_CUDA_INCLUDE")) {
-            (Some(a), Some(b)) => {
-                static MADE: AtomicUsize = AtomicUsize::new(0);
-                let dir = std::env::temp_dir().join(format!("normforge-host-cuda-{}-{}", std::process::id(), MADE.fetch_add(1, Ordering::Relaxed)));
-                std::fs::create_dir_all(&dir).expect("a temporary directory");
-                Some(HostCompiler { includes: [a, b], dir, built: Mutex::new(HashSet::new()) })
+    /// or a failure where `NORMFORGE_REQUIRE_NVRTC` is set (the test command sets both). One
+    /// per test binary.
+    pub fn find() -> Option<&'static HostCompiler> {
+        static ONE: OnceLock<Option<HostCompiler>> = OnceLock::new();
+        let found = ONE.get_or_init(|| {
+            let var = |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|p| p.is_dir());
+            match (var("NORMFORGE_CUDA_INCLUDE"), var("NORMFORGE_HOST_CUDA_INCLUDE")) {
+                (Some(a), Some(b)) => Some(HostCompiler::new([a, b])),
+                _ if std::env::var_os("NORMFORGE_REQUIRE_NVRTC").is_some() => {
+                    panic!("NORMFORGE_CUDA_INCLUDE and NORMFORGE_HOST_CUDA_INCLUDE must name the CUDA headers (scripts/test.sh sets them)")
+                }
+                _ => None,
             }
-            _ if std::env::var_os("NORMFORGE_REQUIRE_NVRTC").is_some() => {
-                panic!("NORMFORGE_CUDA_INCLUDE and NORMFORGE_HOST_CUDA_INCLUDE must name the CUDA headers (scripts/test.sh sets them)")
-            }
-            _ => {
-                eprintln!("SKIPPED: no CUDA headers for the host (NORMFORGE_CUDA_INCLUDE, NORMFORGE_HOST_CUDA_INCLUDE)");
-                None
-            }
+        });
+        if found.is_none() {
+            eprintln!("SKIPPED: no CUDA headers for the host (NORMFORGE_CUDA_INCLUDE, NORMFORGE_HOST_CUDA_INCLUDE)");
         }
+        found.as_ref()
     }
 
-    /// One CubeCL CUDA translation unit, compiled and loaded, taking `shared_bytes` of dynamic
-    /// shared memory per cube.
+    fn new(includes: [PathBuf; 2]) -> HostCompiler {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("host-cuda");
+        std::fs::create_dir_all(&dir).expect("a directory for the host's kernels");
+        let text = PRELUDE.to_string() + &format!("// {OPTIONS:?} {includes:?}\n");
+        let prelude = dir.join(format!("prelude-{:016x}.h", xxhash_rust::xxh3::xxh3_64(text.as_bytes())));
+        let cc = HostCompiler { includes, dir, prelude };
+        if !cc.prelude.with_extension("h.gch").exists() {
+            std::fs::write(&cc.prelude, &text).unwrap();
+            let part = cc.partial(&cc.prelude.with_extension("h.gch"));
+            cc.compile(&["-x", "c++-header"], &cc.prelude, &part, "the prelude");
+            std::fs::rename(&part, cc.prelude.with_extension("h.gch")).unwrap();
+        }
+        cc
+    }
+
+    /// A name to build `path` under before renaming it into place, so that a unit another
+    /// thread or run is building is never loaded half written.
+    fn partial(&self, path: &Path) -> PathBuf {
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        path.with_extension(format!("{}-{}.part", std::process::id(), MADE.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    fn compile(&self, extra: &[&str], input: &Path, output: &Path, what: &str) {
+        let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
+            .args(OPTIONS)
+            .args(extra)
+            .arg("-I")
+            .arg(&self.includes[0])
+            .arg("-I")
+            .arg(&self.includes[1])
+            .arg("-o")
+            .arg(output)
+            .arg(input)
+            .output()
+            .expect("running the host's C++ compiler");
+        assert!(out.status.success(), "{what} does not compile for the host:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// One CubeCL CUDA translation unit, compiled (or found built) and loaded, taking
+    /// `shared_bytes` of dynamic shared memory per cube.
     pub fn kernel(&self, source: &str, shared_bytes: usize) -> HostKernel {
         let name = normforge_cuda::driver::entry_point(source).expect("a kernel");
-        let key = xxhash_rust::xxh3::xxh3_64(source.as_bytes());
+        let unit = wrap(source, name);
+        let key = xxhash_rust::xxh3::xxh3_64(format!("{}\n{unit}", self.prelude.display()).as_bytes());
         let lib_path = self.dir.join(format!("{key:016x}.so"));
-        let mut built = self.built.lock().unwrap();
-        if !built.contains(&key) {
-            let unit = self.dir.join(format!("{key:016x}.cpp"));
-            std::fs::write(&unit, wrap(source, name)).unwrap();
-            let prelude = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/host/prelude.h");
-            let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
-                .args(["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-include"])
-                .arg(&prelude)
-                .arg("-I")
-                .arg(&self.includes[0])
-                .arg("-I")
-                .arg(&self.includes[1])
-                .arg("-o")
-                .arg(&lib_path)
-                .arg(&unit)
-                .output()
-                .expect("running the host's C++ compiler");
-            assert!(out.status.success(), "{name} does not compile for the host:\n{}", String::from_utf8_lossy(&out.stderr));
-            built.insert(key);
+        if !lib_path.exists() {
+            let cpp = self.partial(&self.dir.join(format!("{key:016x}.cpp")));
+            std::fs::write(&cpp, unit).unwrap();
+            let part = self.partial(&lib_path);
+            let prelude = self.prelude.to_str().expect("a path in UTF-8");
+            self.compile(&["-x", "c++", "-shared", "-include", prelude], &cpp, &part, name);
+            std::fs::rename(&part, &lib_path).unwrap();
+            let _ = std::fs::remove_file(&cpp);
         }
-        // SAFETY: a library built just now from the kernel and the prelude; it runs no code on
-        // loading.
+        // SAFETY: a library built from the kernel and the prelude; it runs no code on loading.
         let lib = unsafe { libloading::Library::new(&lib_path) }.unwrap();
         // SAFETY: `wrap` defines `nf_entry` with this signature.
         let entry = unsafe { *lib.get::<Entry>(b"nf_entry\0").unwrap() };
@@ -100,11 +134,8 @@ impl HostCompiler {
     }
 }
 
-impl Drop for HostCompiler {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+/// What the kernels take from the device, for the host (`prelude.h`).
+const PRELUDE: &str = include_str!("prelude.h");
 
 /// The translation unit in a namespace of its own (its integer typedefs would clash with the
 /// host's), its dynamic shared memory the cube's (`nf_shared`), and an entry point launching it.

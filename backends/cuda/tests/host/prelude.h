@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <barrier>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -49,30 +50,38 @@ static void nf_call(void (*f)(A...), void** args, std::index_sequence<I...>) {
     f(*static_cast<A*>(args[I])...);
 }
 
-// The launch: cubes in order, each with `units` threads. Shared memory starts as NaNs, so a
-// value read before a unit wrote it shows. A unit returning early leaves the cube's barrier.
+// The launch: cubes in order, `units` threads running each in turn (one thread per unit for
+// the whole launch). Each cube has a barrier of its own for `__syncthreads`, which a unit
+// returning early leaves; the cube's shared memory starts as NaNs, so a value read before a
+// unit wrote it shows.
 template <typename... A>
 static void nf_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {
     blockDim = {units, 1, 1};
     gridDim = {gx, gy, gz};
+    const size_t cubes = size_t(gx) * gy * gz;
     std::vector<nf_words> memory(shared / sizeof(nf_words) + 1);
-    for (unsigned z = 0; z < gz; ++z)
-        for (unsigned y = 0; y < gy; ++y)
-            for (unsigned x = 0; x < gx; ++x) {
-                std::barrier<> cube(units);
-                for (auto& w : memory)
-                    for (float& f : w.f) f = NAN;
-                std::vector<std::thread> threads;
-                threads.reserve(units);
-                for (unsigned u = 0; u < units; ++u)
-                    threads.emplace_back([&, u] {
-                        threadIdx = {u, 0, 0};
-                        blockIdx = {x, y, z};
-                        nf_cube = &cube;
-                        nf_shared = reinterpret_cast<char*>(memory.data());
-                        nf_call(f, args, std::index_sequence_for<A...>{});
-                        cube.arrive_and_drop();
-                    });
-                for (auto& t : threads) t.join();
+    auto poison = [&memory]() noexcept {
+        for (auto& w : memory)
+            for (float& v : w.f) v = NAN;
+    };
+    poison();
+    std::vector<std::unique_ptr<std::barrier<>>> inside;
+    inside.reserve(cubes);
+    for (size_t c = 0; c < cubes; ++c) inside.push_back(std::make_unique<std::barrier<>>(units));
+    std::barrier between(units, poison);
+    std::vector<std::thread> threads;
+    threads.reserve(units);
+    for (unsigned u = 0; u < units; ++u)
+        threads.emplace_back([&, u] {
+            threadIdx = {u, 0, 0};
+            nf_shared = reinterpret_cast<char*>(memory.data());
+            for (size_t c = 0; c < cubes; ++c) {
+                blockIdx = {unsigned(c % gx), unsigned(c / gx % gy), unsigned(c / (size_t(gx) * gy))};
+                nf_cube = inside[c].get();
+                nf_call(f, args, std::index_sequence_for<A...>{});
+                nf_cube->arrive_and_drop();
+                between.arrive_and_wait();
             }
+        });
+    for (auto& t : threads) t.join();
 }
