@@ -9,7 +9,8 @@ mod host;
 use host::HostCompiler;
 use normforge_cubecl::emit::{layer_unit, Lang};
 use normforge_cubecl::kernel::LProgram;
-use normforge_cubecl::{compile, compile_for, layout, plan, Compiled, Dtype, Launch, Precision, Source};
+use normforge_cubecl::{compile, compile_for, layout, plan, Compiled, Dtype, Launch, Plan, Precision, Source, Stacked};
+use normforge_dsl::bind::AxisBinding;
 use normforge_cuda::check::{layer_against_reference, LayerCall};
 use normforge_cuda::{driver, optimizer, Arena};
 use normforge_cuda::plans::{kind_of, pick, Bound};
@@ -42,12 +43,17 @@ fn run(cc: &HostCompiler, e: &Entry, prog: &Program, hp: &[f64], io: Dtype, x: &
     let p = plan(e, prog).unwrap();
     let dims: Vec<usize> = x.size().iter().map(|&d| d as usize).collect();
     let b = normforge_dsl::bind::bind_axes(&e.axes, &dims, "x").unwrap();
+    run_plan(cc, &p, &b, hp, 0.0, io, data)
+}
+
+/// A plan bound to `b` at step `t`, run on the host as `PlanKernels::run` runs it.
+fn run_plan(cc: &HostCompiler, p: &Plan, b: &AxisBinding, hp: &[f64], t: f64, io: Dtype, data: &dyn Fn(Source) -> Option<Tensor>) -> (Vec<(Target, Tensor)>, Vec<LProgram>) {
     let launch = Launch::default();
-    let mut lay = layout(&p, &b, hp, 0.0, &launch).unwrap();
+    let mut lay = layout(p, b, hp, t, &launch).unwrap();
     lay.vectorize(io.size(), &launch);
     let given: Vec<(Source, Tensor)> = p.tensors.iter().filter_map(|&(s, _, _)| data(s).map(|t| (s, t))).collect();
     let find = |s: Source| given.iter().find(|(g, _)| *g == s).map(|(_, t)| t);
-    let bound = Bound::new(&p, &lay, io, Device::Cpu, &find, None).unwrap();
+    let bound = Bound::new(p, &lay, io, Device::Cpu, &find, None).unwrap();
     // The info as words, so the kernel reads it aligned.
     let info: Vec<u32> = driver::info(&bound.lengths(&lay)).chunks(4).map(|w| u32::from_le_bytes(w.try_into().unwrap())).collect();
     let launches = bound.launches(&lay, io);
@@ -60,7 +66,7 @@ fn run(cc: &HostCompiler, e: &Entry, prog: &Program, hp: &[f64], io: Dtype, x: &
         // lives until the launch returns.
         unsafe { kernel.launch(*grid, k.units as u32, &args) };
     }
-    (bound.outputs(&p, &lay), launches.into_iter().map(|(k, _)| k).collect())
+    (bound.outputs(p, &lay), launches.into_iter().map(|(k, _)| k).collect())
 }
 
 /// A training call of layer `name` (forward and backward) on the host, its input of `shape`
@@ -293,4 +299,68 @@ fn every_fused_std_rule_steps_on_the_host_as_the_reference_does() {
         assert!(moves < 0.1, "{}: moves {moves:.2e} from the reference's", r.name);
     }
     assert!(fused >= 14, "{fused} fused std rules");
+}
+
+/// The rules the step kernels cannot fuse (AdamP and SGDP reduce per axis, Muon multiplies
+/// matrices): their stacked plans' layer kernels, a stack of two same-shaped tensors at a
+/// time, run on the host for three steps (each step handed the states the last one wrote),
+/// within the bound (1e-5) of the reference's values, and of a tenth of its moves.
+/// Muon on a wide, a tall and a square matrix, so both of its forms run.
+#[test]
+fn stacked_std_rules_step_on_the_host_as_the_reference_does() {
+    let Some(cc) = HostCompiler::find() else { return };
+    normforge_std::link();
+    let mut stacked = 0;
+    for r in normforge_registry::Registry::with_builtins().unwrap().list(None) {
+        let Programs::Optimizer { step } = &r.entry.programs else { continue };
+        if compile_for(&r.entry, step, Dtype::F32).is_ok() {
+            continue;
+        }
+        stacked += 1;
+        let e = r.entry.clone();
+        let h = [("lr".to_string(), 0.02)];
+        let hp = normforge_dsl::hyper::resolve(&e, &h).unwrap();
+        let plans = Stacked::new(&e, step).unwrap();
+        for shape in [vec![24, 40], vec![40, 24], vec![32, 32]] {
+            let b = plans.bind(2, &normforge_dsl::bind::param_view(&e, &shape), &hp, "the stack").unwrap();
+            let n: usize = shape.iter().product();
+            let start: Vec<f32> = values(40, 2 * n).iter().map(|v| 0.5 * v).collect();
+            let mut p = Tensor::from_slice(&start);
+            let tensor = |v: &[f64], k: usize| normforge_reference::Tensor::new(shape.clone(), v[k * n..(k + 1) * n].to_vec()).unwrap();
+            let as_f64 = |t: &Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).reshape([-1])).unwrap();
+            let mut want: Vec<_> = (0..2).map(|k| tensor(&as_f64(&p), k)).collect();
+            let mut oracle = normforge_reference::Optimizer::new(e.clone(), &h).unwrap();
+            let (init, _) = run_plan(cc, &plans.init, &b, &hp, 0.0, Dtype::F32, &|s| (s == Source::Input).then(|| p.shallow_clone()));
+            let mut states: Vec<Option<Tensor>> = (0..e.states.len() as u32).map(|i| pick(&init, Target::State(i)).ok().map(|t| t.copy())).collect();
+            for t in 1..=3u64 {
+                let g = Tensor::from_slice(&values(50 + t, 2 * n));
+                let data = |s: Source| match s {
+                    Source::Input => Some(p.shallow_clone()),
+                    Source::Grad => Some(g.shallow_clone()),
+                    Source::State(i) => states[i as usize].as_ref().map(|t| t.shallow_clone()),
+                    _ => None,
+                };
+                let (out, _) = run_plan(cc, &plans.step, &b, &hp, t as f64, Dtype::F32, &data);
+                p = pick(&out, Target::P).unwrap().copy();
+                for (i, st) in states.iter_mut().enumerate() {
+                    if let Ok(v) = pick(&out, Target::State(i as u32)) {
+                        *st = Some(v.copy());
+                    }
+                }
+                let grads: Vec<_> = (0..2).map(|k| tensor(&as_f64(&g), k)).collect();
+                oracle.step(&mut want, &grads).unwrap();
+            }
+            let got = as_f64(&p);
+            let largest = |v: &mut dyn Iterator<Item = f64>| v.fold(0f64, |m, d| m.max(d.abs()));
+            let (mut values_err, mut moves_err) = (0f64, 0f64);
+            for (k, w) in want.iter().enumerate() {
+                let diff = largest(&mut got[k * n..(k + 1) * n].iter().zip(&w.data).map(|(a, b)| a - b));
+                values_err = values_err.max(diff / largest(&mut w.data.iter().copied()));
+                moves_err = moves_err.max(diff / largest(&mut w.data.iter().zip(&start[k * n..]).map(|(a, b)| a - *b as f64)));
+            }
+            eprintln!("{} {shape:?}: values {values_err:.2e}, moves {moves_err:.2e}", r.name);
+            assert!(values_err < 1e-5 && moves_err < 0.1, "{} {shape:?}: values {values_err:.2e}, moves {moves_err:.2e} from the reference's", r.name);
+        }
+    }
+    assert!(stacked >= 3, "{stacked} stacked std rules");
 }
