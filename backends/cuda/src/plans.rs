@@ -152,10 +152,10 @@ impl PlanKernels {
             launches.iter().map(|(k, _)| k).filter(|k| !loaded.contains_key(&((*k).clone(), io))).collect()
         };
         each_in_parallel(&missing, |k| self.kernel(k, io).map(|_| ()))?;
+        let [x, dy, io_arena, work] = bound.pointers();
+        let bufs: [u64; LAYER_BUFFERS] = [x, dy, io_arena, work, tables.ptr(0), tables.ptr(1)];
         for (k, grid) in &launches {
             let kernel = self.kernel(k, io)?;
-            let [x, dy, io_arena, work] = bound.pointers();
-            let bufs: [u64; LAYER_BUFFERS] = [x, dy, io_arena, work, tables.ptr(0), tables.ptr(1)];
             // SAFETY: the input and gradient are contiguous tensors of the storage type and
             // the arenas hold every other tensor at the offsets of `meta` (built from the same
             // layout); the info gives every length; units or cubes past the target's size do
