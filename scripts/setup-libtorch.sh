@@ -22,7 +22,7 @@ if ! [ -f "$venv/.installed-nvrtc-$nvrtc" ]; then
 fi
 # What NVRTC has built in, for the host's C++ compiler: the CUDA compiler's crt/ headers and
 # libcu++'s nv/target, which cuda_bf16.h and cuda_fp16.h include. The tests build the generated
-# CUDA C++ for the CPU with them and run it there (backends/cuda/tests/host_run.rs). In a
+# CUDA C++ for the CPU with them and run it there (backends/cuda/tests/host_*.rs). In a
 # directory of their own, which NVRTC never reads.
 host="13.0.88"
 if ! [ -f "$venv/.installed-host-cuda-$host" ]; then

@@ -102,11 +102,8 @@ fn main() {
     let rules: Vec<_> = reg.list(None).into_iter().filter(|r| r.entry.kind == normforge_dsl::ir::Kind::Optimizer).collect();
 
     let mut failed = 0;
-    let vectors: Vec<Vec<usize>> = [1, 7, 256, 1000, 4097, 192].iter().map(|&n| vec![n]).collect();
-    // Matrix rules (Muon) take matrices: tall, wide, square, and long rows.
-    let matrices: Vec<Vec<usize>> = vec![vec![9, 4], vec![4, 9], vec![7, 7], vec![33, 70], vec![64, 300]];
     for r in &rules {
-        let shapes = if r.entry.axes.iter().any(|a| a.twin.is_some()) { &matrices } else { &vectors };
+        let shapes = &check::rule_shapes(&r.entry);
         // Fused phases that reduce nothing in each layout the timings compare (blocks per cube
         // x elements per access; the default first). A rule through layer kernels has no such
         // phase: checked once.
@@ -138,7 +135,7 @@ fn main() {
         // Matrices too large for the kernels' 32-bit tables (Muon's products at 1024 x 4096
         // span 2^32 values) step in libtorch's operations beside ones the kernels take, in one
         // arena: both against the rule in libtorch's operations (`DslOptimizer`).
-        if shapes == &matrices {
+        if check::takes_matrices(&r.entry) {
             let mixed = [vec![64, 300], vec![1024, 4096], vec![4096, 1024]];
             match guarded(|| check::against_lowered(&gpu, &r.entry, &mixed, 3)) {
                 Ok(err) => {
@@ -159,6 +156,7 @@ fn main() {
     // rounded differently at all are rare (a formula off makes nearly all of them differ).
     if let Some(adamw) = rules.iter().find(|r| r.name == "adamw") {
         const STEPS: usize = 10;
+        let vectors = check::rule_shapes(&adamw.entry);
         for kind in [Kind::BFloat16, Kind::Half] {
             match guarded(|| check::against_fused_adamw(&gpu, &adamw.entry, kind, &vectors, STEPS)) {
                 Ok((ulps, differ, total)) => {
@@ -195,23 +193,10 @@ fn main() {
     // libtorch's operations: groups, clipping, a skipped NaN step, and the state saved after
     // three steps and resumed by either optimizer (an odd count: a rule through layer kernels
     // then reads its states from the swapped layout).
-    // Muon with AdamW: two optimizers sharing the model, the matrix for Muon. A bf16 matrix
-    // beside the f32 rest: a group of two dtypes (AdamP's layer kernels reading and writing
-    // the bf16 matrix in place), held to two units in the last place of bf16 (a value rounded differently
-    // twice), relative to each variable's largest.
-    let every: check::Select = |_, _| true;
-    let (matrix, not_matrix): (check::Select, check::Select) = (|_, t| t.dim() == 2, |_, t| t.dim() != 2);
-    let pairings = [
-        ("batch_norm", "adamw", vec![("adamw", every)], Kind::Float),
-        ("group_norm", "lamb", vec![("lamb", every)], Kind::Float),
-        ("layer_norm", "adamp", vec![("adamp", every)], Kind::Float),
-        ("rms_norm", "muon+adamw", vec![("muon", matrix), ("adamw", not_matrix)], Kind::Float),
-        ("layer_norm", "adamw", vec![("adamw", every)], Kind::BFloat16),
-        ("layer_norm", "adamp", vec![("adamp", every)], Kind::BFloat16),
-    ];
-    for (layer, rule, each, matrix_kind) in pairings {
-        let Some(chosen) = each.iter().map(|(name, select)| rules.iter().find(|r| r.name == *name).map(|r| (r.entry.clone(), *select))).collect::<Option<Vec<_>>>() else { continue };
-        let bound = if matrix_kind == Kind::Float { 1e-4 } else { 2f64.powi(-7) };
+    // (`check::training_cases`: which, and their bounds.)
+    for case in check::training_cases() {
+        let (layer, rule, matrix_kind, bound) = (case.layer, case.rule(), case.matrix_kind, case.bound());
+        let Some(chosen) = case.rules.iter().map(|(name, select)| rules.iter().find(|r| r.name == *name).map(|r| (r.entry.clone(), *select))).collect::<Option<Vec<_>>>() else { continue };
         match guarded(|| check::fused_training(&gpu, &layer_entry(&reg, layer), &chosen, 7, matrix_kind)) {
             Ok(err) => {
                 failed += usize::from(err >= bound);

@@ -42,6 +42,63 @@ pub fn worst(errors: impl Iterator<Item = f64>) -> f64 {
     errors.fold(0f64, |m, e| if m.is_nan() || e.is_nan() { f64::NAN } else { m.max(e) })
 }
 
+/// Whether `entry` steps matrices (it declares twin axes: Muon's products).
+pub fn takes_matrices(entry: &Entry) -> bool {
+    entry.axes.iter().any(|a| a.twin.is_some())
+}
+
+/// The parameters the rule checks step: vectors of one value, of part of a block, of whole
+/// blocks, of part of a cube and of several cubes; a rule taking matrices gets tall, wide and
+/// square ones, and long rows.
+pub fn rule_shapes(entry: &Entry) -> Vec<Vec<usize>> {
+    match takes_matrices(entry) {
+        true => vec![vec![9, 4], vec![4, 9], vec![7, 7], vec![33, 70], vec![64, 300]],
+        false => [1, 7, 256, 1000, 4097, 192].iter().map(|&n| vec![n]).collect(),
+    }
+}
+
+/// One of the GPU check's training runs through the user's API ([`fused_training`]).
+pub struct TrainingCase {
+    pub layer: &'static str,
+    /// Each rule by name, with the variables it takes.
+    pub rules: Vec<(&'static str, Select)>,
+    /// The dtype of the model's matrix (the rest is f32).
+    pub matrix_kind: Kind,
+}
+
+impl TrainingCase {
+    /// The rules, as the check names them (`muon+adamw`).
+    pub fn rule(&self) -> String {
+        self.rules.iter().map(|r| r.0).collect::<Vec<_>>().join("+")
+    }
+
+    /// The largest relative error allowed: the 1e-4 in f32; with a bf16 matrix, two
+    /// units in the last place of bf16 (a value rounded differently twice), relative to each
+    /// variable's largest.
+    pub fn bound(&self) -> f64 {
+        if self.matrix_kind == Kind::Float { 1e-4 } else { 2f64.powi(-7) }
+    }
+}
+
+/// The training runs the GPU check holds our kernels to: each kind of state hand-off — a fused
+/// rule (AdamW, LAMB's per-tensor reduction), one through layer kernels (AdamP), two rules
+/// sharing the model (Muon the matrix, AdamW the rest) —, and a bf16 matrix beside the f32
+/// rest: a group of two dtypes (AdamP's layer kernels reading and writing the bf16 matrix in
+/// place).
+pub fn training_cases() -> Vec<TrainingCase> {
+    let every: Select = |_, _| true;
+    let (matrix, not_matrix): (Select, Select) = (|_, t| t.dim() == 2, |_, t| t.dim() != 2);
+    let case = |layer, rules, matrix_kind| TrainingCase { layer, rules, matrix_kind };
+    vec![
+        case("batch_norm", vec![("adamw", every)], Kind::Float),
+        case("group_norm", vec![("lamb", every)], Kind::Float),
+        case("layer_norm", vec![("adamp", every)], Kind::Float),
+        case("rms_norm", vec![("muon", matrix), ("adamw", not_matrix)], Kind::Float),
+        case("layer_norm", vec![("adamw", every)], Kind::BFloat16),
+        case("layer_norm", vec![("adamp", every)], Kind::BFloat16),
+    ]
+}
+
 /// Run `steps` steps of `entry` on parameters of `shapes` with random gradients, on the GPU
 /// (fused phases that reduce nothing walking the layout as `layout` says) and in the
 /// reference backend; the largest relative error over the tensors (max |diff| / max
@@ -49,7 +106,7 @@ pub fn worst(errors: impl Iterator<Item = f64>) -> f64 {
 pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize, layout: StepLayout) -> Result<f64, String> {
     let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Precision::default()).and_then(|o| o.with_layout(layout)).map_err(|e| e.to_string())?;
     let mut oracle = normforge_reference::Optimizer::new(entry.clone(), &[]).map_err(|e| e.0)?;
-    let dev = Device::Cuda(gpu.ordinal());
+    let dev = gpu.device();
     let _seeded = normforge_tch::seeded(7);
     let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
     let as_ref = |t: &Tensor| -> Result<normforge_reference::Tensor, String> {
@@ -79,7 +136,7 @@ pub fn against_reference(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize
 /// (`normforge_tch::builtins`); `None` for a rule libtorch lacks.
 pub fn against_builtin(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize) -> Option<Result<f64, String>> {
     let hparams = normforge_dsl::hyper::resolve(entry, &[]).ok()?;
-    let vs = tch::nn::VarStore::new(Device::Cuda(gpu.ordinal()));
+    let vs = tch::nn::VarStore::new(gpu.device());
     let mut theirs = match normforge_tch::builtins::optimizer(entry, &hparams, &vs)? {
         Ok(o) => o,
         Err(e) => return Some(Err(e.0)),
@@ -96,7 +153,7 @@ pub fn against_builtin(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>]
 /// the same GPU: what the CUDA path runs there for tensors its kernels cannot index (Muon on
 /// large matrices), and the kernels' results for the rest.
 pub fn against_lowered(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize) -> Result<f64, String> {
-    let vs = tch::nn::VarStore::new(Device::Cuda(gpu.ordinal()));
+    let vs = tch::nn::VarStore::new(gpu.device());
     let mut theirs: Option<normforge_tch::DslOptimizer> = None;
     beside(gpu, entry, shapes, steps, &vs, &mut |loss| {
         // Built at the first step, once `beside` has put the parameters in `vs`.
@@ -115,7 +172,7 @@ pub fn against_lowered(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>]
 /// on copies of them in `vs` (given `sum(t * g)`, whose gradient is the same `g`), from the
 /// same values; the largest relative error between the two after.
 fn beside(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shapes: &[Vec<usize>], steps: usize, vs: &tch::nn::VarStore, theirs: &mut dyn FnMut(&Tensor) -> Result<(), String>) -> Result<f64, String> {
-    let dev = Device::Cuda(gpu.ordinal());
+    let dev = gpu.device();
     let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &[], Precision::default()).map_err(|e| e.to_string())?;
     let _seeded = normforge_tch::seeded(11);
     let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).set_requires_grad(true)).collect();
@@ -168,7 +225,7 @@ pub fn against_fused_adamw(gpu: &Arc<Gpu>, entry: &Arc<Entry>, kind: Kind, shape
     let overrides = [("weight_decay".to_string(), 0.1)];
     let hparams = normforge_dsl::hyper::resolve(entry, &overrides).map_err(|e| e.0)?;
     let mut opt = CudaOptimizer::new(gpu.clone(), entry.clone(), &overrides, Precision::uniform(dtype)).map_err(|e| e.to_string())?;
-    let dev = Device::Cuda(gpu.ordinal());
+    let dev = gpu.device();
     let _seeded = normforge_tch::seeded(13);
     let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(dims(s), (Kind::Float, dev)).to_kind(kind).set_requires_grad(true)).collect();
     let mut theirs = normforge_tch::builtins::FusedAdamW::new(entry, &hparams, &vars).ok_or("torch's fused kernel is AdamW's")?.map_err(|e| e.0)?;
@@ -272,7 +329,7 @@ pub fn layer_against_reference(entry: &Arc<Entry>, hparams: &[f64], call: &Layer
 /// `matrix_kind` (f32, or bf16 or f16 beside the f32 rest: a group of two dtypes, its states
 /// saved in each parameter's).
 pub fn fused_training(gpu: &Arc<Gpu>, layer: &Arc<Entry>, rules: &[(Arc<Entry>, Select)], steps: usize, matrix_kind: Kind) -> Result<f64, String> {
-    training_runs(Device::Cuda(gpu.ordinal()), Some(gpu), layer, rules, steps, matrix_kind)
+    training_runs(gpu.device(), Some(gpu), layer, rules, steps, matrix_kind)
 }
 
 /// [`fused_training`] with `fast` the GPU whose kernels a run marked fused uses; with none,
@@ -332,11 +389,14 @@ pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, r
         };
         let loss = |x: &Tensor, target: &Tensor, late_on: bool| -> Result<Tensor, String> {
             let h = w.to_kind(Kind::Float).matmul(x);
-            let h = if late_on { h + late.view([1, c, 1]) } else { h };
             let y = match channels_last {
                 true => norm.try_forward_t(&h.transpose(1, 2), true).map_err(|e| e.0)?.transpose(1, 2),
                 false => norm.try_forward_t(&h, true).map_err(|e| e.0)?,
             };
+            // Added after the norm: a shift per channel ahead of a batch norm would not change
+            // its output, so its gradient would be rounding noise, which Adam's step blows up
+            // to moves of the learning rate in whatever direction the noise takes.
+            let y = if late_on { y + late.view([1, c, 1]) } else { y };
             Ok((y - target).square().mean(Kind::Float))
         };
         for (i, (x, target)) in batches.iter().enumerate() {

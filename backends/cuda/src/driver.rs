@@ -5,6 +5,11 @@
 //! A CubeCL kernel takes its buffers in declaration order, then one pointer to its `info_st`:
 //! per buffer its length (the kernel addresses state slots by it), packed by CubeCL's own
 //! [`cubecl::InfoBuilder`] so the layout is the one the generated code reads.
+//!
+//! A [`Gpu`] may instead stand on the host ([`Gpu::on_host`]): the same CUDA C++ built for the
+//! CPU by a [`HostDevice`] (the tests' `tests/host`), launched on CPU tensors, so everything
+//! above the launch — arenas, stacks and the states kept between their steps, autograd, the
+//! user's optimizer — runs where no GPU is.
 
 use crate::nvrtc::{self, Compiler};
 use cudarc::driver::{result, sys};
@@ -23,6 +28,12 @@ pub enum Error {
     Driver { what: String, error: String },
     #[error("generated kernel without an entry point")]
     NoEntryPoint,
+    #[error("libtorch's CUDA support is not loaded (normforge_tch::load_cuda)")]
+    NoTorchCuda,
+    #[error("{0} needs a CUDA device; this one runs its kernels on the host")]
+    NotOnHost(&'static str),
+    #[error("building {kernel} for the host: {error}")]
+    Host { kernel: String, error: String },
     #[error(transparent)]
     Compile(#[from] nvrtc::Error),
 }
@@ -34,7 +45,7 @@ fn driver(what: &str) -> impl FnOnce(result::DriverError) -> Error + '_ {
 /// A kernel loaded on the device, and what getting it cost the first time.
 #[derive(Clone)]
 pub struct Kernel {
-    function: Function,
+    function: Loaded,
     pub name: Arc<str>,
     /// Dynamic shared memory each launch gives a cube (CubeCL's CUDA code sizes its shared
     /// arrays at launch).
@@ -51,15 +62,44 @@ struct Function(sys::CUfunction);
 unsafe impl Send for Function {}
 unsafe impl Sync for Function {}
 
-/// One device: its primary context (the one torch uses), a compiler for its architecture, and
-/// every kernel loaded so far, by source.
+#[derive(Clone)]
+enum Loaded {
+    Cuda(Function),
+    Host(Arc<dyn HostKernel>),
+}
+
+/// What builds the kernels' CUDA C++ for the host ([`Gpu::on_host`]).
+pub trait HostDevice: Send + Sync {
+    /// One translation unit (one `__global__` function), built and loaded.
+    fn load(&self, source: &str) -> Result<Arc<dyn HostKernel>, String>;
+}
+
+/// One kernel built for the host.
+pub trait HostKernel: Send + Sync {
+    /// Run `grid` cubes of `units` units, each cube with `shared_bytes` of dynamic shared
+    /// memory, to completion; `args` are the kernel's arguments in order (buffers as pointers),
+    /// as the driver takes them.
+    ///
+    /// # Safety
+    /// Every pointer must be valid for what the kernel reads and writes there.
+    unsafe fn launch(&self, grid: (u32, u32, u32), units: u32, shared_bytes: u32, args: &[u64]);
+}
+
+/// Where a [`Gpu`] runs its kernels.
+enum Runs {
+    /// Device `ordinal`'s primary context (the one torch uses) and a compiler for its
+    /// architecture.
+    Cuda { ctx: Context, compiler: Compiler },
+    Host(Box<dyn HostDevice>),
+}
+
+/// One device: where it runs kernels, and every kernel loaded so far, by source.
 pub struct Gpu {
     ordinal: usize,
-    ctx: Context,
-    compiler: Compiler,
+    runs: Runs,
     kernels: Mutex<HashMap<u128, Kernel>>,
     name: String,
-    /// Streaming multiprocessors.
+    /// Streaming multiprocessors (on the host: cubes run at once).
     sms: u32,
 }
 
@@ -99,11 +139,35 @@ impl Gpu {
         let name = result::device::get_name(dev).map_err(driver("cuDeviceGetName"))?;
         let arch = architecture(major, minor);
         let compiler = Compiler::new(arch, Compiler::default_include_dirs(), cache)?;
-        Ok(Gpu { ordinal, ctx: Context(ctx), compiler, kernels: Mutex::new(HashMap::new()), name, sms })
+        Ok(Gpu { ordinal, runs: Runs::Cuda { ctx: Context(ctx), compiler }, kernels: Mutex::new(HashMap::new()), name, sms })
+    }
+
+    /// A stand-in device running the kernels `host` builds on CPU tensors, synchronously,
+    /// `resident` cubes of any kernel counted as running at once.
+    pub fn on_host(host: Box<dyn HostDevice>, resident: u32) -> Gpu {
+        let name = "the host (the kernels' CUDA C++ on the CPU)".to_string();
+        Gpu { ordinal: 0, runs: Runs::Host(host), kernels: Mutex::new(HashMap::new()), name, sms: resident.max(1) }
     }
 
     pub fn ordinal(&self) -> usize {
         self.ordinal
+    }
+
+    /// Where the tensors this device's kernels read live.
+    pub fn device(&self) -> tch::Device {
+        match self.runs {
+            Runs::Cuda { .. } => tch::Device::Cuda(self.ordinal),
+            Runs::Host(_) => tch::Device::Cpu,
+        }
+    }
+
+    /// The stream launches go on: torch's current one (null on the host, which runs each
+    /// launch before returning).
+    pub fn stream(&self) -> Result<*mut c_void, Error> {
+        match self.runs {
+            Runs::Cuda { .. } => normforge_tch::shim::current_cuda_stream(self.ordinal).ok_or(Error::NoTorchCuda),
+            Runs::Host(_) => Ok(std::ptr::null_mut()),
+        }
     }
 
     /// The device's name, as the driver gives it (`NVIDIA H100 80GB HBM3`).
@@ -112,44 +176,62 @@ impl Gpu {
     }
 
     pub fn arch(&self) -> &'static str {
-        self.compiler.arch()
+        match &self.runs {
+            Runs::Cuda { compiler, .. } => compiler.arch(),
+            Runs::Host(_) => "host",
+        }
     }
 
     /// How many cubes of `block` units of `kernel` the device runs at once (its registers and
     /// shared memory allowing): a grid of that many runs in one wave.
     pub fn resident(&self, kernel: &Kernel, block: u32) -> Result<u32, Error> {
+        let Loaded::Cuda(f) = &kernel.function else { return Ok(self.sms) };
         self.make_current()?;
         // SAFETY: a function of a loaded module of this context.
-        let per_sm = unsafe { result::occupancy::max_active_block_per_multiprocessor(kernel.function.0, block as i32, kernel.shared_bytes as usize) }
+        let per_sm = unsafe { result::occupancy::max_active_block_per_multiprocessor(f.0, block as i32, kernel.shared_bytes as usize) }
             .map_err(driver(&format!("occupancy of {}", kernel.name)))?;
         Ok(self.sms * per_sm.max(1) as u32)
     }
 
     fn make_current(&self) -> Result<(), Error> {
+        let Runs::Cuda { ctx, .. } = &self.runs else { return Ok(()) };
         // SAFETY: the context is retained for the life of this `Gpu`.
-        unsafe { result::ctx::set_current(self.ctx.0) }.map_err(driver("cuCtxSetCurrent"))
+        unsafe { result::ctx::set_current(ctx.0) }.map_err(driver("cuCtxSetCurrent"))
     }
 
     /// The kernel of one translation unit (one `__global__` function) needing `shared_bytes` of
     /// dynamic shared memory per cube, compiled and loaded once.
     pub fn kernel(&self, source: &str, shared_bytes: usize) -> Result<Kernel, Error> {
-        let key = self.compiler.key(source);
+        let key = match &self.runs {
+            Runs::Cuda { compiler, .. } => compiler.key(source),
+            Runs::Host(_) => xxhash_rust::xxh3::xxh3_128(source.as_bytes()),
+        };
         if let Some(k) = self.kernels.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(k.clone());
         }
         let name = entry_point(source).ok_or(Error::NoEntryPoint)?;
-        let start = std::time::Instant::now();
-        let compiled = self.compiler.compile(source)?;
-        self.make_current()?;
-        let image = CString::new(compiled.ptx.as_bytes()).map_err(|_| Error::NoEntryPoint)?;
-        // SAFETY: a NUL-terminated PTX image; the module stays loaded for the process (kernels
-        // are few and small, and launches may still be queued when a `Gpu` is dropped).
-        let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(driver("cuModuleLoadData"))?;
-        let cname = CString::new(name).map_err(|_| Error::NoEntryPoint)?;
-        // SAFETY: `module` was just loaded.
-        let f = unsafe { result::module::get_function(module, cname) }.map_err(driver("cuModuleGetFunction"))?;
         let shared_bytes = u32::try_from(shared_bytes).map_err(|_| Error::Driver { what: name.to_string(), error: "shared memory size".into() })?;
-        let k = Kernel { function: Function(f), name: name.into(), shared_bytes, prepared_in: start.elapsed(), origin: compiled.origin };
+        let start = std::time::Instant::now();
+        let (function, origin) = match &self.runs {
+            Runs::Cuda { compiler, .. } => {
+                let compiled = compiler.compile(source)?;
+                self.make_current()?;
+                let image = CString::new(compiled.ptx.as_bytes()).map_err(|_| Error::NoEntryPoint)?;
+                // SAFETY: a NUL-terminated PTX image; the module stays loaded for the process
+                // (kernels are few and small, and launches may still be queued when a `Gpu` is
+                // dropped).
+                let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }.map_err(driver("cuModuleLoadData"))?;
+                let cname = CString::new(name).map_err(|_| Error::NoEntryPoint)?;
+                // SAFETY: `module` was just loaded.
+                let f = unsafe { result::module::get_function(module, cname) }.map_err(driver("cuModuleGetFunction"))?;
+                (Loaded::Cuda(Function(f)), compiled.origin)
+            }
+            Runs::Host(host) => {
+                let k = host.load(source).map_err(|error| Error::Host { kernel: name.to_string(), error })?;
+                (Loaded::Host(k), nvrtc::Origin::Compiled)
+            }
+        };
+        let k = Kernel { function, name: name.into(), shared_bytes, prepared_in: start.elapsed(), origin };
         self.kernels.lock().unwrap_or_else(|e| e.into_inner()).insert(key, k.clone());
         Ok(k)
     }
@@ -171,23 +253,35 @@ impl Gpu {
         info: u64,
         stream: *mut c_void,
     ) -> Result<(), Error> {
-        self.make_current()?;
         let mut args: Vec<u64> = buffers.to_vec();
         args.push(info);
+        let f = match &kernel.function {
+            Loaded::Cuda(f) => f,
+            Loaded::Host(k) => {
+                // SAFETY: as this function's.
+                unsafe { k.launch(grid, block, kernel.shared_bytes, &args) };
+                return Ok(());
+            }
+        };
+        self.make_current()?;
         let mut params: Vec<*mut c_void> = args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
-        result::launch_kernel(kernel.function.0, grid, (block, 1, 1), kernel.shared_bytes, stream as sys::CUstream, &mut params)
+        result::launch_kernel(f.0, grid, (block, 1, 1), kernel.shared_bytes, stream as sys::CUstream, &mut params)
             .map_err(driver(&format!("launching {}", kernel.name)))
     }
 
     /// Keep `stream` busy for `d` of the device's own time (one unit spinning on its global
     /// timer), so that work queued behind it starts only then.
     pub fn hold(&self, stream: *mut c_void, d: Duration) -> Result<(), Error> {
+        if let Runs::Host(_) = self.runs {
+            return Err(Error::NotOnHost("holding a stream"));
+        }
         let k = self.kernel(HOLD, 0)?;
+        let Loaded::Cuda(f) = k.function else { unreachable!("loaded on the GPU") };
         self.make_current()?;
         let mut ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let mut params = [&mut ns as *mut u64 as *mut c_void];
         // SAFETY: `HOLD`'s one parameter is a u64 by value; it touches no memory.
-        unsafe { result::launch_kernel(k.function.0, (1, 1, 1), (1, 1, 1), 0, stream as sys::CUstream, &mut params) }.map_err(driver("launching the hold kernel"))
+        unsafe { result::launch_kernel(f.0, (1, 1, 1), (1, 1, 1), 0, stream as sys::CUstream, &mut params) }.map_err(driver("launching the hold kernel"))
     }
 
     /// Each of `reps` runs of `f`: its device time between events recorded on `stream` around
@@ -198,6 +292,9 @@ impl Gpu {
     /// only its cache flush to hide the host behind). `host_ms` above `ahead` means the host
     /// fell behind all the same.
     pub fn time(&self, stream: *mut c_void, reps: usize, ahead: Duration, mut before: impl FnMut(), mut f: impl FnMut()) -> Result<Vec<Timed>, Error> {
+        if let Runs::Host(_) = self.runs {
+            return Err(Error::NotOnHost("timing"));
+        }
         let mut events = Vec::with_capacity(2 * reps);
         let mut host_ms = Vec::with_capacity(reps);
         let mut run = || -> Result<(), Error> {
@@ -241,6 +338,9 @@ impl Gpu {
 
     /// Wait for everything queued on `stream`.
     pub fn synchronize(&self, stream: *mut c_void) -> Result<(), Error> {
+        if let Runs::Host(_) = self.runs {
+            return Ok(());
+        }
         self.make_current()?;
         // SAFETY: a stream of this context (or null, the legacy stream).
         unsafe { result::stream::synchronize(stream as sys::CUstream) }.map_err(driver("cuStreamSynchronize"))

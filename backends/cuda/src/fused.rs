@@ -17,7 +17,7 @@ use normforge_tch::state_file::{self, Expected, Saved};
 use normforge_tch::{DslLayer, Error, Optimize, StepReport};
 use std::path::Path;
 use std::sync::Arc;
-use tch::{nn, Device, Tensor};
+use tch::{nn, Tensor};
 
 /// `layer` with its forward and backward run by our CUDA kernels, recorded as one custom
 /// autograd node (its inputs must be f32, bf16 or f16 tensors on `gpu`).
@@ -106,7 +106,7 @@ impl FusedOptimizer {
         let hparams = hyper::resolve(&entry, overrides)?;
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(n, t)| t.requires_grad() && select(n, t)).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let device = Device::Cuda(gpu.ordinal());
+        let device = gpu.device();
         if let Some((name, v)) = vars.iter().find(|(_, v)| dtype_of(v.kind()).is_none() || v.device() != device || !v.is_contiguous()) {
             return Err(Error(format!(
                 "`{name}` is {:?} on {:?}{}: the fused optimizer takes contiguous f32, bf16 or f16 parameters on {device:?}",
@@ -170,7 +170,7 @@ impl FusedOptimizer {
             g.parts.iter_mut().for_each(|part| part.arena.zero_grad());
             let waiting: Vec<usize> = g.waiting().collect();
             for k in waiting {
-                g.vars[k].zero_grad();
+                normforge_tch::optimizer::zero_grad_in_place(&g.vars[k]);
             }
         }
     }

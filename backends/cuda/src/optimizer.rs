@@ -279,8 +279,7 @@ impl CudaOptimizer {
             return Ok(());
         }
         self.check_arena(arena)?;
-        let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal())
-            .ok_or_else(|| Error::Rule("libtorch's CUDA support is not loaded (normforge_tch::load_cuda)".into()))?;
+        let stream = self.gpu.stream()?;
         if !self.fused() {
             if grad_scale != 1.0 {
                 arena.scale_grads(grad_scale);
@@ -318,8 +317,8 @@ impl CudaOptimizer {
 
     /// Whether `arena` is on this optimizer's GPU and of the parameters' dtype it compiled for.
     fn check_arena(&self, arena: &Arena) -> Result<(), Error> {
-        if arena.device != Device::Cuda(self.gpu.ordinal()) {
-            return Err(Error::Rule(format!("the parameters are on {:?}, this optimizer runs on cuda:{}", arena.device, self.gpu.ordinal())));
+        if arena.device != self.gpu.device() {
+            return Err(Error::Rule(format!("the parameters are on {:?}, this optimizer runs on {:?}", arena.device, self.gpu.device())));
         }
         if arena.dtype() != self.types.param {
             return Err(Error::Rule(format!("the parameters are {:?}, this optimizer was compiled for {:?} parameters", arena.dtype(), self.types.param)));

@@ -140,10 +140,10 @@ impl PlanKernels {
     /// alternate calls — so a rule's state is never copied; nor its parameter, which an
     /// in-place plan updates where `data` gives it.
     pub fn run_laid<'a>(&self, plan: &Plan, lay: &Layout, io: Dtype, data: &dyn Fn(Source) -> Option<&'a Tensor>, work: Option<&Tensor>) -> Result<Vec<(Target, Tensor)>, Error> {
-        let dev = Device::Cuda(self.gpu.ordinal());
+        let dev = self.gpu.device();
         let bound = Bound::new(plan, lay, io, dev, data, work)?;
         let tables = self.uploads.pack(vec![words(&lay.meta), words(&lay.scalars), driver::info(&bound.lengths(lay))], dev);
-        let stream = normforge_tch::shim::current_cuda_stream(self.gpu.ordinal()).ok_or_else(|| Error("libtorch's CUDA support is not loaded".into()))?;
+        let stream = self.gpu.stream().map_err(err)?;
         let launches = bound.launches(lay, io);
         // A first call compiles its kernels at once; later ones find them loaded and start no
         // thread.

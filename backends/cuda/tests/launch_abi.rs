@@ -394,14 +394,12 @@ fn rules_on_cuda_tensors_follow_the_reference_backend() {
     };
     normforge_std::link();
     let reg = normforge_registry::Registry::with_builtins().unwrap();
-    let vectors: Vec<Vec<usize>> = [1, 7, 256, 1000, 4097, 192].iter().map(|&n| vec![n]).collect();
-    let matrices: Vec<Vec<usize>> = vec![vec![9, 4], vec![4, 9], vec![7, 7], vec![33, 70]];
     for r in reg.list(None) {
         if r.entry.kind != EntryKind::Optimizer {
             continue;
         }
         // Every rule: fused, or through layer kernels (AdamP, SGDP, Muon); Muon takes matrices.
-        let shapes = if r.entry.axes.iter().any(|a| a.twin.is_some()) { &matrices } else { &vectors };
+        let shapes = &normforge_cuda::check::rule_shapes(&r.entry);
         // Every layout of the phases that reduce nothing the GPU check times (the default first);
         // a rule through layer kernels has none.
         let (fused, all) = (normforge_cuda::CudaOptimizer::new(gpu.clone(), r.entry.clone(), &[], normforge_cubecl::Precision::default()).is_ok_and(|o| o.fused()), normforge_cubecl::kernel::StepLayout::COMPARED);
@@ -470,19 +468,31 @@ fn the_training_harness_resumes_exactly_on_libtorch() {
     normforge_std::link();
     let reg = normforge_registry::Registry::with_builtins().unwrap();
     let entry = |name: &str| reg.get(name).unwrap().entry.clone();
-    let every: normforge_cuda::check::Select = |_, _| true;
-    let (matrix, rest): (normforge_cuda::check::Select, normforge_cuda::check::Select) = (|_, t| t.dim() == 2, |_, t| t.dim() != 2);
-    let cases = [
-        ("batch_norm", vec![(entry("adamw"), every)]),
-        ("group_norm", vec![(entry("lamb"), every)]),
-        ("layer_norm", vec![(entry("adamp"), every)]),
-        ("rms_norm", vec![(entry("muon"), matrix), (entry("adamw"), rest)]),
-    ];
-    for (layer, rules) in cases {
-        let worst = normforge_cuda::check::training_runs(tch::Device::Cpu, None, &entry(layer), &rules, 7, Kind::Float).unwrap_or_else(|e| panic!("{layer}: {e}"));
-        assert_eq!(worst, 0.0, "{layer}: an interrupted run ended elsewhere");
+    // The GPU check's cases, a bf16 matrix's state saved and resumed in bf16 among them.
+    for case in normforge_cuda::check::training_cases() {
+        let what = format!("{} with {}, a {:?} matrix", case.layer, case.rule(), case.matrix_kind);
+        let rules: Vec<_> = case.rules.iter().map(|&(name, select)| (entry(name), select)).collect();
+        let worst = normforge_cuda::check::training_runs(tch::Device::Cpu, None, &entry(case.layer), &rules, 7, case.matrix_kind).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(worst, 0.0, "{what}: an interrupted run ended elsewhere");
     }
-    // The matrix in bf16 beside the f32 rest: its state saved and resumed in bf16.
-    let worst = normforge_cuda::check::training_runs(tch::Device::Cpu, None, &entry("layer_norm"), &[(entry("adamw"), every)], 7, Kind::BFloat16).unwrap();
-    assert_eq!(worst, 0.0, "bf16 matrix: an interrupted run ended elsewhere");
+}
+
+/// A variable in a fused optimizer's arena has a gradient that is a view of the arena's flat
+/// buffer. An optimizer made later over the same variables — resuming a saved state, of either
+/// kind — zeroes it where it is: `Tensor::zero_grad` detaches it in place first, which
+/// libtorch refuses for a view (a panic in tch).
+#[test]
+fn an_optimizer_made_after_a_fused_one_zeroes_its_arenas_gradients_in_place() {
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let w = vs.root().randn("w", &[4, 3], 0.0, 1.0);
+    w.sum(Kind::Float).backward();
+    let mut vars = vec![w.shallow_clone()];
+    let arena = Arena::adopt(&mut vars).unwrap();
+    let mut opt = normforge_tch::DslOptimizer::new(reg.get("adamw").unwrap().entry.clone(), &vs, &[]).unwrap();
+    assert_eq!(f64::try_from(arena.g.abs().sum(Kind::Double)).unwrap(), 12.0, "the gradient moved into the arena");
+    opt.zero_grad();
+    assert_eq!(f64::try_from(arena.g.abs().sum(Kind::Double)).unwrap(), 0.0, "the arena's gradients were not zeroed");
+    assert_eq!(arena.moved(&vars), None, "the gradient left the arena");
 }

@@ -172,7 +172,7 @@ impl DslOptimizer {
     pub fn zero_grad(&mut self) {
         for g in &mut self.groups {
             for s in &mut g.slots {
-                s.var.zero_grad();
+                zero_grad_in_place(&s.var);
             }
         }
     }
@@ -333,6 +333,17 @@ fn kept(t: Tensor, prog: &Program, node: u32) -> Tensor {
         t.copy()
     } else {
         t
+    }
+}
+
+/// `var`'s gradient, where it has one, set to zero where it is. `Tensor::zero_grad` detaches
+/// it in place first, which libtorch refuses for a gradient that is a view — of a fused
+/// optimizer's flat buffer, which an optimizer made later over the same variables (resuming a
+/// saved state) finds there.
+pub fn zero_grad_in_place(var: &Tensor) {
+    let grad = var.grad();
+    if grad.defined() {
+        tch::no_grad(|| _ = grad.shallow_clone().zero_());
     }
 }
 

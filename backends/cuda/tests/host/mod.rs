@@ -1,38 +1,45 @@
 //! The CUDA C++ that NVRTC compiles for the GPU, compiled by the host's C++ compiler and run on
-//! the CPU (`prelude.h`: a host thread per unit, a cube at a time): a slow device for checking,
+//! the CPU (`prelude.h`: a cube at a time, a host thread per unit where units wait for one
+//! another at `__syncthreads`): a slow device for checking,
 //! on a machine with no GPU, what the kernels compute from the buffers and tables the CUDA path
 //! hands them — the eight-lane bf16 and f16 vectors included, which CubeCL's own runtime here
-//! (lavapipe, WGSL's `vec4`) cannot run.
+//! (lavapipe, WGSL's `vec4`) cannot run. [`HostCompiler::gpu`] is a `Gpu` standing on the host
+//! with this compiler as its `HostDevice`, so the CUDA path itself launches them, on CPU tensors.
 //!
 //! NVIDIA's headers give the host what NVRTC has built in: `cuda_bf16.h` and `cuda_fp16.h` from
 //! the CUDA runtime's package (`NORMFORGE_CUDA_INCLUDE`), the compiler's `crt/` headers and
 //! libcu++'s `nv/target`, which those include, from two more
 //! (`NORMFORGE_HOST_CUDA_INCLUDE`; both set up by `scripts/setup-libtorch.sh`).
 
+use normforge_cuda::driver::{HostDevice, HostKernel};
+use normforge_cuda::Gpu;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 type Entry = unsafe extern "C" fn(u32, u32, u32, u32, usize, *mut *mut c_void);
 
-pub struct HostKernel {
+/// One unit built for the host and loaded.
+pub struct HostUnit {
     entry: Entry,
-    shared_bytes: usize,
     _lib: libloading::Library,
 }
 
-impl HostKernel {
-    /// Run the kernel over `grid` cubes of `units` units; `args` are the kernel's arguments'
-    /// values, in order (buffers as pointers), as the driver takes them.
-    ///
-    /// # Safety
-    /// Every pointer must be valid for what the kernel reads and writes there.
-    pub unsafe fn launch(&self, grid: (u32, u32, u32), units: u32, args: &[u64]) {
+impl HostKernel for HostUnit {
+    unsafe fn launch(&self, grid: (u32, u32, u32), units: u32, shared_bytes: u32, args: &[u64]) {
         let mut values = args.to_vec();
         let mut params: Vec<*mut c_void> = values.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
-        (self.entry)(grid.0, grid.1, grid.2, units, self.shared_bytes, params.as_mut_ptr());
+        // SAFETY: `nf_entry` reads an argument per parameter of the kernel, as the caller
+        // vouches for.
+        unsafe { (self.entry)(grid.0, grid.1, grid.2, units, shared_bytes as usize, params.as_mut_ptr()) };
+    }
+}
+
+impl HostDevice for &'static HostCompiler {
+    fn load(&self, source: &str) -> Result<Arc<dyn HostKernel>, String> {
+        Ok(Arc::new(self.kernel(source)?))
     }
 }
 
@@ -72,6 +79,15 @@ impl HostCompiler {
         found.as_ref()
     }
 
+    /// A [`Gpu`] on the host, running what the compiler builds (one per test binary), where
+    /// [`Self::find`] finds it. It counts 8 cubes as running at once: few, so that a row
+    /// kernel folding column sums, limited to them, takes several blocks of rows a cube.
+    pub fn gpu() -> Option<Arc<Gpu>> {
+        static ONE: OnceLock<Arc<Gpu>> = OnceLock::new();
+        let cc = Self::find()?;
+        Some(ONE.get_or_init(|| Arc::new(Gpu::on_host(Box::new(cc), 8))).clone())
+    }
+
     fn new(includes: [PathBuf; 2]) -> HostCompiler {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("host-cuda");
         std::fs::create_dir_all(&dir).expect("a directory for the host's kernels");
@@ -81,7 +97,7 @@ impl HostCompiler {
         if !cc.prelude.with_extension("h.gch").exists() {
             std::fs::write(&cc.prelude, &text).unwrap();
             let part = cc.partial(&cc.prelude.with_extension("h.gch"));
-            cc.compile(&["-x", "c++-header"], &cc.prelude, &part, "the prelude");
+            cc.compile(&["-x", "c++-header"], &cc.prelude, &part).unwrap_or_else(|e| panic!("the prelude: {e}"));
             std::fs::rename(&part, cc.prelude.with_extension("h.gch")).unwrap();
         }
         cc
@@ -94,7 +110,7 @@ impl HostCompiler {
         path.with_extension(format!("{}-{}.part", std::process::id(), MADE.fetch_add(1, Ordering::Relaxed)))
     }
 
-    fn compile(&self, extra: &[&str], input: &Path, output: &Path, what: &str) {
+    fn compile(&self, extra: &[&str], input: &Path, output: &Path) -> Result<(), String> {
         let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
             .args(OPTIONS)
             .args(extra)
@@ -106,31 +122,34 @@ impl HostCompiler {
             .arg(output)
             .arg(input)
             .output()
-            .expect("running the host's C++ compiler");
-        assert!(out.status.success(), "{what} does not compile for the host:\n{}", String::from_utf8_lossy(&out.stderr));
+            .map_err(|e| format!("running the host's C++ compiler: {e}"))?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(format!("it does not compile for the host:\n{}", String::from_utf8_lossy(&out.stderr))),
+        }
     }
 
-    /// One CubeCL CUDA translation unit, compiled (or found built) and loaded, taking
-    /// `shared_bytes` of dynamic shared memory per cube.
-    pub fn kernel(&self, source: &str, shared_bytes: usize) -> HostKernel {
-        let name = normforge_cuda::driver::entry_point(source).expect("a kernel");
+    /// One CubeCL CUDA translation unit, compiled (or found built) and loaded.
+    pub fn kernel(&self, source: &str) -> Result<HostUnit, String> {
+        let name = normforge_cuda::driver::entry_point(source).ok_or("no kernel in the source")?;
         let unit = wrap(source, name);
         let key = xxhash_rust::xxh3::xxh3_64(format!("{}\n{unit}", self.prelude.display()).as_bytes());
         let lib_path = self.dir.join(format!("{key:016x}.so"));
         if !lib_path.exists() {
             let cpp = self.partial(&self.dir.join(format!("{key:016x}.cpp")));
-            std::fs::write(&cpp, unit).unwrap();
+            std::fs::write(&cpp, unit).map_err(|e| e.to_string())?;
             let part = self.partial(&lib_path);
-            let prelude = self.prelude.to_str().expect("a path in UTF-8");
-            self.compile(&["-x", "c++", "-shared", "-include", prelude], &cpp, &part, name);
-            std::fs::rename(&part, &lib_path).unwrap();
+            let prelude = self.prelude.to_str().ok_or("a path not in UTF-8")?;
+            let built = self.compile(&["-x", "c++", "-shared", "-include", prelude], &cpp, &part);
             let _ = std::fs::remove_file(&cpp);
+            built?;
+            std::fs::rename(&part, &lib_path).map_err(|e| e.to_string())?;
         }
         // SAFETY: a library built from the kernel and the prelude; it runs no code on loading.
-        let lib = unsafe { libloading::Library::new(&lib_path) }.unwrap();
+        let lib = unsafe { libloading::Library::new(&lib_path) }.map_err(|e| e.to_string())?;
         // SAFETY: `wrap` defines `nf_entry` with this signature.
-        let entry = unsafe { *lib.get::<Entry>(b"nf_entry\0").unwrap() };
-        HostKernel { entry, shared_bytes, _lib: lib }
+        let entry = unsafe { *lib.get::<Entry>(b"nf_entry\0").map_err(|e| e.to_string())? };
+        Ok(HostUnit { entry, _lib: lib })
     }
 }
 
@@ -154,9 +173,11 @@ fn wrap(source: &str, name: &str) -> String {
             None => body.push_str(line),
         }
     }
+    // A thread per unit only where units wait for one another.
+    let launch = if source.contains("__syncthreads") { "nf_launch" } else { "nf_launch_serial" };
     format!(
         "namespace nf_kernel {{\n{body}\n}}\n\
          extern \"C\" void nf_entry(unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {{\n\
-         nf_launch(nf_kernel::{name}, gx, gy, gz, units, shared, args);\n}}\n"
+         {launch}(nf_kernel::{name}, gx, gy, gz, units, shared, args);\n}}\n"
     )
 }
