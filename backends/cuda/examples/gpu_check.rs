@@ -26,8 +26,8 @@
 
 use normforge_cubecl::kernel::StepLayout;
 use normforge_cubecl::Precision;
-use normforge_cuda::{check, Arena, CudaLayerKernels, CudaOptimizer, Gpu};
-use normforge_tch::{DslLayer, RegistryExt};
+use normforge_cuda::{check, Arena, CudaOptimizer, Gpu};
+use normforge_tch::RegistryExt;
 use tch::nn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,7 +174,7 @@ fn main() {
 
     for r in reg.list(None).into_iter().filter(|r| r.entry.kind != normforge_dsl::ir::Kind::Optimizer) {
         let shape: Vec<i64> = if r.entry.axes.len() == 2 { vec![8, 3, 1000] } else { vec![4, 8, 30, 30] };
-        match guarded(|| layer_against_torch(&gpu, &reg, &r.name, &shape)) {
+        match guarded(|| check::layer_against_torch(&gpu, &r.entry, &shape)) {
             Ok(errs) => {
                 // Forward < 1e-5, gradients < 1e-4, against the lowering, the reference and the built-in.
                 let ok = errs.iter().all(|e| e.forward < 1e-5 && e.backward < 1e-4);
@@ -330,25 +330,9 @@ fn main() {
             // phase (no loads kept in registers) differ there.
             let mut fwd = Vec::new();
             let mut both = Vec::new();
-            let default = normforge_cubecl::Launch::default();
-            let launches = [
-                ("default", default),
-                ("rows64", normforge_cubecl::Launch { rows_per_cube: 64, ..default }),
-                ("rows16_many_waves", normforge_cubecl::Launch { max_cubes: 65_535, ..default }),
-                ("column_kernel", normforge_cubecl::Launch { rows_per_cube: 0, ..default }),
-                ("column_kernel_columns1", normforge_cubecl::Launch { rows_per_cube: 0, columns: 1, ..default }),
-                ("nothing_kept", normforge_cubecl::Launch { keep_from: 0, ..default }),
-                ("kept_in_cubes_of_256", normforge_cubecl::Launch { max_units: normforge_cubecl::kernel::BLOCK, ..default }),
-                ("one_value_per_unit", normforge_cubecl::Launch { values_per_unit: 1, ..default }),
-                // 16 bytes per unit in flight for bf16 as for f32 (four 4-byte values).
-                ("eight_values_per_unit", normforge_cubecl::Launch { values_per_unit: 8, ..default }),
-                // Kept rows read and written a value per access, not 16 bytes.
-                ("one_value_per_access", normforge_cubecl::Launch { vector_bytes: 0, ..default }),
-            ];
+            let launches = check::layer_launches();
             for (label, launch) in launches {
-                let layer = spec.build(&(vs.root() / label), &shape).map_err(|e| e.0)?;
-                let kernels = CudaLayerKernels::new(gpu.clone(), layer_entry(&reg, name), layer.hparams().to_vec()).and_then(|k| k.with_launch(launch)).map_err(|e| e.0)?;
-                let layer = layer.with_kernels(Arc::new(kernels));
+                let layer = check::with_launch(&gpu, &spec, &(vs.root() / label), &shape, launch)?;
                 let (f, b) = oracle.errors(&layer, &x, &gy)?;
                 // (NaN, a gradient missing or not a number, is the worst.)
                 let score = |f: f64, b: f64| if f.is_nan() || b.is_nan() { f64::INFINITY } else { f / fwd_bound + b / bwd_bound };
@@ -448,91 +432,4 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
 
 fn layer_entry(reg: &normforge_registry::Registry, name: &str) -> Arc<normforge_dsl::Entry> {
     reg.get(name).expect("std layer").entry.clone()
-}
-
-/// The largest relative errors of our kernels' output (and buffers) and gradients against one
-/// oracle.
-struct LayerErrors {
-    against: &'static str,
-    forward: f64,
-    backward: f64,
-}
-
-/// A layer through our CUDA kernels against the same layer lowered to libtorch's CUDA ops (its
-/// autograd giving the gradients), against the reference backend (f64), and against libtorch's
-/// built-in where it has one: the largest relative errors, over training and evaluation.
-fn layer_against_torch(gpu: &Arc<Gpu>, reg: &normforge_registry::Registry, name: &str, shape: &[i64]) -> Result<Vec<LayerErrors>, String> {
-    let dev = Device::Cuda(gpu.ordinal());
-    let build = |vs: &nn::VarStore| -> Result<DslLayer, String> {
-        let mut spec = reg.layer(name).map_err(|e| e.0)?;
-        if reg.get(name).map_err(|e| e.to_string())?.entry.hparams.iter().any(|h| h.name == "groups") {
-            spec = spec.hparam("groups", 2.0);
-        }
-        spec.build(&vs.root(), shape).map_err(|e| e.0)
-    };
-    let (vs_a, vs_b) = (nn::VarStore::new(dev), nn::VarStore::new(dev));
-    let theirs = build(&vs_a)?;
-    let ours = build(&vs_b)?;
-    let entry = layer_entry(reg, name);
-    let kernels = CudaLayerKernels::new(gpu.clone(), entry.clone(), ours.hparams().to_vec()).map_err(|e| e.0)?;
-    let ours = ours.with_kernels(Arc::new(kernels));
-    let _seeded = normforge_tch::seeded(3);
-    tch::no_grad(|| {
-        for (a, b) in theirs.params().iter().zip(ours.params()).chain(theirs.buffers().iter().zip(ours.buffers())) {
-            let v = Tensor::rand(a.size(), (Kind::Float, dev)) * 0.5 + 0.75;
-            a.shallow_clone().copy_(&v);
-            b.shallow_clone().copy_(&v);
-        }
-    });
-    // Output, buffers after the call (forward); input and parameter gradients (backward).
-    let run = |f: &dyn Fn(&Tensor) -> Result<Tensor, String>, params: &[Tensor], buffers: &[Tensor], x: &Tensor, gy: &Tensor| -> Result<(Vec<Tensor>, Vec<Tensor>), String> {
-        let xi = x.detach().set_requires_grad(true);
-        for p in params {
-            p.shallow_clone().zero_grad();
-        }
-        let y = f(&xi)?;
-        (&y * gy).sum(Kind::Float).f_backward().map_err(|e| e.to_string())?;
-        let mut fwd = vec![y.detach()];
-        fwd.extend(buffers.iter().map(Tensor::copy));
-        let mut bwd = vec![xi.grad()];
-        bwd.extend(params.iter().map(|p| p.grad().copy()));
-        Ok((fwd, bwd))
-    };
-    let worst = |a: &[Tensor], b: &[Tensor]| check::worst(a.iter().zip(b).filter(|(a, b)| a.defined() && b.defined()).map(|(a, b)| check::max_rel(a, b)));
-    let mut errs = vec![LayerErrors { against: "lowered", forward: 0.0, backward: 0.0 }, LayerErrors { against: "reference", forward: 0.0, backward: 0.0 }];
-    for train in [true, false] {
-        let x = Tensor::randn(shape, (Kind::Float, dev)) * 2.0 + 0.3;
-        let gy = Tensor::randn(shape, (Kind::Float, dev));
-        // The built-in updates copies of the buffers as they were before our call.
-        let before: Vec<Tensor> = ours.buffers().iter().map(Tensor::copy).collect();
-        let o = run(&|x| ours.try_forward_t(x, train).map_err(|e| e.0), ours.params(), ours.buffers(), &x, &gy)?;
-        let t = run(&|x| theirs.try_forward_t(x, train).map_err(|e| e.0), theirs.params(), theirs.buffers(), &x, &gy)?;
-        errs[0].forward = errs[0].forward.max(worst(&o.0, &t.0));
-        errs[0].backward = errs[0].backward.max(worst(&o.1, &t.1));
-        // And against the reference backend (f64, on the CPU), from the same values.
-        let call = check::LayerCall {
-            x: &x,
-            gy: &gy,
-            train,
-            params: ours.params(),
-            buffers_before: &before,
-            buffers_after: &o.0[1..],
-            y: &o.0[0],
-            grad_x: &o.1[0],
-            grad_params: &o.1[1..],
-        };
-        let (f, b) = check::layer_against_reference(&entry, ours.hparams(), &call)?;
-        errs[1].forward = errs[1].forward.max(f);
-        errs[1].backward = errs[1].backward.max(b);
-        let builtin = |x: &Tensor| normforge_tch::builtins::layer(&entry, ours.hparams(), x, ours.params(), &before, train).map(|r| r.map_err(|e| e.0));
-        if normforge_tch::builtins::LAYERS.contains(&name) {
-            let b = run(&|x| builtin(x).unwrap_or_else(|| Err("no built-in".into())), ours.params(), &before, &x, &gy)?;
-            if errs.len() == 2 {
-                errs.push(LayerErrors { against: "torch", forward: 0.0, backward: 0.0 });
-            }
-            errs[2].forward = errs[2].forward.max(worst(&o.0, &b.0));
-            errs[2].backward = errs[2].backward.max(worst(&o.1, &b.1));
-        }
-    }
-    Ok(errs)
 }

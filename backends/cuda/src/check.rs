@@ -4,9 +4,9 @@
 //! steps; one call of a layer (on any device) against the reference backend, or against itself
 //! lowered to libtorch's operations in f64 where the reference would be slow (`LayerOracle`).
 
-use crate::{Arena, CudaOptimizer, Gpu};
+use crate::{Arena, CudaLayerKernels, CudaOptimizer, Gpu};
 use normforge_cubecl::kernel::StepLayout;
-use normforge_cubecl::Precision;
+use normforge_cubecl::{Launch, Precision};
 use normforge_dsl::ir::Entry;
 use normforge_tch::DslLayer;
 use std::sync::Arc;
@@ -506,4 +506,117 @@ impl LayerOracle {
         let each: Vec<f64> = got.iter().zip(&self.want).map(|(a, b)| if a.defined() && b.defined() { max_rel(a, b) } else { f64::NAN }).collect();
         Ok((worst(each[..1].iter().copied()), worst(each[1..].iter().copied())))
     }
+}
+
+/// The largest relative errors of our kernels' output (and buffers) and gradients against one
+/// oracle.
+pub struct LayerErrors {
+    pub against: &'static str,
+    pub forward: f64,
+    pub backward: f64,
+}
+
+/// Layer `entry` (in groups of 2, where it takes a number of groups) through our kernels on
+/// `gpu`, inside autograd (`CudaLayerKernels`), against the same layer lowered to libtorch's
+/// ops on the same device (its autograd giving the gradients), against the reference backend
+/// (f64), and against libtorch's built-in where it has one: the largest relative errors, over
+/// training and evaluation.
+pub fn layer_against_torch(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shape: &[i64]) -> Result<Vec<LayerErrors>, String> {
+    let dev = gpu.device();
+    let name = entry.name.as_str();
+    let hparams = entry.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect();
+    let spec = normforge_tch::Spec { entry: entry.clone(), hparams };
+    let build = |vs: &tch::nn::VarStore| -> Result<DslLayer, String> { spec.build_layer(&vs.root(), shape).map_err(|e| e.0) };
+    let (vs_a, vs_b) = (tch::nn::VarStore::new(dev), tch::nn::VarStore::new(dev));
+    let theirs = build(&vs_a)?;
+    let ours = build(&vs_b)?;
+    let kernels = CudaLayerKernels::new(gpu.clone(), entry.clone(), ours.hparams().to_vec()).map_err(|e| e.0)?;
+    let ours = ours.with_kernels(Arc::new(kernels));
+    let _seeded = normforge_tch::seeded(3);
+    tch::no_grad(|| {
+        for (a, b) in theirs.params().iter().zip(ours.params()).chain(theirs.buffers().iter().zip(ours.buffers())) {
+            let v = Tensor::rand(a.size(), (Kind::Float, dev)) * 0.5 + 0.75;
+            a.shallow_clone().copy_(&v);
+            b.shallow_clone().copy_(&v);
+        }
+    });
+    // Output, buffers after the call (forward); input and parameter gradients (backward).
+    let run = |f: &dyn Fn(&Tensor) -> Result<Tensor, String>, params: &[Tensor], buffers: &[Tensor], x: &Tensor, gy: &Tensor| -> Result<(Vec<Tensor>, Vec<Tensor>), String> {
+        let xi = x.detach().set_requires_grad(true);
+        for p in params {
+            p.shallow_clone().zero_grad();
+        }
+        let y = f(&xi)?;
+        (&y * gy).sum(Kind::Float).f_backward().map_err(|e| e.to_string())?;
+        let mut fwd = vec![y.detach()];
+        fwd.extend(buffers.iter().map(Tensor::copy));
+        let mut bwd = vec![xi.grad()];
+        bwd.extend(params.iter().map(|p| p.grad().copy()));
+        Ok((fwd, bwd))
+    };
+    let worst_of = |a: &[Tensor], b: &[Tensor]| worst(a.iter().zip(b).filter(|(a, b)| a.defined() && b.defined()).map(|(a, b)| max_rel(a, b)));
+    let mut errs = vec![LayerErrors { against: "lowered", forward: 0.0, backward: 0.0 }, LayerErrors { against: "reference", forward: 0.0, backward: 0.0 }];
+    for train in [true, false] {
+        let x = Tensor::randn(shape, (Kind::Float, dev)) * 2.0 + 0.3;
+        let gy = Tensor::randn(shape, (Kind::Float, dev));
+        // The built-in updates copies of the buffers as they were before our call.
+        let before: Vec<Tensor> = ours.buffers().iter().map(Tensor::copy).collect();
+        let o = run(&|x| ours.try_forward_t(x, train).map_err(|e| e.0), ours.params(), ours.buffers(), &x, &gy)?;
+        let t = run(&|x| theirs.try_forward_t(x, train).map_err(|e| e.0), theirs.params(), theirs.buffers(), &x, &gy)?;
+        errs[0].forward = errs[0].forward.max(worst_of(&o.0, &t.0));
+        errs[0].backward = errs[0].backward.max(worst_of(&o.1, &t.1));
+        // And against the reference backend (f64, on the CPU), from the same values.
+        let call = LayerCall {
+            x: &x,
+            gy: &gy,
+            train,
+            params: ours.params(),
+            buffers_before: &before,
+            buffers_after: &o.0[1..],
+            y: &o.0[0],
+            grad_x: &o.1[0],
+            grad_params: &o.1[1..],
+        };
+        let (f, b) = layer_against_reference(entry, ours.hparams(), &call)?;
+        errs[1].forward = errs[1].forward.max(f);
+        errs[1].backward = errs[1].backward.max(b);
+        let builtin = |x: &Tensor| normforge_tch::builtins::layer(entry, ours.hparams(), x, ours.params(), &before, train).map(|r| r.map_err(|e| e.0));
+        if normforge_tch::builtins::LAYERS.contains(&name) {
+            let b = run(&|x| builtin(x).unwrap_or_else(|| Err("no built-in".into())), ours.params(), &before, &x, &gy)?;
+            if errs.len() == 2 {
+                errs.push(LayerErrors { against: "torch", forward: 0.0, backward: 0.0 });
+            }
+            errs[2].forward = errs[2].forward.max(worst_of(&o.0, &b.0));
+            errs[2].backward = errs[2].backward.max(worst_of(&o.1, &b.1));
+        }
+    }
+    Ok(errs)
+}
+
+/// The launches of a layer's kernels the GPU check times and holds to the oracle at the timed
+/// shapes (tuning, never meaning), the default first.
+pub fn layer_launches() -> [(&'static str, Launch); 10] {
+    let default = Launch::default();
+    [
+        ("default", default),
+        ("rows64", Launch { rows_per_cube: 64, ..default }),
+        ("rows16_many_waves", Launch { max_cubes: 65_535, ..default }),
+        ("column_kernel", Launch { rows_per_cube: 0, ..default }),
+        ("column_kernel_columns1", Launch { rows_per_cube: 0, columns: 1, ..default }),
+        ("nothing_kept", Launch { keep_from: 0, ..default }),
+        ("kept_in_cubes_of_256", Launch { max_units: normforge_cubecl::kernel::BLOCK, ..default }),
+        ("one_value_per_unit", Launch { values_per_unit: 1, ..default }),
+        // 16 bytes per unit in flight for bf16 as for f32 (four 4-byte values).
+        ("eight_values_per_unit", Launch { values_per_unit: 8, ..default }),
+        // Kept rows read and written a value per access, not 16 bytes.
+        ("one_value_per_access", Launch { vector_bytes: 0, ..default }),
+    ]
+}
+
+/// A layer of `spec` under `path` for inputs of `shape`, its kernels ours on `gpu`, launched as
+/// `launch`.
+pub fn with_launch(gpu: &Arc<Gpu>, spec: &normforge_tch::LayerSpec, path: &tch::nn::Path, shape: &[i64], launch: Launch) -> Result<DslLayer, String> {
+    let layer = spec.build(path, shape).map_err(|e| e.0)?;
+    let kernels = CudaLayerKernels::new(gpu.clone(), spec.0.entry.clone(), layer.hparams().to_vec()).and_then(|k| k.with_launch(launch)).map_err(|e| e.0)?;
+    Ok(layer.with_kernels(Arc::new(kernels)))
 }

@@ -2,8 +2,8 @@
 //! (`host/`): the same functions the GPU check calls, on CPU tensors, the kernels' CUDA C++
 //! built for the CPU. What they exercise above the kernels — `CudaOptimizer`'s arenas, layouts
 //! and stacks, `fused_layer` inside autograd, `FusedOptimizer`'s groups, clipping, skipped
-//! steps and saved states — runs before a GPU runs it. Not here: AdamW against torch's fused
-//! kernel (CUDA only), and the timings.
+//! steps and saved states — runs before a GPU runs it, at shapes of the host's size. Not here:
+//! AdamW against torch's fused kernel (CUDA only), the timed shapes, and the timings.
 
 mod host;
 
@@ -13,6 +13,7 @@ use normforge_cubecl::Precision;
 use normforge_cuda::{check, CudaOptimizer};
 use normforge_dsl::ir::{Entry, Kind as EntryKind};
 use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
 
 /// Every std entry, by name.
 fn std_entries() -> Vec<(String, Arc<Entry>)> {
@@ -67,5 +68,58 @@ fn the_gpu_checks_training_runs_pass_on_the_host() {
         let err = check::fused_training(&gpu, &entry(case.layer), &chosen, 7, case.matrix_kind).unwrap_or_else(|e| panic!("{what}: {e}"));
         eprintln!("{what}: {err:.2e} from libtorch's operations");
         assert!(err < case.bound(), "{what}: {err:e} from libtorch's operations (bound {:e})", case.bound());
+    }
+}
+
+/// Every std layer as the GPU check runs it (`check::layer_against_torch`): through our kernels
+/// inside autograd (`CudaLayerKernels`), training and evaluation, against itself lowered to
+/// libtorch's operations, against the reference backend, and against libtorch's built-in where
+/// it has one — forward within 1e-5, gradients within 1e-4 — at a tenth of the check's shapes.
+#[test]
+fn every_std_layer_passes_the_gpu_checks_layer_check_on_the_host() {
+    let Some(gpu) = HostCompiler::gpu() else { return };
+    let layers: Vec<_> = std_entries().into_iter().filter(|r| r.1.kind != EntryKind::Optimizer).collect();
+    assert!(layers.len() >= 19, "{} std layers", layers.len());
+    for (name, entry) in layers {
+        let shape: Vec<i64> = if entry.axes.len() == 2 { vec![8, 3, 100] } else { vec![4, 8, 6, 6] };
+        let errors = check::layer_against_torch(&gpu, &entry, &shape).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for e in errors {
+            eprintln!("{name} {shape:?} against {}: forward {:.2e}, backward {:.2e}", e.against, e.forward, e.backward);
+            assert!(e.forward < 1e-5 && e.backward < 1e-4, "{name} {shape:?} against {}: forward {:e}, backward {:e}", e.against, e.forward, e.backward);
+        }
+    }
+}
+
+/// Every launch of the layers the GPU check times (`check::layer_launches`: cubes of more rows,
+/// as many cubes as rows allow, the column sums in a kernel of their own, nothing kept in
+/// registers, several values per unit, a value per access), each in f32 and bf16, against
+/// the layer lowered to libtorch's operations in f64 (`check::LayerOracle`), within the check's
+/// bounds: 1e-5 forward and 1e-4 backward in f32, 2^-8 more in bf16 — at shapes of the host's
+/// size.
+#[test]
+fn every_timed_launch_matches_the_oracle_on_the_host() {
+    let Some(gpu) = HostCompiler::gpu() else { return };
+    let all = std_entries();
+    for (name, shape) in [("layer_norm", vec![128i64, 256]), ("rms_norm", vec![128, 256]), ("dyt", vec![128, 256]), ("evonorm_s0", vec![2, 64, 6, 6])] {
+        let entry = all.iter().find(|r| r.0 == name).map(|r| r.1.clone()).unwrap();
+        let mut spec = normforge_tch::LayerSpec(normforge_tch::Spec { entry, hparams: Vec::new() });
+        if name == "evonorm_s0" {
+            spec = spec.hparam("groups", 32.0);
+        }
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let _seeded = normforge_tch::seeded(9);
+            let x = Tensor::randn(shape.as_slice(), (kind, Device::Cpu)).set_requires_grad(true);
+            let gy = Tensor::randn(shape.as_slice(), (kind, Device::Cpu));
+            let oracle = check::LayerOracle::new(&spec, &shape, &x, &gy).unwrap();
+            let (fwd_bound, bwd_bound) = if kind == Kind::Float { (1e-5, 1e-4) } else { (2f64.powi(-8) + 1e-5, 2f64.powi(-8) + 1e-4) };
+            let vs = tch::nn::VarStore::new(Device::Cpu);
+            for (label, launch) in check::layer_launches() {
+                let layer = check::with_launch(&gpu, &spec, &(vs.root() / label), &shape, launch).unwrap();
+                let (f, b) = oracle.errors(&layer, &x, &gy).unwrap();
+                let what = format!("{name} {shape:?} {kind:?}, launch {label}");
+                eprintln!("{what}: forward {f:.2e}, backward {b:.2e}");
+                assert!(f < fwd_bound && b < bwd_bound, "{what}: forward {f:e}, backward {b:e} from the oracle");
+            }
+        }
     }
 }
