@@ -31,7 +31,7 @@ use normforge_tch::RegistryExt;
 use tch::nn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Medians over `reps` runs of `f`, after 3 untimed: its device time, in ms, between CUDA events
 /// on torch's stream, with the L2 cache flushed (a 256 MB buffer zeroed) before each run, as
@@ -46,8 +46,8 @@ fn time_ms(gpu: &Gpu, reps: usize, mut f: impl FnMut()) -> Timing {
         queued = start.elapsed();
     }
     let ahead = (2 * queued).clamp(Duration::from_micros(200), Duration::from_millis(50));
-    let stream = normforge_tch::shim::current_cuda_stream(gpu.ordinal()).expect("libtorch's CUDA support is loaded");
-    let mut flush = Tensor::empty([64i64 << 20], (Kind::Float, Device::Cuda(gpu.ordinal())));
+    let stream = gpu.stream().expect("libtorch's CUDA support is loaded");
+    let mut flush = Tensor::empty([64i64 << 20], (Kind::Float, gpu.device()));
     let t = gpu.time(stream, reps, ahead, || _ = flush.zero_(), f).expect("CUDA events");
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -209,7 +209,7 @@ fn main() {
         }
     }
 
-    let dev = Device::Cuda(0);
+    let dev = gpu.device();
     let x = Tensor::randn([1i64 << 28], (Kind::Float, dev));
     let mut y = x.empty_like();
     let copy_ms = time_ms(&gpu, 50, || {
