@@ -42,6 +42,12 @@ pub fn worst(errors: impl Iterator<Item = f64>) -> f64 {
     errors.fold(0f64, |m, e| if m.is_nan() || e.is_nan() { f64::NAN } else { m.max(e) })
 }
 
+/// The overrides the checks build a layer with: groups of 2 channels, where it takes a number
+/// of groups (so the test shapes' few channels divide).
+pub fn in_groups_of_two(entry: &Entry) -> Vec<(String, f64)> {
+    entry.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect()
+}
+
 /// Whether `entry` steps matrices (it declares twin axes: Muon's products).
 pub fn takes_matrices(entry: &Entry) -> bool {
     entry.axes.iter().any(|a| a.twin.is_some())
@@ -340,7 +346,7 @@ pub fn training_runs(dev: Device, fast: Option<&Arc<Gpu>>, layer: &Arc<Entry>, r
     let (n, c, s) = (8i64, 8i64, 12i64);
     let _seeded = normforge_tch::seeded(5);
     let batches: Vec<(Tensor, Tensor)> = (0..steps).map(|_| (Tensor::randn([n, c, s], (Kind::Float, dev)), Tensor::randn([n, c, s], (Kind::Float, dev)))).collect();
-    let layer_hparams: Vec<(String, f64)> = layer.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect();
+    let layer_hparams = in_groups_of_two(layer);
     let file = |i: usize| std::env::temp_dir().join(format!("normforge-check-{}-{}-{i}.safetensors", std::process::id(), layer.name));
     // Layer and first optimizer fused or not; then, if it is interrupted, whether the optimizer
     // that resumes is fused.
@@ -524,14 +530,12 @@ pub struct LayerErrors {
 pub fn layer_against_torch(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shape: &[i64]) -> Result<Vec<LayerErrors>, String> {
     let dev = gpu.device();
     let name = entry.name.as_str();
-    let hparams = entry.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect();
-    let spec = normforge_tch::Spec { entry: entry.clone(), hparams };
+    let spec = normforge_tch::Spec { entry: entry.clone(), hparams: in_groups_of_two(entry) };
     let build = |vs: &tch::nn::VarStore| -> Result<DslLayer, String> { spec.build_layer(&vs.root(), shape).map_err(|e| e.0) };
     let (vs_a, vs_b) = (tch::nn::VarStore::new(dev), tch::nn::VarStore::new(dev));
     let theirs = build(&vs_a)?;
     let ours = build(&vs_b)?;
-    let kernels = CudaLayerKernels::new(gpu.clone(), entry.clone(), ours.hparams().to_vec()).map_err(|e| e.0)?;
-    let ours = ours.with_kernels(Arc::new(kernels));
+    let ours = crate::fused_layer(ours, gpu).map_err(|e| e.0)?;
     let _seeded = normforge_tch::seeded(3);
     tch::no_grad(|| {
         for (a, b) in theirs.params().iter().zip(ours.params()).chain(theirs.buffers().iter().zip(ours.buffers())) {

@@ -60,7 +60,7 @@ fn call(gpu: &Arc<Gpu>, name: &str, shape: &[usize], io: Dtype, skip: usize) -> 
 /// As [`call`], a training call or (`train` false) an evaluation call.
 fn call_in(gpu: &Arc<Gpu>, name: &str, shape: &[usize], io: Dtype, skip: usize, train_mode: bool) -> (f64, f64, Vec<LProgram>) {
     let e = entry(name);
-    let overrides: Vec<(String, f64)> = e.hparams.iter().filter(|h| h.name == "groups").map(|h| (h.name.clone(), 2.0)).collect();
+    let overrides = normforge_cuda::check::in_groups_of_two(&e);
     let hp = normforge_dsl::hyper::resolve(&e, &overrides).unwrap();
     let Programs::Layer { train, eval, train_backward, eval_backward } = &e.programs else { unreachable!() };
     let (forward, backward) = if train_mode { (train, train_backward) } else { (eval, eval_backward) };
