@@ -233,6 +233,11 @@ pub const BLOCK: usize = 256;
 /// The most units a cube may have (CUDA's and Vulkan's usual limit).
 pub const MAX_UNITS: usize = 1024;
 
+/// f32 values a layer kernel reading vectors reads in one access of its parameters along the
+/// row (`LProgram::vector_params`): 16 bytes, a GPU's widest load. The work arena starts every
+/// tensor at a multiple of it (`plan::layout`).
+pub const PARAM_LANES: usize = 4;
+
 /// Units per cube of `combine_kernel` (one per tensor).
 pub const COMBINE_BLOCK: u32 = 64;
 
@@ -673,6 +678,14 @@ pub struct LProgram {
     /// elementwise kernel reading vectors keeps its loads of them, a vector per value a unit
     /// takes (`lanes_of`).
     pub vector: usize,
+    /// Reading vectors of a multiple of [`PARAM_LANES`]: the f32 loads along the row (a
+    /// layer's gamma and beta) read that many values an access (`lane_params`, `fill_wide`),
+    /// not a value per lane. Read per lane, a warp's 32 loads of one lane lie a vector apart
+    /// (32 bytes in bf16): eight cache lines an instruction for 128 useful bytes, so the L1
+    /// cache, not memory, would bound a bf16 row kernel. Only in cubes of `BLOCK` units, where
+    /// every such tensor starts and strides at whole vectors (`plan::vectorized`), and never
+    /// in WGSL, which cannot view a buffer as vectors of another width.
+    pub vector_params: bool,
 }
 
 impl LProgram {
@@ -742,7 +755,34 @@ impl LProgram {
     /// The same kernel reading a value at a time (a vectorized one's rows misaligned in
     /// memory: a view's tensor starting mid-vector).
     pub fn unvectorized(&self) -> LProgram {
-        LProgram { vector: 1, unroll: self.unroll * self.vector.max(1), ..self.clone() }
+        LProgram { vector: 1, unroll: self.unroll * self.vector.max(1), vector_params: false, ..self.clone() }
+    }
+
+    /// Whether phase `ph` runs each vector's lanes one after another (`walk` keeping rows,
+    /// `lanes_of` in an elementwise kernel).
+    pub fn in_lanes(&self, ph: usize) -> bool {
+        self.vector > 1 && (self.keeps(ph) || (!self.cooperative && self.values_per_unit > 1))
+    }
+
+    /// The f32 loads phase `ph` reads [`PARAM_LANES`] values an access for its lanes
+    /// (`vector_params`): along the row, not kept (`fill` reads those), and under no uniform
+    /// branch (whose skipped loads `LPhase::guards` keeps off memory).
+    pub fn lane_params(&self, ph: usize) -> Vec<(usize, usize, Buf)> {
+        let mut out = Vec::new();
+        if !(self.vector_params && self.in_lanes(ph)) {
+            return out;
+        }
+        let p = &self.phases[ph];
+        let guards = p.guards();
+        for op in &p.ops {
+            let &LOp::Load(t, s, Buf::Work) = op else { continue };
+            let guarded = p.ops.iter().zip(&guards).any(|(o, g)| o == op && g.is_some());
+            let along = self.kinds[s].last() == Some(&AxisKind::Full);
+            if along && !guarded && !self.kept.contains(&(t, s, Buf::Work)) && !out.contains(&(t, s, Buf::Work)) {
+                out.push((t, s, Buf::Work));
+            }
+        }
+        out
     }
 
     /// The neighbouring positions phase `ph` reads as one (`vector` where it keeps loads).
@@ -760,11 +800,18 @@ impl LProgram {
         self.kept.len() * self.unroll.max(1) * self.vector.max(1)
     }
 
-    /// The register array a unit keeps its loads in (and, reading vectors, its stores' lanes).
-    pub fn cache_len(&self) -> usize {
+    /// Where a vector's `lane_params` wait in the register array, past its staged stores.
+    pub fn params_at(&self) -> usize {
         let lanes = self.vector.max(1);
         let stores = if lanes > 1 { self.phases.iter().map(|p| p.stores.iter().filter(|s| s.2).count()).max().unwrap_or(0) } else { 0 };
         self.staged() + stores * lanes
+    }
+
+    /// The register array a unit keeps its loads in (and, reading vectors, its stores' lanes
+    /// and the parameters along the row of the vector at hand).
+    pub fn cache_len(&self) -> usize {
+        let params = (0..self.phases.len()).map(|ph| self.lane_params(ph).len()).max().unwrap_or(0);
+        self.params_at() + params * self.vector.max(1)
     }
 }
 
@@ -1051,6 +1098,7 @@ fn walk<F: Float, N: Size>(
                     if comptime! { prog.first_keeping() == Some(ph) } {
                         fill::<F, N>(&idx, cache, x, dy, io, work, tab, prog.clone(), comptime! { m * lanes });
                     }
+                    fill_params(&idx, cache, work, tab, prog.clone(), ph);
                     #[unroll]
                     for l in 0..lanes {
                         element::<F, N>(j + l, oi, res, acc, cache, x, dy, io, work, meta, tab, scalars, prog.clone(), ph, comptime! { if partials.is_some() { slot + l } else { slot } }, stride, comptime! { at.map(|a| a + l) }, comptime! { Some(l) }, counts, round_bf16);
@@ -1091,7 +1139,8 @@ fn target_index(o: usize, tab: &Sequence<u32>, #[comptime] prog: LProgram) -> Se
 }
 
 /// Every kept load's vector at `idx` (its first lane's place), its lanes into `cache` at `at`
-/// of each load's registers. f32 parameters (in `work`) are read a value per lane, or one for
+/// of each load's registers. f32 parameters (in `work`) along the row are read
+/// [`PARAM_LANES`] values an access (`LProgram::vector_params`), else a value per lane; one for
 /// all where they are broadcast along the row (a DyT's alpha).
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -1113,7 +1162,9 @@ fn fill<F: Float, N: Size>(
         let (t, s, buf) = comptime! { prog.kept[c] };
         let off = offset(idx, tab, prog.clone(), t, s);
         let base = comptime! { c * slots + at };
-        if comptime! { buf == Buf::Work } {
+        if comptime! { buf == Buf::Work && prog.vector_params && prog.kinds[s][prog.rank - 1] == AxisKind::Full } {
+            fill_wide(work, off, cache, base, lanes);
+        } else if comptime! { buf == Buf::Work } {
             let along = comptime! { prog.kinds[s][prog.rank - 1] != AxisKind::One };
             #[unroll]
             for l in 0..lanes {
@@ -1123,6 +1174,31 @@ fn fill<F: Float, N: Size>(
         } else {
             unpack::<F, N>(fetch::<F, N>(off / lanes, x, dy, io, buf), cache, base, lanes);
         }
+    }
+}
+
+/// Phase `ph`'s f32 loads along the row (`LProgram::lane_params`) for the vector whose first
+/// lane is at `idx`, into `cache` from `LProgram::params_at`, where its lanes' `element` find
+/// them.
+#[cube]
+fn fill_params(idx: &Sequence<usize>, cache: &mut Array<f32>, work: &mut [f32], tab: &Sequence<u32>, #[comptime] prog: LProgram, #[comptime] ph: usize) {
+    let lanes = comptime! { prog.vector };
+    let at = comptime! { prog.params_at() };
+    #[unroll]
+    for q in 0..prog.lane_params(ph).len() {
+        let (t, s, _) = comptime! { prog.lane_params(ph)[q] };
+        fill_wide(work, offset(idx, tab, prog.clone(), t, s), cache, comptime! { at + q * lanes }, lanes);
+    }
+}
+
+/// `lanes` values of `work` from `off` (a multiple of [`PARAM_LANES`]) into `cache` from `at`,
+/// [`PARAM_LANES`] an access: `work` viewed as vectors (a reinterpreting cast in CUDA C++).
+#[cube]
+fn fill_wide(work: &mut [f32], off: usize, cache: &mut Array<f32>, #[comptime] at: usize, #[comptime] lanes: usize) {
+    let wide = work.as_vectorized().with_vector_size::<Const<PARAM_LANES>>();
+    #[unroll]
+    for h in 0..comptime! { lanes / PARAM_LANES } {
+        unpack::<f32, Const<PARAM_LANES>>(wide[off / PARAM_LANES + h], cache, comptime! { at + h * PARAM_LANES }, PARAM_LANES);
     }
 }
 
@@ -1185,6 +1261,9 @@ fn lanes_of<F: Float, N: Size>(
     for m in 0..unroll {
         let active = (o0 + m * CUBE_DIM as usize) < vectors;
         let oi = firsts.index(m);
+        if comptime! { !prog.lane_params(ph).is_empty() } {
+            fill_params(&domain_index(0usize, oi, tab, prog.clone(), ph), cache, work, tab, prog.clone(), ph);
+        }
         #[unroll]
         for l in 0..lanes {
             // The lane's element: the next along the last axis (`oi` holds it first).
@@ -1359,11 +1438,15 @@ fn element<F: Float, N: Size>(
         let op = comptime! { prog.phases[ph].ops[k].clone() };
         match op {
             LOp::Load(t, s, buf) => {
+                // Read for the vector's lanes at once (`fill_params`): its register.
+                let wide = comptime! { lane.and_then(|l| prog.lane_params(ph).iter().position(|&p| p == (t, s, buf)).map(|q| prog.params_at() + q * prog.vector + l)) };
                 // (register, whether this phase fills it here)
                 let kept = comptime! { at.and_then(|m| prog.kept_slot(ph, (t, s, buf)).map(|(c, fills)| (c * slots + m, fills && lane.is_none()))) };
                 // (A kept load fills registers later phases read: never skipped.)
                 let guard = comptime! { if kept.is_some() { None } else { prog.phases[ph].guards()[k] } };
-                if comptime! { kept.is_some_and(|(_, fills)| !fills) } {
+                if comptime! { wide.is_some() } {
+                    r.push(cache[comptime! { wide.unwrap() }]);
+                } else if comptime! { kept.is_some_and(|(_, fills)| !fills) } {
                     r.push(cache[comptime! { kept.unwrap().0 }]);
                 } else if comptime! { guard.is_some() } {
                     // Read only where the branch using it is taken (a uniform branch).

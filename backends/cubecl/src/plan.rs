@@ -8,7 +8,7 @@
 //! shape's kind per axis (broadcast, grouped, full) is fixed, to spare the kernels divisions.
 
 use crate::compile::{binary, reduce, unary, Uniforms};
-use crate::kernel::{layer_kernel, spreads, AxisKind, Buf, LOp, LPhase, LProgram, Pure, Reach, BLOCK, MAX_UNITS};
+use crate::kernel::{layer_kernel, spreads, AxisKind, Buf, LOp, LPhase, LProgram, Pure, Reach, BLOCK, MAX_UNITS, PARAM_LANES};
 use crate::dtype::with_type;
 use crate::{Dtype, Error};
 use cubecl::prelude::*;
@@ -295,6 +295,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             keep: 0,
             units: BLOCK,
             vector: 1,
+            vector_params: false,
         };
         match mid {
             // Several axes folded: first a partial value per index of one of them, then a
@@ -340,7 +341,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             })
             .collect();
         let phase = LPhase { domain: target, ops, reduces: Vec::new(), stores, reach: Reach::Element };
-        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK, vector: 1 });
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK, vector: 1, vector_params: false });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors, lead);
     if lead > 0 {
@@ -642,7 +643,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             let g = match join {
                 Some(g) => g,
                 None => {
-                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK, vector: 1 });
+                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK, vector: 1, vector_params: false });
                     made.push(Vec::new());
                     stored.push(Vec::new());
                     out.len() - 1
@@ -703,11 +704,14 @@ pub struct Launch {
     /// axis as one access where it may (`vectorized`): 16, a GPU's widest load; 0 or a value's
     /// size: one at a time. A power of two up to [`MAX_VECTOR_BYTES`].
     pub vector_bytes: usize,
+    /// Such a kernel reads its f32 parameters along the row four values an access, not a value
+    /// per lane (`LProgram::vector_params`). CUDA only: WGSL cannot view a buffer as vectors.
+    pub vector_params: bool,
 }
 
 impl Default for Launch {
     fn default() -> Self {
-        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS, values_per_unit: 4, vector_bytes: MAX_VECTOR_BYTES }
+        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS, values_per_unit: 4, vector_bytes: MAX_VECTOR_BYTES, vector_params: true }
     }
 }
 
@@ -857,12 +861,14 @@ pub fn launched(k: &LProgram, per_value: usize, last: usize, launch: &Launch) ->
 ///   the target).
 ///
 /// Every tensor read or written a vector at a time lies along the last axis, its offset and
-/// strides multiples of the vector; a kept f32 parameter is read a value per lane, along the
-/// row or broadcast along it (other loads of `work` are read per lane anywhere).
-pub fn vectorized(k: &LProgram, meta: &[u32], lanes: usize) -> LProgram {
+/// strides multiples of the vector; a kept f32 parameter lies along the row or is broadcast
+/// along it. With `params` (CUDA), the f32 loads along the row that the lanes make are read
+/// [`PARAM_LANES`] values an access where each lies at whole vectors of them
+/// (`LProgram::vector_params`); other loads of `work` are read per lane.
+pub fn vectorized(k: &LProgram, meta: &[u32], lanes: usize, params: bool) -> LProgram {
     let mut lanes = lanes;
     while lanes > 1 {
-        if let Some(v) = vectors_of(k, meta, lanes) {
+        if let Some(v) = vectors_of(k, meta, lanes, params) {
             return v;
         }
         lanes /= 2;
@@ -870,8 +876,9 @@ pub fn vectorized(k: &LProgram, meta: &[u32], lanes: usize) -> LProgram {
     k.clone()
 }
 
-/// [`vectorized`] with `lanes` lanes exactly, if `k` qualifies.
-fn vectors_of(k: &LProgram, meta: &[u32], lanes: usize) -> Option<LProgram> {
+/// [`vectorized`] with `lanes` lanes exactly, if `k` qualifies; its f32 loads along the row
+/// [`PARAM_LANES`] an access where `params` allows and every one lies at whole vectors of them.
+fn vectors_of(k: &LProgram, meta: &[u32], lanes: usize, params: bool) -> Option<LProgram> {
     let (rank, last) = (k.rank, k.rank.checked_sub(1)?);
     let shape = |s: usize, part: usize| &meta[3 * rank * s + part * rank..3 * rank * s + (part + 1) * rank];
     let size = |s: usize| shape(s, 0).iter().map(|&e| e as usize).product::<usize>();
@@ -929,12 +936,26 @@ fn vectors_of(k: &LProgram, meta: &[u32], lanes: usize) -> Option<LProgram> {
             }
         }
     }
-    let contiguous = vectors.iter().all(|&(t, s)| {
+    // Tensor `t` read through shape `s` lies along the last axis in whole vectors of `n`.
+    let whole = |t: usize, s: usize, n: usize| {
         let strides = shape(s, 2);
-        let aligned = strides.iter().enumerate().all(|(a, &d)| a == last || k.kinds[s][a] == AxisKind::One || (d as usize).is_multiple_of(lanes));
-        k.kinds[s][last] == AxisKind::Full && strides[last] == 1 && aligned && offset(t).is_multiple_of(lanes)
-    });
-    (alone && parameters && contiguous).then_some(v)
+        let aligned = strides.iter().enumerate().all(|(a, &d)| a == last || k.kinds[s][a] == AxisKind::One || (d as usize).is_multiple_of(n));
+        k.kinds[s][last] == AxisKind::Full && strides[last] == 1 && aligned && offset(t).is_multiple_of(n)
+    };
+    let contiguous = vectors.iter().all(|&(t, s)| whole(t, s, lanes));
+    // The f32 loads along the row that the lanes read.
+    let mut along: Vec<(usize, usize)> = v.kept.iter().filter(|&&(_, s, buf)| buf == Buf::Work && k.kinds[s][last] == AxisKind::Full).map(|&(t, s, _)| (t, s)).collect();
+    for (_, p) in v.phases.iter().enumerate().filter(|&(ph, _)| v.in_lanes(ph)) {
+        along.extend(p.ops.iter().filter_map(|op| match *op {
+            LOp::Load(t, s, Buf::Work) if k.kinds[s][last] == AxisKind::Full => Some((t, s)),
+            _ => None,
+        }));
+    }
+    // (Not in a cube of more than `BLOCK` units: beside a row, its units have no registers
+    // for a vector's parameters at once — a layer norm's forward at rows of 16384 in bf16,
+    // cubes of 512 units, spilled.)
+    let vector_params = params && v.units == BLOCK && lanes.is_multiple_of(PARAM_LANES) && along.iter().all(|&(t, s)| whole(t, s, PARAM_LANES));
+    (alone && parameters && contiguous).then_some(LProgram { vector_params, ..v })
 }
 
 /// A plan bound to one call's shapes: what any runtime needs to run it. The input and the
@@ -967,7 +988,7 @@ impl Layout {
     pub fn vectorize(&mut self, bytes: usize, launch: &Launch) {
         let lanes = launch.vector_bytes / bytes.max(1);
         for (k, _) in &mut self.launches {
-            *k = vectorized(k, &self.meta, lanes);
+            *k = vectorized(k, &self.meta, lanes, launch.vector_params);
         }
     }
 
@@ -1090,7 +1111,11 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
             let mut own = 0;
             let end = match buf {
                 Buf::Io => &mut io_len,
-                Buf::Work => &mut work_len,
+                // (Each at whole vectors of `PARAM_LANES`, so rows may read them so.)
+                Buf::Work => {
+                    work_len = work_len.next_multiple_of(PARAM_LANES);
+                    &mut work_len
+                }
                 Buf::Input | Buf::GradOutput => &mut own,
             };
             offsets[t] = *end;
@@ -1154,7 +1179,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
 pub(crate) fn run<'a>(client: &cubecl::client::Client, plan: &Plan, lay: &Layout, io: Dtype, launch: &Launch, data: &dyn Fn(Source) -> Option<&'a [f32]>) -> Result<Vec<(Target, Vec<f32>)>, Error> {
     let held = io.held_on(client)?;
     let mut lay = lay.clone();
-    lay.vectorize(held.size(), &Launch { vector_bytes: launch.vector_bytes.min(WGSL_LANES * held.size()), ..*launch });
+    lay.vectorize(held.size(), &Launch { vector_bytes: launch.vector_bytes.min(WGSL_LANES * held.size()), vector_params: false, ..*launch });
     // The input and the output gradient as buffers of their own; two arenas: `io` in the
     // storage type, `work` in f32.
     let (mut x, mut dy) = (Vec::new(), Vec::new());

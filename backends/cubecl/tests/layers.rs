@@ -5,7 +5,7 @@
 mod common;
 
 use common::{registry, rel, values};
-use normforge_cubecl::kernel::{Buf, LOp, Reach};
+use normforge_cubecl::kernel::{Buf, LOp, Reach, PARAM_LANES};
 use normforge_cubecl::{cpu_device, CubeLayer, Dtype, Held, Launch};
 use normforge_reference::{Layer, Tensor};
 
@@ -310,7 +310,9 @@ fn laid(entry: &normforge_dsl::ir::Entry, prog: &normforge_dsl::ir::Program, sha
 /// Every std layer's parameters and buffers, in its forward and backward, lie side by side at
 /// the start of the work arena, in table order, so the CUDA path copies them in with one
 /// launch (not one per tensor: three for DyT, beside its one forward kernel); nothing else
-/// lies there.
+/// lies there. Each starts at whole vectors of `PARAM_LANES` values, where the last one ends
+/// or at most three values on (DyT's gamma follows its alpha of one value), as every tensor
+/// of the work arena does, so that rows may read them as vectors.
 #[test]
 fn handed_tensors_open_the_work_arena() {
     for r in registry().list(None) {
@@ -319,15 +321,16 @@ fn handed_tensors_open_the_work_arena() {
         for prog in [train, train_backward] {
             let plan = normforge_cubecl::plan(&r.entry, prog).unwrap();
             let lay = laid(&r.entry, prog, &shape, &Launch::default());
-            let mut end = 0;
+            let mut end = 0usize;
             for (t, &(src, ..)) in plan.tensors.iter().enumerate().filter(|(_, x)| x.0.handed()) {
                 assert_eq!(plan.tensors[t].2, Buf::Work, "{}: {src:?}", r.name);
-                assert_eq!(lay.offsets[t], end, "{}: {src:?} not where the last one ends", r.name);
-                end += lay.len(&plan, t);
+                assert_eq!(lay.offsets[t], end.next_multiple_of(PARAM_LANES), "{}: {src:?} not where the last one ends", r.name);
+                end = lay.offsets[t] + lay.len(&plan, t);
             }
             for (t, &(src, _, buf)) in plan.tensors.iter().enumerate() {
-                if buf == Buf::Work && !src.handed() {
-                    assert!(lay.offsets[t] >= end, "{}: {src:?} among the handed tensors", r.name);
+                if buf == Buf::Work {
+                    assert!(lay.offsets[t].is_multiple_of(PARAM_LANES), "{}: {src:?} at {}", r.name, lay.offsets[t]);
+                    assert!(src.handed() || lay.offsets[t] >= end, "{}: {src:?} among the handed tensors", r.name);
                 }
             }
         }

@@ -599,7 +599,7 @@ pub fn layer_against_torch(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shape: &[i64]) ->
 
 /// The launches of a layer's kernels the GPU check times and holds to the oracle at the timed
 /// shapes (tuning, never meaning), the default first.
-pub fn layer_launches() -> [(&'static str, Launch); 10] {
+pub fn layer_launches() -> [(&'static str, Launch); 11] {
     let default = Launch::default();
     [
         ("default", default),
@@ -614,6 +614,8 @@ pub fn layer_launches() -> [(&'static str, Launch); 10] {
         ("eight_values_per_unit", Launch { values_per_unit: 8, ..default }),
         // Kept rows read and written a value per access, not 16 bytes.
         ("one_value_per_access", Launch { vector_bytes: 0, ..default }),
+        // Rows read 16 bytes an access, their f32 parameters a value per lane.
+        ("parameters_per_lane", Launch { vector_params: false, ..default }),
     ]
 }
 

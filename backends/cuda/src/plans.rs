@@ -11,7 +11,7 @@ use crate::driver::{self, Gpu, Kernel};
 use crate::parallel::each_in_parallel;
 use crate::upload::{words, Cache};
 use normforge_cubecl::emit::{layer_unit, Lang};
-use normforge_cubecl::kernel::{Buf, LProgram};
+use normforge_cubecl::kernel::{Buf, LProgram, PARAM_LANES};
 use normforge_cubecl::{launched, layout, Dtype, Launch, Layout, Plan, Source};
 use normforge_dsl::bind::AxisBinding;
 use normforge_dsl::ir::Target;
@@ -197,7 +197,7 @@ impl Bound {
         };
         let (mut x, mut dy) = (None, None);
         // The parameters and buffers, which `layout` places side by side at the start of the
-        // work arena: one copy for all of them (a layer norm's forward launches one kernel).
+        // work arena (each at whole vectors): one copy for all of them (a layer norm's forward launches one kernel).
         let mut handed: Vec<Tensor> = Vec::new();
         let mut handed_len = 0;
         for (t, &(src, _, buf)) in plan.tensors.iter().enumerate() {
@@ -205,9 +205,14 @@ impl Bound {
             match data(src) {
                 Some(d) if d.numel() as i64 != len => return Err(Error(format!("{src:?} has {} values, the plan expects {len}", d.numel()))),
                 Some(d) if d.device() != dev => return Err(Error(format!("{src:?} is on {}, these kernels run on {}", named(d.device()), named(dev)))),
-                Some(d) if buf == Buf::Work && src.handed() && off == handed_len => {
+                // (`layout` starts each at whole vectors: what lies between, never read, is
+                // copied from an empty tensor.)
+                Some(d) if buf == Buf::Work && src.handed() && (handed_len..handed_len + PARAM_LANES as i64).contains(&off) => {
+                    if off > handed_len {
+                        handed.push(Tensor::empty([off - handed_len], (Kind::Float, dev)));
+                    }
                     handed.push(d.reshape([-1]).to_kind(Kind::Float));
-                    handed_len += len;
+                    handed_len = off + len;
                 }
                 Some(d) => match buf {
                     // (No copy unless `d` is strided or of another dtype.)
@@ -245,14 +250,19 @@ impl Bound {
 
     /// `lay`'s launches as they run on these buffers: a kernel reading vectors needs every
     /// buffer it reads so to start at a whole vector (a view may not); else it reads a value
-    /// at a time.
+    /// at a time. Its f32 parameters, likewise (a kept work arena may be a view).
     pub fn launches(&self, lay: &Layout, io: Dtype) -> Vec<(LProgram, (u32, u32, u32))> {
-        let [x, dy, io_arena, _] = self.pointers();
+        let [x, dy, io_arena, work] = self.pointers();
         lay.launches
             .iter()
             .map(|(k, grid)| {
                 let whole = [x, dy, io_arena].iter().all(|p| p % (k.vector.max(1) * io.size()) as u64 == 0);
-                (if whole { k.clone() } else { k.unvectorized() }, *grid)
+                let k = match (whole, work % (PARAM_LANES * 4) as u64 == 0) {
+                    (false, _) => k.unvectorized(),
+                    (true, false) => LProgram { vector_params: false, ..k.clone() },
+                    (true, true) => k.clone(),
+                };
+                (k, *grid)
             })
             .collect()
     }

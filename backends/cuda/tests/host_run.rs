@@ -68,14 +68,14 @@ fn call_in(gpu: &Arc<Gpu>, name: &str, shape: &[usize], io: Dtype, skip: usize, 
     let kind = kind_of(io);
     let x = stored(&values(1, n).iter().map(|v| 3.0 * v + 1.0).collect::<Vec<_>>(), kind, skip, shape);
     let gy = stored(&values(2, n), kind, skip, shape);
-    // Parameters other than their initial ones, so a value read at the wrong position shows;
-    // buffers as the reference initialises them.
+    // Parameters other than their initial ones, each element its own, so a value read at the
+    // wrong position shows; buffers as the reference initialises them.
     let init = normforge_reference::Layer::new(e.clone(), &overrides, shape).unwrap();
-    let host = |t: &normforge_reference::Tensor, f: &dyn Fn(f64) -> f64| {
-        Tensor::from_slice(&t.data.iter().map(|&v| f(v) as f32).collect::<Vec<_>>()).view(t.shape.iter().map(|&d| d as i64).collect::<Vec<_>>().as_slice())
+    let host = |t: &normforge_reference::Tensor, f: &dyn Fn(usize, f64) -> f64| {
+        Tensor::from_slice(&t.data.iter().enumerate().map(|(j, &v)| f(j, v) as f32).collect::<Vec<_>>()).view(t.shape.iter().map(|&d| d as i64).collect::<Vec<_>>().as_slice())
     };
-    let params: Vec<Tensor> = init.params.iter().enumerate().map(|(i, p)| host(p, &|v| v + 0.5 * (v * 7.3 + i as f64 * 1.9).sin())).collect();
-    let buffers: Vec<Tensor> = init.buffers.iter().map(|b| host(b, &|v| v)).collect();
+    let params: Vec<Tensor> = init.params.iter().enumerate().map(|(i, p)| host(p, &|j, v| v + 0.5 * (v * 7.3 + i as f64 * 1.9 + j as f64 * 0.37).sin())).collect();
+    let buffers: Vec<Tensor> = init.buffers.iter().map(|b| host(b, &|_, v| v)).collect();
     let data = |s: Source| match s {
         Source::Input => Some(x.shallow_clone()),
         Source::GradOutput => Some(gy.shallow_clone()),
@@ -120,6 +120,9 @@ fn vector_kernels_compute_on_the_host_what_the_reference_does() {
             assert!(f < bound.0 && b < bound.1, "{what}: forward {f:.2e}, backward {b:.2e} from the reference");
             assert_eq!(lanes, 16 / io.size(), "{what}: no 16-byte vectors");
             assert_eq!(units > 256, shape[1] == 16384, "{what}: the cube's size");
+            // Parameters along the row four values an access, in a cube of 256 units.
+            let wide = kernels.iter().filter(|k| k.vector >= 4 && k.units == 256 && !k.phases.is_empty());
+            assert!(wide.clone().all(|k| k.vector_params) && wide.count() > 0 || units > 256, "{what}: parameters read a value per lane");
         }
     }
 }

@@ -393,7 +393,9 @@ fn timed_elementwise_kernels_read_vectors_under_no_branch() {
             assert_eq!(k.vector * dtype.size(), launch.vector_bytes, "dyt {pass} {dtype:?}");
             let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(&k, dtype, Lang::Cuda).unwrap().source).unwrap().ptx;
             let count = |op: &str| ptx.lines().filter(|l| l.trim().starts_with(op)).count();
-            assert_eq!((count(load), count(store)), (k.values_per_unit, k.values_per_unit), "dyt {pass} {dtype:?}: vectors of x and y");
+            // (In f32, gamma's and beta's vectors too: `row_parameters_are_read_four_values_an_access`.)
+            let params = if dtype == Dtype::F32 { k.lane_params(0).len() * k.values_per_unit } else { 0 };
+            assert_eq!((count(load), count(store)), (k.values_per_unit + params, k.values_per_unit), "dyt {pass} {dtype:?}: vectors of x and y");
             let found = skippable(&ptx, |l| l.starts_with(load));
             assert!(found.is_empty(), "dyt {pass} {dtype:?}: loads under a branch: {found:?}");
             checked += 1;
@@ -479,3 +481,40 @@ fn step_kernels_load_under_no_branch() {
     assert!(checked >= 6 * 10, "{checked} step phases");
 }
 
+
+/// A kernel reading rows as vectors reads its f32 parameters along the row (gamma, beta) four
+/// values an access, not a value per lane, where a warp's loads of one lane would lie a vector
+/// apart: in the timed layers' kernels, each of these loads replaces four single ones, and
+/// every parameter along the row is so read — in every phase running lanes, kept or not, at
+/// each of a unit's vectors (`LProgram::lane_params`).
+#[test]
+fn row_parameters_are_read_four_values_an_access() {
+    let Some(nvrtc) = compiler(None) else { return };
+    use normforge_cubecl::kernel::{AxisKind, Buf, LProgram, PARAM_LANES};
+    let mut checked = 0;
+    for name in ["layer_norm", "rms_norm", "dyt"] {
+        for dtype in [Dtype::F32, Dtype::BF16] {
+            for (pass, k) in launched_at(name, &[16384, 4096], dtype).into_iter().filter(|(_, k)| k.vector > 1) {
+                let what = format!("{name} {pass} {dtype:?}");
+                assert!(k.vector_params, "{what}: parameters read a value per lane");
+                // Loads of f32 values (parameters, reductions) and of f32 vectors (x, dy in
+                // f32; the parameters) in the kernel and in the same reading per lane.
+                let loads = |k: &LProgram| {
+                    let ptx = nvrtc.compile(&normforge_cubecl::emit::layer_unit(k, dtype, Lang::Cuda).unwrap().source).unwrap().ptx;
+                    let count = |ops: &[&str]| ptx.lines().filter(|l| ops.iter().any(|op| l.trim().starts_with(op))).count();
+                    (count(&["ld.global.f32", "ld.global.nc.f32"]), count(&["ld.global.v4.f32", "ld.global.nc.v4.f32"]))
+                };
+                let (single, wide) = loads(&k);
+                let (per_lane, wide_per_lane) = loads(&LProgram { vector_params: false, ..k.clone() });
+                let kept = k.kept.iter().filter(|&&(_, s, buf)| buf == Buf::Work && k.kinds[s][k.rank - 1] == AxisKind::Full).count();
+                let along = kept + (0..k.phases.len()).map(|ph| k.lane_params(ph).len()).sum::<usize>();
+                let expected = along * k.unroll * k.vector / PARAM_LANES;
+                assert_eq!(wide - wide_per_lane, expected, "{what}: 16-byte loads of parameters");
+                assert_eq!(per_lane - single, PARAM_LANES * expected, "{what}: single loads replaced");
+                checked += (expected > 0) as usize;
+            }
+        }
+    }
+    // In f32 and bf16: the forwards of the three (DyT's elementwise), the backwards' row kernels.
+    assert_eq!(checked, 12);
+}
