@@ -133,6 +133,29 @@ def tables(ours, peers, card="(card unknown)"):
         for r in laid:
             cells = [(r["ms_other_layouts"].get(n)) for n in names]
             out.append(f"| {r['op'][: -len('_step')]} | {ms(r['ms'])} | " + " | ".join("—" if c is None else f"{c:.3f}, {c / r['ms']:.2f}x" for c in cells) + " |")
+    # For the record (no target): each layer's other launches (tuning, never meaning) against
+    # the default's time, and the share of copy the fastest reaches, so the next default is
+    # read off the same run.
+    launched = [r for r in ours if r.get("op") in LAYER_PEERS and r.get("impl") == "normforge" and isinstance(r.get("fwd_bwd_ms_by_launch"), dict)]
+    if launched:
+        names = []
+        for r in launched:
+            for key in ("fwd_ms_by_launch", "fwd_bwd_ms_by_launch"):
+                names += [n for n in (r.get(key) or {}) if n != "default" and n not in names]
+        out.append("\n| layer, other launches | dtype | pass | default (ms) | " + " | ".join(f"{n} (ms, x default)" for n in names) + " | fastest | its share of copy |")
+        out.append("|---|---|---|---|" + "---|" * len(names) + "---|---|")
+        for r in launched:
+            dtype = DTYPES.get(r.get("dtype"), r.get("dtype"))
+            for pass_, key in (("fwd", "fwd"), ("fwd+bwd", "fwd_bwd")):
+                by = r.get(f"{key}_ms_by_launch") or {}
+                base = by.get("default", r.get(f"{key}_ms"))
+                if not base:
+                    continue
+                cells = ["—" if by.get(n) is None else f"{by[n]:.3f}, {by[n] / base:.2f}x" for n in names]
+                best = min(by, key=by.get) if by else "default"
+                frac = r.get(f"{key}_of_copy")
+                share = None if frac is None or not by else frac * base / by[best]
+                out.append(f"| {r['op']} | {dtype} | {pass_} | {ms(base)} | " + " | ".join(cells) + f" | {best} | {pct(share)} |")
     # For the record (no target): a rule on bf16 or f16 parameters, ours beside torch's fused
     # kernel timed in the same binary (gpu_peers.py times f32 only).
     half = [r for r in ours if r.get("op") == "half_params" and "ms" in r]
@@ -163,7 +186,8 @@ def self_test():
         {"op": "adamw_step", "impl": "normforge", "ms": 2.0, "of_copy": 0.93, "first_step_s": 0.4, "ms_other_layouts": {"4x1": 2.2, "1x1": 2.6}},
         {"op": "lamb_step", "impl": "normforge", "ms": 3.0, "of_copy": 0.70, "first_step_s": 2.5},
         {"op": "rms_norm", "impl": "normforge", "dtype": "BFloat16", "fwd_ms": 0.10, "fwd_of_copy": 0.91, "fwd_bwd_ms": 0.30, "fwd_bwd_of_copy": 0.74},
-        {"op": "layer_norm", "impl": "normforge", "dtype": "Float", "fwd_ms": 0.20, "fwd_of_copy": 0.95, "fwd_bwd_ms": 0.50, "fwd_bwd_of_copy": 0.80},
+        {"op": "layer_norm", "impl": "normforge", "dtype": "Float", "fwd_ms": 0.20, "fwd_of_copy": 0.95, "fwd_bwd_ms": 0.50, "fwd_bwd_of_copy": 0.80,
+         "fwd_ms_by_launch": {"default": 0.20, "parameters_per_lane": 0.25}, "fwd_bwd_ms_by_launch": {"default": 0.50, "rows64": 0.40, "parameters_per_lane": 0.55}},
         {"op": "muon_routing", "shape": [1024, 4096], "kernels_index_it": False, "ms": 1.5, "lowered_ms": 1.4},
         {"op": "half_params", "rule": "adamw", "dtype": "bf16", "impl": "normforge", "ms": 1.1, "of_copy": 0.88},
         {"op": "half_params", "rule": "adamw", "dtype": "bf16", "impl": "torch_fused", "ms": 1.3, "of_copy": 0.75},
@@ -204,6 +228,11 @@ def self_test():
     # And each step's other layouts, against the default's time.
     assert "| adamw | 2.000 | 2.200, 1.10x | 2.600, 1.30x |" in text, text
     assert not any("layout" in k for k in p), p
+    # And each layer's other launches, against the default's time, with the fastest's share
+    # of copy (0.80 x 0.50 / 0.40); a launch a pass did not time is a dash.
+    assert "| layer_norm | torch.float32 | fwd | 0.200 | 0.250, 1.25x | — | default | 95% |" in text, text
+    assert "| layer_norm | torch.float32 | fwd+bwd | 0.500 | 0.550, 1.10x | 0.400, 0.80x | rows64 | 100% |" in text, text
+    assert not any("rows64" in k or "parameters_per_lane" in k for k in p), p
     # So are the half-precision parameters', beside torch's fused kernel.
     assert "| adamw | bf16 | 1.100 | 88% | 1.300 | 75% |" in text, text
     assert not any("half" in k or "bf16" in k for k in p), p
