@@ -37,7 +37,9 @@ fn stored(v: &[f32], kind: Kind, skip: usize, shape: &[usize]) -> Tensor {
 
 /// One program of `e` run on the host by `PlanKernels`, as a layer's call runs it: every
 /// output by target, and the kernels it launched.
-fn run(gpu: &Arc<Gpu>, e: &Entry, prog: &Program, hp: &[f64], io: Dtype, x: &Tensor, data: &dyn Fn(Source) -> Option<Tensor>) -> (Vec<(Target, Tensor)>, Vec<LProgram>) {
+/// (With `work_skip`, in a kept work arena starting that many values into its storage.)
+#[allow(clippy::too_many_arguments)]
+fn run(gpu: &Arc<Gpu>, e: &Entry, prog: &Program, hp: &[f64], io: Dtype, x: &Tensor, data: &dyn Fn(Source) -> Option<Tensor>, work_skip: usize) -> (Vec<(Target, Tensor)>, Vec<LProgram>) {
     let p = plan(e, prog).unwrap();
     let dims: Vec<usize> = x.size().iter().map(|&d| d as usize).collect();
     let b = normforge_dsl::bind::bind_axes(&e.axes, &dims, "x").unwrap();
@@ -45,20 +47,21 @@ fn run(gpu: &Arc<Gpu>, e: &Entry, prog: &Program, hp: &[f64], io: Dtype, x: &Ten
     let lay = kernels.layout(&p, &b, hp, 0.0, io).unwrap();
     let given: Vec<(Source, Tensor)> = p.tensors.iter().filter_map(|&(s, _, _)| data(s).map(|t| (s, t))).collect();
     let find = |s: Source| given.iter().find(|(g, _)| *g == s).map(|(_, t)| t);
+    let work = (work_skip > 0).then(|| Tensor::zeros([(lay.work_len + work_skip) as i64], (Kind::Float, Device::Cpu)).narrow(0, work_skip as i64, lay.work_len as i64));
     // What `run_laid` binds and launches (bound here too, for the list).
-    let launched = Bound::new(&p, &lay, io, Device::Cpu, &find, None).unwrap().launches(&lay, io).into_iter().map(|(k, _)| k).collect();
-    (kernels.run_laid(&p, &lay, io, &find, None).unwrap(), launched)
+    let launched = Bound::new(&p, &lay, io, Device::Cpu, &find, work.as_ref()).unwrap().launches(&lay, io).into_iter().map(|(k, _)| k).collect();
+    (kernels.run_laid(&p, &lay, io, &find, work.as_ref()).unwrap(), launched)
 }
 
 /// A training call of layer `name` (forward and backward) on the host, its input of `shape`
 /// stored as `io` and starting `skip` elements into its storage: its largest relative errors
 /// against the reference backend, and the kernels it launched.
 fn call(gpu: &Arc<Gpu>, name: &str, shape: &[usize], io: Dtype, skip: usize) -> (f64, f64, Vec<LProgram>) {
-    call_in(gpu, name, shape, io, skip, true)
+    call_in(gpu, name, shape, io, skip, true, 0)
 }
 
 /// As [`call`], a training call or (`train` false) an evaluation call.
-fn call_in(gpu: &Arc<Gpu>, name: &str, shape: &[usize], io: Dtype, skip: usize, train_mode: bool) -> (f64, f64, Vec<LProgram>) {
+fn call_in(gpu: &Arc<Gpu>, name: &str, shape: &[usize], io: Dtype, skip: usize, train_mode: bool, work_skip: usize) -> (f64, f64, Vec<LProgram>) {
     let e = entry(name);
     let overrides = normforge_cuda::check::in_groups_of_two(&e);
     let hp = normforge_dsl::hyper::resolve(&e, &overrides).unwrap();
@@ -83,8 +86,8 @@ fn call_in(gpu: &Arc<Gpu>, name: &str, shape: &[usize], io: Dtype, skip: usize, 
         Source::Buffer(i) => buffers.get(i as usize).map(|t| t.shallow_clone()),
         _ => None,
     };
-    let (fwd, fwd_k) = run(gpu, &e, forward, &hp, io, &x, &data);
-    let (bwd, bwd_k) = run(gpu, &e, backward, &hp, io, &x, &data);
+    let (fwd, fwd_k) = run(gpu, &e, forward, &hp, io, &x, &data, work_skip);
+    let (bwd, bwd_k) = run(gpu, &e, backward, &hp, io, &x, &data, work_skip);
     let y = pick(&fwd, Target::Y).unwrap().view(x.size().as_slice());
     let after: Vec<Tensor> = buffers.iter().enumerate().map(|(i, b)| pick(&fwd, Target::Buffer(i as u32)).map(|t| t.view(b.size().as_slice())).unwrap_or_else(|_| b.shallow_clone())).collect();
     let grad_x = pick(&bwd, Target::GradInput).unwrap().view(x.size().as_slice());
@@ -137,6 +140,22 @@ fn views_starting_mid_vector_compute_the_same_a_value_at_a_time() {
         assert!(kernels.iter().all(|k| k.vector <= 1), "{io:?}: a misaligned view read as vectors");
         let bound = if io == Dtype::F32 { (1e-5, 1e-4) } else { (1e-2, 1e-2) };
         assert!(f < bound.0 && b < bound.1, "{io:?}: forward {f:.2e}, backward {b:.2e} from the reference");
+    }
+}
+
+/// A kept work arena starting mid-vector (a view) keeps rows read as vectors but their f32
+/// parameters a value per lane (`Bound::launches`), to the same results.
+#[test]
+fn a_work_arena_starting_mid_vector_reads_parameters_a_value_per_lane() {
+    let Some(gpu) = HostCompiler::gpu() else { return };
+    for io in [Dtype::BF16, Dtype::F32] {
+        for (work_skip, wide) in [(0, true), (1, false)] {
+            let (f, b, kernels) = call_in(&gpu, "layer_norm", &[8, 1024], io, 0, true, work_skip);
+            let vectors: Vec<&LProgram> = kernels.iter().filter(|k| k.vector > 1).collect();
+            assert!(!vectors.is_empty() && vectors.iter().all(|k| k.vector_params == wide), "{io:?}, work {work_skip} values in: parameters as vectors {wide} expected");
+            let bound = if io == Dtype::F32 { (1e-5, 1e-4) } else { (1e-2, 1e-2) };
+            assert!(f < bound.0 && b < bound.1, "{io:?}, work {work_skip} values in: forward {f:.2e}, backward {b:.2e} from the reference");
+        }
     }
 }
 
@@ -231,7 +250,7 @@ fn every_std_layer_computes_on_the_host_what_the_reference_does() {
     for name in &layers {
         for io in [Dtype::F32, Dtype::BF16] {
             for train in [true, false] {
-                let (f, b, _) = call_in(&gpu, name, &[2, 4, 6, 32], io, 0, train);
+                let (f, b, _) = call_in(&gpu, name, &[2, 4, 6, 32], io, 0, train, 0);
                 let what = format!("{name} {io:?} {}", if train { "training" } else { "evaluation" });
                 eprintln!("{what}: forward {f:.2e}, backward {b:.2e}");
                 let bound = if io == Dtype::F32 { (1e-5, 1e-4) } else { (1e-2, 1e-2) };
