@@ -785,6 +785,19 @@ impl LProgram {
         out
     }
 
+    /// Whether kept load `load` is read [`PARAM_LANES`] values an access (`fill`): an f32 one
+    /// along the row, with `vector_params`.
+    pub fn kept_wide(&self, (_, s, buf): (usize, usize, Buf)) -> bool {
+        self.vector_params && buf == Buf::Work && self.kinds[s].last() == Some(&AxisKind::Full)
+    }
+
+    /// Every load read [`PARAM_LANES`] values an access, once for each phase reading it so:
+    /// the kept ones (`kept_wide`), then each phase's `lane_params`.
+    pub fn wide_loads(&self) -> Vec<(usize, usize, Buf)> {
+        let kept = self.kept.iter().copied().filter(|&l| self.kept_wide(l));
+        kept.chain((0..self.phases.len()).flat_map(|ph| self.lane_params(ph))).collect()
+    }
+
     /// The neighbouring positions phase `ph` reads as one (`vector` where it keeps loads).
     pub fn lanes(&self, ph: usize) -> usize {
         if self.keeps(ph) {
@@ -1162,7 +1175,7 @@ fn fill<F: Float, N: Size>(
         let (t, s, buf) = comptime! { prog.kept[c] };
         let off = offset(idx, tab, prog.clone(), t, s);
         let base = comptime! { c * slots + at };
-        if comptime! { buf == Buf::Work && prog.vector_params && prog.kinds[s][prog.rank - 1] == AxisKind::Full } {
+        if comptime! { prog.kept_wide((t, s, buf)) } {
             fill_wide(work, off, cache, base, lanes);
         } else if comptime! { buf == Buf::Work } {
             let along = comptime! { prog.kinds[s][prog.rank - 1] != AxisKind::One };

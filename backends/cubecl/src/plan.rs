@@ -943,19 +943,13 @@ fn vectors_of(k: &LProgram, meta: &[u32], lanes: usize, params: bool) -> Option<
         k.kinds[s][last] == AxisKind::Full && strides[last] == 1 && aligned && offset(t).is_multiple_of(n)
     };
     let contiguous = vectors.iter().all(|&(t, s)| whole(t, s, lanes));
-    // The f32 loads along the row that the lanes read.
-    let mut along: Vec<(usize, usize)> = v.kept.iter().filter(|&&(_, s, buf)| buf == Buf::Work && k.kinds[s][last] == AxisKind::Full).map(|&(t, s, _)| (t, s)).collect();
-    for (_, p) in v.phases.iter().enumerate().filter(|&(ph, _)| v.in_lanes(ph)) {
-        along.extend(p.ops.iter().filter_map(|op| match *op {
-            LOp::Load(t, s, Buf::Work) if k.kinds[s][last] == AxisKind::Full => Some((t, s)),
-            _ => None,
-        }));
-    }
-    // (Not in a cube of more than `BLOCK` units: beside a row, its units have no registers
-    // for a vector's parameters at once — a layer norm's forward at rows of 16384 in bf16,
-    // cubes of 512 units, spilled.)
-    let vector_params = params && v.units == BLOCK && lanes.is_multiple_of(PARAM_LANES) && along.iter().all(|&(t, s)| whole(t, s, PARAM_LANES));
-    (alone && parameters && contiguous).then_some(LProgram { vector_params, ..v })
+    // The f32 loads along the row the lanes would read four values an access, each at whole
+    // vectors of them. (Not in a cube of more than `BLOCK` units: beside a row, its units have
+    // no registers for a vector's parameters at once — a layer norm's forward at rows of 16384
+    // in bf16, cubes of 512 units, spilled.)
+    let wide = LProgram { vector_params: true, ..v };
+    let vector_params = params && wide.units == BLOCK && lanes.is_multiple_of(PARAM_LANES) && wide.wide_loads().iter().all(|&(t, s, _)| whole(t, s, PARAM_LANES));
+    (alone && parameters && contiguous).then_some(LProgram { vector_params, ..wide })
 }
 
 /// A plan bound to one call's shapes: what any runtime needs to run it. The input and the

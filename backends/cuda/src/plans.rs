@@ -197,7 +197,8 @@ impl Bound {
         };
         let (mut x, mut dy) = (None, None);
         // The parameters and buffers, which `layout` places side by side at the start of the
-        // work arena (each at whole vectors): one copy for all of them (a layer norm's forward launches one kernel).
+        // work arena (each at whole vectors): one copy for all of them (a layer norm's forward
+        // launches one kernel).
         let mut handed: Vec<Tensor> = Vec::new();
         let mut handed_len = 0;
         for (t, &(src, _, buf)) in plan.tensors.iter().enumerate() {

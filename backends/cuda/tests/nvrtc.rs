@@ -490,7 +490,7 @@ fn step_kernels_load_under_no_branch() {
 #[test]
 fn row_parameters_are_read_four_values_an_access() {
     let Some(nvrtc) = compiler(None) else { return };
-    use normforge_cubecl::kernel::{AxisKind, Buf, LProgram, PARAM_LANES};
+    use normforge_cubecl::kernel::{LProgram, PARAM_LANES};
     let mut checked = 0;
     for name in ["layer_norm", "rms_norm", "dyt"] {
         for dtype in [Dtype::F32, Dtype::BF16] {
@@ -506,9 +506,8 @@ fn row_parameters_are_read_four_values_an_access() {
                 };
                 let (single, wide) = loads(&k);
                 let (per_lane, wide_per_lane) = loads(&LProgram { vector_params: false, ..k.clone() });
-                let kept = k.kept.iter().filter(|&&(_, s, buf)| buf == Buf::Work && k.kinds[s][k.rank - 1] == AxisKind::Full).count();
-                let along = kept + (0..k.phases.len()).map(|ph| k.lane_params(ph).len()).sum::<usize>();
-                let expected = along * k.unroll * k.vector / PARAM_LANES;
+                // Each load along the row at each of a unit's vectors, in each phase reading it.
+                let expected = k.wide_loads().len() * k.unroll * k.vector / PARAM_LANES;
                 assert_eq!(wide - wide_per_lane, expected, "{what}: 16-byte loads of parameters");
                 assert_eq!(per_lane - single, PARAM_LANES * expected, "{what}: single loads replaced");
                 checked += (expected > 0) as usize;
