@@ -27,7 +27,6 @@
 use normforge_cubecl::kernel::StepLayout;
 use normforge_cubecl::Precision;
 use normforge_cuda::{check, Arena, CudaOptimizer, Gpu};
-use normforge_tch::RegistryExt;
 use tch::nn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -313,10 +312,7 @@ fn main() {
     ] {
         let line = guarded(|| -> Result<(String, String, bool), String> {
             let vs = nn::VarStore::new(dev);
-            let mut spec = reg.layer(name).map_err(|e| e.0)?;
-            if name == "evonorm_s0" {
-                spec = spec.hparam("groups", 32.0);
-            }
+            let spec = check::timed_layer(layer_entry(&reg, name));
             let x = Tensor::randn(shape.as_slice(), (kind, dev)).set_requires_grad(true);
             let gy = Tensor::randn(shape.as_slice(), (kind, dev));
             let bytes = x.numel() as f64 * x.kind().elt_size_in_bytes() as f64;

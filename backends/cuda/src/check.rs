@@ -619,6 +619,18 @@ pub fn layer_launches() -> [(&'static str, Launch); 11] {
     ]
 }
 
+/// A layer the GPU check times, as it builds it: EvoNorm in 32 groups (of 8 channels at the
+/// timed 256, as gpu_peers.py's group norm), the rest with their defaults.
+pub fn timed_layer(entry: Arc<Entry>) -> normforge_tch::LayerSpec {
+    let grouped = entry.name == "evonorm_s0";
+    let spec = normforge_tch::LayerSpec(normforge_tch::Spec { entry, hparams: Vec::new() });
+    if grouped {
+        spec.hparam("groups", 32.0)
+    } else {
+        spec
+    }
+}
+
 /// A layer of `spec` under `path` for inputs of `shape`, its kernels ours on `gpu`, launched as
 /// `launch`.
 pub fn with_launch(gpu: &Arc<Gpu>, spec: &normforge_tch::LayerSpec, path: &tch::nn::Path, shape: &[i64], launch: Launch) -> Result<DslLayer, String> {

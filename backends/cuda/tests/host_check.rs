@@ -101,11 +101,7 @@ fn every_timed_launch_matches_the_oracle_on_the_host() {
     let Some(gpu) = HostCompiler::gpu() else { return };
     let all = std_entries();
     for (name, shape) in [("layer_norm", vec![128i64, 256]), ("rms_norm", vec![128, 256]), ("dyt", vec![128, 256]), ("evonorm_s0", vec![2, 64, 6, 6])] {
-        let entry = all.iter().find(|r| r.0 == name).map(|r| r.1.clone()).unwrap();
-        let mut spec = normforge_tch::LayerSpec(normforge_tch::Spec { entry, hparams: Vec::new() });
-        if name == "evonorm_s0" {
-            spec = spec.hparam("groups", 32.0);
-        }
+        let spec = check::timed_layer(all.iter().find(|r| r.0 == name).map(|r| r.1.clone()).unwrap());
         for kind in [Kind::Float, Kind::BFloat16] {
             let _seeded = normforge_tch::seeded(9);
             let x = Tensor::randn(shape.as_slice(), (kind, Device::Cpu)).set_requires_grad(true);
