@@ -5,6 +5,8 @@
 //! hands them — the eight-lane bf16 and f16 vectors included, which CubeCL's own runtime here
 //! (lavapipe, WGSL's `vec4`) cannot run. [`HostCompiler::gpu`] is a `Gpu` standing on the host
 //! with this compiler as its `HostDevice`, so the CUDA path itself launches them, on CPU tensors.
+//! Built with the undefined-behaviour sanitizer's checks of what a GPU faults on or gets wrong
+//! and a CPU forgives (a misaligned vector access above all), so such a kernel stops the test.
 //!
 //! NVIDIA's headers give the host what NVRTC has built in: `cuda_bf16.h` and `cuda_fp16.h` from
 //! the CUDA runtime's package (`NORMFORGE_CUDA_INCLUDE`), the compiler's `crt/` headers and
@@ -54,8 +56,18 @@ pub struct HostCompiler {
 }
 
 /// The options every unit and the precompiled prelude are built with (a precompiled header is
-/// used only under the options it was made with).
-const OPTIONS: [&str; 5] = ["-std=c++20", "-O1", "-fPIC", "-pthread", "-w"];
+/// used only under the options it was made with). The sanitizers stop the test, with the
+/// kernel's line, at what the host forgives and a GPU does not: a vector access off its
+/// alignment (a fault there), a register array indexed past its end, a division by zero.
+const OPTIONS: [&str; 7] = [
+    "-std=c++20",
+    "-O1",
+    "-fPIC",
+    "-pthread",
+    "-w",
+    "-fsanitize=alignment,bounds,integer-divide-by-zero",
+    "-fno-sanitize-recover=all",
+];
 
 impl HostCompiler {
     /// The compiler, where the CUDA headers are set up; else `None` with the reason printed,
@@ -136,13 +148,18 @@ impl HostCompiler {
         let key = xxhash_rust::xxh3::xxh3_64(format!("{}\n{unit}", self.prelude.display()).as_bytes());
         let lib_path = self.dir.join(format!("{key:016x}.so"));
         if !lib_path.exists() {
-            let cpp = self.partial(&self.dir.join(format!("{key:016x}.cpp")));
-            std::fs::write(&cpp, unit).map_err(|e| e.to_string())?;
+            // Kept beside the library, under the name a sanitizer's report gives (`#line`).
+            let source_path = lib_path.with_extension("cpp");
+            let cpp = self.partial(&source_path);
+            std::fs::write(&cpp, format!("#line 2 \"{}\"\n{unit}", source_path.display())).map_err(|e| e.to_string())?;
             let part = self.partial(&lib_path);
             let prelude = self.prelude.to_str().ok_or("a path not in UTF-8")?;
             let built = self.compile(&["-x", "c++", "-shared", "-include", prelude], &cpp, &part);
-            let _ = std::fs::remove_file(&cpp);
+            if built.is_err() {
+                let _ = std::fs::remove_file(&cpp);
+            }
             built?;
+            std::fs::rename(&cpp, &source_path).map_err(|e| e.to_string())?;
             std::fs::rename(&part, &lib_path).map_err(|e| e.to_string())?;
         }
         // SAFETY: a library built from the kernel and the prelude; it runs no code on loading.
