@@ -142,9 +142,13 @@ impl PlanKernels {
     pub fn run_laid<'a>(&self, plan: &Plan, lay: &Layout, io: Dtype, data: &dyn Fn(Source) -> Option<&'a Tensor>, work: Option<&Tensor>) -> Result<Vec<(Target, Tensor)>, Error> {
         let dev = self.gpu.device();
         let bound = Bound::new(plan, lay, io, dev, data, work)?;
-        let tables = self.uploads.pack(vec![words(&lay.meta), words(&lay.scalars), driver::info(&bound.lengths(lay))], dev);
-        let stream = self.gpu.stream().map_err(err)?;
         let launches = bound.launches(lay, io);
+        // An info per vector width the launches read x, dy and `io` in (their lengths count
+        // vectors, as CubeCL's own launches count them).
+        let widths: Vec<usize> = launches.iter().map(|(k, _)| k.vector.max(1)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let infos = widths.iter().map(|&v| driver::info(&bound.lengths(lay, v)));
+        let tables = self.uploads.pack([words(&lay.meta), words(&lay.scalars)].into_iter().chain(infos).collect(), dev);
+        let stream = self.gpu.stream().map_err(err)?;
         // A first call compiles its kernels at once; later ones find them loaded and start no
         // thread.
         let missing: Vec<&LProgram> = {
@@ -161,7 +165,8 @@ impl PlanKernels {
             // layout); the info gives every length; units or cubes past the target's size do
             // nothing; all of them live until the stream has run the launch (torch's allocator
             // reuses memory in stream order).
-            unsafe { self.gpu.launch(&kernel, *grid, k.units as u32, &bufs, tables.ptr(2), stream) }.map_err(err)?;
+            let info = tables.ptr(2 + widths.iter().position(|&v| v == k.vector.max(1)).expect("a width of the launches"));
+            unsafe { self.gpu.launch(&kernel, *grid, k.units as u32, &bufs, info, stream) }.map_err(err)?;
         }
         Ok(bound.outputs(plan, lay))
     }
@@ -239,9 +244,11 @@ impl Bound {
         Ok(Bound { x, dy, io: io_arena, work })
     }
 
-    /// The buffers' lengths, in elements, for the kernels' `info_st` ([`driver::info`]).
-    pub fn lengths(&self, lay: &Layout) -> [usize; LAYER_BUFFERS] {
-        [self.x.numel(), self.dy.numel(), self.io.numel(), self.work.numel(), lay.meta.len(), lay.scalars.len()]
+    /// The buffers' lengths, for the `info_st` of kernels reading x, dy and `io` in vectors of
+    /// `vector` values ([`driver::info`]): in those vectors, the rest in values.
+    pub fn lengths(&self, lay: &Layout, vector: usize) -> [usize; LAYER_BUFFERS] {
+        let v = vector.max(1);
+        [self.x.numel() / v, self.dy.numel() / v, self.io.numel() / v, self.work.numel(), lay.meta.len(), lay.scalars.len()]
     }
 
     /// Where the buffers start, in the kernels' parameter order.

@@ -5,8 +5,11 @@
 //! hands them — the eight-lane bf16 and f16 vectors included, which CubeCL's own runtime here
 //! (lavapipe, WGSL's `vec4`) cannot run. [`HostCompiler::gpu`] is a `Gpu` standing on the host
 //! with this compiler as its `HostDevice`, so the CUDA path itself launches them, on CPU tensors.
-//! Built with the undefined-behaviour sanitizer's checks of what a GPU faults on or gets wrong
-//! and a CPU forgives (a misaligned vector access above all), so such a kernel stops the test.
+//! What a GPU faults on or gets wrong and a CPU forgives stops the test, naming the kernel: a
+//! misaligned vector access, a register array indexed past its end or a division by zero
+//! (the undefined-behaviour sanitizer, `OPTIONS`), and an access past the end of a buffer (each
+//! launch's buffers copied against an inaccessible page, `nf_guarded` in `prelude.h`, by the
+//! lengths in the kernel's info — so those must be right too).
 //!
 //! NVIDIA's headers give the host what NVRTC has built in: `cuda_bf16.h` and `cuda_fp16.h` from
 //! the CUDA runtime's package (`NORMFORGE_CUDA_INCLUDE`), the compiler's `crt/` headers and
@@ -195,6 +198,6 @@ fn wrap(source: &str, name: &str) -> String {
     format!(
         "namespace nf_kernel {{\n{body}\n}}\n\
          extern \"C\" void nf_entry(unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {{\n\
-         {launch}(nf_kernel::{name}, gx, gy, gz, units, shared, args);\n}}\n"
+         nf_guarded(nf_kernel::{name}, \"{name}\", gx, gy, gz, units, shared, args, {launch});\n}}\n"
     )
 }
