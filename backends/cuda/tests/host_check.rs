@@ -25,7 +25,7 @@ fn std_entries() -> Vec<(String, Arc<Entry>)> {
 /// against the reference backend, in every layout the timings compare for a fused rule, and
 /// against libtorch's own optimizer where it has one (on the CPU here) — within the issue's
 /// bound, 1e-5. Muon on its three small matrices (tall, wide, square: both of its forms): its
-/// products on the larger two, a host thread per unit of each cube, take minutes here
+/// products on the larger two, each unit of a cube run in turn on one core, take minutes here
 /// (`host_run` steps it on stacks of 32 x 40, 40 x 32 and 32 x 32).
 #[test]
 fn every_std_rule_passes_the_gpu_checks_rule_checks_on_the_host() {

@@ -303,40 +303,48 @@ fn stacked_std_rules_step_on_the_host_as_the_reference_does() {
 }
 
 /// A hand-written kernel in CubeCL's form (its buffers, then its `info_st`): each of 64 units
-/// writes its input's value plus its neighbour's — `past_end` reading one float past the
-/// input's end, `misaligned` 16 bytes from 4 bytes into it, `within` neither.
+/// writes its input's value plus its neighbour's, as `FAULT_BODY` reads it.
 const FAULTING: &str = r#"
 struct info_st { uint32_t static_meta[2]; };
 struct alignas(16) float_4 { float i_0; float i_1; float i_2; float i_3; };
 extern "C" __global__ void fault_FAULT(float const* const __restrict__ v0, float* const __restrict__ v1, info_st const* const __restrict__ v2) {
+extern __shared__ __align__(4) char v3[];
+    float* const sh = reinterpret_cast<float*>(v3);
     uint32_t const i = threadIdx.x;
     uint32_t const n = v2->static_meta[0];
-    float const next = FAULT_READ;
-    v1[i] = v0[i] + next;
+    FAULT_BODY
 }
 "#;
 
-/// Runs the kernel [`FAULTING`] names by `NF_FAULT`, for the test below (in a process of its
-/// own: the faults end it).
+/// How each case of [`FAULTING`] reads the neighbour: within bounds; one float past the
+/// input's end; 16 bytes from 4 bytes into it; through shared memory with a barrier between
+/// the writes and the reads; without (after one, so that the units run as a cube's).
+const FAULTS: [(&str, &str); 5] = [
+    ("within", "v1[i] = v0[i] + v0[(i + 1) % n];"),
+    ("past_end", "v1[i] = v0[i] + v0[i + 1];"),
+    ("misaligned", "v1[i] = v0[i] + reinterpret_cast<float_4 const*>(v0 + 1)[i / 4 % (n / 4 - 1)].i_0;"),
+    ("synced", "sh[i] = v0[i]; __syncthreads(); v1[i] = v0[i] + sh[(i + 1) % n];"),
+    ("unsynced", "__syncthreads(); sh[i] = v0[i]; v1[i] = v0[i] + sh[(i + 1) % n];"),
+];
+
+/// Runs the case of [`FAULTING`] that `NF_FAULT` names, for the test below (in a process of
+/// its own: the faults end it).
 #[test]
 #[ignore = "faults on purpose: run in a child process by faults_a_gpu_would_take_stop_the_host_test"]
 fn a_kernel_faulting_as_told() {
     let cc = HostCompiler::find().expect("the host's compiler");
     let fault = std::env::var("NF_FAULT").expect("NF_FAULT");
-    let read = match fault.as_str() {
-        "past_end" => "v0[i + 1]",
-        "misaligned" => "reinterpret_cast<float_4 const*>(v0 + 1)[i / 4 % (n / 4 - 1)].i_0",
-        _ => "v0[(i + 1) % n]",
-    };
-    let unit = cc.kernel(&FAULTING.replace("FAULT_READ", read).replace("FAULT", &fault)).unwrap();
+    let body = FAULTS.iter().find(|f| f.0 == fault).expect("a case").1;
+    let unit = cc.kernel(&FAULTING.replace("FAULT_BODY", body).replace("FAULT", &fault)).unwrap();
     // Starting at a whole vector, as a tensor's storage does.
     #[repr(align(16))]
     struct Aligned([f32; 64]);
     let (input, mut output) = (Aligned([1f32; 64]), [0f32; 64]);
     let info = normforge_cuda::driver::info(&[input.0.len(), output.len()]);
-    // SAFETY: the kernel's parameters: two buffers of 64 floats and their info.
-    unsafe { normforge_cuda::driver::HostKernel::launch(&unit, (1, 1, 1), 64, 0, &[input.0.as_ptr() as u64, output.as_mut_ptr() as u64, info.as_ptr() as u64]) };
-    assert_eq!(output, [2f32; 64]);
+    // SAFETY: the kernel's parameters: two buffers of 64 floats and their info; a float of
+    // shared memory per unit.
+    unsafe { normforge_cuda::driver::HostKernel::launch(&unit, (1, 1, 1), 64, 64 * 4, &[input.0.as_ptr() as u64, output.as_mut_ptr() as u64, info.as_ptr() as u64]) };
+    assert_eq!(output, [2f32; 64], "what the kernel wrote");
 }
 
 #[test]
@@ -348,6 +356,8 @@ fn faults_a_gpu_would_take_stop_the_host_test() {
         ("within", None),
         ("past_end", Some("out of bounds: kernel fault_past_end touched 0 bytes past the end of its buffer 0")),
         ("misaligned", Some("misaligned address")),
+        ("synced", None),
+        ("unsynced", Some("what the kernel wrote")),
     ];
     for (fault, says) in said {
         let exe = std::env::current_exe().unwrap();

@@ -1,6 +1,7 @@
 //! The CUDA C++ that NVRTC compiles for the GPU, compiled by the host's C++ compiler and run on
-//! the CPU (`prelude.h`: a cube at a time, a host thread per unit where units wait for one
-//! another at `__syncthreads`): a slow device for checking,
+//! the CPU (`prelude.h`: a cube at a time, each unit a coroutine where units wait for one
+//! another at `__syncthreads`, run to its next in alternating orders, so a barrier missing
+//! between a write and another unit's read shows every run): a slow device for checking,
 //! on a machine with no GPU, what the kernels compute from the buffers and tables the CUDA path
 //! hands them — the eight-lane bf16 and f16 vectors included, which CubeCL's own runtime here
 //! (lavapipe, WGSL's `vec4`) cannot run. [`HostCompiler::gpu`] is a `Gpu` standing on the host
@@ -193,7 +194,7 @@ fn wrap(source: &str, name: &str) -> String {
             None => body.push_str(line),
         }
     }
-    // A thread per unit only where units wait for one another.
+    // Units as coroutines only where they wait for one another.
     let launch = if source.contains("__syncthreads") { "nf_launch" } else { "nf_launch_serial" };
     format!(
         "namespace nf_kernel {{\n{body}\n}}\n\

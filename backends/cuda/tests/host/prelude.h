@@ -1,7 +1,7 @@
 // What a CUDA translation unit of CubeCL's takes from the device, for a host compiler: a
-// kernel that synchronises its cube runs as one host thread per unit, a cube at a time,
-// `__syncthreads` a barrier of the cube's threads; one that does not, its units one after
-// another on the caller's thread. NVIDIA's own headers give the bf16 and f16 types and their conversions (the
+// kernel that synchronises its cube runs as one coroutine per unit, a cube at a time,
+// `__syncthreads` where each yields (`nf_launch`); one that does not, its units one after
+// another. Both on the caller's thread. NVIDIA's own headers give the bf16 and f16 types and their conversions (the
 // host forms of what NVRTC compiles), <math.h> the float overloads of the functions the kernels
 // call. Included ahead of the kernel's source, which `mod.rs` wraps in a namespace so that its
 // own integer typedefs do not clash with the host's.
@@ -12,15 +12,16 @@
 #include <stdint.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <ucontext.h>
 #include <unistd.h>
 #include <algorithm>
 #include <atomic>
-#include <barrier>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <functional>
 #include <memory>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -36,7 +37,6 @@ struct nf_dim3 {
 };
 // Per thread, all four: test threads may launch the same kernel at once.
 static thread_local nf_dim3 threadIdx, blockIdx, blockDim, gridDim;
-static thread_local std::barrier<>* nf_cube;
 // The cube's dynamic shared memory (`host.rs` points each kernel's `extern __shared__` here).
 static thread_local char* nf_shared;
 
@@ -44,8 +44,6 @@ static thread_local char* nf_shared;
 struct alignas(16) nf_words {
     float f[4];
 };
-
-static inline void __syncthreads() { nf_cube->arrive_and_wait(); }
 
 static inline float max(float a, float b) { return fmaxf(a, b); }
 static inline float min(float a, float b) { return fminf(a, b); }
@@ -83,36 +81,80 @@ static void nf_launch_serial(void (*f)(A...), unsigned gx, unsigned gy, unsigned
     }
 }
 
-// The launch of a kernel that does: cubes in order, `units` threads running each in turn (one
-// thread per unit for the whole launch). Each cube has a barrier of its own for
-// `__syncthreads`, which a unit returning early leaves.
+// The launch of a kernel that does: cubes in order, each unit of a cube a coroutine on the
+// calling thread with a stack of its own, run in turn up to its next `__syncthreads` (or its
+// end) — forward in one round, backward in the next, and the other way round in odd cubes —,
+// so a unit reading what another writes in the same round, without a barrier between, reads
+// the stale value in one of the two orders, every run the same (threads would race, and pass
+// most runs). A unit returning early leaves the rounds.
+static constexpr size_t nf_stack_bytes = size_t(1) << 18;
+static thread_local std::vector<ucontext_t> nf_units;
+static thread_local ucontext_t nf_scheduler;
+static thread_local unsigned nf_running;
+static thread_local std::vector<char> nf_done;
+static thread_local std::function<void()> nf_body;
+
+static void __syncthreads() { swapcontext(&nf_units[nf_running], &nf_scheduler); }
+
+static void nf_unit_entry() {
+    nf_body();
+    nf_done[nf_running] = 1;
+}
+
+// `units` stacks for a launch, each with an inaccessible page below it (an overflow faults).
+// Every kernel's library has the prelude's statics of its own, so none is kept past a launch.
+struct nf_stacks {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    const size_t length;
+    char* base;
+    explicit nf_stacks(unsigned units) : length(units * (nf_stack_bytes + page)) {
+        void* m = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) {
+            fprintf(stderr, "stacks for %u units: mmap failed: %s\n", units, strerror(errno));
+            abort();
+        }
+        base = static_cast<char*>(m);
+        for (unsigned u = 0; u < units; ++u) mprotect(base + u * (nf_stack_bytes + page), page, PROT_NONE);
+    }
+    ~nf_stacks() { munmap(base, length); }
+    char* stack(unsigned u) const { return base + u * (nf_stack_bytes + page) + page; }
+};
+
 template <typename... A>
 static void nf_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {
-    const size_t cubes = size_t(gx) * gy * gz;
+    blockDim = {units, 1, 1};
+    gridDim = {gx, gy, gz};
     std::vector<nf_words> memory(shared / sizeof(nf_words) + 1);
-    auto poison = [&memory]() noexcept { nf_poison(memory); };
-    poison();
-    std::vector<std::unique_ptr<std::barrier<>>> inside;
-    inside.reserve(cubes);
-    for (size_t c = 0; c < cubes; ++c) inside.push_back(std::make_unique<std::barrier<>>(units));
-    std::barrier between(units, poison);
-    std::vector<std::thread> threads;
-    threads.reserve(units);
-    for (unsigned u = 0; u < units; ++u)
-        threads.emplace_back([&, u] {
-            threadIdx = {u, 0, 0};
-            blockDim = {units, 1, 1};
-            gridDim = {gx, gy, gz};
-            nf_shared = reinterpret_cast<char*>(memory.data());
-            for (size_t c = 0; c < cubes; ++c) {
-                blockIdx = {unsigned(c % gx), unsigned(c / gx % gy), unsigned(c / (size_t(gx) * gy))};
-                nf_cube = inside[c].get();
-                nf_call(f, args, std::index_sequence_for<A...>{});
-                nf_cube->arrive_and_drop();
-                between.arrive_and_wait();
+    nf_shared = reinterpret_cast<char*>(memory.data());
+    const nf_stacks stacks(units);
+    nf_units.assign(units, ucontext_t{});
+    nf_done.assign(units, 0);
+    nf_body = [f, args] { nf_call(f, args, std::index_sequence_for<A...>{}); };
+    const size_t cubes = size_t(gx) * gy * gz;
+    for (size_t c = 0; c < cubes; ++c) {
+        nf_poison(memory);
+        blockIdx = {unsigned(c % gx), unsigned(c / gx % gy), unsigned(c / (size_t(gx) * gy))};
+        for (unsigned u = 0; u < units; ++u) {
+            nf_done[u] = 0;
+            getcontext(&nf_units[u]);
+            nf_units[u].uc_stack.ss_sp = stacks.stack(u);
+            nf_units[u].uc_stack.ss_size = nf_stack_bytes;
+            nf_units[u].uc_link = &nf_scheduler;
+            makecontext(&nf_units[u], nf_unit_entry, 0);
+        }
+        for (size_t round = c % 2, live = units; live > 0; ++round) {
+            live = 0;
+            for (unsigned i = 0; i < units; ++i) {
+                const unsigned u = round % 2 == 0 ? i : units - 1 - i;
+                if (nf_done[u]) continue;
+                threadIdx = {u, 0, 0};
+                nf_running = u;
+                swapcontext(&nf_scheduler, &nf_units[u]);
+                live += !nf_done[u];
             }
-        });
-    for (auto& t : threads) t.join();
+        }
+    }
+    nf_body = nullptr;
 }
 
 // Out-of-bounds accesses, which a GPU faults on (ending the context) or lets corrupt its
@@ -206,7 +248,7 @@ static void nf_guarded(void (*f)(A...), const char* kernel, unsigned gx, unsigne
         r.map_len = data + page;
         r.map = static_cast<char*>(mmap(nullptr, r.map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
         if (r.map == MAP_FAILED) {
-            fprintf(stderr, "guarding a launch of %s: mmap failed\n", kernel);
+            fprintf(stderr, "guarding a launch of %s: mmap of %zu bytes failed: %s\n", kernel, r.map_len, strerror(errno));
             abort();
         }
         char* guard = r.map + data;
