@@ -318,13 +318,15 @@ extern __shared__ __align__(4) char v3[];
 
 /// How each case of [`FAULTING`] reads the neighbour: within bounds; one float past the
 /// input's end; 16 bytes from 4 bytes into it; through shared memory with a barrier between
-/// the writes and the reads; without (after one, so that the units run as a cube's).
-const FAULTS: [(&str, &str); 5] = [
+/// the writes and the reads; without (after one, so that the units run as a cube's); through
+/// shared memory written one float on, past its end.
+const FAULTS: [(&str, &str); 6] = [
     ("within", "v1[i] = v0[i] + v0[(i + 1) % n];"),
     ("past_end", "v1[i] = v0[i] + v0[i + 1];"),
     ("misaligned", "v1[i] = v0[i] + reinterpret_cast<float_4 const*>(v0 + 1)[i / 4 % (n / 4 - 1)].i_0;"),
     ("synced", "sh[i] = v0[i]; __syncthreads(); v1[i] = v0[i] + sh[(i + 1) % n];"),
     ("unsynced", "__syncthreads(); sh[i] = v0[i]; v1[i] = v0[i] + sh[(i + 1) % n];"),
+    ("shared_past_end", "sh[i + 1] = v0[i]; __syncthreads(); v1[i] = v0[i] + sh[i == 0 ? n : i];"),
 ];
 
 /// Runs the case of [`FAULTING`] that `NF_FAULT` names, for the test below (in a process of
@@ -358,6 +360,7 @@ fn faults_a_gpu_would_take_stop_the_host_test() {
         ("misaligned", Some("misaligned address")),
         ("synced", None),
         ("unsynced", Some("what the kernel wrote")),
+        ("shared_past_end", Some("out of bounds: kernel fault_shared_past_end touched 0 bytes past the end of its shared memory")),
     ];
     for (fault, says) in said {
         let exe = std::env::current_exe().unwrap();

@@ -37,13 +37,9 @@ struct nf_dim3 {
 };
 // Per thread, all four: test threads may launch the same kernel at once.
 static thread_local nf_dim3 threadIdx, blockIdx, blockDim, gridDim;
-// The cube's dynamic shared memory (`host.rs` points each kernel's `extern __shared__` here).
+// The cube's dynamic shared memory (`host.rs` points each kernel's `extern __shared__` here),
+// as long as the launch gives, and aligned as CUDA aligns it: to 16 bytes at least.
 static thread_local char* nf_shared;
-
-// Shared memory as CUDA aligns it: to 16 bytes at least.
-struct alignas(16) nf_words {
-    float f[4];
-};
 
 static inline float max(float a, float b) { return fmaxf(a, b); }
 static inline float min(float a, float b) { return fminf(a, b); }
@@ -57,9 +53,9 @@ static void nf_call(void (*f)(A...), void** args, std::index_sequence<I...>) {
 }
 
 // A cube's shared memory, as NaNs, so a value read before a unit wrote it shows.
-static void nf_poison(std::vector<nf_words>& memory) noexcept {
-    for (auto& w : memory)
-        for (float& v : w.f) v = NAN;
+static void nf_poison(size_t shared) noexcept {
+    float* v = reinterpret_cast<float*>(nf_shared);
+    for (size_t i = 0; i < shared / sizeof(float); ++i) v[i] = NAN;
 }
 
 // The launch of a kernel that never synchronises its cube: every unit of every cube in turn,
@@ -68,11 +64,9 @@ template <typename... A>
 static void nf_launch_serial(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {
     blockDim = {units, 1, 1};
     gridDim = {gx, gy, gz};
-    std::vector<nf_words> memory(shared / sizeof(nf_words) + 1);
-    nf_shared = reinterpret_cast<char*>(memory.data());
     const size_t cubes = size_t(gx) * gy * gz;
     for (size_t c = 0; c < cubes; ++c) {
-        nf_poison(memory);
+        nf_poison(shared);
         blockIdx = {unsigned(c % gx), unsigned(c / gx % gy), unsigned(c / (size_t(gx) * gy))};
         for (unsigned u = 0; u < units; ++u) {
             threadIdx = {u, 0, 0};
@@ -124,15 +118,13 @@ template <typename... A>
 static void nf_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {
     blockDim = {units, 1, 1};
     gridDim = {gx, gy, gz};
-    std::vector<nf_words> memory(shared / sizeof(nf_words) + 1);
-    nf_shared = reinterpret_cast<char*>(memory.data());
     const nf_stacks stacks(units);
     nf_units.assign(units, ucontext_t{});
     nf_done.assign(units, 0);
     nf_body = [f, args] { nf_call(f, args, std::index_sequence_for<A...>{}); };
     const size_t cubes = size_t(gx) * gy * gz;
     for (size_t c = 0; c < cubes; ++c) {
-        nf_poison(memory);
+        nf_poison(shared);
         blockIdx = {unsigned(c % gx), unsigned(c / gx % gy), unsigned(c / (size_t(gx) * gy))};
         for (unsigned u = 0; u < units; ++u) {
             nf_done[u] = 0;
@@ -161,10 +153,11 @@ static void nf_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, un
 // neighbours, and a CPU's heap mostly forgives. For a launch, each run of a kernel's buffers
 // that overlap one another is copied to the end of a mapping whose next page is inaccessible,
 // keeping its address modulo 16 (the kernels' widest access), and copied back after; a
-// zero-length buffer points into such a page. A kernel touching one stops the test, naming
-// itself and the buffer.
+// zero-length buffer points into such a page; the cube's shared memory ends at one too. A
+// kernel touching one stops the test, naming itself and the buffer.
 
-// A guard page of a running launch, for the fault handler.
+// A guard page of a running launch, for the fault handler: after buffer `buffer`, or after the
+// shared memory (-1).
 struct nf_guard {
     std::atomic<char*> page;
     const char* kernel;
@@ -180,11 +173,13 @@ static void nf_on_fault(int sig, siginfo_t* info, void*) {
     for (auto& g : nf_guards) {
         char* p = g.page.load();
         if (p != nullptr && at >= p && at < p + page) {
+            char what[32] = "shared memory";
+            if (g.buffer >= 0) snprintf(what, sizeof what, "buffer %d", g.buffer);
             char text[512];
             int n = snprintf(text, sizeof text,
-                             "out of bounds: kernel %s touched %zu bytes past the end of its buffer %d "
-                             "(on a GPU, an illegal address or another tensor's memory)\n",
-                             g.kernel, size_t(at - p), g.buffer);
+                             "out of bounds: kernel %s touched %zu bytes past the end of its %s "
+                             "(on a GPU, an illegal address or memory it does not own)\n",
+                             g.kernel, size_t(at - p), what);
             if (n > 0) (void)!write(2, text, size_t(std::min(n, int(sizeof text) - 1)));
             _exit(70);
         }
@@ -203,6 +198,34 @@ struct nf_region {
     int first;
 };
 
+// Maps `r` a place ending at a guard page, registered for the fault handler in `slots`: its
+// copy at the same address modulo 16 as its start, within 16 bytes of the guard — inside it,
+// for an empty buffer, so that any read of it faults.
+static void nf_map_guarded(nf_region& r, const char* kernel, std::vector<int>& slots) {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    const size_t data = (r.bytes + 16 + page - 1) / page * page;
+    r.map_len = data + page;
+    r.map = static_cast<char*>(mmap(nullptr, r.map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    if (r.map == MAP_FAILED) {
+        fprintf(stderr, "guarding a launch of %s: mmap of %zu bytes failed: %s\n", kernel, r.map_len, strerror(errno));
+        abort();
+    }
+    char* guard = r.map + data;
+    mprotect(guard, page, PROT_NONE);
+    char* end = guard - r.bytes;
+    r.copy = r.bytes == 0 ? guard + (uintptr_t(r.start) & 15) : end - ((uintptr_t(end) - uintptr_t(r.start)) & 15);
+    std::lock_guard<std::mutex> hold(nf_guards_taken);
+    for (size_t k = 0; k < std::size(nf_guards); ++k) {
+        if (nf_guards[k].page.load() == nullptr) {
+            nf_guards[k].kernel = kernel;
+            nf_guards[k].buffer = r.first;
+            nf_guards[k].page.store(guard);
+            slots.push_back(int(k));
+            return;
+        }
+    }
+}
+
 template <typename... A>
 static void nf_guarded(void (*f)(A...), const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args,
                        void (*launch)(void (*)(A...), unsigned, unsigned, unsigned, unsigned, size_t, void**)) {
@@ -219,7 +242,6 @@ static void nf_guarded(void (*f)(A...), const char* kernel, unsigned gx, unsigne
     // A buffer's length counts its elements: a vector buffer's, vectors (as CubeCL counts them).
     const size_t sizes[] = {sizeof(std::remove_pointer_t<A>)...};
     const uint32_t* lengths = *static_cast<const uint32_t* const*>(args[n]);
-    const size_t page = size_t(sysconf(_SC_PAGESIZE));
     struct span {
         char* start;
         size_t bytes;
@@ -244,30 +266,13 @@ static void nf_guarded(void (*f)(A...), const char* kernel, unsigned gx, unsigne
     }
     std::vector<int> slots;
     for (auto& r : regions) {
-        const size_t data = (r.bytes + 16 + page - 1) / page * page;
-        r.map_len = data + page;
-        r.map = static_cast<char*>(mmap(nullptr, r.map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-        if (r.map == MAP_FAILED) {
-            fprintf(stderr, "guarding a launch of %s: mmap of %zu bytes failed: %s\n", kernel, r.map_len, strerror(errno));
-            abort();
-        }
-        char* guard = r.map + data;
-        mprotect(guard, page, PROT_NONE);
-        // An empty buffer inside the guard page, so that any read of it faults.
-        char* end = guard - r.bytes;
-        r.copy = r.bytes == 0 ? guard + (uintptr_t(r.start) & 15) : end - ((uintptr_t(end) - uintptr_t(r.start)) & 15);
+        nf_map_guarded(r, kernel, slots);
         if (r.bytes > 0) memcpy(r.copy, r.start, r.bytes);
-        std::lock_guard<std::mutex> hold(nf_guards_taken);
-        for (size_t k = 0; k < std::size(nf_guards); ++k) {
-            if (nf_guards[k].page.load() == nullptr) {
-                nf_guards[k].kernel = kernel;
-                nf_guards[k].buffer = r.first;
-                nf_guards[k].page.store(guard);
-                slots.push_back(int(k));
-                break;
-            }
-        }
     }
+    // The shared memory, as if a buffer starting at a whole vector.
+    nf_region memory{nullptr, (shared + 15) / 16 * 16, nullptr, 0, nullptr, -1};
+    nf_map_guarded(memory, kernel, slots);
+    nf_shared = memory.copy;
     std::vector<char*> moved(n);
     std::vector<void*> moved_args(args, args + n + 1);
     for (size_t i = 0; i < n; ++i) {
@@ -284,4 +289,6 @@ static void nf_guarded(void (*f)(A...), const char* kernel, unsigned gx, unsigne
         if (r.bytes > 0) memcpy(r.start, r.copy, r.bytes);
         munmap(r.map, r.map_len);
     }
+    munmap(memory.map, memory.map_len);
+    nf_shared = nullptr;
 }
