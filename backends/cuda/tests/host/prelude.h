@@ -21,7 +21,6 @@
 #include <cstring>
 #include <mutex>
 #include <functional>
-#include <memory>
 #include <utility>
 #include <vector>
 
