@@ -31,30 +31,18 @@ pub fn extents(shape: &Shape, b: &AxisBinding, hparams: &[f64]) -> Result<Vec<us
 /// Per axis: the same extent maps index to index, a grouped extent maps an index to its
 /// group, a single element maps everything to 0.
 fn coarse_offsets(fine: &[usize], coarse: &[usize]) -> Vec<usize> {
-    let n: usize = fine.iter().product();
-    let rank = fine.len();
-    let mut strides = vec![0usize; rank];
-    let mut s = 1;
-    for a in (0..rank).rev() {
-        strides[a] = s;
-        s *= coarse[a];
-    }
-    let mut out = Vec::with_capacity(n);
-    let mut idx = vec![0usize; rank];
-    for _ in 0..n {
-        let mut off = 0;
-        for a in 0..rank {
-            let c = if coarse[a] == 1 { 0 } else { idx[a] / (fine[a] / coarse[a]) };
-            off += c * strides[a];
+    let mut stride: usize = coarse.iter().product();
+    // Built an axis at a time, outermost first: each offset so far followed by its children's.
+    // (Per element, a division per axis took most of a large product's time.)
+    let mut out = vec![0usize];
+    for (&f, &c) in fine.iter().zip(coarse) {
+        stride /= c.max(1);
+        let step: Vec<usize> = (0..f).map(|i| if c == 1 { 0 } else { i / (f / c) * stride }).collect();
+        let mut next = Vec::with_capacity(out.len() * f);
+        for &o in &out {
+            next.extend(step.iter().map(|&s| o + s));
         }
-        out.push(off);
-        for a in (0..rank).rev() {
-            idx[a] += 1;
-            if idx[a] < fine[a] {
-                break;
-            }
-            idx[a] = 0;
-        }
+        out = next;
     }
     out
 }
@@ -171,4 +159,21 @@ pub fn output(p: &Program, vals: &[Vec<f64>], target: Target) -> Option<Vec<f64>
 
 pub fn dims_of(shape: &Shape, b: &AxisBinding, hparams: &[f64]) -> Result<Vec<usize>> {
     bind::dims_of(shape, b, hparams).map_err(Error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::coarse_offsets;
+
+    #[test]
+    fn each_element_maps_to_its_group_or_to_the_broadcast_element() {
+        // Grouped along the last axis (4 -> 2), broadcast along the first.
+        assert_eq!(coarse_offsets(&[2, 4], &[1, 2]), [0, 0, 1, 1, 0, 0, 1, 1]);
+        // Kept along the first, broadcast along the last.
+        assert_eq!(coarse_offsets(&[2, 3], &[2, 1]), [0, 0, 0, 1, 1, 1]);
+        // Grouped in the middle of three, the outer axis kept: strides of the coarse shape.
+        assert_eq!(coarse_offsets(&[2, 4, 2], &[2, 2, 2]), [0, 1, 0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7]);
+        assert_eq!(coarse_offsets(&[], &[]), [0]);
+        assert!(coarse_offsets(&[3, 0], &[1, 0]).is_empty());
+    }
 }

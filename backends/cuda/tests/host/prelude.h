@@ -81,18 +81,6 @@ static void nf_launch_serial(void (*f)(A...), unsigned gx, unsigned gy, unsigned
 // the stale value in one of the two orders, every run the same (threads would race, and pass
 // most runs). A unit returning early leaves the rounds.
 static constexpr size_t nf_stack_bytes = size_t(1) << 18;
-static thread_local std::vector<ucontext_t> nf_units;
-static thread_local ucontext_t nf_scheduler;
-static thread_local unsigned nf_running;
-static thread_local std::vector<char> nf_done;
-static thread_local std::function<void()> nf_body;
-
-static void __syncthreads() { swapcontext(&nf_units[nf_running], &nf_scheduler); }
-
-static void nf_unit_entry() {
-    nf_body();
-    nf_done[nf_running] = 1;
-}
 
 // `units` stacks for a launch, each with an inaccessible page below it (an overflow faults).
 // Every kernel's library has the prelude's statics of its own, so none is kept past a launch.
@@ -113,39 +101,111 @@ struct nf_stacks {
     char* stack(unsigned u) const { return base + u * (nf_stack_bytes + page) + page; }
 };
 
+#if defined(__x86_64__)
+// A switch between coroutines that saves only what the calling convention keeps across a call.
+// `ucontext`'s also saves the signal mask, a system call each way, which took most of a
+// launch's time: a reduction's tree meets at a barrier per level, each unit switching twice.
+// Stores the caller's stack pointer in `*from` and resumes the coroutine whose stack pointer
+// `to` is, where it switched away (or, new, at the address its stack holds: `nf_start`). Opaque
+// to the optimiser (`noipa`), which must take it to read and write everything.
+__attribute__((naked, noinline, noipa)) static void nf_switch(void** from, void* to) {
+    asm volatile(
+        "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+        "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
+        "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret");
+}
+using nf_context = void*;
+#else
+using nf_context = ucontext_t;
+#endif
+
+// A launch's coroutines, reached through one plain thread-local pointer: a thread-local of a
+// class type costs a call to its initialiser at each use, in the barrier's path.
+struct nf_cube {
+    std::vector<nf_context> units;
+    nf_context scheduler;
+    unsigned running;
+    std::vector<char> done;
+    std::function<void()> body;
+};
+static thread_local nf_cube* nf_this_cube;
+
+static void nf_unit_entry();
+
+#if defined(__x86_64__)
+static void __syncthreads() {
+    nf_cube& c = *nf_this_cube;
+    nf_switch(&c.units[c.running], c.scheduler);
+}
+static void nf_resume(nf_cube& c, unsigned u) { nf_switch(&c.scheduler, c.units[u]); }
+static void nf_finish(nf_cube& c) {
+    void* finished;
+    nf_switch(&finished, c.scheduler);
+    __builtin_unreachable();
+}
+// A coroutine not yet run, on the stack `stack`: six zeroed registers for `nf_switch` to pop,
+// then `nf_unit_entry` to return into, which it enters with its stack aligned as after a call
+// (16 bytes, less the return address). Nothing lies above to return to: a unit hands the
+// thread back for good when its kernel returns (`nf_finish`).
+static void nf_start(nf_cube& c, unsigned u, char* stack) {
+    void** sp = reinterpret_cast<void**>(stack + nf_stack_bytes) - 8;
+    for (int r = 0; r < 6; ++r) sp[r] = nullptr;
+    sp[6] = reinterpret_cast<void*>(&nf_unit_entry);
+    sp[7] = nullptr;
+    c.units[u] = sp;
+}
+#else
+static void __syncthreads() {
+    nf_cube& c = *nf_this_cube;
+    swapcontext(&c.units[c.running], &c.scheduler);
+}
+static void nf_resume(nf_cube& c, unsigned u) { swapcontext(&c.scheduler, &c.units[u]); }
+static void nf_finish(nf_cube&) {}  // `uc_link` resumes the scheduler
+static void nf_start(nf_cube& c, unsigned u, char* stack) {
+    getcontext(&c.units[u]);
+    c.units[u].uc_stack.ss_sp = stack;
+    c.units[u].uc_stack.ss_size = nf_stack_bytes;
+    c.units[u].uc_link = &c.scheduler;
+    makecontext(&c.units[u], nf_unit_entry, 0);
+}
+#endif
+
+static void nf_unit_entry() {
+    nf_cube& c = *nf_this_cube;
+    c.body();
+    c.done[c.running] = 1;
+    nf_finish(c);
+}
+
 template <typename... A>
 static void nf_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {
     blockDim = {units, 1, 1};
     gridDim = {gx, gy, gz};
     const nf_stacks stacks(units);
-    nf_units.assign(units, ucontext_t{});
-    nf_done.assign(units, 0);
-    nf_body = [f, args] { nf_call(f, args, std::index_sequence_for<A...>{}); };
+    nf_cube c{std::vector<nf_context>(units), {}, 0, std::vector<char>(units), [f, args] { nf_call(f, args, std::index_sequence_for<A...>{}); }};
+    nf_this_cube = &c;
+    nf_dim3& unit = threadIdx;
     const size_t cubes = size_t(gx) * gy * gz;
-    for (size_t c = 0; c < cubes; ++c) {
+    for (size_t cube = 0; cube < cubes; ++cube) {
         nf_poison(shared);
-        blockIdx = {unsigned(c % gx), unsigned(c / gx % gy), unsigned(c / (size_t(gx) * gy))};
+        blockIdx = {unsigned(cube % gx), unsigned(cube / gx % gy), unsigned(cube / (size_t(gx) * gy))};
         for (unsigned u = 0; u < units; ++u) {
-            nf_done[u] = 0;
-            getcontext(&nf_units[u]);
-            nf_units[u].uc_stack.ss_sp = stacks.stack(u);
-            nf_units[u].uc_stack.ss_size = nf_stack_bytes;
-            nf_units[u].uc_link = &nf_scheduler;
-            makecontext(&nf_units[u], nf_unit_entry, 0);
+            c.done[u] = 0;
+            nf_start(c, u, stacks.stack(u));
         }
-        for (size_t round = c % 2, live = units; live > 0; ++round) {
+        for (size_t round = cube % 2, live = units; live > 0; ++round) {
             live = 0;
             for (unsigned i = 0; i < units; ++i) {
                 const unsigned u = round % 2 == 0 ? i : units - 1 - i;
-                if (nf_done[u]) continue;
-                threadIdx = {u, 0, 0};
-                nf_running = u;
-                swapcontext(&nf_scheduler, &nf_units[u]);
-                live += !nf_done[u];
+                if (c.done[u]) continue;
+                unit = {u, 0, 0};
+                c.running = u;
+                nf_resume(c, u);
+                live += !c.done[u];
             }
         }
     }
-    nf_body = nullptr;
+    nf_this_cube = nullptr;
 }
 
 // Out-of-bounds accesses, which a GPU faults on (ending the context) or lets corrupt its
