@@ -95,13 +95,17 @@ fn every_std_layer_passes_the_gpu_checks_layer_check_on_the_host() {
 /// as many cubes as rows allow, the column sums in a kernel of their own, nothing kept in
 /// registers, several values per unit, a value per access), each in f32 and bf16, against
 /// the layer lowered to libtorch's operations in f64 (`check::LayerOracle`), within the check's
-/// bounds: 1e-5 forward and 1e-4 backward in f32, 2^-8 more in bf16 — at shapes of the host's
-/// size.
+/// bounds: 1e-5 forward and 1e-4 backward in f32, 2^-8 more in bf16 — on short rows, and on
+/// the timed rows (4096) and groups (EvoNorm's 8 channels of 56 x 56, in cubes of 1024 units)
+/// with fewer of them: the timed kernels but for their grids.
 #[test]
 fn every_timed_launch_matches_the_oracle_on_the_host() {
     let Some(gpu) = HostCompiler::gpu() else { return };
     let all = std_entries();
-    for (name, shape) in [("layer_norm", vec![128i64, 256]), ("rms_norm", vec![128, 256]), ("dyt", vec![128, 256]), ("evonorm_s0", vec![2, 64, 6, 6])] {
+    let rows = |n| [vec![128i64, 256], vec![n, 4096]];
+    let cases = [("layer_norm", rows(80)), ("rms_norm", rows(80)), ("dyt", rows(80)), ("evonorm_s0", [vec![2, 64, 6, 6], vec![1, 256, 56, 56]])];
+    for (name, shape) in cases.into_iter().flat_map(|(name, shapes)| shapes.map(|s| (name, s))) {
+        let started = std::time::Instant::now();
         let spec = check::timed_layer(all.iter().find(|r| r.0 == name).map(|r| r.1.clone()).unwrap());
         for kind in [Kind::Float, Kind::BFloat16] {
             let _seeded = normforge_tch::seeded(9);
@@ -118,6 +122,7 @@ fn every_timed_launch_matches_the_oracle_on_the_host() {
                 assert!(f < fwd_bound && b < bwd_bound, "{what}: forward {f:e}, backward {b:e} from the oracle");
             }
         }
+        eprintln!("{name} {shape:?}: checked in {:.1} s", started.elapsed().as_secs_f64());
     }
 }
 
