@@ -172,7 +172,7 @@ fn main() {
     }
 
     for r in reg.list(None).into_iter().filter(|r| r.entry.kind != normforge_dsl::ir::Kind::Optimizer) {
-        let shape: Vec<i64> = if r.entry.axes.len() == 2 { vec![8, 3, 1000] } else { vec![4, 8, 30, 30] };
+        let shape = check::layer_shape(&r.entry);
         match guarded(|| check::layer_against_torch(&gpu, &r.entry, &shape)) {
             Ok(errs) => {
                 // Forward < 1e-5, gradients < 1e-4, against the lowering, the reference and the built-in.

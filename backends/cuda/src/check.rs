@@ -522,6 +522,12 @@ pub struct LayerErrors {
     pub backward: f64,
 }
 
+/// The input shape the GPU check runs layer `entry` at in [`layer_against_torch`]: a row of
+/// 1000 for a layer over features, 30 x 30 positions of 8 channels for one over images.
+pub fn layer_shape(entry: &Entry) -> Vec<i64> {
+    if entry.axes.len() == 2 { vec![8, 3, 1000] } else { vec![4, 8, 30, 30] }
+}
+
 /// Layer `entry` (in groups of 2, where it takes a number of groups) through our kernels on
 /// `gpu`, inside autograd (`CudaLayerKernels`), against the same layer lowered to libtorch's
 /// ops on the same device (its autograd giving the gradients), against the reference backend

@@ -75,14 +75,15 @@ fn the_gpu_checks_training_runs_pass_on_the_host() {
 /// Every std layer as the GPU check runs it (`check::layer_against_torch`): through our kernels
 /// inside autograd (`CudaLayerKernels`), training and evaluation, against itself lowered to
 /// libtorch's operations, against the reference backend, and against libtorch's built-in where
-/// it has one — forward within 1e-5, gradients within 1e-4 — at a tenth of the check's shapes.
+/// it has one — forward within 1e-5, gradients within 1e-4 — at the check's shapes
+/// (`check::layer_shape`).
 #[test]
 fn every_std_layer_passes_the_gpu_checks_layer_check_on_the_host() {
     let Some(gpu) = HostCompiler::gpu() else { return };
     let layers: Vec<_> = std_entries().into_iter().filter(|r| r.1.kind != EntryKind::Optimizer).collect();
     assert!(layers.len() >= 19, "{} std layers", layers.len());
     for (name, entry) in layers {
-        let shape: Vec<i64> = if entry.axes.len() == 2 { vec![8, 3, 100] } else { vec![4, 8, 6, 6] };
+        let shape = check::layer_shape(&entry);
         let errors = check::layer_against_torch(&gpu, &entry, &shape).unwrap_or_else(|e| panic!("{name}: {e}"));
         for e in errors {
             eprintln!("{name} {shape:?} against {}: forward {:.2e}, backward {:.2e}", e.against, e.forward, e.backward);
