@@ -302,6 +302,25 @@ fn stacked_std_rules_step_on_the_host_as_the_reference_does() {
     }
 }
 
+/// The rules the GPU check times, on the structure of the parameter set it times them on
+/// (gpu_peers.py's 212 tensors: 12 square matrices, 4 with a quarter of their columns, 196
+/// vectors as long as a matrix's rows) at a sixty-fourth of its width, each tensor still whole
+/// blocks: one arena of 212 tensors, LAMB's 212 norms each folded from its own cubes' partials,
+/// AdamP's three stacks. Within the issue's bound (1e-5) of the reference's values, and a tenth
+/// of its moves, after three steps.
+#[test]
+fn the_timed_rules_step_the_timed_parameter_sets_structure_as_the_reference_does() {
+    let Some(gpu) = HostCompiler::gpu() else { return };
+    let mut shapes = vec![vec![64, 64]; 12];
+    shapes.extend(vec![vec![64, 16]; 4]);
+    shapes.extend(vec![vec![256]; 196]);
+    for name in ["adamw", "lion", "lamb", "adamp"] {
+        let (moves, values) = stepped_on_host(&gpu, name, 0.01, 1.0, &shapes, Precision::default(), 3);
+        eprintln!("{name} on 212 tensors: values {values:.2e}, moves {moves:.2e}");
+        assert!(values < 1e-5 && moves < 0.1, "{name} on 212 tensors: values {values:.2e}, moves {moves:.2e} from the reference's");
+    }
+}
+
 /// A hand-written kernel in CubeCL's form (its buffers, then its `info_st`): each of 64 units
 /// writes its input's value plus its neighbour's, as `FAULT_BODY` reads it.
 const FAULTING: &str = r#"
