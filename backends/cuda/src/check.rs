@@ -4,7 +4,7 @@
 //! steps; one call of a layer (on any device) against the reference backend, or against itself
 //! lowered to libtorch's operations in f64 where the reference would be slow (`LayerOracle`).
 
-use crate::{Arena, CudaLayerKernels, CudaOptimizer, Gpu};
+use crate::{Arena, CudaOptimizer, Gpu};
 use normforge_cubecl::kernel::StepLayout;
 use normforge_cubecl::{Launch, Precision};
 use normforge_dsl::ir::Entry;
@@ -641,6 +641,5 @@ pub fn timed_layer(entry: Arc<Entry>) -> normforge_tch::LayerSpec {
 /// `launch`.
 pub fn with_launch(gpu: &Arc<Gpu>, spec: &normforge_tch::LayerSpec, path: &tch::nn::Path, shape: &[i64], launch: Launch) -> Result<DslLayer, String> {
     let layer = spec.build(path, shape).map_err(|e| e.0)?;
-    let kernels = CudaLayerKernels::new(gpu.clone(), spec.0.entry.clone(), layer.hparams().to_vec()).and_then(|k| k.with_launch(launch)).map_err(|e| e.0)?;
-    Ok(layer.with_kernels(Arc::new(kernels)))
+    crate::fused_layer_launched(layer, gpu, launch).map_err(|e| e.0)
 }

@@ -22,7 +22,12 @@ use tch::{nn, Tensor};
 /// `layer` with its forward and backward run by our CUDA kernels, recorded as one custom
 /// autograd node (its inputs must be f32, bf16 or f16 tensors on `gpu`).
 pub fn fused_layer(layer: DslLayer, gpu: &Arc<Gpu>) -> Result<DslLayer, Error> {
-    let kernels = CudaLayerKernels::new(gpu.clone(), Arc::new(layer.entry().clone()), layer.hparams().to_vec())?;
+    fused_layer_launched(layer, gpu, normforge_cubecl::Launch::default())
+}
+
+/// [`fused_layer`], its kernels launched as `launch` (tuning: the GPU check compares several).
+pub fn fused_layer_launched(layer: DslLayer, gpu: &Arc<Gpu>, launch: normforge_cubecl::Launch) -> Result<DslLayer, Error> {
+    let kernels = CudaLayerKernels::new(gpu.clone(), layer.entry().clone(), layer.hparams().to_vec())?.with_launch(launch)?;
     Ok(layer.with_kernels(Arc::new(kernels)))
 }
 

@@ -17,7 +17,7 @@ pub mod upload;
 
 pub use arena::Arena;
 pub use driver::{Gpu, Timed};
-pub use fused::{fused_layer, FusedOptimizer};
+pub use fused::{fused_layer, fused_layer_launched, FusedOptimizer};
 pub use layer::CudaLayerKernels;
 pub use nvrtc::{Compiled, Compiler, Error, Origin, Usage};
 pub use optimizer::{CudaOptimizer, RuleState};

@@ -50,7 +50,7 @@ impl DslLayer {
         Ok(DslLayer { entry, hparams, params, buffers, kernels: None })
     }
 
-    pub fn entry(&self) -> &Entry {
+    pub fn entry(&self) -> &Arc<Entry> {
         &self.entry
     }
 
