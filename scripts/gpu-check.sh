@@ -25,7 +25,10 @@ wheels="$(dirname "$(dirname "$torch_lib")")/nvidia/cu13"
 if ! [ -f /usr/local/cuda/include/cuda_bf16.h ] && [ -f "$wheels/include/cuda_bf16.h" ]; then
     export NORMFORGE_CUDA_INCLUDE="${NORMFORGE_CUDA_INCLUDE:-$wheels/include}"
 fi
-export NORMFORGE_CACHE_DIR="$out/ptx-cache"
+# The compiled kernels' cache, outside $out: a device call brings back at most 8 files from
+# $OUT, and a file per kernel there could crowd out the figures. (Kept in /tmp, a second call on
+# the same warm machine compiles nothing again; the first-step timings use no disk cache.)
+export NORMFORGE_CACHE_DIR="${NORMFORGE_CACHE_DIR:-/tmp/normforge-ptx-cache}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 rc=0
 if [ "$parts" != peers ]; then
@@ -52,4 +55,6 @@ if [ "$parts" != ours ]; then
 fi
 # Every figure against its target, beside the peers' (also written to $out/table.md).
 python3 "$root/scripts/gpu-table.py" "$out" || echo "gpu-check: the summary table failed; the figures are in $out/*.jsonl"
+files=$(find "$out" -type f | wc -l)
+[ "$files" -le 8 ] || echo "gpu-check: $files files under $out, more than a device call brings back (8)" >&2
 exit $rc
