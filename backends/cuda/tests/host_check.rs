@@ -126,4 +126,3 @@ fn every_timed_launch_matches_the_oracle_on_the_host() {
         eprintln!("{name} {shape:?}: checked in {:.1} s", started.elapsed().as_secs_f64());
     }
 }
-
