@@ -57,21 +57,30 @@ static void nf_poison(size_t shared) noexcept {
     for (size_t i = 0; i < shared / sizeof(float); ++i) v[i] = NAN;
 }
 
-// The launch of a kernel that never synchronises its cube: every unit of every cube in turn,
-// on the calling thread (its units share nothing a unit reads after another wrote it).
-template <typename... A>
-static void nf_launch_serial(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {
+// Every cube of a launch in order, on the calling thread: its shared memory poisoned and
+// `blockIdx` set, then `run_cube(c)` for the c-th.
+template <typename F>
+static void nf_each_cube(unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, F&& run_cube) {
     blockDim = {units, 1, 1};
     gridDim = {gx, gy, gz};
     const size_t cubes = size_t(gx) * gy * gz;
     for (size_t c = 0; c < cubes; ++c) {
         nf_poison(shared);
         blockIdx = {unsigned(c % gx), unsigned(c / gx % gy), unsigned(c / (size_t(gx) * gy))};
+        run_cube(c);
+    }
+}
+
+// The launch of a kernel that never synchronises its cube: every unit of every cube in turn
+// (its units share nothing a unit reads after another wrote it).
+template <typename... A>
+static void nf_launch_serial(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {
+    nf_each_cube(gx, gy, gz, units, shared, [&](size_t) {
         for (unsigned u = 0; u < units; ++u) {
             threadIdx = {u, 0, 0};
             nf_call(f, args, std::index_sequence_for<A...>{});
         }
-    }
+    });
 }
 
 // The launch of a kernel that does: cubes in order, each unit of a cube a coroutine on the
@@ -179,16 +188,11 @@ static void nf_unit_entry() {
 
 template <typename... A>
 static void nf_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {
-    blockDim = {units, 1, 1};
-    gridDim = {gx, gy, gz};
     const nf_stacks stacks(units);
     nf_cube c{std::vector<nf_context>(units), {}, 0, std::vector<char>(units), [f, args] { nf_call(f, args, std::index_sequence_for<A...>{}); }};
     nf_this_cube = &c;
     nf_dim3& unit = threadIdx;
-    const size_t cubes = size_t(gx) * gy * gz;
-    for (size_t cube = 0; cube < cubes; ++cube) {
-        nf_poison(shared);
-        blockIdx = {unsigned(cube % gx), unsigned(cube / gx % gy), unsigned(cube / (size_t(gx) * gy))};
+    nf_each_cube(gx, gy, gz, units, shared, [&](size_t cube) {
         for (unsigned u = 0; u < units; ++u) {
             c.done[u] = 0;
             nf_start(c, u, stacks.stack(u));
@@ -204,7 +208,7 @@ static void nf_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, un
                 live += !c.done[u];
             }
         }
-    }
+    });
     nf_this_cube = nullptr;
 }
 
