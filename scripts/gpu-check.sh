@@ -8,7 +8,8 @@
 # Figures go into BENCHMARKS.md with the card's name. A device call lasts at most 600 s:
 # `all` gives our binary 330 s and the peers what is left of 570; `ours` and `peers` alone (two
 # calls on the same warm machine, each measuring its own copy bandwidth) 570 s each. Each
-# writes its figures as it measures them, so a part cut short keeps what it measured.
+# writes its figures as it measures them, so a part cut short keeps what it measured, and our
+# binary's run goes on in a fresh process from the item after one that lost the device.
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${1:-$root/target/gpu_check}"
@@ -34,8 +35,39 @@ rc=0
 if [ "$parts" != peers ]; then
     budget=570
     [ "$parts" = all ] && budget=330
-    timeout -k 10 "$budget" "$bin" "$out"; rc=$?
-    [ "$rc" = 124 ] && echo "gpu-check: our binary ran past ${budget} s and was stopped; $out/normforge.jsonl keeps what it measured" >&2
+    # One process, or (where one ends inside an item: a fault left the CUDA context unusable,
+    # an item ran past its limit, a crash) the next from the item after, until every item has
+    # run or the time is spent. The binary writes the item it runs to $progress (`done` at the
+    # end); each process measures its own copy bandwidth for its figures.
+    progress="$(mktemp)"
+    trap 'rm -f "$progress"' EXIT
+    from=0
+    while :; do
+        left=$(( budget - (SECONDS - start) ))
+        if [ "$left" -lt 20 ]; then
+            echo "gpu-check: no time left to go on from item $from" >&2
+            [ "$rc" = 0 ] && rc=124
+            break
+        fi
+        rm -f "$progress"
+        timeout -k 10 "$left" "$bin" "$out" --from "$from" --progress "$progress"; r=$?
+        [ "$r" = 0 ] || rc=$r
+        if [ "$r" = 124 ] || [ "$r" = 137 ]; then
+            echo "gpu-check: our binary ran past ${budget} s and was stopped; $out/normforge.jsonl keeps what it measured" >&2
+            break
+        fi
+        last="$(cat "$progress" 2>/dev/null || true)"
+        item="${last%%$'\t'*}"
+        # Done, or ended before its first item (no device, say): nothing to go on from.
+        case "$item" in '' | done | *[!0-9]*) break ;; esac
+        label="${last#*$'\t'}"
+        if [ "$r" != 75 ] && [ "$r" != 76 ]; then
+            # Ended by something the binary could not report itself (a crash): say so for it.
+            printf '{"lost":%d,"label":"%s","why":"the process ended (status %d)"}\n' "$item" "$label" "$r" >> "$out/normforge.jsonl"
+        fi
+        echo "gpu-check: the run ended in item $item ($label, status $r); going on from item $(( item + 1 )) in a fresh process" >&2
+        from=$(( item + 1 ))
+    done
 fi
 if [ "$parts" != ours ]; then
     # The peers: $NORMFORGE_PEERS, else target/gpu_peers.py (a device machine gets the

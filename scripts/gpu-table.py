@@ -63,11 +63,19 @@ def tables(ours, peers, card="(card unknown)"):
     out.append(f"Card: {card}. Copy bandwidth (read + write): ours {gbps(copy)} GB/s, gpu_peers.py {gbps(peer_copy)} GB/s.\n")
 
     checks = [r for r in ours if "check" in r]
-    failed = [r["check"] for r in checks if r.get("ok") is False or "error" in r]
+    # Items a process lost the device in (gpu_check.rs: the run went on after them in a fresh
+    # process): a lost check has failed; a lost timing has no figure.
+    lost = [r for r in ours if "lost" in r]
+    lost_checks = [str(r.get("label", "?"))[len("check "):] for r in lost if str(r.get("label", "")).startswith("check ")]
+    failed = [r["check"] for r in checks if r.get("ok") is False or "error" in r] + lost_checks
     skipped = [r["check"] for r in checks if "skipped" in r]
-    points["correctness"] = (len(failed) == 0 and len(checks) > 0) if checks else None
-    out.append(f"Correctness: {len(checks)} checks, {len(failed)} failed {sorted(set(failed))}, "
+    points["correctness"] = (len(failed) == 0 and len(checks) > 0) if checks or lost_checks else None
+    out.append(f"Correctness: {len(checks) + len(lost_checks)} checks, {len(failed)} failed {sorted(set(failed))}, "
                f"{len(skipped)} skipped {sorted(set(skipped))}.\n")
+    if lost:
+        out.append("Items lost to the device (the run went on after each in a fresh process):")
+        out += [f"- item {r['lost']} ({r.get('label', '?')}): {r.get('why', '?')}." for r in lost]
+        out.append("")
 
     out.append("| step | ms | of copy | target | met | first step (s) | < 2 s | torch's best | its ms | its share of copy |")
     out.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -191,6 +199,8 @@ def self_test():
         {"op": "muon_routing", "shape": [1024, 4096], "kernels_index_it": False, "ms": 1.5, "lowered_ms": 1.4},
         {"op": "half_params", "rule": "adamw", "dtype": "bf16", "impl": "normforge", "ms": 1.1, "of_copy": 0.88},
         {"op": "half_params", "rule": "adamw", "dtype": "bf16", "impl": "torch_fused", "ms": 1.3, "of_copy": 0.75},
+        {"lost": 41, "label": "check dyt", "why": "ran past 120 s: the process was ended"},
+        {"lost": 60, "label": "op sgd_step", "why": "the process ended (status 139)"},
     ]
     peers = [
         {"op": "copy", "impl": "torch", "ms": 1.0, "GBps": 3100.0},
@@ -236,6 +246,13 @@ def self_test():
     # So are the half-precision parameters', beside torch's fused kernel.
     assert "| adamw | bf16 | 1.100 | 88% | 1.300 | 75% |" in text, text
     assert not any("half" in k or "bf16" in k for k in p), p
+    # A check lost to the device has failed; a lost timing is listed, and holds no point.
+    assert "Correctness: 4 checks, 2 failed ['dyt', 'lamb'], 1 skipped ['muon']." in text, text
+    assert "- item 41 (check dyt): ran past 120 s: the process was ended." in text, text
+    assert "- item 60 (op sgd_step): the process ended (status 139)." in text, text
+    assert not any("sgd" in k for k in p), p
+    # With every check lost, correctness has failed, not gone without a figure.
+    assert tables([{"lost": 0, "label": "check adamw adamw", "why": "x"}], [])[1]["correctness"] is False
     # A line cut short by a timeout is skipped, not fatal.
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gpu-table-{os.getpid()}.jsonl")
     with open(path, "w") as f:

@@ -23,12 +23,19 @@
 //!
 //! Prints a table; with an output directory, also one JSON line per figure in `normforge.jsonl`,
 //! each written as it is measured.
+//!
+//! Each check and timing is an item (`normforge_cuda::items`): where one leaves the CUDA context
+//! unusable (a fault is sticky) the rest are skipped and the process ends with status 75, and
+//! where one runs past `--item-limit` seconds the process ends at once with status 76; either
+//! way `scripts/gpu-check.sh` goes on from the next item (`--from`) in a fresh process.
 
 use normforge_cubecl::kernel::StepLayout;
 use normforge_cubecl::Precision;
+use normforge_cuda::items::Items;
 use normforge_cuda::{check, Arena, CudaOptimizer, Gpu};
 use tch::nn;
-use std::sync::Arc;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
@@ -68,22 +75,44 @@ struct Timing {
 struct Args {
     /// Where to write `normforge.jsonl`, one JSON line per figure as it is measured.
     out: Option<std::path::PathBuf>,
+    /// Skip the items before this one, appending to `normforge.jsonl` (a run going on after
+    /// a process lost its device).
+    #[arg(long, default_value_t = 0)]
+    from: usize,
+    /// A file holding the item running or last run (its number, a tab, its label), or `done`.
+    #[arg(long)]
+    progress: Option<std::path::PathBuf>,
+    /// Seconds an item may run before the process reports it and ends (status 76).
+    #[arg(long, default_value_t = 120)]
+    item_limit: u64,
+}
+
+/// `normforge.jsonl`, where each figure goes as it comes, so a run cut short keeps what it
+/// measured (shared with the watchdog's thread).
+static LOG: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+fn emit(s: String) {
+    println!("{s}");
+    if let Some(f) = LOG.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        let _ = writeln!(f, "{s}").and_then(|()| f.flush());
+    }
+}
+
+/// The line for an item the device lost: gpu-table.py lists it, and counts a lost check as
+/// failed.
+fn lost_line(item: usize, label: &str, why: &str) -> String {
+    format!(r#"{{"lost":{item},"label":{label:?},"why":{why:?}}}"#)
 }
 
 fn main() {
-    let out = <Args as clap::Parser>::parse().out;
-    // Each figure is written as it comes, so a run cut short keeps what it measured.
-    let mut file = out.as_ref().and_then(|dir| {
+    let args = <Args as clap::Parser>::parse();
+    if let Some(dir) = &args.out {
         let _ = std::fs::create_dir_all(dir);
-        std::fs::File::create(dir.join("normforge.jsonl")).ok()
-    });
-    let mut emit = |s: String| {
-        println!("{s}");
-        if let Some(f) = file.as_mut() {
-            use std::io::Write;
-            let _ = writeln!(f, "{s}").and_then(|()| f.flush());
-        }
-    };
+        let file = std::fs::OpenOptions::new().create(true).append(true).truncate(false).open(dir.join("normforge.jsonl"));
+        // A fresh run starts the file afresh; one going on from an item adds to it.
+        let file = file.and_then(|f| if args.from == 0 { f.set_len(0).map(|()| f) } else { Ok(f) });
+        *LOG.lock().unwrap_or_else(|e| e.into_inner()) = file.ok();
+    }
     if !normforge_tch::load_cuda() {
         eprintln!("gpu_check: libtorch sees no CUDA device");
         std::process::exit(2);
@@ -95,6 +124,26 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // Whether the context still works after an item failed: a sticky fault fails both the
+    // driver's synchronisation and libtorch's next operation.
+    let probe = {
+        let gpu = gpu.clone();
+        move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                gpu.synchronize(std::ptr::null_mut()).is_ok() && Tensor::ones([2], (Kind::Float, gpu.device())).sum(Kind::Float).double_value(&[]) == 2.0
+            }))
+            .unwrap_or(false)
+        }
+    };
+    let mut items = Items::new(args.from, args.progress.clone(), probe);
+    let limit = args.item_limit;
+    items.watch(Duration::from_secs(limit), move |item, label| {
+        emit(lost_line(item, label, &format!("ran past {limit} s: the process was ended")));
+        eprintln!("gpu_check: item {item} ({label}) ran past {limit} s");
+        // No exit handlers: libtorch's and CUDA's would wait on the device the item holds.
+        // SAFETY: ends the process; nothing after it runs.
+        unsafe { libc::_exit(76) }
+    });
     println!("device: {} ({})", gpu.name(), gpu.arch());
     normforge_std::link();
     let reg = normforge_registry::Registry::with_builtins().expect("the standard library loads");
@@ -110,23 +159,24 @@ fn main() {
         let layouts = if fused { &StepLayout::COMPARED[..] } else { &StepLayout::COMPARED[..1] };
         for &layout in layouts {
             let name = layout.name();
-            match guarded(|| check::against_reference(&gpu, &r.entry, shapes, 10, layout)) {
-                Ok(err) if err < 1e-5 => emit(format!(r#"{{"check":"{}","layout":"{name}","rel_err":{err:e},"ok":true}}"#, r.name)),
-                Ok(err) => {
+            match items.run(&format!("check {} {name}", r.name), || check::against_reference(&gpu, &r.entry, shapes, 10, layout)) {
+                None => {}
+                Some(Ok(err)) if err < 1e-5 => emit(format!(r#"{{"check":"{}","layout":"{name}","rel_err":{err:e},"ok":true}}"#, r.name)),
+                Some(Ok(err)) => {
                     failed += 1;
                     emit(format!(r#"{{"check":"{}","layout":"{name}","rel_err":{err:e},"ok":false}}"#, r.name))
                 }
-                Err(e) => emit(format!(r#"{{"check":"{}","layout":"{name}","skipped":{:?}}}"#, r.name, e)),
+                Some(Err(e)) => emit(format!(r#"{{"check":"{}","layout":"{name}","skipped":{:?}}}"#, r.name, e)),
             }
         }
         // And against libtorch's own optimizer (C++ torch::optim) on the same GPU, where it has one.
-        match guarded(|| check::against_builtin(&gpu, &r.entry, shapes, 10).transpose()) {
-            Ok(None) => {}
-            Ok(Some(err)) => {
+        match items.run(&format!("check {} torch", r.name), || check::against_builtin(&gpu, &r.entry, shapes, 10).transpose()) {
+            None | Some(Ok(None)) => {}
+            Some(Ok(Some(err))) => {
                 failed += usize::from(err >= 1e-5);
                 emit(format!(r#"{{"check":"{}","against":"torch","rel_err":{err:e},"ok":{}}}"#, r.name, err < 1e-5))
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 failed += 1;
                 emit(format!(r#"{{"check":"{}","against":"torch","error":{:?}}}"#, r.name, e))
             }
@@ -136,12 +186,13 @@ fn main() {
         // arena: both against the rule in libtorch's operations (`DslOptimizer`).
         if check::takes_matrices(&r.entry) {
             let mixed = [vec![64, 300], vec![1024, 4096], vec![4096, 1024]];
-            match guarded(|| check::against_lowered(&gpu, &r.entry, &mixed, 3)) {
-                Ok(err) => {
+            match items.run(&format!("check {} lowered", r.name), || check::against_lowered(&gpu, &r.entry, &mixed, 3)) {
+                None => {}
+                Some(Ok(err)) => {
                     failed += usize::from(err >= 1e-5);
                     emit(format!(r#"{{"check":"{}","against":"lowered","shapes":{mixed:?},"rel_err":{err:e},"ok":{}}}"#, r.name, err < 1e-5))
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     failed += 1;
                     emit(format!(r#"{{"check":"{}","against":"lowered","error":{:?}}}"#, r.name, e))
                 }
@@ -157,13 +208,14 @@ fn main() {
         const STEPS: usize = 10;
         let vectors = check::rule_shapes(&adamw.entry);
         for kind in [Kind::BFloat16, Kind::Half] {
-            match guarded(|| check::against_fused_adamw(&gpu, &adamw.entry, kind, &vectors, STEPS)) {
-                Ok((ulps, differ, total)) => {
+            match items.run(&format!("check adamw {kind:?} torch_fused"), || check::against_fused_adamw(&gpu, &adamw.entry, kind, &vectors, STEPS)) {
+                None => {}
+                Some(Ok((ulps, differ, total))) => {
                     let ok = ulps <= STEPS as f64 && differ * 100 <= total;
                     failed += usize::from(!ok);
                     emit(format!(r#"{{"check":"adamw","params":"{kind:?}","against":"torch_fused","max_ulps":{ulps},"differ":{differ},"of":{total},"ok":{ok}}}"#))
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     failed += 1;
                     emit(format!(r#"{{"check":"adamw","params":"{kind:?}","against":"torch_fused","error":{e:?}}}"#))
                 }
@@ -173,15 +225,16 @@ fn main() {
 
     for r in reg.list(None).into_iter().filter(|r| r.entry.kind != normforge_dsl::ir::Kind::Optimizer) {
         let shape = check::layer_shape(&r.entry);
-        match guarded(|| check::layer_against_torch(&gpu, &r.entry, &shape)) {
-            Ok(errs) => {
+        match items.run(&format!("check {}", r.name), || check::layer_against_torch(&gpu, &r.entry, &shape)) {
+            None => {}
+            Some(Ok(errs)) => {
                 // Forward < 1e-5, gradients < 1e-4, against the lowering, the reference and the built-in.
                 let ok = errs.iter().all(|e| e.forward < 1e-5 && e.backward < 1e-4);
                 failed += usize::from(!ok);
                 let each: Vec<String> = errs.iter().map(|e| format!(r#""{}":{{"fwd":{:e},"bwd":{:e}}}"#, e.against, e.forward, e.backward)).collect();
                 emit(format!(r#"{{"check":"{}","shape":{shape:?},"rel_err":{{{}}},"ok":{ok}}}"#, r.name, each.join(",")))
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 failed += 1;
                 emit(format!(r#"{{"check":"{}","error":{:?}}}"#, r.name, e))
             }
@@ -196,12 +249,13 @@ fn main() {
     for case in check::training_cases() {
         let (layer, rule, matrix_kind, bound) = (case.layer, case.rule(), case.matrix_kind, case.bound());
         let Some(chosen) = case.rules.iter().map(|(name, select)| rules.iter().find(|r| r.name == *name).map(|r| (r.entry.clone(), *select))).collect::<Option<Vec<_>>>() else { continue };
-        match guarded(|| check::fused_training(&gpu, &layer_entry(&reg, layer), &chosen, 7, matrix_kind)) {
-            Ok(err) => {
+        match items.run(&format!("check fused_training {layer} {rule} {matrix_kind:?}"), || check::fused_training(&gpu, &layer_entry(&reg, layer), &chosen, 7, matrix_kind)) {
+            None => {}
+            Some(Ok(err)) => {
                 failed += usize::from(err >= bound);
                 emit(format!(r#"{{"check":"fused_training","layer":"{layer}","rule":"{rule}","matrix":"{matrix_kind:?}","rel_err":{err:e},"ok":{}}}"#, err < bound))
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 failed += 1;
                 emit(format!(r#"{{"check":"fused_training","layer":"{layer}","rule":"{rule}","matrix":"{matrix_kind:?}","error":{e:?}}}"#))
             }
@@ -209,15 +263,8 @@ fn main() {
     }
 
     let dev = gpu.device();
-    let x = Tensor::randn([1i64 << 28], (Kind::Float, dev));
-    let mut y = x.empty_like();
-    let copy_ms = time_ms(&gpu, 50, || {
-        y.copy_(&x);
-    })
-    .ms;
-    let copy_gbps = 2.0 * (1u64 << 28) as f64 * 4.0 / copy_ms / 1e6;
-    emit(format!(r#"{{"op":"copy","impl":"tch","ms":{copy_ms:.4},"GBps":{copy_gbps:.1}}}"#));
-    drop((x, y));
+    // The copy bandwidth, measured by the first timing this process runs.
+    let mut copy = None;
 
     let mut shapes: Vec<Vec<i64>> = vec![vec![4096, 4096]; 12];
     shapes.extend(vec![vec![4096, 1024]; 4]);
@@ -228,7 +275,8 @@ fn main() {
     // here): timed all the same.
     for (name, bytes) in [("adamw", 28.0), ("lion", 20.0), ("lamb", 28.0), ("adamp", 28.0), ("adam", 28.0), ("sgd", 20.0)] {
         let Some(r) = rules.iter().find(|r| r.name == name) else { continue };
-        let line = guarded(|| -> Result<String, String> {
+        let line = items.run(&format!("op {name}_step"), || -> Result<String, String> {
+            let copy_gbps = copy_bandwidth(&gpu, &mut copy);
             let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(s.as_slice(), (Kind::Float, dev)).set_requires_grad(true)).collect();
             let n: usize = vars.iter().map(Tensor::numel).sum();
             let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
@@ -270,12 +318,15 @@ fn main() {
                 opt.fused()
             ))
         });
-        emit(line.unwrap_or_else(|e| format!(r#"{{"op":"{name}_step","error":{e:?}}}"#)));
+        if let Some(line) = line {
+            emit(line.unwrap_or_else(|e| format!(r#"{{"op":"{name}_step","error":{e:?}}}"#)));
+        }
     }
     // For the record (no target): AdamW on the same parameter set in bf16 — 14 bytes per
     // element at the least — ours and torch's fused kernel, on the same tensors.
     if let Some(r) = rules.iter().find(|r| r.name == "adamw") {
-        let lines = guarded(|| -> Result<Vec<String>, String> {
+        let lines = items.run("op half_params adamw bf16", || -> Result<Vec<String>, String> {
+            let copy_gbps = copy_bandwidth(&gpu, &mut copy);
             let mut vars: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(s.as_slice(), (Kind::BFloat16, dev)).set_requires_grad(true)).collect();
             let n: usize = vars.iter().map(Tensor::numel).sum();
             let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
@@ -297,8 +348,9 @@ fn main() {
             Ok(vec![line("normforge", ours), line("torch_fused", torch)])
         });
         match lines {
-            Ok(lines) => lines.into_iter().for_each(&mut emit),
-            Err(e) => emit(format!(r#"{{"op":"half_params","rule":"adamw","dtype":"bf16","error":{e:?}}}"#)),
+            None => {}
+            Some(Ok(lines)) => lines.into_iter().for_each(emit),
+            Some(Err(e)) => emit(format!(r#"{{"op":"half_params","rule":"adamw","dtype":"bf16","error":{e:?}}}"#)),
         }
     }
     for (name, shape, kind) in [
@@ -310,7 +362,8 @@ fn main() {
         ("dyt", vec![16384, 4096], Kind::BFloat16),
         ("evonorm_s0", vec![32, 256, 56, 56], Kind::Float),
     ] {
-        let line = guarded(|| -> Result<(String, String, bool), String> {
+        let line = items.run(&format!("check {name} {kind:?} timed"), || -> Result<(String, String, bool), String> {
+            let copy_gbps = copy_bandwidth(&gpu, &mut copy);
             let vs = nn::VarStore::new(dev);
             let spec = check::timed_layer(layer_entry(&reg, name));
             let x = Tensor::randn(shape.as_slice(), (kind, dev)).set_requires_grad(true);
@@ -373,12 +426,13 @@ fn main() {
             Ok((check, timing, ok))
         });
         match line {
-            Ok((check, timing, ok)) => {
+            None => {}
+            Some(Ok((check, timing, ok))) => {
                 failed += usize::from(!ok);
                 emit(check);
                 emit(timing);
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 failed += 1;
                 emit(format!(r#"{{"check":"{name}","shape":{shape:?},"dtype":"{kind:?}","against":"lowered_f64","error":{e:?}}}"#));
             }
@@ -390,7 +444,7 @@ fn main() {
     // sooner than the 32-bit limit makes it.
     if let Some(muon) = rules.iter().find(|r| r.name == "muon") {
         for shape in [[256i64, 256], [512, 2048], [1024, 1024], [1024, 4096]] {
-            let line = guarded(|| -> Result<String, String> {
+            let line = items.run(&format!("op muon_routing {shape:?}"), || -> Result<String, String> {
                 let mut vars = vec![Tensor::randn(shape, (Kind::Float, dev)).set_requires_grad(true)];
                 let arena = Arena::adopt(&mut vars).map_err(|e| e.0)?;
                 tch::no_grad(|| {
@@ -408,22 +462,38 @@ fn main() {
                 let indexable = shape[0] * shape[0] * shape[1] < 1 << 32 && shape[1] * shape[1] * shape[0] < 1 << 32;
                 Ok(format!(r#"{{"op":"muon_routing","shape":{shape:?},"kernels_index_it":{indexable},"ms":{kernels_ms:.4},"lowered_ms":{lowered_ms:.4}}}"#))
             });
-            emit(line.unwrap_or_else(|e| format!(r#"{{"op":"muon_routing","shape":{shape:?},"error":{e:?}}}"#)));
+            if let Some(line) = line {
+                emit(line.unwrap_or_else(|e| format!(r#"{{"op":"muon_routing","shape":{shape:?},"error":{e:?}}}"#)));
+            }
         }
     }
+    items.finish();
+    if let Some((item, label)) = items.lost() {
+        emit(lost_line(item, label, "the CUDA context stopped working: the items after it were skipped"));
+        eprintln!("gpu_check: the device stopped working in item {item} ({label})");
+        std::process::exit(75);
+    }
     if failed > 0 {
-        eprintln!("gpu_check: {failed} rule(s) disagree with the reference backend");
+        eprintln!("gpu_check: {failed} check(s) failed");
         std::process::exit(1);
     }
 }
 
-/// Run one check or timing; a panic (tch panics on libtorch errors) or an error becomes a
-/// message, so one failure does not stop the rest of the run.
-fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => Err(p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())),
-    }
+/// The device-to-device copy bandwidth (GB/s, bytes read and written), measured once per
+/// process, at its first timing, and reported: every fraction of copy a process reports is of
+/// its own figure.
+fn copy_bandwidth(gpu: &Gpu, copy: &mut Option<f64>) -> f64 {
+    *copy.get_or_insert_with(|| {
+        let x = Tensor::randn([1i64 << 28], (Kind::Float, gpu.device()));
+        let mut y = x.empty_like();
+        let ms = time_ms(gpu, 50, || {
+            y.copy_(&x);
+        })
+        .ms;
+        let gbps = 2.0 * (1u64 << 28) as f64 * 4.0 / ms / 1e6;
+        emit(format!(r#"{{"op":"copy","impl":"tch","ms":{ms:.4},"GBps":{gbps:.1}}}"#));
+        gbps
+    })
 }
 
 fn layer_entry(reg: &normforge_registry::Registry, name: &str) -> Arc<normforge_dsl::Entry> {

@@ -8,6 +8,7 @@ pub mod arena;
 pub mod check;
 pub mod driver;
 pub mod fused;
+pub mod items;
 pub mod layer;
 pub mod nvrtc;
 pub mod optimizer;
