@@ -27,7 +27,7 @@ pub use dtype::{Dtype, Held, Precision};
 pub use normforge_dsl::Error;
 pub use layer::{CubeLayer, Gradients};
 pub use optimizer::{CubeOptimizer, Flat};
-pub use plan::{indexable, keeping, launched, layout, plan, vectorized, Across, Fold, Launch, Layout, Plan, Source, COOPERATIVE_MIN, KEEP_FROM, MAX_KEPT, MAX_UNROLL, REGISTERS_PER_CUBE, WGSL_LANES};
+pub use plan::{indexable, keeping, launched, layout, plan, vectorized, Across, Fold, Launch, Layout, Plan, Source, COOPERATIVE_MIN, KEEP_FROM, MAX_KEPT, MAX_UNROLL, MIN_UNITS, REGISTERS_PER_CUBE, WGSL_LANES};
 pub use stack::{stacks, Stacked};
 
 use normforge_dsl::ir::{Entry, Programs};

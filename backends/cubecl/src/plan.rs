@@ -697,6 +697,10 @@ pub struct Launch {
     /// The largest cube (in units, `BLOCK` to `MAX_UNITS`) a kernel may take to keep a row
     /// too long for `BLOCK` units' registers; longer rows are read again.
     pub max_units: usize,
+    /// The smallest cube (in units, a power of two from [`MIN_UNITS`] to `BLOCK`) a
+    /// cooperative kernel takes for values shorter than `BLOCK` elements (see [`launched`]);
+    /// `BLOCK`: a cube of `BLOCK` units whatever the length.
+    pub min_units: usize,
     /// The target elements each unit of an elementwise kernel takes (see
     /// `LProgram::values_per_unit`); a power of two up to [`MAX_UNROLL`].
     pub values_per_unit: usize,
@@ -711,9 +715,12 @@ pub struct Launch {
 
 impl Default for Launch {
     fn default() -> Self {
-        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS, values_per_unit: 4, vector_bytes: MAX_VECTOR_BYTES, vector_params: true }
+        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS, min_units: MIN_UNITS, values_per_unit: 4, vector_bytes: MAX_VECTOR_BYTES, vector_params: true }
     }
 }
+
+/// A warp: the fewest units a cube takes ([`Launch::min_units`]).
+pub const MIN_UNITS: usize = 32;
 
 /// A GPU's widest load (`ld.global.v4.u32`), the most [`Launch::vector_bytes`] may ask.
 pub const MAX_VECTOR_BYTES: usize = 16;
@@ -823,6 +830,9 @@ impl Launch {
         if !(self.max_units.is_power_of_two() && (BLOCK..=MAX_UNITS).contains(&self.max_units)) {
             return Err(Error(format!("a cube has a power of two units from {BLOCK} to {MAX_UNITS}, not {}", self.max_units)));
         }
+        if !(self.min_units.is_power_of_two() && (MIN_UNITS..=BLOCK).contains(&self.min_units)) {
+            return Err(Error(format!("the smallest cube has a power of two units from {MIN_UNITS} to {BLOCK}, not {}", self.min_units)));
+        }
         if !(self.values_per_unit.is_power_of_two() && self.values_per_unit <= MAX_UNROLL) {
             return Err(Error(format!("values per unit must be a power of two up to {MAX_UNROLL}, not {}", self.values_per_unit)));
         }
@@ -837,12 +847,19 @@ impl Launch {
 /// and its target is `last` long along the last axis: cooperative from `cooperative_min`
 /// elements on, taking `columns` values per cube where they are neighbours in memory (the
 /// target full along the last axis) and there are at least that many; an elementwise kernel
-/// giving each unit `values_per_unit` target elements.
+/// giving each unit `values_per_unit` target elements. A cooperative kernel taking a value per
+/// cube, each shorter than `BLOCK` (rows of 64 to 255: an attention head's norm, the products of
+/// Muon's 64-row matrices), takes a cube of about a unit per two elements, at least
+/// `min_units`: a cube of `BLOCK` would leave most of its units idle, and hold a GPU to a few
+/// such values at a time.
 pub fn launched(k: &LProgram, per_value: usize, last: usize, launch: &Launch) -> LProgram {
     let mut k = k.clone();
     k.cooperative &= per_value >= launch.cooperative_min;
     let neighbours = k.kinds.get(k.target).and_then(|a| a.last()) == Some(&AxisKind::Full);
     k.values_per_cube = if k.cooperative && neighbours && last >= launch.columns { launch.columns } else { 1 };
+    if k.cooperative && k.values_per_cube == 1 && k.units == BLOCK && k.across() == 0 && per_value < BLOCK {
+        k.units = per_value.div_ceil(2).next_power_of_two().clamp(launch.min_units, BLOCK);
+    }
     let elementwise = !k.cooperative && k.phases.iter().all(|p| p.reduces.is_empty() && p.domain == k.target);
     k.values_per_unit = if elementwise { launch.values_per_unit } else { 1 };
     k

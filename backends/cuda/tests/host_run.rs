@@ -247,17 +247,23 @@ fn every_std_layer_computes_on_the_host_what_the_reference_does() {
     normforge_std::link();
     let layers: Vec<String> = normforge_registry::Registry::with_builtins().unwrap().list(None).into_iter().filter(|r| r.entry.kind != normforge_dsl::ir::Kind::Optimizer).map(|r| r.name).collect();
     assert!(layers.len() >= 19, "{} std layers", layers.len());
+    // Rows of 32 (each a unit's), and of 100 (a cube of 64 units each: `Launch::min_units`).
+    let mut short_cubes = 0;
     for name in &layers {
-        for io in [Dtype::F32, Dtype::BF16] {
-            for train in [true, false] {
-                let (f, b, _) = call_in(&gpu, name, &[2, 4, 6, 32], io, 0, train, 0);
-                let what = format!("{name} {io:?} {}", if train { "training" } else { "evaluation" });
-                eprintln!("{what}: forward {f:.2e}, backward {b:.2e}");
-                let bound = if io == Dtype::F32 { (1e-5, 1e-4) } else { (1e-2, 1e-2) };
-                assert!(f < bound.0 && b < bound.1, "{what}: forward {f:.2e}, backward {b:.2e} from the reference");
+        for shape in [&[2, 4, 6, 32][..], &[2, 4, 100]] {
+            for io in [Dtype::F32, Dtype::BF16] {
+                for train in [true, false] {
+                    let (f, b, kernels) = call_in(&gpu, name, shape, io, 0, train, 0);
+                    let what = format!("{name} {shape:?} {io:?} {}", if train { "training" } else { "evaluation" });
+                    eprintln!("{what}: forward {f:.2e}, backward {b:.2e}");
+                    let bound = if io == Dtype::F32 { (1e-5, 1e-4) } else { (1e-2, 1e-2) };
+                    assert!(f < bound.0 && b < bound.1, "{what}: forward {f:.2e}, backward {b:.2e} from the reference");
+                    short_cubes += kernels.iter().filter(|k| k.cooperative && k.units < normforge_cubecl::kernel::BLOCK).count();
+                }
             }
         }
     }
+    assert!(short_cubes >= 19 * 4, "{short_cubes} kernels in cubes of fewer than a block's units");
 }
 
 /// Every standard rule the step kernels fuse, on f32 parameters and states, within the issue's
