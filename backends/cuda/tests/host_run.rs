@@ -247,11 +247,12 @@ fn every_std_layer_computes_on_the_host_what_the_reference_does() {
     normforge_std::link();
     let layers: Vec<String> = normforge_registry::Registry::with_builtins().unwrap().list(None).into_iter().filter(|r| r.entry.kind != normforge_dsl::ir::Kind::Optimizer).map(|r| r.name).collect();
     assert!(layers.len() >= 19, "{} std layers", layers.len());
-    // Rows of 32 (each a unit's), and of 100 (a cube of 64 units each: `Launch::min_units`).
+    // Rows of 32 (each a unit's), and (in f32: the cube's size is the same for every storage
+    // type) of 100, a cube of 64 units each (`Launch::min_units`).
     let mut short_cubes = 0;
     for name in &layers {
         for shape in [&[2, 4, 6, 32][..], &[2, 4, 100]] {
-            for io in [Dtype::F32, Dtype::BF16] {
+            for io in [Dtype::F32, Dtype::BF16].into_iter().filter(|&io| shape.len() == 4 || io == Dtype::F32) {
                 for train in [true, false] {
                     let (f, b, kernels) = call_in(&gpu, name, shape, io, 0, train, 0);
                     let what = format!("{name} {shape:?} {io:?} {}", if train { "training" } else { "evaluation" });
@@ -263,7 +264,7 @@ fn every_std_layer_computes_on_the_host_what_the_reference_does() {
             }
         }
     }
-    assert!(short_cubes >= 19 * 4, "{short_cubes} kernels in cubes of fewer than a block's units");
+    assert!(short_cubes >= 19 * 2, "{short_cubes} kernels in cubes of fewer than a block's units");
 }
 
 /// Every standard rule the step kernels fuse, on f32 parameters and states, within the issue's
