@@ -230,6 +230,10 @@ fn identity(#[comptime] op: ROp) -> f32 {
 /// Threads per cube, and so the padding unit of every tensor.
 pub const BLOCK: usize = 256;
 
+/// A warp: the units that exchange values by shuffles (`LProgram::planes`), 32 on every
+/// NVIDIA GPU.
+pub const WARP: usize = 32;
+
 /// The most units a cube may have (CUDA's and Vulkan's usual limit).
 pub const MAX_UNITS: usize = 1024;
 
@@ -686,6 +690,10 @@ pub struct LProgram {
     /// every such tensor starts and strides at whole vectors (`plan::vectorized`), and never
     /// in WGSL, which cannot view a buffer as vectors of another width.
     pub vector_params: bool,
+    /// A cooperative kernel's reductions fold within each warp by shuffles (no shared memory,
+    /// no barrier), then across warps through shared memory: two barriers a reduction, not one
+    /// per halving of the cube. CUDA only (`plan::launched`): WGSL has no portable shuffle.
+    pub planes: bool,
 }
 
 impl LProgram {
@@ -971,7 +979,7 @@ pub fn layer_kernel<F: Float, N: Size>(
                     #[unroll]
                     for k in 0..nr {
                         let (op, _, t) = comptime! { prog.phases[ph].reduces[k] };
-                        let v = tree(&mut sh, acc[k], op, 1usize);
+                        let v = tree(&mut sh, acc[k], op, 1usize, comptime! { prog.planes });
                         if UNIT_POS == 0 {
                             work[meta[tbase + t] as usize + at] = v;
                         }
@@ -1003,7 +1011,7 @@ pub fn layer_kernel<F: Float, N: Size>(
                     if comptime! { coop } {
                         // Every unit takes part (the barriers are outside any branch); cubes past
                         // the last value fold identities and store nothing.
-                        v = tree(&mut sh, v, op, per_cube);
+                        v = tree(&mut sh, v, op, per_cube, comptime! { prog.planes });
                     }
                     // One unit writes it: the value's first lane (cooperative), else each its own.
                     let mut writes = active;
@@ -1316,11 +1324,50 @@ fn identities(acc: &mut Array<f32>, #[comptime] reduces: Vec<(ROp, usize, usize)
     }
 }
 
-/// Fold each unit's `v` over the cube in shared memory, lanes apart: the units `u` with the
-/// same `u % lanes` fold together (strides stay multiples of `lanes`); every unit gets its
-/// lane's value. Every unit must call it (it holds barriers), and `sh` is free again after.
+/// Fold each unit's `v` over the cube, lanes apart: the units `u` with the same `u % lanes`
+/// fold together; every unit gets its lane's value. In shared memory, halving the cube at each
+/// barrier (strides stay multiples of `lanes`); or (`planes`, lanes within a warp) by
+/// shuffles in each warp, then the warps' folds through shared memory. Every unit must call
+/// it (it holds barriers, and a shuffle needs its whole warp), and `sh` is free again after.
 #[cube]
-fn tree(sh: &mut Shared<[f32]>, v: f32, #[comptime] op: ROp, #[comptime] lanes: usize) -> f32 {
+fn tree(sh: &mut Shared<[f32]>, v: f32, #[comptime] op: ROp, #[comptime] lanes: usize, #[comptime] planes: bool) -> f32 {
+    if comptime! { planes && lanes <= WARP } {
+        tree_in_warps(sh, v, op, lanes)
+    } else {
+        tree_in_shared(sh, v, op, lanes)
+    }
+}
+
+/// [`tree`] by shuffles: within a warp, the units of a lane fold by exchanging values across
+/// the other bits of their position, each ending with its warp's fold; each warp's then stands
+/// in shared memory, and every unit folds those of its lane.
+#[cube]
+fn tree_in_warps(sh: &mut Shared<[f32]>, v: f32, #[comptime] op: ROp, #[comptime] lanes: usize) -> f32 {
+    let u = UNIT_POS as usize;
+    let mut mine = v;
+    #[unroll]
+    for s in 0..comptime! { (WARP / lanes).trailing_zeros() } {
+        mine = fold(op, mine, plane_shuffle_xor(mine, comptime! { (WARP as u32 / 2) >> s }));
+    }
+    if u % WARP < lanes {
+        sh[u / WARP * lanes + u % WARP] = mine;
+    }
+    sync_cube();
+    let lane = u % lanes;
+    let mut out = sh[lane];
+    let mut w = 1usize;
+    while w < CUBE_DIM as usize / WARP {
+        out = fold(op, out, sh[w * lanes + lane]);
+        w += 1;
+    }
+    // Everyone has read the result before the next reduction reuses `sh`.
+    sync_cube();
+    out
+}
+
+/// [`tree`] in shared memory, halving the cube at each barrier.
+#[cube]
+fn tree_in_shared(sh: &mut Shared<[f32]>, v: f32, #[comptime] op: ROp, #[comptime] lanes: usize) -> f32 {
     let u = UNIT_POS as usize;
     sh[u] = v;
     sync_cube();

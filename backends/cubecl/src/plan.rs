@@ -296,6 +296,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             units: BLOCK,
             vector: 1,
             vector_params: false,
+            planes: false,
         };
         match mid {
             // Several axes folded: first a partial value per index of one of them, then a
@@ -341,7 +342,7 @@ pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Pl
             })
             .collect();
         let phase = LPhase { domain: target, ops, reduces: Vec::new(), stores, reach: Reach::Element };
-        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK, vector: 1, vector_params: false });
+        kernels.push(LProgram { rank, shapes: 0, kinds: Vec::new(), target, phases: vec![phase], cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK, vector: 1, vector_params: false, planes: false });
     }
     let mut kernels = fuse(kernels, &t.shapes, &t.tensors, lead);
     if lead > 0 {
@@ -643,7 +644,7 @@ fn fuse(kernels: Vec<LProgram>, shapes: &[Shape], tensors: &[(Source, usize, Buf
             let g = match join {
                 Some(g) => g,
                 None => {
-                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK, vector: 1, vector_params: false });
+                    out.push(LProgram { rank: k.rank, shapes: 0, kinds: Vec::new(), target, phases: Vec::new(), cooperative: false, values_per_cube: 1, values_per_unit: 1, unroll: 0, kept: Vec::new(), keep: 0, units: BLOCK, vector: 1, vector_params: false, planes: false });
                     made.push(Vec::new());
                     stored.push(Vec::new());
                     out.len() - 1
@@ -711,11 +712,14 @@ pub struct Launch {
     /// Such a kernel reads its f32 parameters along the row four values an access, not a value
     /// per lane (`LProgram::vector_params`). CUDA only: WGSL cannot view a buffer as vectors.
     pub vector_params: bool,
+    /// A cooperative kernel's reductions fold within each warp by shuffles
+    /// (`LProgram::planes`). CUDA only: `run` on CubeCL's runtimes clears it.
+    pub planes: bool,
 }
 
 impl Default for Launch {
     fn default() -> Self {
-        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS, min_units: MIN_UNITS, values_per_unit: 4, vector_bytes: MAX_VECTOR_BYTES, vector_params: true }
+        Launch { cooperative_min: COOPERATIVE_MIN, columns: 8, rows_per_cube: 16, max_cubes: 0, keep_from: KEEP_FROM, max_units: MAX_UNITS, min_units: MIN_UNITS, values_per_unit: 4, vector_bytes: MAX_VECTOR_BYTES, vector_params: true, planes: true }
     }
 }
 
@@ -860,6 +864,7 @@ pub fn launched(k: &LProgram, per_value: usize, last: usize, launch: &Launch) ->
     if k.cooperative && k.values_per_cube == 1 && k.units == BLOCK && k.across() == 0 && per_value < BLOCK {
         k.units = per_value.div_ceil(2).next_power_of_two().clamp(launch.min_units, BLOCK);
     }
+    k.planes = launch.planes && k.cooperative;
     let elementwise = !k.cooperative && k.phases.iter().all(|p| p.reduces.is_empty() && p.domain == k.target);
     k.values_per_unit = if elementwise { launch.values_per_unit } else { 1 };
     k
@@ -1167,7 +1172,10 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
         let last = if rank == 0 { 1 } else { meta[3 * rank * k.target + rank - 1] as usize };
         let (k, cubes) = match across {
             // Cubes each folding a block of rows, or (`Fold::Finer`) a cube per row element.
-            Some((a, r)) if a.row == i => (a.row_kernel(r.map_or(0, |(_, positions)| positions)), r.map_or(count, |(cubes, _)| cubes)),
+            Some((a, r)) if a.row == i => {
+                let k = a.row_kernel(r.map_or(0, |(_, positions)| positions));
+                (LProgram { planes: launch.planes, ..k }, r.map_or(count, |(cubes, _)| cubes))
+            }
             _ => {
                 let k = launched(k, per_value, last, launch);
                 let cubes = if k.cube_per_value() { count.div_ceil(k.values_per_cube) } else { count.div_ceil(k.units * k.values_per_unit) };
@@ -1191,6 +1199,9 @@ pub(crate) fn run<'a>(client: &cubecl::client::Client, plan: &Plan, lay: &Layout
     let held = io.held_on(client)?;
     let mut lay = lay.clone();
     lay.vectorize(held.size(), &Launch { vector_bytes: launch.vector_bytes.min(WGSL_LANES * held.size()), vector_params: false, ..*launch });
+    for (k, _) in &mut lay.launches {
+        k.planes = false;
+    }
     // The input and the output gradient as buffers of their own; two arenas: `io` in the
     // storage type, `work` in f32.
     let (mut x, mut dy) = (Vec::new(), Vec::new());

@@ -388,7 +388,7 @@ fn main() {
                 if score(f, b) > score(worst.0, worst.1) || worst.2.is_empty() {
                     worst = (f, b, label);
                 }
-                if ["default", "nothing_kept", "kept_in_cubes_of_256", "one_value_per_unit", "eight_values_per_unit", "one_value_per_access", "parameters_per_lane"].contains(&label) {
+                if ["default", "nothing_kept", "kept_in_cubes_of_256", "one_value_per_unit", "eight_values_per_unit", "one_value_per_access", "parameters_per_lane", "folds_in_shared_memory"].contains(&label) {
                     let t = time_ms(&gpu, 20, || {
                         let _ = tch::no_grad(|| layer.try_forward_t(&x, true).expect("forward"));
                     });

@@ -605,7 +605,7 @@ pub fn layer_against_torch(gpu: &Arc<Gpu>, entry: &Arc<Entry>, shape: &[i64]) ->
 
 /// The launches of a layer's kernels the GPU check times and holds to the oracle at the timed
 /// shapes (tuning, never meaning), the default first.
-pub fn layer_launches() -> [(&'static str, Launch); 11] {
+pub fn layer_launches() -> [(&'static str, Launch); 12] {
     let default = Launch::default();
     [
         ("default", default),
@@ -622,6 +622,9 @@ pub fn layer_launches() -> [(&'static str, Launch); 11] {
         ("one_value_per_access", Launch { vector_bytes: 0, ..default }),
         // Rows read 16 bytes an access, their f32 parameters a value per lane.
         ("parameters_per_lane", Launch { vector_params: false, ..default }),
+        // Reductions folded in shared memory, a barrier per halving of the cube, not by
+        // shuffles within each warp.
+        ("folds_in_shared_memory", Launch { planes: false, ..default }),
     ]
 }
 

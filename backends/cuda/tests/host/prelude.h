@@ -136,6 +136,8 @@ struct nf_cube {
     unsigned running;
     std::vector<char> done;
     std::function<void()> body;
+    // A value per unit, for `__shfl_xor_sync`.
+    std::vector<uint64_t> slots;
 };
 static thread_local nf_cube* nf_this_cube;
 
@@ -186,10 +188,32 @@ static void nf_unit_entry() {
     nf_finish(c);
 }
 
+// A warp's exchange. The kernels shuffle only where every unit of the cube does, outside any
+// branch (`tree`), so each unit leaves its value in a slot of the cube's, all meet at a barrier,
+// each reads that of the unit whose position in its warp of 32 differs by `mask`'s bits, and
+// all meet again before the slots are written anew.
+static unsigned __activemask() { return 0xffffffffu; }
+template <typename T>
+static T __shfl_xor_sync(unsigned, T v, unsigned mask) {
+    static_assert(sizeof(T) <= sizeof(uint64_t), "a shuffled value fits a slot");
+    nf_cube* c = nf_this_cube;
+    if (c == nullptr) {
+        fprintf(stderr, "__shfl_xor_sync in a kernel with no __syncthreads: the host runs its units one after another\n");
+        abort();
+    }
+    const unsigned u = threadIdx.x;
+    std::memcpy(&c->slots[u], &v, sizeof(T));
+    __syncthreads();
+    T out;
+    std::memcpy(&out, &c->slots[(u & ~31u) | ((u ^ mask) & 31u)], sizeof(T));
+    __syncthreads();
+    return out;
+}
+
 template <typename... A>
 static void nf_launch(void (*f)(A...), unsigned gx, unsigned gy, unsigned gz, unsigned units, size_t shared, void** args) {
     const nf_stacks stacks(units);
-    nf_cube c{std::vector<nf_context>(units), {}, 0, std::vector<char>(units), [f, args] { nf_call(f, args, std::index_sequence_for<A...>{}); }};
+    nf_cube c{std::vector<nf_context>(units), {}, 0, std::vector<char>(units), [f, args] { nf_call(f, args, std::index_sequence_for<A...>{}); }, std::vector<uint64_t>(units)};
     nf_this_cube = &c;
     nf_dim3& unit = threadIdx;
     nf_each_cube(gx, gy, gz, units, shared, [&](size_t cube) {
