@@ -1,7 +1,7 @@
 //! Run-time shapes against declared axes: which dims each axis takes, how many values a
 //! symbolic [`Shape`] has. Every backend binds inputs the same way, so this lives here.
 
-use crate::ir::{Axis, Entry, Extent, Groups, Shape};
+use crate::ir::{Axis, Entry, Extent, Groups, Op, Shape};
 
 /// How a run-time tensor shape maps onto the declared axes.
 #[derive(Clone, Debug, PartialEq)]
@@ -84,6 +84,16 @@ pub fn size(reduced: &Shape, b: &AxisBinding, hparams: &[f64]) -> usize {
             Extent::Grouped(g) => full / group_count(*g, hparams).max(1),
         })
         .product()
+}
+
+/// The value of a shape query on this binding: `Op::Size` (see [`size`]), `Op::Rank` (the dims
+/// its axes took: a variadic axis may take several or none); `None` for any other op.
+pub fn query(op: &Op, b: &AxisBinding, hparams: &[f64]) -> Option<usize> {
+    match op {
+        Op::Size(s) => Some(size(s, b, hparams)),
+        Op::Rank(axes) => Some(axes.iter().map(|&a| b.dims[a as usize].len()).sum()),
+        _ => None,
+    }
 }
 
 /// Run-time dims of a tensor declared with `shape` (its axes' dims, in order).

@@ -2,6 +2,7 @@
 //! queries where a backend knows them, and arithmetic on those): backends compute them on the
 //! host in f64, once, instead of per element, and may pick a `select`'s branch before running it.
 
+use crate::bind::{self, AxisBinding};
 use crate::ir::{NodeId, Op, Program};
 
 /// Per node, whether it is uniform. `leaf` says which other ops count as uniform (shape
@@ -16,6 +17,19 @@ pub fn flags(p: &Program, leaf: impl Fn(&Op) -> bool) -> Vec<bool> {
         };
     }
     flags
+}
+
+/// Whether `op` asks for a shape (`bind::query`): uniform where a backend binds one
+/// tensor's shape at a time.
+pub fn is_shape_query(op: &Op) -> bool {
+    matches!(op, Op::Size(_) | Op::Rank(_))
+}
+
+/// [`flags`] and [`values`] for a run on the shapes `b`, its shape queries uniform.
+pub fn on_shapes(p: &Program, b: &AxisBinding, hparams: &[f64], step: f64) -> (Vec<bool>, Vec<f64>) {
+    let flags = flags(p, is_shape_query);
+    let values = values(p, &flags, hparams, step, |op| bind::query(op, b, hparams).expect("only shape queries are admitted") as f64);
+    (flags, values)
 }
 
 /// The value of every uniform node (0 elsewhere); `query` answers the leaves `flags` admitted.

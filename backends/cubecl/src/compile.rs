@@ -115,11 +115,7 @@ impl Compiled {
         for (t, shape) in shapes.iter().enumerate() {
             let b = bind::bind_axes(&entry.axes, shape, &format!("parameter {t}")).map_err(Error)?;
             for &(node, slot) in &self.host {
-                out[t * slots + slot] = match &self.program.nodes[node as usize].op {
-                    Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f32,
-                    Op::Size(s) => bind::size(s, &b, hparams) as f32,
-                    _ => unreachable!("only shape queries are host values"),
-                };
+                out[t * slots + slot] = bind::query(&self.program.nodes[node as usize].op, &b, hparams).expect("only shape queries are host values") as f32;
             }
         }
         Ok(out)

@@ -165,7 +165,7 @@ pub fn plan(entry: &Entry, p: &Program) -> Result<Plan, Error> {
 /// one value of each tensor counts as a single value (`single`).
 pub(crate) fn plan_stacked(entry: &Entry, p: &Program, lead: usize) -> Result<Plan, Error> {
     let unsupported = |what: &str| Error(format!("`{}`: {what} is not supported in a layer by the CubeCL backend", entry.name));
-    let mut uniforms = Uniforms::new(p, |op| matches!(op, Op::Size(_) | Op::Rank(_)));
+    let mut uniforms = Uniforms::new(p, uniform::is_shape_query);
     // (`Step` is uniform too: `Uniforms` knows it.)
     let n = p.nodes.len();
     let materialized: Vec<bool> = (0..n).map(|i| !uniforms.flags[i] && matches!(p.nodes[i].op, Op::Reduce(..))).collect();
@@ -1142,11 +1142,7 @@ pub fn layout(plan: &Plan, b: &AxisBinding, hparams: &[f64], step: f64, launch: 
         meta.push(u32::try_from(o).map_err(|_| too_big())?);
     }
     u32::try_from(sizes.iter().fold(io_len.max(work_len), |a, &b| a.max(b))).map_err(|_| too_big())?;
-    let query = |op: &Op| match op {
-        Op::Size(s) => bind::size(s, b, hparams) as f64,
-        Op::Rank(axes) => axes.iter().map(|&a| b.dims[a as usize].len()).sum::<usize>() as f64,
-        _ => unreachable!("only shape queries"),
-    };
+    let query = |op: &Op| bind::query(op, b, hparams).expect("only shape queries") as f64;
     let scalars = plan.uniforms.values(&plan.program, hparams, step, query);
     let (p, flags) = (&plan.program, &plan.uniforms.flags);
     let needed = uniform::needed(p, flags, &uniform::values(p, flags, hparams, step, query), |i| p.nodes[i].op.args());

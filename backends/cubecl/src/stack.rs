@@ -16,7 +16,7 @@ use std::ops::Range;
 /// every output (one per tensor, uniform or not: a state's initial zeros) gains a full first
 /// axis; axis numbers in operations move up by one.
 fn stacked_program(p: &Program) -> Program {
-    let flags = uniform::flags(p, |op| matches!(op, Op::Size(_) | Op::Rank(_)));
+    let flags = uniform::flags(p, uniform::is_shape_query);
     let front = |e: Extent, s: &Shape| Shape(std::iter::once(e).chain(s.0.iter().cloned()).collect());
     let mut out = p.clone();
     for (i, (node, &uniform)) in out.nodes.iter_mut().zip(&flags).enumerate() {

@@ -17,7 +17,9 @@
 //!    backward also launched otherwise: the parameter gradients' column sums in a kernel of
 //!    their own (with 1 or 8 columns per cube) rather than inside the row kernel, whose cubes
 //!    take at least 16 rows (the default) or 64, and number no more than the GPU runs at once
-//!    (the default) or as many as 16 rows each make — each launch first checked at the timed
+//!    (the default) or as many as 16 rows each make, and the rest of `check::layer_launches`
+//!    (nothing kept in registers, other values per unit or access, reductions folded in
+//!    shared memory rather than by shuffles in each warp) — each launch first checked at the timed
 //!    shape against the layer lowered to libtorch's operations in f64 (`check::LayerOracle`;
 //!    f32 within 1e-5 forward and 1e-4 backward, bf16 within 2^-8 more).
 //!

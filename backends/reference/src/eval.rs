@@ -123,12 +123,7 @@ fn indexed<'a>(v: &'a [&'a [f64]], i: u32, what: &str) -> Result<&'a [f64]> {
 /// same, and a branch chosen otherwise than it says is an error, never a value.
 pub fn run(p: &Program, inp: &Inputs) -> Result<Vec<Vec<f64>>> {
     let n = p.nodes.len();
-    let known = uniform::flags(p, |op| matches!(op, Op::Size(_) | Op::Rank(_)));
-    let value = uniform::values(p, &known, inp.hparams, inp.step, |op| match op {
-        Op::Size(s) => bind::size(s, inp.binding, inp.hparams) as f64,
-        Op::Rank(axes) => axes.iter().map(|&a| inp.binding.dims[a as usize].len()).sum::<usize>() as f64,
-        _ => unreachable!("only shape queries are admitted"),
-    });
+    let (known, value) = uniform::on_shapes(p, inp.binding, inp.hparams, inp.step);
     let reads = |i: usize| match p.nodes[i].op {
         Op::Select(c, x, y) if known[c as usize] => vec![c, if value[c as usize] != 0.0 { x } else { y }],
         ref op => op.args(),
@@ -158,8 +153,7 @@ pub fn run(p: &Program, inp: &Inputs) -> Result<Vec<Vec<f64>>> {
             _ if !needed[i] => Vec::new(),
             Op::Const(c) => vec![*c],
             Op::HParam(i) => vec![inp.hparams[*i as usize]],
-            Op::Size(s) => vec![bind::size(s, inp.binding, inp.hparams) as f64],
-            Op::Rank(axes) => vec![axes.iter().map(|&a| inp.binding.dims[a as usize].len()).sum::<usize>() as f64],
+            op @ (Op::Size(_) | Op::Rank(_)) => vec![bind::query(op, inp.binding, inp.hparams).unwrap_or_default() as f64],
             Op::Step => vec![inp.step],
             Op::Input => leaf(inp.input, "the input")?.to_vec(),
             Op::Grad => leaf(inp.grad, "the gradient")?.to_vec(),

@@ -137,12 +137,7 @@ impl<'a> Lowering<'a> {
     /// value known before the run (a hyper-parameter, a shape) computes only its branch.
     pub fn run(&self, p: &Program, leaves: &Leaves) -> Result<Vec<Tensor>, Error> {
         let n = p.nodes.len();
-        let known = uniform::flags(p, |op| matches!(op, Op::Size(_) | Op::Rank(_)));
-        let value = uniform::values(p, &known, self.hparams, self.step, |op| match op {
-            Op::Size(s) => bind::size(s, self.binding, self.hparams) as f64,
-            Op::Rank(axes) => axes.iter().map(|&a| self.binding.dims[a as usize].len()).sum::<usize>() as f64,
-            _ => unreachable!("only shape queries are admitted"),
-        });
+        let (known, value) = uniform::on_shapes(p, self.binding, self.hparams, self.step);
         let contracted = contracted_products(p);
         // A contracted sum reads its product's factors, not the product.
         let needed = uniform::needed(p, &known, &value, |i| match p.nodes[i].op {
@@ -172,8 +167,7 @@ impl<'a> Lowering<'a> {
             Op::Const(c) if n.ty == Type::Bool => Tensor::from(*c != 0.0).to_device(self.device),
             Op::Const(c) => self.scalar(*c),
             Op::HParam(i) => self.scalar(self.hparams[*i as usize]),
-            Op::Size(s) => self.scalar(bind::size(s, self.binding, self.hparams) as f64),
-            Op::Rank(axes) => self.scalar(axes.iter().map(|&a| self.binding.dims[a as usize].len()).sum::<usize>() as f64),
+            op @ (Op::Size(_) | Op::Rank(_)) => self.scalar(bind::query(op, self.binding, self.hparams).unwrap_or_default() as f64),
             Op::Step => self.scalar(self.step),
             Op::Input => self.leaf(leaves.input, &n.shape, "the input")?,
             Op::Grad => self.leaf(leaves.grad, &n.shape, "the gradient")?,
