@@ -158,33 +158,41 @@ fn divisions_in_loops(ptx: &str) -> Vec<String> {
 #[test]
 fn reductions_fold_in_warps_by_shuffles() {
     let Some(nvrtc) = compiler(None) else { return };
-    normforge_std::link();
-    let reg = normforge_registry::Registry::with_builtins().unwrap();
     let ptx = |k: &normforge_cubecl::kernel::LProgram| nvrtc.compile(&normforge_cubecl::emit::layer_unit(k, Dtype::F32, Lang::Cuda).unwrap().source).unwrap().ptx;
     let barriers = |ptx: &str| ptx.lines().filter(|l| l.trim().starts_with("bar.sync")).count();
     let mut checked = 0;
-    for name in ["layer_norm", "rms_norm"] {
-        let e = reg.get(name).unwrap().entry;
-        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
-        for prog in [train, train_backward] {
-            let plan = normforge_cubecl::plan(&e, prog).unwrap();
-            for n in [4096, 100] {
-                let launched = |planes| {
-                    let launch = normforge_cubecl::Launch { planes, ..Default::default() };
-                    plan.kernels.iter().map(|k| normforge_cubecl::launched(k, n, 1, &launch)).filter(|k| k.cooperative).map(|k| normforge_cubecl::keeping(k, &|_| n, &launch)).collect::<Vec<_>>()
-                };
-                for (shuffled, plain) in launched(true).iter().zip(&launched(false)) {
-                    let (shuffled, plain) = (ptx(shuffled), ptx(plain));
-                    assert!(shuffled.contains("shfl.sync.bfly") && !plain.contains("shfl.sync"), "{name} at {n}");
-                    let in_loop = in_loops(&shuffled, |l| l.starts_with("bar.sync"));
-                    assert!(in_loop.is_empty(), "{name} at {n}: barriers in loops {in_loop:?}");
-                    assert!(barriers(&shuffled) < barriers(&plain), "{name} at {n}: {} barriers with shuffles, {} without", barriers(&shuffled), barriers(&plain));
-                    checked += 1;
-                }
+    for (name, plan) in row_norm_plans() {
+        for n in [4096, 100] {
+            let launched = |planes| {
+                let launch = normforge_cubecl::Launch { planes, ..Default::default() };
+                plan.kernels.iter().map(|k| normforge_cubecl::launched(k, n, 1, &launch)).filter(|k| k.cooperative).map(|k| normforge_cubecl::keeping(k, &|_| n, &launch)).collect::<Vec<_>>()
+            };
+            for (shuffled, plain) in launched(true).iter().zip(&launched(false)) {
+                let (shuffled, plain) = (ptx(shuffled), ptx(plain));
+                assert!(shuffled.contains("shfl.sync.bfly") && !plain.contains("shfl.sync"), "{name} at {n}");
+                let in_loop = in_loops(&shuffled, |l| l.starts_with("bar.sync"));
+                assert!(in_loop.is_empty(), "{name} at {n}: barriers in loops {in_loop:?}");
+                assert!(barriers(&shuffled) < barriers(&plain), "{name} at {n}: {} barriers with shuffles, {} without", barriers(&shuffled), barriers(&plain));
+                checked += 1;
             }
         }
     }
     assert!(checked >= 6, "{checked} kernels checked");
+}
+
+/// The plans of layer_norm's and rms_norm's training forward and backward, by name.
+fn row_norm_plans() -> Vec<(&'static str, normforge_cubecl::Plan)> {
+    normforge_std::link();
+    let reg = normforge_registry::Registry::with_builtins().unwrap();
+    let mut out = Vec::new();
+    for name in ["layer_norm", "rms_norm"] {
+        let e = reg.get(name).unwrap().entry;
+        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
+        for prog in [train, train_backward] {
+            out.push((name, normforge_cubecl::plan(&e, prog).unwrap()));
+        }
+    }
+    out
 }
 
 /// A row of a layer norm or an RMS norm is addressed without integer division (on a GPU the
@@ -220,32 +228,25 @@ fn row_kernels_divide_nowhere_inside_their_loops() {
 #[test]
 fn kept_rows_stay_in_registers() {
     let Some(nvrtc) = compiler(None) else { return };
-    normforge_std::link();
-    let reg = normforge_registry::Registry::with_builtins().unwrap();
     let launch = normforge_cubecl::Launch::default();
     let mut checked = 0;
-    for name in ["layer_norm", "rms_norm"] {
-        let e = reg.get(name).unwrap().entry;
-        let normforge_dsl::ir::Programs::Layer { train, train_backward, .. } = &e.programs else { unreachable!() };
-        for prog in [train, train_backward] {
-            let plan = normforge_cubecl::plan(&e, prog).unwrap();
-            let mut kernels: Vec<_> = plan.kernels.iter().map(|k| normforge_cubecl::launched(k, 4096, 1, &launch)).collect();
-            if let Some(a) = &plan.across {
-                kernels.push(a.row_kernel(4096));
+    for (name, plan) in row_norm_plans() {
+        let mut kernels: Vec<_> = plan.kernels.iter().map(|k| normforge_cubecl::launched(k, 4096, 1, &launch)).collect();
+        if let Some(a) = &plan.across {
+            kernels.push(a.row_kernel(4096));
+        }
+        for k in kernels {
+            let k = normforge_cubecl::keeping(k, &|_| 4096, &launch);
+            if k.kept.is_empty() {
+                continue;
             }
-            for k in kernels {
-                let k = normforge_cubecl::keeping(k, &|_| 4096, &launch);
-                if k.kept.is_empty() {
-                    continue;
-                }
-                for dtype in [Dtype::F32, Dtype::BF16] {
-                    let unit = normforge_cubecl::emit::layer_unit(&k, dtype, Lang::Cuda).unwrap();
-                    let ptx = nvrtc.compile(&unit.source).unwrap().ptx;
-                    assert!(!ptx.contains(".local"), "{name}: {} loads kept, {} across: local memory", k.kept.len(), k.across());
-                    let found = divisions_in_loops(&ptx);
-                    assert!(found.is_empty(), "{name}: {found:?}");
-                    checked += 1;
-                }
+            for dtype in [Dtype::F32, Dtype::BF16] {
+                let unit = normforge_cubecl::emit::layer_unit(&k, dtype, Lang::Cuda).unwrap();
+                let ptx = nvrtc.compile(&unit.source).unwrap().ptx;
+                assert!(!ptx.contains(".local"), "{name}: {} loads kept, {} across: local memory", k.kept.len(), k.across());
+                let found = divisions_in_loops(&ptx);
+                assert!(found.is_empty(), "{name}: {found:?}");
+                checked += 1;
             }
         }
     }
