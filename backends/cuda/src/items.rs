@@ -45,7 +45,7 @@ impl Items {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((i, label.to_string(), Instant::now()));
         let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
             Ok(r) => r,
-            Err(p) => Err(p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panic".into())),
+            Err(p) => Err(normforge_tch::shim::panic_message(&*p).unwrap_or_else(|| "panic".into())),
         };
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if r.is_err() && !(self.probe)() {

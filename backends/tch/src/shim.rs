@@ -185,13 +185,15 @@ unsafe fn take(ptrs: *mut *mut C_tensor, n: usize) -> Vec<Tensor> {
     (0..n).map(|i| Tensor::from_ptr(*ptrs.add(i))).collect()
 }
 
+/// What a caught panic said (tch panics with libtorch's error message), if it said it in text.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> Option<String> {
+    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+}
+
 /// Run a callback body: results into the sink, errors and panics as messages (a panic must
 /// not unwind into C++).
 unsafe fn report(sink: *mut Sink, body: impl FnOnce() -> Result<Vec<Option<Tensor>>, Error>) -> i32 {
-    let result = catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|p| {
-        let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-        Err(Error(format!("panic in a fused layer: {}", what.unwrap_or_default())))
-    });
+    let result = catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|p| Err(Error(format!("panic in a fused layer: {}", panic_message(&*p).unwrap_or_default()))));
     match result {
         Ok(out) => {
             for t in &out {
