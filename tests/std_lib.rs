@@ -55,6 +55,18 @@ fn fmt_is_idempotent_and_keeps_comments_and_meaning() {
     }
 }
 
+/// An `if` assigning several values merges them in one order every time: each compile's maps
+/// hash with seeds of their own, so an order taken from a map would differ from one compile
+/// to the next (sgd's `if momentum != 0` assigns `buf` and `g`).
+#[test]
+fn an_if_assigning_several_values_compiles_to_one_ir() {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/std/nf/sgd.nf")).unwrap();
+    let first = dsl::compile(&src).unwrap();
+    for _ in 0..20 {
+        assert_eq!(dsl::compile(&src).unwrap(), first);
+    }
+}
+
 #[test]
 fn registry_holds_the_standard_library() {
     let reg = common::registry();

@@ -658,13 +658,15 @@ impl<'a> Checker<'a> {
         if conds.iter().any(Option::is_none) {
             return None;
         }
-        // Merge from the last branch backwards: v = select(c1, v1, select(c2, v2, v_else)).
-        let mutable: Vec<String> = env
+        // Merge from the last branch backwards: v = select(c1, v1, select(c2, v2, v_else)),
+        // name by name in a fixed order, so that one text always gives one IR.
+        let mut mutable: Vec<String> = env
             .names
             .iter()
             .filter(|(_, (b, _, _))| matches!(b, Binding::Buffer(_) | Binding::State(_) | Binding::Input | Binding::Grad))
             .map(|(k, _)| k.clone())
             .collect();
+        mutable.sort();
         for name in mutable {
             let mut v = eenv.names[&name].2.unwrap();
             for (c, (benv, _, _)) in conds.iter().zip(&outcomes).rev() {

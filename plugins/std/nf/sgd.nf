@@ -11,10 +11,14 @@ optimizer sgd(
 ) {
     state buf = 0
 
-    g = g + weight_decay * p
-    # The first step starts the momentum buffer at the gradient itself.
-    buf = select(t == 1, g, momentum * buf + (1 - dampening) * g)
+    # As torch.optim.SGD, each term only where its factor is not zero: a backend skips a branch
+    # on a hyper-parameter, so plain SGD reads p and g alone and keeps its buffer as it was.
+    if weight_decay != 0 {
+        g = g + weight_decay * p
+    }
     if momentum != 0 {
+        # The first step starts the momentum buffer at the gradient itself.
+        buf = select(t == 1, g, momentum * buf + (1 - dampening) * g)
         if nesterov {
             g = g + momentum * buf
         } else {
