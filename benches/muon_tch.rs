@@ -7,22 +7,9 @@
 
 use normforge::tch::{nn, Device, Kind, Tensor};
 use normforge::RegistryExt;
-use std::time::Instant;
 
-/// Median of `reps` timed runs of `f` after two warm-ups, in ms.
-fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[reps / 2]
-}
+mod common;
+use common::median_ms;
 
 /// One Muon step in libtorch operations (defaults: momentum 0.95, Nesterov, lr 1e-3, weight
 /// decay 0.1, eps 1e-7, five steps of (3.4445, -4.775, 2.0315)).

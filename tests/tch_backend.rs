@@ -701,3 +701,19 @@ fn half_precision_parameters_step_as_torchs_fused_adamw_does() {
         assert!(differ * 100 <= total, "{kind:?}: {differ} of {total} values differ from torch's");
     }
 }
+
+/// The lowering writes a result over a value its node reads last only where nothing else views
+/// that value's memory: here `stop_gradient(a)` views `a`, and `a + 1` reads it last. Written
+/// over `a`, the sum would show through the view, and the step would leave `p` where it was
+/// instead of moving it by `-lr`.
+#[test]
+fn a_value_something_views_is_not_written_over() {
+    let reg = common::registry();
+    let src = "optimizer viewed(p[...]; lr: float = 0.5) {\n    let a = p * 2\n    let c = stop_gradient(a)\n    let d = a + 1\n    p = p + lr * (c - d)\n}\n";
+    reg.load_str(src, "viewed.nf").unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w = vs.root().var_copy("w", &Tensor::from_slice(&[1.0f32, -2.0, 3.5]));
+    let mut opt = reg.optimizer("viewed").unwrap().build(&vs).unwrap();
+    opt.backward_step(&w.sum(Kind::Float)).unwrap();
+    assert_eq!(Vec::<f32>::try_from(&w).unwrap(), [0.5, -2.5, 3.0]);
+}

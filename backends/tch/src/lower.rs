@@ -21,6 +21,19 @@ pub struct Leaves<'a> {
     pub states: &'a [Tensor],
 }
 
+/// A program run's values, by node.
+pub struct Values(Vec<Value>);
+
+enum Value {
+    /// With whether this run made its memory and nothing else views it, so that its last
+    /// reader may write over it.
+    Tensor(Tensor, bool),
+    /// One number for the whole run, computed on the host (`uniform`).
+    Known(f64),
+    /// Not needed by the outputs, or dropped after its last reader.
+    Unused,
+}
+
 pub struct Lowering<'a> {
     pub binding: &'a AxisBinding,
     pub hparams: &'a [f64],
@@ -133,51 +146,194 @@ impl<'a> Lowering<'a> {
             .reshape(dst))
     }
 
-    /// Every node's value the outputs need (undefined tensors for the rest). A `select` on a
-    /// value known before the run (a hyper-parameter, a shape) computes only its branch.
-    pub fn run(&self, p: &Program, leaves: &Leaves) -> Result<Vec<Tensor>, Error> {
+    /// Every node's value the outputs need. A value known before the run (a hyper-parameter,
+    /// the step, a shape, arithmetic on those: `uniform`) is computed once on the host in f64
+    /// and given to libtorch as a scalar operand, not as a tensor of its own with an operation
+    /// per node; a `select` on such a value computes only its branch. A value no later node or
+    /// output reads is dropped after its last reader, so libtorch's allocator reuses its memory
+    /// within the run, and where nothing records its history for autograd, that reader writes
+    /// its result over it (`in_place`).
+    pub fn run(&self, p: &Program, leaves: &Leaves) -> Result<Values, Error> {
         let n = p.nodes.len();
         let (known, value) = uniform::on_shapes(p, self.binding, self.hparams, self.step);
         let contracted = contracted_products(p);
         // A contracted sum reads its product's factors, not the product.
-        let needed = uniform::needed(p, &known, &value, |i| match p.nodes[i].op {
+        let reads = |i: usize| match p.nodes[i].op {
             Op::Reduce(ReduceOp::Sum, a) if contracted[a as usize] => p.nodes[a as usize].op.args(),
             ref op => op.args(),
-        });
-        let mut vals: Vec<Tensor> = Vec::with_capacity(n);
+        };
+        let needed = uniform::needed(p, &known, &value, reads);
+        let mut last = vec![usize::MAX; n];
+        for i in (0..n).filter(|&i| needed[i] && !known[i]) {
+            for a in reads(i) {
+                last[a as usize] = i;
+            }
+        }
+        for o in &p.outputs {
+            last[o.node as usize] = usize::MAX;
+        }
+        let mut vals = Values(Vec::with_capacity(n));
+        // Once autograd records an operation of this run, it may have saved any value for its
+        // backward, so from then on nothing is written over.
+        let mut recording = false;
         for (i, node) in p.nodes.iter().enumerate() {
-            let t = match node.op {
-                _ if !needed[i] => Tensor::new(),
+            let v = match node.op {
+                _ if !needed[i] => Value::Unused,
+                _ if known[i] => Value::Known(value[i]),
                 Op::Select(c, x, y) if known[c as usize] => {
                     let pick = if value[c as usize] != 0.0 { x } else { y };
-                    vals[pick as usize].expand(self.view(&node.shape), false)
+                    Value::Tensor(self.tensor(p, &vals, pick).expand(self.view(&node.shape), false), false)
                 }
-                _ => self.node(p, i, &vals, leaves, &contracted)?,
+                _ => {
+                    let dead = |a: NodeId| !recording && last[a as usize] == i;
+                    let (t, fresh) = self.node(p, i, &vals, leaves, &contracted, dead)?;
+                    Value::Tensor(t, fresh)
+                }
             };
-            vals.push(t);
+            // (A leaf requiring grad is no record: an optimizer's parameter is one.)
+            if let (Value::Tensor(t, _), false) = (&v, node.op.args().is_empty()) {
+                recording |= t.requires_grad();
+            }
+            // A view shares its arguments' memory: none of them may be written over now.
+            if matches!(v, Value::Tensor(_, false)) {
+                for a in reads(i) {
+                    if let Value::Tensor(_, own) = &mut vals.0[a as usize] {
+                        *own = false;
+                    }
+                }
+            }
+            vals.0.push(v);
+            for a in reads(i) {
+                if last[a as usize] == i {
+                    vals.0[a as usize] = Value::Unused;
+                }
+            }
         }
         Ok(vals)
     }
 
-    /// Node `i` of `p`, from the values of its arguments.
-    fn node(&self, p: &Program, i: usize, vals: &[Tensor], leaves: &Leaves, contracted: &[bool]) -> Result<Tensor, Error> {
+    /// Node `i`'s value as a tensor: a value known before the run as a scalar of the run's
+    /// kind, broadcast to the node's shape.
+    fn tensor(&self, p: &Program, vals: &Values, i: NodeId) -> Tensor {
+        let i = i as usize;
+        match &vals.0[i] {
+            Value::Tensor(t, _) => t.shallow_clone(),
+            Value::Known(v) => {
+                let t = if p.nodes[i].ty == Type::Bool { Tensor::from(*v != 0.0).to_device(self.device) } else { self.scalar(*v) };
+                t.expand(self.view(&p.nodes[i].shape), false)
+            }
+            Value::Unused => unreachable!("`run` keeps every value until its last reader"),
+        }
+    }
+
+    /// Node `a`'s tensor, where this node may write its result over it: a float tensor this
+    /// run made, that nothing else views and no later node reads, in a run autograd has not
+    /// recorded so far (`dead` says both).
+    fn in_place(p: &Program, vals: &Values, a: NodeId, dead: &impl Fn(NodeId) -> bool) -> Option<Tensor> {
+        match &vals.0[a as usize] {
+            Value::Tensor(t, true) if dead(a) && p.nodes[a as usize].ty != Type::Bool => Some(t.shallow_clone()),
+            _ => None,
+        }
+    }
+
+    /// `x b y` where one side is a float tensor and the other a value known before the run,
+    /// as one libtorch operation taking the known value as a scalar, where there is one that
+    /// computes the same as with that value a tensor (`None` otherwise); over the tensor where
+    /// [`Lowering::in_place`] allows.
+    fn with_known(p: &Program, vals: &Values, b: Binary, x: NodeId, y: NodeId, dead: &impl Fn(NodeId) -> bool) -> Option<Tensor> {
+        let (id, s, flip) = match (&vals.0[x as usize], &vals.0[y as usize]) {
+            (Value::Tensor(..), Value::Known(s)) if p.nodes[x as usize].ty != Type::Bool => (x, *s, false),
+            (Value::Known(s), Value::Tensor(..)) if p.nodes[y as usize].ty != Type::Bool => (y, *s, true),
+            _ => return None,
+        };
+        if let Some(mut t) = Self::in_place(p, vals, id, dead) {
+            match (b, flip) {
+                (Binary::Add, _) => return Some(t.g_add_scalar_(s)),
+                (Binary::Mul, _) => return Some(t.g_mul_scalar_(s)),
+                (Binary::Sub, false) => return Some(t.g_sub_scalar_(s)),
+                (Binary::Div, false) => return Some(t.g_div_scalar_(s)),
+                _ => {}
+            }
+        }
+        let Value::Tensor(x, _) = &vals.0[id as usize] else { unreachable!("matched above") };
+        Some(match (b, flip) {
+            (Binary::Add, _) => x + s,
+            (Binary::Mul, _) => x * s,
+            (Binary::Sub, false) => x - s,
+            (Binary::Sub, true) => x.rsub_scalar(s),
+            (Binary::Div, false) => x / s,
+            (Binary::Pow, false) => x.pow_tensor_scalar(s),
+            (Binary::Lt, false) | (Binary::Gt, true) => x.lt(s),
+            (Binary::Le, false) | (Binary::Ge, true) => x.le(s),
+            (Binary::Gt, false) | (Binary::Lt, true) => x.gt(s),
+            (Binary::Ge, false) | (Binary::Le, true) => x.ge(s),
+            (Binary::Eq, _) => x.eq(s),
+            (Binary::Ne, _) => x.ne(s),
+            _ => return None,
+        })
+    }
+
+    /// `x b y` on two float tensors, over one of them where [`Lowering::in_place`] allows and
+    /// it is as large as the result.
+    fn binary_in_place(p: &Program, vals: &Values, b: Binary, x: NodeId, y: NodeId, dead: &impl Fn(NodeId) -> bool) -> Option<Tensor> {
+        let covers = |t: &Tensor, o: &Tensor| t.size().iter().zip(o.size()).all(|(a, b)| *a >= b);
+        let into = |a: NodeId, o: NodeId| {
+            let t = Self::in_place(p, vals, a, dead)?;
+            // An operand autograd differentiates would make it record this operation, whose
+            // backward may need the value written over.
+            let Value::Tensor(o, _) = &vals.0[o as usize] else { return None };
+            (covers(&t, o) && !o.requires_grad()).then(|| (t, o.shallow_clone()))
+        };
+        let commutes = matches!(b, Binary::Add | Binary::Mul);
+        let (mut t, o) = into(x, y).or_else(|| if commutes && x != y { into(y, x) } else { None })?;
+        Some(match b {
+            Binary::Add => t.g_add_(&o),
+            Binary::Mul => t.g_mul_(&o),
+            Binary::Sub => t.g_sub_(&o),
+            Binary::Div => t.g_div_(&o),
+            _ => return None,
+        })
+    }
+
+    /// Node `i` of `p`, from the values of its arguments (`dead`: whether `i` is the last to
+    /// read one); `i` is not known before the run. With whether the tensor is new memory (not
+    /// a view of an argument's).
+    fn node(&self, p: &Program, i: usize, vals: &Values, leaves: &Leaves, contracted: &[bool], dead: impl Fn(NodeId) -> bool) -> Result<(Tensor, bool), Error> {
         let n = &p.nodes[i];
-        let v = |i: &NodeId| &vals[*i as usize];
-        Ok(match &n.op {
-            Op::Const(c) if n.ty == Type::Bool => Tensor::from(*c != 0.0).to_device(self.device),
-            Op::Const(c) => self.scalar(*c),
-            Op::HParam(i) => self.scalar(self.hparams[*i as usize]),
-            op @ (Op::Size(_) | Op::Rank(_)) => self.scalar(bind::query(op, self.binding, self.hparams).unwrap_or_default() as f64),
-            Op::Step => self.scalar(self.step),
-            Op::Input => self.leaf(leaves.input, &n.shape, "the input")?,
-            Op::Grad => self.leaf(leaves.grad, &n.shape, "the gradient")?,
-            Op::GradOutput => self.leaf(leaves.grad_output, &n.shape, "the output gradient")?,
-            Op::Param(i) => self.leaf(leaves.params.get(*i as usize), &n.shape, "a parameter")?,
-            Op::Buffer(i) => self.leaf(leaves.buffers.get(*i as usize), &n.shape, "a buffer")?,
-            Op::State(i) => self.leaf(leaves.states.get(*i as usize), &n.shape, "a state tensor")?,
+        let v = |i: &NodeId| self.tensor(p, vals, *i);
+        let fresh = |t: Tensor| Ok((t, true));
+        let view = |t: Tensor| Ok((t, false));
+        match &n.op {
+            Op::Const(_) | Op::HParam(_) | Op::Size(_) | Op::Rank(_) | Op::Step => unreachable!("known before the run"),
+            Op::Input => view(self.leaf(leaves.input, &n.shape, "the input")?),
+            Op::Grad => view(self.leaf(leaves.grad, &n.shape, "the gradient")?),
+            Op::GradOutput => view(self.leaf(leaves.grad_output, &n.shape, "the output gradient")?),
+            Op::Param(i) => view(self.leaf(leaves.params.get(*i as usize), &n.shape, "a parameter")?),
+            Op::Buffer(i) => view(self.leaf(leaves.buffers.get(*i as usize), &n.shape, "a buffer")?),
+            Op::State(i) => view(self.leaf(leaves.states.get(*i as usize), &n.shape, "a state tensor")?),
+            Op::Unary(Unary::StopGradient, a) => view(v(a).detach()),
             Op::Unary(u, a) => {
+                if let Some(mut t) = Self::in_place(p, vals, *a, &dead) {
+                    let done = match u {
+                        Unary::Neg => Some(t.neg_()),
+                        Unary::Sqrt => Some(t.sqrt_()),
+                        Unary::Rsqrt => Some(t.rsqrt_()),
+                        Unary::Exp => Some(t.exp_()),
+                        Unary::Log => Some(t.log_()),
+                        Unary::Tanh => Some(t.tanh_()),
+                        Unary::Sigmoid => Some(t.sigmoid_()),
+                        Unary::Sign => Some(t.sign_()),
+                        Unary::Abs => Some(t.abs_()),
+                        Unary::Relu => Some(t.relu_()),
+                        Unary::Recip => Some(t.reciprocal_()),
+                        _ => None,
+                    };
+                    if let Some(t) = done {
+                        return fresh(t);
+                    }
+                }
                 let a = v(a);
-                match u {
+                fresh(match u {
                     Unary::Neg => a.neg(),
                     Unary::Not => a.logical_not(),
                     Unary::Sqrt => a.sqrt(),
@@ -191,12 +347,15 @@ impl<'a> Lowering<'a> {
                     Unary::Relu => a.relu(),
                     Unary::Softplus => a.softplus(),
                     Unary::Recip => a.reciprocal(),
-                    Unary::StopGradient => a.detach(),
-                }
+                    Unary::StopGradient => unreachable!("matched above"),
+                })
             }
             Op::Binary(b, x, y) => {
-                let (x, y) = (v(x), v(y));
-                match b {
+                if let Some(t) = Self::with_known(p, vals, *b, *x, *y, &dead).or_else(|| Self::binary_in_place(p, vals, *b, *x, *y, &dead)) {
+                    return fresh(t);
+                }
+                let (x, y) = (&v(x), &v(y));
+                fresh(match b {
                     Binary::Add => x + y,
                     Binary::Sub => x - y,
                     Binary::Mul => x * y,
@@ -212,19 +371,20 @@ impl<'a> Lowering<'a> {
                     Binary::Ne => x.ne_tensor(y),
                     Binary::And => x.logical_and(y),
                     Binary::Or => x.logical_or(y),
-                }
+                })
             }
-            Op::Select(c, x, y) => v(x).where_self(v(c), v(y)),
+            Op::Select(c, x, y) => fresh(v(x).where_self(&v(c), &v(y))),
+            // einsum may return a view of an operand.
             Op::Reduce(ReduceOp::Sum, a) if contracted[*a as usize] => {
                 let Op::Binary(Binary::Mul, x, y) = p.nodes[*a as usize].op else { unreachable!("only products are contracted") };
-                self.contract(v(&x), v(&y), &self.view(&n.shape))?
+                view(self.contract(&v(&x), &v(&y), &self.view(&n.shape))?)
             }
             Op::Swap(a, x, y) => {
                 let (x, y) = (*x as usize, *y as usize);
                 if self.split[x].is_some() || self.split[y].is_some() {
                     return Err(Error("the tch backend cannot swap an axis that the program groups".into()));
                 }
-                v(a).transpose(self.dim_of(x), self.dim_of(y))
+                view(v(a).transpose(self.dim_of(x), self.dim_of(y)))
             }
             Op::Reduce(r, a) => {
                 let src = v(a);
@@ -233,28 +393,34 @@ impl<'a> Lowering<'a> {
                 let dims: Vec<i64> =
                     (0..dst.len()).filter(|&d| dst[d] == 1 && from.get(d).is_some_and(|&s| s != 1)).map(|d| d as i64).collect();
                 if dims.is_empty() {
-                    src.shallow_clone()
+                    view(src)
                 } else {
-                    match r {
+                    fresh(match r {
                         ReduceOp::Sum => src.sum_dim_intlist(dims.as_slice(), true, None::<Kind>),
                         ReduceOp::Max => src.amax(dims.as_slice(), true),
                         ReduceOp::Min => src.amin(dims.as_slice(), true),
-                    }
+                    })
                 }
             }
-            Op::Expand(a) => v(a).expand(self.view(&n.shape), false),
-        })
+            Op::Expand(a) => view(v(a).expand(self.view(&n.shape), false)),
+        }
     }
 
     /// Output `target` of a program run, in the natural shape of `shape`.
-    pub fn output(&self, p: &Program, vals: &[Tensor], target: Target, shape: &Shape) -> Result<Tensor, Error> {
+    pub fn output(&self, p: &Program, vals: &Values, target: Target, shape: &Shape) -> Result<Tensor, Error> {
         let id = p.output(target).ok_or_else(|| Error(format!("the program has no output {target:?}")))?;
-        Ok(vals[id as usize].expand(self.view(shape), false).reshape(self.natural(shape)?))
+        Ok(self.tensor(p, vals, id).expand(self.view(shape), false).reshape(self.natural(shape)?))
     }
 }
 
-/// The products whose only readers are sums and that are not outputs: `run` computes each
-/// inside the sums as a contraction instead of on its own.
+/// The products whose only readers are sums and that are not outputs, of factors of different
+/// shapes (a matrix product: the product is larger than either factor): `run` computes each
+/// inside the sums as a contraction (`einsum`) instead of on its own. A product of factors of
+/// one shape is no larger than they are, and `einsum` would copy both into its own layout first
+/// where the sum keeps a dim after one it folds (a batch norm's sums over `n` and `s`); where it
+/// would not (a norm's sum of squares over its row), a large RMS norm's forward gains but every
+/// layer's backward under autograd loses, most of all at small sizes (`benches/tch_builtins.rs`,
+/// BENCHMARKS.md).
 fn contracted_products(p: &Program) -> Vec<bool> {
     let n = p.nodes.len();
     let mut only_summed = vec![true; n];
@@ -271,19 +437,22 @@ fn contracted_products(p: &Program) -> Vec<bool> {
         .map(|i| {
             only_summed[i]
                 && matches!(p.nodes[i].op, Op::Binary(Binary::Mul, x, y)
-                    if !p.nodes[x as usize].shape.is_scalar() && !p.nodes[y as usize].shape.is_scalar())
+                    if !p.nodes[x as usize].shape.is_scalar() && !p.nodes[y as usize].shape.is_scalar()
+                        && p.nodes[x as usize].shape != p.nodes[y as usize].shape)
         })
         .collect()
 }
 
 /// Whether the tensor `run` gives for `node` may share memory with a tensor the program read
-/// (views: broadcasts, swaps, a select's branch, a detach). A value kept across steps must not:
-/// the gradient it viewed is zeroed and the parameter overwritten in place.
+/// that is written in place later (views: broadcasts, swaps, a select's branch, a detach). A
+/// value kept across steps must not: the gradient it viewed is zeroed and the parameter
+/// overwritten in place. A state is never written in place, so a state kept as it was (SGD's
+/// buffer without momentum) is that tensor itself, not a copy.
 pub fn may_alias_leaf(p: &Program, node: NodeId) -> bool {
     let mut todo = vec![node];
     while let Some(i) = todo.pop() {
         match p.nodes[i as usize].op {
-            Op::Input | Op::Grad | Op::GradOutput | Op::Param(_) | Op::Buffer(_) | Op::State(_) => return true,
+            Op::Input | Op::Grad | Op::GradOutput | Op::Param(_) | Op::Buffer(_) => return true,
             Op::Expand(a) | Op::Swap(a, ..) | Op::Reduce(_, a) | Op::Unary(Unary::StopGradient, a) => todo.push(a),
             Op::Select(_, x, y) => todo.extend([x, y]),
             _ => {}

@@ -3,7 +3,7 @@
 //! A step is all or nothing: every new parameter and state value is computed first, and only
 //! when all exist (and, unless disabled, every gradient is finite) are they written back.
 
-use crate::lower::{Leaves, Lowering};
+use crate::lower::{Leaves, Lowering, Values};
 use crate::state_file::{self, Expected, Saved};
 use crate::{float_kind, Error};
 use normforge_dsl::bind;
@@ -213,16 +213,18 @@ impl DslOptimizer {
         // tensor.
         let present: Vec<(&str, &Tensor)> =
             self.groups.iter().zip(&grads).flat_map(|(g, gs)| g.slots.iter().zip(gs).filter_map(|(s, grad)| grad.as_ref().map(|t| (s.name.as_str(), t)))).collect();
+        // Each gradient's norm, in one read of it: non-finite exactly where a value is, so it
+        // serves the check and the clipping both (no mask the size of the gradient).
+        let grad_norms = if self.skip_nonfinite || self.max_grad_norm.is_some() { norms(present.iter().map(|(_, t)| *t)) } else { Vec::new() };
         if self.skip_nonfinite {
-            let finite = gathered(present.iter().map(|(_, t)| t.isfinite().all().to_kind(Kind::Double)));
-            if let Some(k) = finite.iter().position(|&f| f != 1.0) {
+            if let Some(k) = grad_norms.iter().position(|n| !n.is_finite()) {
                 return Ok(StepReport::SkippedNonFinite { param: present[k].0.to_string() });
             }
         }
         let (scale, grad_norm) = match self.max_grad_norm {
             None => (None, None),
             Some(max) => {
-                let norm = norms(present.iter().map(|(_, t)| *t)).iter().map(|n| n * n).sum::<f64>().sqrt();
+                let norm = grad_norms.iter().map(|n| n * n).sum::<f64>().sqrt();
                 // As torch.nn.utils.clip_grad_norm_: scale by max / (norm + 1e-6) when above max.
                 let coef = max / (norm + 1e-6);
                 (if coef < 1.0 { Some(coef) } else { None }, Some(norm))
@@ -301,7 +303,7 @@ pub fn lowered_step(entry: &Entry, hparams: &[f64], step: i64, p: &Tensor, grad:
         let kind = float_kind(p.kind());
         let low = Lowering::new(&[prog, &entry.init], &binding, hparams, step as f64, kind, p.device())?;
         // Each state in the parameter's kind, copied where it may view a leaf (`kept`).
-        let outputs = |prog: &Program, vals: &[Tensor]| -> Result<Vec<Option<Tensor>>, Error> {
+        let outputs = |prog: &Program, vals: &Values| -> Result<Vec<Option<Tensor>>, Error> {
             let each = entry.states.iter().enumerate().map(|(k, d)| {
                 let target = Target::State(k as u32);
                 let Some(node) = prog.output(target) else { return Ok(None) };
@@ -360,8 +362,8 @@ pub fn gathered(values: impl Iterator<Item = Tensor>) -> Vec<f64> {
     Vec::<f64>::try_from(&host).unwrap_or_else(|_| vec![f64::NAN; values.len()])
 }
 
-/// Each tensor's 2-norm, read back at once ([`gathered`]): summed in f32, as
-/// `clip_grad_norm_` sums, in one read of each tensor — an f64 norm of f32 values makes
+/// Each tensor's 2-norm, read back at once ([`gathered`]): summed in f32 (f64 for f64 values),
+/// as `clip_grad_norm_` sums, in one read of each tensor — an f64 norm of f32 values makes
 /// libtorch cast the whole tensor first, a copy twice its size. A sum of squares past f32's
 /// range comes out infinite though every value is finite: such a tensor is summed again in f64
 /// (no square of a finite f32 overflows an f64), so only a NaN or an infinity makes a norm
@@ -371,7 +373,7 @@ pub fn norms<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> Vec<f64> {
         let tensors: Vec<&Tensor> = tensors.collect();
         // (Flat: `linalg_norm` of a matrix with ord 2 is its largest singular value.)
         let norm = |t: &Tensor, kind: Kind| t.reshape([-1]).linalg_norm(2.0, None::<&[i64]>, false, kind);
-        let mut out = gathered(tensors.iter().map(|t| norm(t, Kind::Float).to_kind(Kind::Double)));
+        let mut out = gathered(tensors.iter().map(|t| norm(t, crate::float_kind(t.kind())).to_kind(Kind::Double)));
         for (n, t) in out.iter_mut().zip(&tensors) {
             if *n == f64::INFINITY {
                 *n = f64::try_from(norm(t, Kind::Double)).unwrap_or(f64::NAN);
