@@ -195,17 +195,13 @@ impl<'a> Lowering<'a> {
                 recording |= t.requires_grad();
             }
             // A view shares its arguments' memory: none of them may be written over now.
-            if matches!(v, Value::Tensor(_, false)) {
-                for a in reads(i) {
-                    if let Value::Tensor(_, own) = &mut vals.0[a as usize] {
-                        *own = false;
-                    }
-                }
-            }
+            let view = matches!(v, Value::Tensor(_, false));
             vals.0.push(v);
             for a in reads(i) {
-                if last[a as usize] == i {
-                    vals.0[a as usize] = Value::Unused;
+                match &mut vals.0[a as usize] {
+                    _ if last[a as usize] == i => vals.0[a as usize] = Value::Unused,
+                    Value::Tensor(_, own) if view => *own = false,
+                    _ => {}
                 }
             }
         }
