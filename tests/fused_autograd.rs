@@ -25,12 +25,12 @@ fn set(t: &Tensor, v: &Tensor) {
 }
 
 /// Two copies of one layer with the same random parameters and buffers.
-fn twins(name: &str, hparams: &[(&str, f64)], shape: &[i64]) -> (Vec<nn::VarStore>, DslLayer, DslLayer) {
+fn twins(reg: &normforge::Registry, name: &str, hparams: &[(&str, f64)], shape: &[i64]) -> (Vec<nn::VarStore>, DslLayer, DslLayer) {
     let mut stores = Vec::new();
     let mut layers = Vec::new();
     for _ in 0..2 {
         let mut vs = nn::VarStore::new(Device::Cpu);
-        let mut spec = common::registry().layer(name).unwrap();
+        let mut spec = reg.layer(name).unwrap();
         for (k, v) in hparams {
             spec = spec.hparam(k, *v);
         }
@@ -68,7 +68,8 @@ fn run(layer: &DslLayer, x: &Tensor, gy: &Tensor, train: bool) -> (Tensor, Tenso
 #[test]
 fn every_std_layer_backpropagates_through_its_derived_backward() {
     let _seeded = normforge::torch::seeded(12);
-    let layers: Vec<_> = common::registry().list(None).into_iter().filter(|r| r.entry.kind != normforge::dsl::ir::Kind::Optimizer).collect();
+    let reg = common::registry();
+    let layers: Vec<_> = reg.list(None).into_iter().filter(|r| r.entry.kind != normforge::dsl::ir::Kind::Optimizer).collect();
     assert!(layers.len() >= 19, "the std library has {} layers", layers.len());
     for r in layers {
         let (shape, hparams): (Vec<i64>, Vec<(&str, f64)>) = match r.entry.axes.len() {
@@ -77,7 +78,7 @@ fn every_std_layer_backpropagates_through_its_derived_backward() {
         };
         let hparams: Vec<(&str, f64)> = hparams.into_iter().filter(|(k, _)| r.entry.hparams.iter().any(|h| h.name == *k)).collect();
         for train in [true, false] {
-            let (_vs, taped, derived) = twins(&r.name, &hparams, &shape);
+            let (_vs, taped, derived) = twins(&reg, &r.name, &hparams, &shape);
             let x = Tensor::randn(shape.as_slice(), (Kind::Double, Device::Cpu));
             let gy = Tensor::randn(shape.as_slice(), (Kind::Double, Device::Cpu));
             let want = run(&taped, &x, &gy, train);
@@ -93,6 +94,30 @@ fn every_std_layer_backpropagates_through_its_derived_backward() {
             }
         }
     }
+}
+
+/// A layer whose forward and derived backward hold sums of scaled products and quotients of
+/// one shape, which the lowering runs as one `addcmul`, `addcdiv` or `add` each where autograd
+/// records nothing (`lower::fusions`): the derived backward against libtorch's differentiation
+/// of the forward (taped, where no product or quotient is fused), f64.
+#[test]
+fn fused_sums_in_a_derived_backward_match_autograd() {
+    let _seeded = normforge::torch::seeded(13);
+    let reg = common::registry();
+    let src = "layer swishy(x[n, d]) {\n    param w[d] = 1\n    let t = tanh(x * w)\n    return x + 0.5 * x * t - x / (1 + x * x) + 0.25 * t\n}\n";
+    reg.load_str(src, "swishy.nf").unwrap();
+    let shape = [5, 7];
+    let (_vs, taped, derived) = twins(&reg, "swishy", &[], &shape);
+    let x = Tensor::randn(shape, (Kind::Double, Device::Cpu));
+    let gy = Tensor::randn(shape, (Kind::Double, Device::Cpu));
+    let want = run(&taped, &x, &gy, true);
+    let got = run(&derived, &x, &gy, true);
+    assert!(max_diff(&got.0, &want.0) < 1e-12, "outputs differ by {:e}", max_diff(&got.0, &want.0));
+    assert!(max_diff(&got.1, &want.1) < 1e-9, "input gradients differ by {:e}", max_diff(&got.1, &want.1));
+    assert!(max_diff(&got.2[0], &want.2[0]) < 1e-9, "the weight's gradients differ by {:e}", max_diff(&got.2[0], &want.2[0]));
+    // The same forward without autograd (fused) gives what it gives with autograd.
+    let eval = normforge::tch::no_grad(|| derived.try_forward_t(&x, true).unwrap());
+    assert!(max_diff(&eval, &want.0) < 1e-12, "the forward without autograd differs by {:e}", max_diff(&eval, &want.0));
 }
 
 /// An identity whose backward triples the gradient, counting its calls.

@@ -717,3 +717,37 @@ fn a_value_something_views_is_not_written_over() {
     opt.backward_step(&w.sum(Kind::Float)).unwrap();
     assert_eq!(Vec::<f32>::try_from(&w).unwrap(), [0.5, -2.5, 3.0]);
 }
+
+/// A fused `a + k x y` (`lower::fusions`) writes its result over an operand the run made and
+/// reads no more (`u` here: `r` is a state, `g` the gradient), and over nothing a later node or
+/// an output reads: were `u` written over while the state `s` keeps it, `s` would hold the new
+/// `r`. The gradient of `sum(w * w)` is `2 w`, so `u = 4 w` and `r = 1 + lr 4 w 2 w`.
+#[test]
+fn a_fused_step_writes_over_what_it_alone_reads() {
+    let reg = common::registry();
+    let body = "    state r = 1\n    let u = g * 2\n    r = r + lr * u * g\n    p = p - r\n";
+    let alone = format!("optimizer fused_alone(p[...]; lr: float = 0.5) {{\n{body}}}\n");
+    let kept = format!("optimizer fused_kept(p[...]; lr: float = 0.5) {{\n    state s = 0\n{body}    s = u\n}}\n");
+    reg.load_str(&alone, "fused_alone.nf").unwrap();
+    reg.load_str(&kept, "fused_kept.nf").unwrap();
+    let init = [1.0f32, -2.0, 3.5];
+    let r: Vec<f32> = init.iter().map(|w| 1.0 + 0.5 * (4.0 * w) * (2.0 * w)).collect();
+    for name in ["fused_alone", "fused_kept"] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = vs.root().var_copy("w", &Tensor::from_slice(&init));
+        let mut opt = reg.optimizer(name).unwrap().build(&vs).unwrap();
+        opt.backward_step(&(&w * &w).sum(Kind::Float)).unwrap();
+        let p: Vec<f32> = init.iter().zip(&r).map(|(w, r)| w - r).collect();
+        assert_eq!(Vec::<f32>::try_from(&w).unwrap(), p, "{name}");
+        let (_, states) = opt.state_of("w").expect("stepped");
+        let host = |t: &Tensor| Vec::<f32>::try_from(t).unwrap();
+        match states {
+            [s, rr] => {
+                assert_eq!(host(rr), r, "{name}: r");
+                assert_eq!(host(s), init.iter().map(|w| 4.0 * w).collect::<Vec<_>>(), "{name}: s");
+            }
+            [rr] => assert_eq!(host(rr), r, "{name}: r"),
+            _ => panic!("{name}: {} states", states.len()),
+        }
+    }
+}

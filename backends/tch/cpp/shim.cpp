@@ -1,5 +1,6 @@
 // What tch cannot reach: a libtorch custom autograd function whose forward and backward are
-// Rust callbacks, torch's current CUDA stream, setting a variable's gradient tensor, and
+// Rust callbacks, torch's current CUDA stream, setting a variable's gradient tensor, whether
+// autograd records, operations with a scalar factor that tch's generated API leaves out, and
 // torch's fused AdamW kernel (an oracle). Built by build.rs with `cc` against the
 // headers of the libtorch tch links. No C++ exception crosses into Rust: every entry point
 // catches and reports through an error string.
@@ -205,6 +206,38 @@ at::Tensor* nf_upload_pinned(const uint8_t* bytes, size_t n, int device, char** 
         std::memcpy(host.data_ptr(), bytes, n);
         auto dev = c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
         return new at::Tensor(host.to(at::TensorOptions().device(dev), /*non_blocking=*/true));
+    } catch (const c10::Error& e) {
+        *err = copy_message(e.what_without_backtrace());
+    } catch (const std::exception& e) {
+        *err = copy_message(e.what());
+    }
+    return nullptr;
+}
+
+// Whether autograd records operations on this thread now (not inside `no_grad`, nor inside a
+// backward pass).
+bool nf_grad_enabled() {
+    return at::GradMode::is_enabled();
+}
+
+// `a + value * x` (op 0), `a + value * x * y` (1), `a + value * x / y` (2) or `a + value * (x - a)`
+// (3, torch's lerp with a scalar weight) as one libtorch operation, the scale a host number:
+// one pass where the same in separate operations takes two or three. Into `out` where it is
+// not null: one of the operands, of the result's shape, that nothing else reads (the kernels
+// are elementwise, so writing over an operand they read is safe, as in-place operations do);
+// `out` variants record nothing for autograd, so the caller passes one only where nothing
+// requires a gradient.
+at::Tensor* nf_scaled_combine(int op, const at::Tensor* a, const at::Tensor* x, const at::Tensor* y, double value, at::Tensor* out, char** err) {
+    try {
+        at::Tensor r;
+        switch (op) {
+        case 0: r = out ? at::add_out(*out, *a, *x, value) : at::add(*a, *x, value); break;
+        case 1: r = out ? at::addcmul_out(*out, *a, *x, *y, value) : at::addcmul(*a, *x, *y, value); break;
+        case 2: r = out ? at::addcdiv_out(*out, *a, *x, *y, value) : at::addcdiv(*a, *x, *y, value); break;
+        case 3: r = out ? at::lerp_out(*out, *a, *x, value) : at::lerp(*a, *x, value); break;
+        default: TORCH_CHECK(false, "unknown combination ", op);
+        }
+        return new at::Tensor(std::move(r));
     } catch (const c10::Error& e) {
         *err = copy_message(e.what_without_backtrace());
     } catch (const std::exception& e) {

@@ -4,6 +4,7 @@
 //! (`groups`, `per group`) for an axis some node groups. Broadcasting then is libtorch's own;
 //! `Reduce` sums (or takes extremes) over the dims that shrink, with `keepdim`; `Expand` expands.
 
+use crate::shim::{self, Combine};
 use crate::Error;
 use normforge_dsl::bind::{self, AxisBinding};
 use normforge_dsl::uniform;
@@ -23,6 +24,16 @@ pub struct Leaves<'a> {
 
 /// A program run's values, by node.
 pub struct Values(Vec<Value>);
+
+impl Values {
+    /// Node `i`'s value where it is a tensor.
+    fn tensor_of(&self, i: NodeId) -> Option<Tensor> {
+        match &self.0[i as usize] {
+            Value::Tensor(t, _) => Some(t.shallow_clone()),
+            _ => None,
+        }
+    }
+}
 
 enum Value {
     /// With whether this run made its memory and nothing else views it, so that its last
@@ -157,10 +168,14 @@ impl<'a> Lowering<'a> {
         let n = p.nodes.len();
         let (known, value) = uniform::on_shapes(p, self.binding, self.hparams, self.step);
         let contracted = contracted_products(p);
-        // A contracted sum reads its product's factors, not the product.
-        let reads = |i: usize| match p.nodes[i].op {
-            Op::Reduce(ReduceOp::Sum, a) if contracted[a as usize] => p.nodes[a as usize].op.args(),
-            ref op => op.args(),
+        let taped = shim::grad_enabled() && [leaves.input, leaves.grad, leaves.grad_output].into_iter().flatten().chain(leaves.params).chain(leaves.buffers).chain(leaves.states).any(Tensor::requires_grad);
+        let fused = fusions(p, &known, &value, taped);
+        // A contracted sum reads its product's factors, not the product; a fused node, the
+        // arguments of the nodes it computes inside itself.
+        let reads = |i: usize| match (&p.nodes[i].op, fused[i]) {
+            (_, Some(f)) => f.reads(),
+            (&Op::Reduce(ReduceOp::Sum, a), _) if contracted[a as usize] => p.nodes[a as usize].op.args(),
+            (op, _) => op.args(),
         };
         let needed = uniform::needed(p, &known, &value, reads);
         let mut last = vec![usize::MAX; n];
@@ -186,7 +201,10 @@ impl<'a> Lowering<'a> {
                 }
                 _ => {
                     let dead = |a: NodeId| !recording && last[a as usize] == i;
-                    let (t, fresh) = self.node(p, i, &vals, leaves, &contracted, dead)?;
+                    let (t, fresh) = match fused[i] {
+                        Some(f) => (Self::fused(p, &vals, f, dead)?, true),
+                        None => self.node(p, i, &vals, leaves, &contracted, dead)?,
+                    };
                     Value::Tensor(t, fresh)
                 }
             };
@@ -269,17 +287,22 @@ impl<'a> Lowering<'a> {
         })
     }
 
-    /// `x b y` on two float tensors, over one of them where [`Lowering::in_place`] allows and
-    /// it is as large as the result.
-    fn binary_in_place(p: &Program, vals: &Values, b: Binary, x: NodeId, y: NodeId, dead: &impl Fn(NodeId) -> bool) -> Option<Tensor> {
-        let covers = |t: &Tensor, o: &Tensor| t.size().iter().zip(o.size()).all(|(a, b)| *a >= b);
-        let into = |a: NodeId, o: NodeId| {
-            let t = Self::in_place(p, vals, a, dead)?;
-            // An operand autograd differentiates would make it record this operation, whose
-            // backward may need the value written over.
-            let Value::Tensor(o, _) = &vals.0[o as usize] else { return None };
-            (covers(&t, o) && !o.requires_grad()).then(|| (t, o.shallow_clone()))
+    /// Node `a`'s tensor, where an operation with the other operands `others` may write its
+    /// result over it: [`Lowering::in_place`] allows, it is as large as each of them, and
+    /// none is a tensor autograd differentiates, which would make it record the operation,
+    /// whose backward may need the value written over.
+    fn in_place_with(p: &Program, vals: &Values, a: NodeId, others: &[NodeId], dead: &impl Fn(NodeId) -> bool) -> Option<Tensor> {
+        let t = Self::in_place(p, vals, a, dead)?;
+        let fits = |o: &NodeId| match &vals.0[*o as usize] {
+            Value::Tensor(o, _) => t.size().iter().zip(o.size()).all(|(a, b)| *a >= b) && !o.requires_grad(),
+            _ => false,
         };
+        others.iter().all(fits).then_some(t)
+    }
+
+    /// `x b y` on two float tensors, over one of them where [`Lowering::in_place_with`] allows.
+    fn binary_in_place(p: &Program, vals: &Values, b: Binary, x: NodeId, y: NodeId, dead: &impl Fn(NodeId) -> bool) -> Option<Tensor> {
+        let into = |a: NodeId, o: NodeId| Some((Self::in_place_with(p, vals, a, &[o], dead)?, vals.tensor_of(o)?));
         let commutes = matches!(b, Binary::Add | Binary::Mul);
         let (mut t, o) = into(x, y).or_else(|| if commutes && x != y { into(y, x) } else { None })?;
         Some(match b {
@@ -289,6 +312,27 @@ impl<'a> Lowering<'a> {
             Binary::Div => t.g_div_(&o),
             _ => return None,
         })
+    }
+
+    /// A fused node's value: one libtorch operation (`shim::scaled_combine`), written over the
+    /// first of its operands [`Lowering::in_place_with`] allows, so it allocates where its
+    /// nodes one at a time would have (where none of its operands may be written over).
+    fn fused(p: &Program, vals: &Values, f: Fusion, dead: impl Fn(NodeId) -> bool) -> Result<Tensor, Error> {
+        let t = |i: NodeId| vals.tensor_of(i).ok_or_else(|| Error("a fused operand is not a tensor".into()));
+        let reads = f.reads();
+        let out = (0..reads.len()).find_map(|k| {
+            let others: Vec<NodeId> = reads.iter().enumerate().filter(|&(j, _)| j != k).map(|(_, &r)| r).collect();
+            Self::in_place_with(p, vals, reads[k], &others, &dead)
+        });
+        // (`y` is `x` again where the form takes one operand.)
+        let (a, x, y) = (t(reads[0])?, t(reads[1])?, t(*reads.last().expect("a and x"))?);
+        let combine = match f.form {
+            Form::Add(_) => Combine::Add(&x),
+            Form::Lerp(_) => Combine::Lerp(&x),
+            Form::Mul(..) => Combine::Mul(&x, &y),
+            Form::Div(..) => Combine::Div(&x, &y),
+        };
+        shim::scaled_combine(combine, &a, f.k, out.as_ref())
     }
 
     /// Node `i` of `p`, from the values of its arguments (`dead`: whether `i` is the last to
@@ -409,6 +453,127 @@ impl<'a> Lowering<'a> {
     }
 }
 
+/// A node computed as `a + k f` in one libtorch operation (`shim::scaled_combine`), with
+/// the nodes between it and `f`'s operands computed inside it, never on their own: each pass
+/// over a tensor and each allocation saved counts on the CPU, where an update rule's step or a
+/// layer is memory-bound (`benches/tch_builtins.rs`). An Adam step's `v = b2 v + (1 - b2) g g`
+/// is an `addcmul`, its `m = lerp(m, g, 1 - b1)` a `lerp`, and `p - c m / d` an `addcdiv`.
+#[derive(Clone, Copy, Debug)]
+struct Fusion {
+    a: NodeId,
+    form: Form,
+    /// Known before the run: the product of the scalar factors.
+    k: f64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Form {
+    Add(NodeId),
+    Mul(NodeId, NodeId),
+    Div(NodeId, NodeId),
+    /// `x - a`.
+    Lerp(NodeId),
+}
+
+impl Fusion {
+    /// What the fused node reads: `a` first.
+    fn reads(&self) -> Vec<NodeId> {
+        match self.form {
+            Form::Add(x) | Form::Lerp(x) => vec![self.a, x],
+            Form::Mul(x, y) | Form::Div(x, y) => vec![self.a, x, y],
+        }
+    }
+}
+
+/// Per node, how `run` fuses it, if it does: a sum or a difference of a float tensor `a` and a
+/// term `k f` whose nodes nothing else reads, `k` the scalar factors known before the run
+/// (`value`), `f` a tensor, a product or a quotient of two, or `x - a`. The nodes a fused node
+/// computes inside itself are not fused themselves: each has one reader, in the same fused
+/// node, so no other fused node reads what one computes inside itself. Only where every operand
+/// has the node's shape: libtorch's kernels of three operands lose their vector loop where two
+/// are broadcast (a layer's `x w + b` ran slower as an `addcmul`). Where autograd records
+/// the run (`taped`), no products or quotients: libtorch's backward of `addcmul` and `addcdiv`
+/// scales by their factor whatever it is, and so takes twice the operations of a product's.
+fn fusions(p: &Program, known: &[bool], value: &[f64], taped: bool) -> Vec<Option<Fusion>> {
+    let n = p.nodes.len();
+    let mut readers = vec![0u32; n];
+    for node in &p.nodes {
+        for a in node.op.args() {
+            readers[a as usize] += 1;
+        }
+    }
+    for o in &p.outputs {
+        readers[o.node as usize] += 2;
+    }
+    let tensor = |i: NodeId| !known[i as usize] && p.nodes[i as usize].ty == Type::Float;
+    // Computed inside its one reader.
+    let inner = |i: NodeId| readers[i as usize] == 1 && tensor(i);
+    // `u` as `k v`: the scalar factors and negations computed inside the fused node taken out.
+    let peel = |mut u: NodeId, absorbed: &mut Vec<NodeId>| -> (f64, NodeId) {
+        let mut k = 1.0;
+        while inner(u) {
+            let (s, v) = match p.nodes[u as usize].op {
+                Op::Binary(Binary::Mul, x, y) if known[x as usize] && tensor(y) => (value[x as usize], y),
+                Op::Binary(Binary::Mul, x, y) if tensor(x) && known[y as usize] => (value[y as usize], x),
+                Op::Binary(Binary::Div, x, y) if tensor(x) && known[y as usize] => (1.0 / value[y as usize], x),
+                Op::Unary(Unary::Neg, x) if tensor(x) => (-1.0, x),
+                _ => break,
+            };
+            k *= s;
+            absorbed.push(u);
+            u = v;
+        }
+        (k, u)
+    };
+    // `t` as `k f` beside `a`, with the nodes it computes inside itself, or None where it is no
+    // such term (or one with nothing to fuse: `a + t` as it is).
+    let term = |t: NodeId, a: NodeId, absorbed: &mut Vec<NodeId>| -> Option<(f64, Form)> {
+        let (k, t) = peel(t, absorbed);
+        let scaled = !absorbed.is_empty();
+        if !inner(t) {
+            return (scaled && tensor(t)).then_some((k, Form::Add(t)));
+        }
+        match p.nodes[t as usize].op {
+            Op::Binary(b @ (Binary::Mul | Binary::Div), x, y) if tensor(x) && tensor(y) && !taped => {
+                absorbed.push(t);
+                let ((kx, x), (ky, y)) = (peel(x, absorbed), peel(y, absorbed));
+                Some(if b == Binary::Mul { (k * kx * ky, Form::Mul(x, y)) } else { (k * kx / ky, Form::Div(x, y)) })
+            }
+            Op::Binary(Binary::Sub, x, b) if b == a && tensor(x) && scaled => {
+                absorbed.push(t);
+                Some((k, Form::Lerp(x)))
+            }
+            _ => scaled.then_some((k, Form::Add(t))),
+        }
+    };
+    let mut fused: Vec<Option<Fusion>> = vec![None; n];
+    let mut inside = vec![false; n];
+    for i in (0..n).rev() {
+        let (sign, sides): (f64, &[(NodeId, NodeId)]) = match p.nodes[i].op {
+            _ if inside[i] || !tensor(i as NodeId) => continue,
+            Op::Binary(Binary::Add, x, y) => (1.0, &[(x, y), (y, x)]),
+            Op::Binary(Binary::Sub, x, y) => (-1.0, &[(x, y)]),
+            _ => continue,
+        };
+        for &(a, t) in sides {
+            let mut absorbed = Vec::new();
+            if !tensor(a) {
+                continue;
+            }
+            let Some((k, form)) = term(t, a, &mut absorbed) else { continue };
+            let f = Fusion { a, form, k: sign * k };
+            if f.reads().iter().all(|&r| p.nodes[r as usize].shape == p.nodes[i].shape) {
+                for &j in &absorbed {
+                    inside[j as usize] = true;
+                }
+                fused[i] = Some(f);
+                break;
+            }
+        }
+    }
+    fused
+}
+
 /// The products whose only readers are sums and that are not outputs, of factors of different
 /// shapes (a matrix product: the product is larger than either factor): `run` computes each
 /// inside the sums as a contraction (`einsum`) instead of on its own. A product of factors of
@@ -455,4 +620,40 @@ pub fn may_alias_leaf(p: &Program, node: NodeId) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// AdamW's step (default hyper-parameters, the first step) in three fused operations
+    /// beside the products and quotients of its own: the moments by `lerp` and `addcmul`, the
+    /// update by `addcdiv`, each with the scalar factors the DSL writes around them taken in.
+    #[test]
+    fn adamw_step_fuses_its_moments_and_its_update() {
+        let entry = &normforge_dsl::compile(include_str!("../../../plugins/std/nf/adamw.nf")).expect("adamw.nf compiles")[0];
+        let Programs::Optimizer { step: p } = &entry.programs else { panic!("adamw is an optimizer") };
+        let binding = bind::bind_axes(&entry.axes, &[4, 3], "p").expect("binds");
+        let hparams: Vec<f64> = entry.hparams.iter().map(|h| h.default).collect();
+        let (known, value) = uniform::on_shapes(p, &binding, &hparams, 1.0);
+        let op = |i: NodeId| &p.nodes[i as usize].op;
+        let out = |t: Target| p.output(t).expect("an output");
+        let fused = fusions(p, &known, &value, false);
+        assert_eq!(fused.iter().flatten().count(), 3, "{fused:?}");
+        let at = |t: Target| fused[out(t) as usize].unwrap_or_else(|| panic!("{t:?} is not fused: {fused:?}"));
+        let close = |k: f64, want: f64| (k - want).abs() < 1e-12 * want.abs();
+        // m + (1 - beta1) (g - m)
+        let lerp = at(Target::State(0));
+        assert!(matches!(op(lerp.a), Op::State(0)) && matches!(lerp.form, Form::Lerp(g) if *op(g) == Op::Grad), "{lerp:?}");
+        assert!(close(lerp.k, 0.1), "{lerp:?}");
+        // beta2 v + (1 - beta2) g g
+        let addcmul = at(Target::State(1));
+        assert!(matches!(op(addcmul.a), Op::Binary(Binary::Mul, ..)), "{addcmul:?}");
+        assert!(matches!(addcmul.form, Form::Mul(x, y) if *op(x) == Op::Grad && *op(y) == Op::Grad), "{addcmul:?}");
+        assert!(close(addcmul.k, 1e-3), "{addcmul:?}");
+        // p (1 - lr wd) - lr / (1 - beta1^t) m / denom, m the new first moment
+        let addcdiv = at(Target::P);
+        assert!(matches!(addcdiv.form, Form::Div(m, _) if m == out(Target::State(0))), "{addcdiv:?}");
+        assert!(close(addcdiv.k, -1e-3 / 0.1), "{addcdiv:?}");
+    }
 }

@@ -1,6 +1,7 @@
 //! What tch cannot reach, through `cpp/shim.cpp` (C++ built with `cc` against libtorch's
 //! headers): custom autograd functions, torch's current CUDA stream, copies to the device from
-//! pinned memory, a variable's gradient tensor, backpropagation from a given output gradient.
+//! pinned memory, a variable's gradient tensor, backpropagation from a given output gradient,
+//! whether autograd records, and `add`, `addcmul`, `addcdiv` with their scalar factor.
 //!
 //! Custom autograd functions: a forward and a backward we compute ourselves, recorded on
 //! libtorch's tape as one node, so `loss.backward()` calls our backward (the DSL's derived
@@ -61,6 +62,8 @@ extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> *mut c_char;
+    fn nf_grad_enabled() -> bool;
+    fn nf_scaled_combine(op: i32, a: *const C_tensor, x: *const C_tensor, y: *const C_tensor, value: f64, out: *mut C_tensor, err: *mut *mut c_char) -> *mut C_tensor;
     fn nf_upload_pinned(bytes: *const u8, n: usize, device: i32, err: *mut *mut c_char) -> *mut C_tensor;
 }
 
@@ -108,6 +111,49 @@ pub fn upload_pinned(bytes: &[u8], device: usize) -> Result<Tensor, Error> {
     }
     // SAFETY: a fresh `new at::Tensor`, ours to own.
     Ok(unsafe { Tensor::from_ptr(t) })
+}
+
+/// Whether autograd records operations on this thread now: not inside `tch::no_grad`, nor in a
+/// backward pass.
+pub fn grad_enabled() -> bool {
+    // SAFETY: reads a thread-local flag.
+    unsafe { nf_grad_enabled() }
+}
+
+/// One libtorch operation computing `a + value * f`, for the `f` of [`Combine`]; into `out`
+/// where given: one of the operands, as large as the result, that nothing else reads or views
+/// and nothing differentiates (an `out` variant, which autograd does not record).
+pub fn scaled_combine(combine: Combine, a: &Tensor, value: f64, out: Option<&Tensor>) -> Result<Tensor, Error> {
+    let (op, x, y) = match combine {
+        Combine::Add(x) => (0, x, None),
+        Combine::Mul(x, y) => (1, x, Some(y)),
+        Combine::Div(x, y) => (2, x, Some(y)),
+        Combine::Lerp(x) => (3, x, None),
+    };
+    let mut err: *mut c_char = std::ptr::null_mut();
+    let out = out.map_or(std::ptr::null_mut(), |t| t.as_ptr() as *mut C_tensor);
+    // SAFETY: live tensors (the shim reads `y` only for the ops that take it); the shim
+    // returns a `new` tensor or sets `err`, catching libtorch's errors.
+    let t = unsafe { nf_scaled_combine(op, a.as_ptr(), x.as_ptr(), y.map_or(x.as_ptr(), |y| y.as_ptr()), value, out, &mut err) };
+    if t.is_null() {
+        // SAFETY: a null result comes with a malloc'd message (or none, if malloc failed).
+        return Err(Error(unsafe { take_message(err) }));
+    }
+    // SAFETY: a fresh `new at::Tensor`, ours to own.
+    Ok(unsafe { Tensor::from_ptr(t) })
+}
+
+/// What [`scaled_combine`] adds to `a`, times its `value`.
+#[derive(Clone, Copy)]
+pub enum Combine<'t> {
+    /// `x` (libtorch's `add` with `alpha`).
+    Add(&'t Tensor),
+    /// `x * y` (`addcmul`).
+    Mul(&'t Tensor, &'t Tensor),
+    /// `x / y` (`addcdiv`).
+    Div(&'t Tensor, &'t Tensor),
+    /// `x - a` (`lerp` with a scalar weight).
+    Lerp(&'t Tensor),
 }
 
 /// Backpropagate from `y` with `grad_y` as its gradient (PyTorch's `y.backward(grad_y)`).
