@@ -398,13 +398,46 @@ pub enum Op {
 }
 
 impl Op {
-    pub fn args(&self) -> Vec<NodeId> {
+    pub fn args(&self) -> Args {
         match *self {
-            Op::Unary(_, a) | Op::Reduce(_, a) | Op::Expand(a) | Op::Swap(a, ..) => vec![a],
-            Op::Binary(_, a, b) => vec![a, b],
-            Op::Select(c, a, b) => vec![c, a, b],
-            _ => vec![],
+            Op::Unary(_, a) | Op::Reduce(_, a) | Op::Expand(a) | Op::Swap(a, ..) => Args::of(&[a]),
+            Op::Binary(_, a, b) => Args::of(&[a, b]),
+            Op::Select(c, a, b) => Args::of(&[c, a, b]),
+            _ => Args::of(&[]),
         }
+    }
+}
+
+/// An op's arguments, in order: three at most, held inline, since the interpreters and
+/// planners walk them for every node of a program at every run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Args {
+    ids: [NodeId; 3],
+    len: u8,
+}
+
+impl Args {
+    /// `ids`, three at most (no op has more).
+    pub fn of(ids: &[NodeId]) -> Args {
+        assert!(ids.len() <= 3, "an op has three arguments at most");
+        let mut a = Args { ids: [0; 3], len: ids.len() as u8 };
+        a.ids[..ids.len()].copy_from_slice(ids);
+        a
+    }
+}
+
+impl std::ops::Deref for Args {
+    type Target = [NodeId];
+    fn deref(&self) -> &[NodeId] {
+        &self.ids[..self.len as usize]
+    }
+}
+
+impl IntoIterator for Args {
+    type Item = NodeId;
+    type IntoIter = std::iter::Take<std::array::IntoIter<NodeId, 3>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.ids.into_iter().take(self.len as usize)
     }
 }
 

@@ -3,7 +3,7 @@
 //! host in f64, once, instead of per element, and may pick a `select`'s branch before running it.
 
 use crate::bind::{self, AxisBinding};
-use crate::ir::{NodeId, Op, Program};
+use crate::ir::{Args, Op, Program};
 
 /// Per node, whether it is uniform. `leaf` says which other ops count as uniform (shape
 /// queries, for a backend that runs one tensor at a time).
@@ -63,7 +63,7 @@ pub fn values(p: &Program, flags: &[bool], hparams: &[f64], step: f64, query: im
 /// The nodes the outputs read, through a `select` whose condition is uniform only along the
 /// branch `value` says it takes. `reads(i)` is what node `i` reads: its arguments, unless a
 /// backend computes it otherwise.
-pub fn needed(p: &Program, flags: &[bool], value: &[f64], reads: impl Fn(usize) -> Vec<NodeId>) -> Vec<bool> {
+pub fn needed(p: &Program, flags: &[bool], value: &[f64], reads: impl Fn(usize) -> Args) -> Vec<bool> {
     let mut needed = vec![false; p.nodes.len()];
     for o in &p.outputs {
         needed[o.node as usize] = true;

@@ -125,7 +125,7 @@ pub fn run(p: &Program, inp: &Inputs) -> Result<Vec<Vec<f64>>> {
     let n = p.nodes.len();
     let (known, value) = uniform::on_shapes(p, inp.binding, inp.hparams, inp.step);
     let reads = |i: usize| match p.nodes[i].op {
-        Op::Select(c, x, y) if known[c as usize] => vec![c, if value[c as usize] != 0.0 { x } else { y }],
+        Op::Select(c, x, y) if known[c as usize] => Args::of(&[c, if value[c as usize] != 0.0 { x } else { y }]),
         ref op => op.args(),
     };
     let mut needed = vec![false; n];
@@ -211,7 +211,7 @@ pub fn run(p: &Program, inp: &Inputs) -> Result<Vec<Vec<f64>>> {
         }
         vals.push(v);
         exts.push(ext);
-        for a in if needed[i] { reads(i) } else { Vec::new() } {
+        for a in if needed[i] { reads(i) } else { Args::of(&[]) } {
             if last[a as usize] == Some(i) {
                 vals[a as usize] = Vec::new();
             }

@@ -477,10 +477,10 @@ enum Form {
 
 impl Fusion {
     /// What the fused node reads: `a` first.
-    fn reads(&self) -> Vec<NodeId> {
+    fn reads(&self) -> Args {
         match self.form {
-            Form::Add(x) | Form::Lerp(x) => vec![self.a, x],
-            Form::Mul(x, y) | Form::Div(x, y) => vec![self.a, x, y],
+            Form::Add(x) | Form::Lerp(x) => Args::of(&[self.a, x]),
+            Form::Mul(x, y) | Form::Div(x, y) => Args::of(&[self.a, x, y]),
         }
     }
 }
